@@ -1,0 +1,9 @@
+"""The science of spike-audit: pure, vectorised numpy over token arrays and Arrow batches.
+
+No Beam import anywhere in this package (a test enforces it). See :mod:`auditors.base` for the
+mergeable-accumulator contract every auditor follows.
+"""
+
+from auditors.base import Auditor, TokenBatch
+
+__all__ = ["Auditor", "TokenBatch"]

@@ -1,0 +1,69 @@
+"""The ``spike-audit`` command line.
+
+Each subcommand lives in its own module ``pipelines/cmd_<name>.py`` exposing
+``register(subparsers)``, which adds its parser and sets ``func`` (called with the parsed args and
+returning an exit code). Heavy imports (Beam) happen inside ``func`` so ``--help`` stays fast.
+A :class:`~pipelines.errors.UserError` or :class:`~schemas.SchemaError` is printed as one line on
+stderr with exit code 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from pipelines.errors import UserError
+from schemas import SchemaError
+
+COMMANDS = ("spikes", "batch", "run", "shards", "demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spike-audit",
+        description="Tell whether a training run's loss spikes came from the data, and from which data.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"pipelines.cmd_{name}")
+        except ModuleNotFoundError as err:  # a subcommand not built yet must not break the others
+            if err.name == f"pipelines.cmd_{name}":
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.INFO if verbose < 2 else logging.DEBUG)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if verbose < 2:
+        # Beam is chatty at INFO; keep our own progress lines readable.
+        logging.getLogger("apache_beam").setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "accepts_extra", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
+    setup_logging(args.verbose, args.quiet)
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, SchemaError) as err:
+        print(f"spike-audit {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("spike-audit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

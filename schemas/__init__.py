@@ -1,0 +1,43 @@
+"""Data contracts of spike-audit: one versioned pyarrow schema per table the tool reads or writes.
+
+This package is the single source of truth. Readers validate against it (:func:`validate`), writers
+build tables from it (:meth:`TableSpec.empty`, :meth:`TableSpec.from_pylist`), and
+``docs/schemas.md`` is generated from it (``python -m schemas``).
+
+Every table carries its name and version in the Arrow schema metadata (``spike_audit.table``,
+``spike_audit.version``) and every field carries its documentation (``doc``), so a Parquet file
+written by the tool explains itself.
+"""
+
+from __future__ import annotations
+
+from schemas.core import FieldSpec, SchemaError, TableSpec, validate
+from schemas.tables import (
+    ALIGNED_SPIKES,
+    BATCH_SCORES,
+    DUPLICATES,
+    LOSS_SERIES,
+    ROW_FLAGS,
+    SHARD_SCORES,
+    SPIKES,
+    STEP_MANIFEST,
+    TABLES,
+    VERDICTS,
+)
+
+__all__ = [
+    "ALIGNED_SPIKES",
+    "BATCH_SCORES",
+    "DUPLICATES",
+    "FieldSpec",
+    "LOSS_SERIES",
+    "ROW_FLAGS",
+    "SHARD_SCORES",
+    "SPIKES",
+    "STEP_MANIFEST",
+    "SchemaError",
+    "TABLES",
+    "TableSpec",
+    "VERDICTS",
+    "validate",
+]

@@ -1,0 +1,184 @@
+"""Every table spike-audit reads or writes. Bump a table's version when its columns change."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from schemas.core import FieldSpec as F
+from schemas.core import TableSpec
+
+SIGNAL_STRUCT = pa.struct(
+    [
+        pa.field("name", pa.string(), nullable=False),
+        pa.field("value", pa.float64()),
+        pa.field("z", pa.float64()),
+    ]
+)
+
+LOSS_SERIES = TableSpec(
+    name="loss_series",
+    version=1,
+    doc="One scalar per (run, metric, step), as read from a training log after restarts are resolved "
+    "(a step logged again after a resume replaces the earlier value).",
+    fields=(
+        F("run", pa.string(), "Run name (the log file's stem unless given)."),
+        F("metric", pa.string(), "Metric name: `train_loss`, `val_loss`, `grad_norm`, or the log's own tag."),
+        F("step", pa.int64(), "Optimizer step (iteration) the value belongs to, as the trainer numbers it."),
+        F("value", pa.float64(), "The logged value; NaN and inf are kept as they were logged."),
+        F("source_line", pa.int64(), "1-based line in the source file the value came from (null for binary "
+          "formats such as TensorBoard event files).", nullable=True),
+    ),
+    sort_keys=("run", "metric", "step"),
+)
+
+SPIKES = TableSpec(
+    name="spikes",
+    version=1,
+    doc="Loss (or grad-norm) spike events found by a detector. Consecutive flagged steps form one event.",
+    fields=(
+        F("spike_id", pa.string(), "Stable id: `{run}/{metric}/{peak_step}`."),
+        F("run", pa.string(), "Run the spike belongs to."),
+        F("metric", pa.string(), "Metric the spike was detected on."),
+        F("kind", pa.string(), "`spike` (rise then recovery), `nan` (NaN/inf value), `divergence` "
+          "(never returns to baseline before the log ends)."),
+        F("detector", pa.string(), "Detector rule that fired: `robust`, `olmo`, or `metaseq`."),
+        F("start_step", pa.int64(), "First flagged step of the event."),
+        F("peak_step", pa.int64(), "Step with the largest value (or first NaN) in the event."),
+        F("end_step", pa.int64(), "Last flagged step of the event."),
+        F("peak_value", pa.float64(), "Metric value at `peak_step`."),
+        F("baseline_value", pa.float64(), "Robust baseline (trailing median) just before the event."),
+        F("severity", pa.float64(), "Rise over the baseline in units of the trailing robust sigma "
+          "(MAD * 1.4826); inf for NaN events."),
+        F("recovery_steps", pa.int64(), "Steps from peak until the value is back within the threshold; "
+          "null if it never recovers in the log.", nullable=True),
+    ),
+    sort_keys=("run", "metric", "peak_step"),
+)
+
+ALIGNED_SPIKES = TableSpec(
+    name="aligned_spikes",
+    version=1,
+    doc="Steps at which several runs that share a data order spike together (within a tolerance).",
+    fields=(
+        F("step", pa.int64(), "Representative step (the most common peak step in the group)."),
+        F("n_runs", pa.int64(), "Number of distinct runs spiking at this step."),
+        F("runs", pa.list_(pa.string()), "Names of those runs, sorted."),
+        F("peak_steps", pa.list_(pa.int64()), "Each run's own peak step, in the order of `runs`."),
+    ),
+    sort_keys=("step",),
+)
+
+STEP_MANIFEST = TableSpec(
+    name="step_manifest",
+    version=1,
+    doc="What each optimizer step consumed: one row per contiguous slice of one shard. With `unit` = "
+    "`row` the slice counts rows of a row-oriented shard (Parquet, JSONL, HF dataset, 2-D .npy, a "
+    "Megatron document); with `unit` = `token` it counts token offsets into a flat token file "
+    "(raw .bin / 1-D .npy memmap, Megatron .bin). Each slice becomes one sequence when read.",
+    fields=(
+        F("step", pa.int64(), "Optimizer step that consumed the slice, numbered as in the loss log."),
+        F("shard", pa.string(), "Shard path relative to the shard root (or absolute / URL)."),
+        F("row_start", pa.int64(), "First row (or token offset) of the slice, inclusive."),
+        F("row_end", pa.int64(), "End of the slice, exclusive; must be > row_start."),
+        F("unit", pa.string(), "`row` (default when null) or `token`.", nullable=True),
+        F("rank", pa.int32(), "Data-parallel rank that read the slice, if known.", nullable=True),
+        F("micro_batch", pa.int32(), "Micro-batch (gradient accumulation) index, if known.", nullable=True),
+    ),
+    sort_keys=("step", "rank", "micro_batch", "shard", "row_start"),
+)
+
+BATCH_SCORES = TableSpec(
+    name="batch_scores",
+    version=1,
+    doc="Audit signals of what one step consumed: the steps in each spike's window and the control steps.",
+    fields=(
+        F("step", pa.int64(), "Optimizer step."),
+        F("role", pa.string(), "`window` (at or just before a spike) or `control` (a normal step)."),
+        F("spike_id", pa.string(), "Spike whose window holds the step (null for controls).", nullable=True),
+        F("n_rows", pa.int64(), "Sequences (manifest slices) read for the step."),
+        F("n_tokens", pa.int64(), "Tokens read for the step."),
+        F("anomaly_score", pa.float64(), "Combined anomaly score: the largest |robust z| over signals."),
+        F("signals", pa.list_(SIGNAL_STRUCT), "Every signal: its value and robust z against the controls."),
+    ),
+    sort_keys=("step", "role", "spike_id"),
+)
+
+SHARD_SCORES = TableSpec(
+    name="shard_scores",
+    version=1,
+    doc="Audit signals per shard, ranked by anomaly score (1 = most anomalous).",
+    fields=(
+        F("shard", pa.string(), "Shard path (relative to the shard root where one is given)."),
+        F("rank", pa.int64(), "1-based rank by anomaly score, ties broken by shard name."),
+        F("anomaly_score", pa.float64(), "Combined anomaly score: the largest |robust z| over signals."),
+        F("top_signal", pa.string(), "Signal with the largest |z|."),
+        F("reason", pa.string(), "Human-readable reason, e.g. `repeat_run_frac z=+41.2`."),
+        F("n_rows", pa.int64(), "Rows (sequences) in the shard or the audited slices of it."),
+        F("n_tokens", pa.int64(), "Tokens audited."),
+        F("fingerprint", pa.string(), "Shard fingerprint (path, size, mtime or etag) used for incremental "
+          "runs.", nullable=True),
+        F("signals", pa.list_(SIGNAL_STRUCT), "Every signal: its value and robust z against the baseline."),
+    ),
+    sort_keys=("rank", "shard"),
+)
+
+ROW_FLAGS = TableSpec(
+    name="row_flags",
+    version=1,
+    doc="Individual rows (sequences) that carry an anomaly, with the signals that flag them.",
+    fields=(
+        F("shard", pa.string(), "Shard the row lives in."),
+        F("row", pa.int64(), "Row index (or token offset for `unit` = `token`)."),
+        F("row_end", pa.int64(), "End of the slice (exclusive), same unit as `row`."),
+        F("unit", pa.string(), "`row` or `token`."),
+        F("step", pa.int64(), "Step that consumed the row (null in shard audits).", nullable=True),
+        F("spike_id", pa.string(), "Spike whose window holds the step (null otherwise).", nullable=True),
+        F("signals", pa.list_(pa.string()), "Names of the signals that flag the row."),
+        F("score", pa.float64(), "The row's largest per-signal score."),
+        F("excerpt", pa.string(), "Start of the row's text, decoded where text or a tokenizer exists.",
+          nullable=True),
+    ),
+    sort_keys=("spike_id", "step", "shard", "row"),
+)
+
+VERDICTS = TableSpec(
+    name="verdicts",
+    version=1,
+    doc="The falsifiable answer per spike: is the data it consumed unusual compared with normal steps?",
+    fields=(
+        F("spike_id", pa.string(), "Spike id (see `spikes`)."),
+        F("run", pa.string(), "Run."),
+        F("peak_step", pa.int64(), "Peak step of the spike."),
+        F("verdict", pa.string(), "`data` (the window's data is anomalous), `not_data` (it looks like "
+          "normal batches: look at the optimizer or hardware), or `inconclusive` (too few controls or "
+          "missing data)."),
+        F("p_value", pa.float64(), "Smallest signal p-value, Holm-corrected for the number of signals "
+          "(null when inconclusive).", nullable=True),
+        F("effect_size", pa.float64(), "Robust effect size of the top signal: (window - control median) / "
+          "control MAD-sigma.", nullable=True),
+        F("top_signal", pa.string(), "Signal with the smallest corrected p-value.", nullable=True),
+        F("top_shards", pa.list_(pa.string()), "Shards holding the flagged rows, most flagged first."),
+        F("n_controls", pa.int64(), "Number of control steps compared against."),
+        F("n_window_steps", pa.int64(), "Steps in the spike window that had data."),
+        F("reason", pa.string(), "One-sentence explanation of the verdict."),
+    ),
+    sort_keys=("run", "peak_step", "spike_id"),
+)
+
+DUPLICATES = TableSpec(
+    name="duplicates",
+    version=1,
+    doc="Clusters of exact or near-duplicate rows spanning shards (one row per member).",
+    fields=(
+        F("cluster_id", pa.string(), "Stable cluster id (smallest member hash, hex)."),
+        F("kind", pa.string(), "`exact` (same 64-bit row hash) or `near` (MinHash LSH, connected components)."),
+        F("shard", pa.string(), "Member's shard."),
+        F("row", pa.int64(), "Member's row index."),
+        F("n_members", pa.int64(), "Rows in the cluster."),
+        F("n_shards", pa.int64(), "Distinct shards in the cluster."),
+    ),
+    sort_keys=("kind", "cluster_id", "shard", "row"),
+)
+
+TABLES = (LOSS_SERIES, SPIKES, ALIGNED_SPIKES, STEP_MANIFEST, BATCH_SCORES, SHARD_SCORES, ROW_FLAGS, VERDICTS,
+          DUPLICATES)
