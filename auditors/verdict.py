@@ -1,0 +1,204 @@
+"""Per-spike verdict statistics: is the data a spike consumed unusual compared with normal steps?
+
+The test, for one spike with window steps ``W`` (the spike's own steps plus a lookback) and ``n``
+control steps ``C`` (a seeded sample of normal steps away from any spike), over ``K`` signals:
+
+1. **Robust z.** For signal ``j``, pool the control values with one window step's value and take the
+   pooled median ``m_j`` and robust sigma ``s_j`` (1.4826 * MAD; if the MAD is 0, 1.2533 * mean
+   absolute deviation; if that is 0 too, a floor of ``1e-9 + 1e-6 * |m_j|``). ``z_ij = (x_ij - m_j) / s_j``.
+2. **Max-T statistic.** ``T_i = max_j |z_ij|`` for that window step and, with the same pooled
+   statistics, for every control. Taking the maximum over signals *is* the multiple-comparison
+   correction (Westfall-Young single-step max-T): the null distribution of the maximum is estimated
+   from the controls themselves, so dependence between signals is accounted for.
+3. **Empirical p-value** from ranks: ``p_i = (1 + #{c : T_c >= T_i}) / (n + 1)``. Under the null the
+   window step is exchangeable with the controls, so ``p_i`` is exactly valid. The smallest attainable
+   value is ``1 / (n + 1)``.
+4. **Window correction.** The spike's p-value is the smallest ``p_i`` over the ``m`` window steps,
+   Sidak-corrected: ``p = 1 - (1 - min_i p_i) ** m``.
+5. **Effect size** of the top signal (the ``j`` and window step attaining the maximum): ``(x - median(C))
+   / sigma(C)`` against the controls alone.
+6. **Verdict.** ``inconclusive`` when there are fewer than ``min_controls`` controls, no window step
+   has data, or the smallest attainable ``p`` exceeds ``alpha`` (more controls are needed);
+   ``data`` when ``p <= alpha`` and ``|effect| >= min_effect``; otherwise ``not_data``.
+
+Per-signal adjusted p-values (max-T adjusted: ``(1 + #{c : T_c >= |z_j|}) / (n + 1)``) are also
+returned for the report.
+
+:class:`BottomK` is a deterministic, mergeable sample (the ``k`` items with the smallest seeded hash
+of their key) used for row-level baselines; merging in any order gives the same sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+MAD_TO_SIGMA = 1.4826
+MEANAD_TO_SIGMA = 1.2533
+
+
+def robust_center_scale(x: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Median and robust sigma along ``axis`` with the fallbacks described in the module doc.
+
+    NaNs are ignored (a signal that is NaN for some steps is judged on the others)."""
+    x = np.asarray(x, dtype=np.float64)
+    with np.errstate(all="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            med = np.nanmedian(x, axis=axis)
+            dev = np.abs(x - np.expand_dims(med, axis))
+            mad = np.nanmedian(dev, axis=axis) * MAD_TO_SIGMA
+            meanad = np.nanmean(dev, axis=axis) * MEANAD_TO_SIGMA
+    sigma = np.where(mad > 0, mad, meanad)
+    floor = 1e-9 + 1e-6 * np.abs(np.nan_to_num(med))
+    sigma = np.where(np.isfinite(sigma) & (sigma > floor), sigma, floor)
+    return med, sigma
+
+
+def robust_z(values: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """z of ``values`` (..., K) against the per-column median/robust sigma of ``reference`` (n, K)."""
+    med, sigma = robust_center_scale(reference, axis=0)
+    return (np.asarray(values, dtype=np.float64) - med) / sigma
+
+
+@dataclass(frozen=True)
+class VerdictConfig:
+    alpha: float = 0.05
+    min_effect: float = 5.0
+    min_controls: int = 20
+
+
+@dataclass
+class Verdict:
+    verdict: str
+    p_value: float | None
+    effect_size: float | None
+    top_signal: str | None
+    top_step: int | None
+    n_controls: int
+    n_window_steps: int
+    reason: str
+    signal_p: dict[str, float] = field(default_factory=dict)
+    signal_effect: dict[str, float] = field(default_factory=dict)
+
+
+def _maxt(pooled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """|z| matrix and max-T per row for a pooled (n+1, K) matrix (NaN signals contribute nothing)."""
+    med, sigma = robust_center_scale(pooled, axis=0)
+    absz = np.abs((pooled - med) / sigma)
+    absz = np.where(np.isfinite(absz), absz, 0.0)
+    return absz, absz.max(axis=1) if absz.shape[1] else np.zeros(len(absz))
+
+
+def judge(
+    signals: Sequence[str],
+    window: np.ndarray,
+    window_steps: Sequence[int],
+    controls: np.ndarray,
+    config: VerdictConfig = VerdictConfig(),
+) -> Verdict:
+    """Verdict for one spike. ``window`` is (m, K) signal values of the window steps that had data,
+    ``controls`` is (n, K), columns in the order of ``signals``."""
+    signals = list(signals)
+    window = np.asarray(window, dtype=np.float64).reshape(-1, len(signals))
+    controls = np.asarray(controls, dtype=np.float64).reshape(-1, len(signals))
+    m, n = len(window), len(controls)
+    if n < config.min_controls:
+        return Verdict("inconclusive", None, None, None, None, n, m,
+                       f"only {n} control steps had data (need {config.min_controls})")
+    if m == 0:
+        return Verdict("inconclusive", None, None, None, None, n, m, "no step of the spike window had data")
+    p_floor = 1.0 - (1.0 - 1.0 / (n + 1)) ** m
+    if p_floor > config.alpha:
+        return Verdict("inconclusive", None, None, None, None, n, m,
+                       f"{n} controls cannot reach p <= {config.alpha} over {m} window steps; add controls")
+
+    best = None  # (p, T, i, j)
+    signal_p = {s: 1.0 for s in signals}
+    for i in range(m):
+        pooled = np.vstack([controls, window[i : i + 1]])
+        absz, maxt = _maxt(pooled)
+        t_win, t_ctrl = maxt[-1], maxt[:-1]
+        p = (1.0 + np.count_nonzero(t_ctrl >= t_win)) / (n + 1.0)
+        j = int(np.argmax(absz[-1])) if len(signals) else 0
+        # per-signal max-T adjusted p-values (smallest over window steps)
+        pj = (1.0 + (t_ctrl[None, :] >= absz[-1][:, None]).sum(axis=1)) / (n + 1.0)
+        for s, v in zip(signals, pj):
+            signal_p[s] = min(signal_p[s], float(v))
+        if best is None or (p, -t_win) < (best[0], -best[1]):
+            best = (p, t_win, i, j)
+    assert best is not None
+    p_min, _, i_top, j_top = best
+    p_spike = float(1.0 - (1.0 - p_min) ** m)
+    signal_p = {s: float(1.0 - (1.0 - v) ** m) for s, v in signal_p.items()}
+    cmed, csig = robust_center_scale(controls, axis=0)
+    effects = (window - cmed) / csig
+    signal_effect = {}
+    for jj, s in enumerate(signals):
+        col = effects[:, jj]
+        col = col[np.isfinite(col)]
+        signal_effect[s] = float(col[np.argmax(np.abs(col))]) if len(col) else float("nan")
+    effect = float(effects[i_top, j_top])
+    top = signals[j_top]
+    step = int(window_steps[i_top])
+    if p_spike <= config.alpha and abs(effect) >= config.min_effect:
+        verdict = "data"
+        reason = (f"step {step}: {top} is {effect:+.1f} robust sigmas from {n} control steps "
+                  f"(p={p_spike:.3g}, max-T over {len(signals)} signals, {m} window steps)")
+    else:
+        verdict = "not_data"
+        why = "p > alpha" if p_spike > config.alpha else f"|effect| < {config.min_effect:g}"
+        reason = (f"the window's data looks like the {n} control steps ({why}: most unusual is {top} at "
+                  f"step {step}, {effect:+.1f} sigmas, p={p_spike:.3g}); look at the optimizer or hardware")
+    return Verdict(verdict, p_spike, effect, top, step, n, m, reason, signal_p, signal_effect)
+
+
+def hash64(keys: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Deterministic 64-bit mix (splitmix64 finaliser) of integer keys, vectorised."""
+    x = np.asarray(keys).astype(np.uint64, copy=True)
+    with np.errstate(over="ignore"):
+        x ^= np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+        x += np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return x
+
+
+class BottomK:
+    """Deterministic mergeable sample: keeps the ``k`` items with the smallest hash of their key.
+
+    Accumulator: ``(hashes uint64[<=k], values float64[<=k, d])``. The sample depends only on the set
+    of (key, value) pairs added, never on order or grouping."""
+
+    def __init__(self, k: int = 4096, dims: int = 1, seed: int = 0):
+        self.k, self.dims, self.seed = k, dims, seed
+
+    def create(self):
+        return (np.zeros(0, np.uint64), np.zeros((0, self.dims), np.float64))
+
+    def _trim(self, h, v):
+        order = np.lexsort((v[:, 0] if v.shape[1] else h, h)) if len(h) else np.zeros(0, np.int64)
+        h, v = h[order], v[order]
+        if len(h) > self.k:
+            h, v = h[: self.k], v[: self.k]
+        return h, v
+
+    def add(self, acc, keys: np.ndarray, values: np.ndarray):
+        values = np.asarray(values, dtype=np.float64).reshape(len(keys), self.dims)
+        h = hash64(keys, self.seed)
+        return self._trim(np.concatenate([acc[0], h]), np.vstack([acc[1], values]))
+
+    def merge(self, accs: Iterable):
+        accs = list(accs)
+        if not accs:
+            return self.create()
+        return self._trim(np.concatenate([a[0] for a in accs]), np.vstack([a[1] for a in accs]))
+
+    def result(self, acc) -> np.ndarray:
+        return acc[1]
+
