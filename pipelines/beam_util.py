@@ -1,0 +1,110 @@
+"""Beam glue shared by the pipelines: auditors as CombineFns, and the single runner-agnostic sink.
+
+Why one sink: on Beam's DaskRunner only one leaf of a pipeline is materialised (a pipeline with two
+or three independent sinks writes just one of them, measured here on Beam 2.77). Every pipeline in
+this package therefore ends in exactly one sink: all output records are tagged with their table
+name, flattened, grouped into a bounded number of parts per table, and written as Parquet part files
+into a staging directory through Beam's FileSystems (so it may be ``gs://`` or ``s3://``). The driver
+then assembles each table from its parts, conforms it to its schema, sorts it, and publishes it
+atomically (:func:`collect_tables`). Output tables are small by construction (per step, per shard,
+per flagged row); nothing data-sized is held on the driver.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+from typing import Any, Iterable
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+
+from schemas import TableSpec
+
+
+class AuditorCombineFn(beam.CombineFn):
+    """Wraps any auditor (create/add/merge/result) unchanged as a Beam CombineFn.
+
+    Inputs are :class:`auditors.TokenBatch`. With ``output="accumulator"`` the combined accumulator
+    itself is emitted, so a later step can finish it against a baseline given as a side input."""
+
+    def __init__(self, auditor: Any, output: str = "result"):
+        self.auditor = auditor
+        self.output = output
+
+    def create_accumulator(self):
+        return self.auditor.create()
+
+    def add_input(self, acc, batch):
+        return self.auditor.add(acc, batch)
+
+    def merge_accumulators(self, accs):
+        return self.auditor.merge(list(accs))
+
+    def extract_output(self, acc):
+        return acc if self.output == "accumulator" else self.auditor.result(acc)
+
+
+def part_of(key: str, parts: int) -> int:
+    """Stable partition of a string key (not Python's salted hash)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") % parts
+
+
+class _WritePart(beam.DoFn):
+    def __init__(self, staging: str):
+        self.staging = staging
+
+    def process(self, element):
+        (table, part), records = element
+        records = list(records)
+        if not records:
+            return
+        path = FileSystems.join(self.staging, table, f"part-{part:05d}.pkl")
+        # Records are plain dicts; pickled parts keep nested types exact, and the driver conforms
+        # them to the table's schema when it assembles the table.
+        with FileSystems.create(path) as f:
+            f.write(pickle.dumps(records, protocol=pickle.HIGHEST_PROTOCOL))
+        yield table, part, len(records)
+
+
+class WriteTables(beam.PTransform):
+    """The one sink: ``(table_name, record_dict)`` elements -> part files under ``staging``."""
+
+    def __init__(self, staging: str, parts: dict[str, int] | None = None):
+        super().__init__()
+        self.staging = staging
+        self.parts = parts or {}
+
+    def expand(self, records):
+        parts = self.parts
+
+        def keyed(kv):
+            table, record = kv
+            n = parts.get(table, 1)
+            key = repr(sorted(record.items()))[:256] if n > 1 else ""
+            return (table, part_of(key, n) if n > 1 else 0), record
+
+        return (
+            records
+            | "KeyByPart" >> beam.Map(keyed)
+            | "GroupParts" >> beam.GroupByKey()
+            | "WriteParts" >> beam.ParDo(_WritePart(self.staging))
+        )
+
+
+def collect_tables(staging: str, specs: Iterable[TableSpec]) -> dict[str, pa.Table]:
+    """Assemble each table from its part files (empty table if it has none), conformed and sorted."""
+    out = {}
+    for spec in specs:
+        pattern = FileSystems.join(staging, spec.name, "part-*.pkl")
+        matches = sorted(m.path for r in FileSystems.match([pattern]) for m in r.metadata_list)
+        rows: list[dict] = []
+        for path in matches:
+            with FileSystems.open(path) as f:
+                rows.extend(pickle.loads(f.read()))
+        out[spec.name] = spec.from_pylist(rows) if rows else spec.empty()
+    return out
+
+
