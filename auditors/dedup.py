@@ -1,0 +1,171 @@
+"""Exact duplication: seeded 64-bit hashes of rows and of EOS-separated documents.
+
+Hash (see :func:`auditors._util.hash_segments`): for a token sequence ``t_0..t_{L-1}``::
+
+    h = fmix64( sum_j T[t_j] * Q[j]  +  L * 0x9E3779B97F4A7C15 )      (uint64, wrapping)
+    T[t] = fmix64(t XOR k1),   Q[j] = fmix64(j XOR k2) OR 1,   k1, k2 = f(seed)
+
+``fmix64`` is murmur3's 64-bit finaliser. The hash depends on token order, length and seed; it is
+pure uint64 arithmetic, so identical on every platform. Two different rows collide with probability
+about 2^-64.
+
+Signals (``result``):
+
+* ``dup_row_frac`` - within each batch passed to ``add``: fraction of rows whose hash occurs at
+  least twice in that same batch (every copy counts, the first one too). Summed over batches.
+* ``dup_row_frac_acc`` - within the accumulator (a shard, a step, or everything merged): fraction
+  of rows whose hash occurs at least twice among all rows added to it.
+* ``dup_doc_frac`` - same as ``dup_row_frac_acc`` for documents: maximal runs of non-EOS tokens
+  inside a row (EOS tokens belong to no document; a row boundary ends a document). NaN without
+  ``eos_id`` or when there is no document.
+
+Rows seen at more than one step (a cross-accumulator join) are pipeline-side: group
+:func:`row_hashes` by value. :func:`cross_dup_frac` gives, for one accumulator, the fraction of its
+rows whose hash also occurs outside it, given the accumulator of everything audited.
+
+The accumulator holds the distinct hashes with their counts (a few sorted uint64 + int64 arrays,
+merged LSM-style), so it grows with the number of distinct rows and documents, not with tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+
+from auditors._util import hash_segments, segments_from_mask
+from auditors.base import TokenBatch
+
+SIGNALS = {
+    "dup_row_frac": "Fraction of rows whose 64-bit token hash occurs at least twice within the same batch "
+    "(every copy counts); summed over batches.",
+    "dup_row_frac_acc": "Fraction of rows whose 64-bit token hash occurs at least twice among all rows of the "
+    "accumulator (shard, step, or everything merged).",
+    "dup_doc_frac": "Fraction of EOS-separated documents (maximal non-EOS runs inside a row) whose hash occurs "
+    "at least twice in the accumulator; NaN without eos_id.",
+}
+
+
+def row_hashes(batch: TokenBatch, seed: int = 0) -> np.ndarray:
+    """Seeded 64-bit hash of every row (uint64, length ``n_rows``); deterministic across runs."""
+    off = np.asarray(batch.offsets, dtype=np.int64)
+    return hash_segments(batch.values, off[:-1], off[1:], seed)
+
+
+def doc_hashes(batch: TokenBatch, eos_id: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Hashes of the EOS-separated documents of a batch and the row each lies in."""
+    off = np.asarray(batch.offsets, dtype=np.int64)
+    starts, ends, row = segments_from_mask(off, batch.values[: off[-1]] == eos_id)
+    return hash_segments(batch.values, starts, ends, seed), row
+
+
+def _counts(h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    u, c = np.unique(h, return_counts=True)
+    return u, c.astype(np.int64)
+
+
+def _merge_counts(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    parts = [p for p in parts if len(p[0])]
+    if not parts:
+        return np.zeros(0, np.uint64), np.zeros(0, np.int64)
+    if len(parts) == 1:
+        return parts[0]
+    keys = np.concatenate([p[0] for p in parts])
+    cnts = np.concatenate([p[1] for p in parts])
+    u, inv = np.unique(keys, return_inverse=True)
+    return u, np.bincount(inv, weights=cnts, minlength=len(u)).astype(np.int64)
+
+
+def _push(parts: list, part: tuple[np.ndarray, np.ndarray]) -> list:
+    """Append a (hashes, counts) part, merging runs of similar size (LSM style: O(n log n) overall)."""
+    parts = [p for p in parts if len(p[0])] + ([part] if len(part[0]) else [])
+    while len(parts) >= 2 and len(parts[-2][0]) <= 2 * len(parts[-1][0]):
+        parts[-2:] = [_merge_counts(parts[-2:])]
+    return parts
+
+
+def _dup_share(counts: np.ndarray) -> tuple[int, int]:
+    """(items in groups of size >= 2, items)."""
+    return int(counts[counts >= 2].sum()), int(counts.sum())
+
+
+class ExactDup:
+    """Exact row and document duplication (see module docstring)."""
+
+    name = "dedup"
+
+    def __init__(self, eos_id: int | None = None, seed: int = 0):
+        self.eos_id = eos_id
+        self.seed = seed
+
+    def create(self) -> dict:
+        return {"rows": [], "docs": [], "batch_dup_rows": 0, "n_rows": 0}
+
+    def add(self, acc: dict, batch: TokenBatch) -> dict:
+        h = row_hashes(batch, self.seed)
+        u, c = _counts(h)
+        rows = _push(acc["rows"], (u, c))
+        docs = acc["docs"]
+        if self.eos_id is not None:
+            dh, _ = doc_hashes(batch, self.eos_id, self.seed)
+            docs = _push(docs, _counts(dh))
+        return {
+            "rows": rows,
+            "docs": docs,
+            "batch_dup_rows": acc["batch_dup_rows"] + _dup_share(c)[0],
+            "n_rows": acc["n_rows"] + batch.n_rows,
+        }
+
+    def merge(self, accs: Iterable[dict]) -> dict:
+        accs = list(accs)
+        if not accs:
+            return self.create()
+        return {
+            "rows": [_merge_counts([p for a in accs for p in a["rows"]])],
+            "docs": [_merge_counts([p for a in accs for p in a["docs"]])],
+            "batch_dup_rows": sum(a["batch_dup_rows"] for a in accs),
+            "n_rows": sum(a["n_rows"] for a in accs),
+        }
+
+    def result(self, acc: dict) -> dict[str, float]:
+        n = acc["n_rows"]
+        dup_rows, _ = _dup_share(_merge_counts(acc["rows"])[1])
+        dup_docs, n_docs = _dup_share(_merge_counts(acc["docs"])[1])
+        return {
+            "dup_row_frac": acc["batch_dup_rows"] / n if n else float("nan"),
+            "dup_row_frac_acc": dup_rows / n if n else float("nan"),
+            "dup_doc_frac": dup_docs / n_docs if (self.eos_id is not None and n_docs) else float("nan"),
+        }
+
+    def row_signals(self, batch: TokenBatch) -> dict[str, np.ndarray]:
+        """Per row: ``dup_row_frac`` is 1.0 when the row has an identical row in the batch, and
+        ``dup_doc_frac`` is the share of the row's documents that occur twice or more in the batch
+        (NaN for rows without documents or without ``eos_id``)."""
+        h = row_hashes(batch, self.seed)
+        _, inv, c = np.unique(h, return_inverse=True, return_counts=True)
+        out = {"dup_row_frac": (c[inv] >= 2).astype(np.float64)}
+        n = batch.n_rows
+        if self.eos_id is None:
+            out["dup_doc_frac"] = np.full(n, np.nan)
+        else:
+            dh, drow = doc_hashes(batch, self.eos_id, self.seed)
+            _, dinv, dc = np.unique(dh, return_inverse=True, return_counts=True)
+            per_row_docs = np.bincount(drow, minlength=n).astype(np.float64)
+            per_row_dup = np.bincount(drow, weights=(dc[dinv] >= 2), minlength=n)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out["dup_doc_frac"] = np.where(per_row_docs > 0, per_row_dup / per_row_docs, np.nan)
+        return out
+
+
+def cross_dup_frac(acc: dict, everything: dict) -> float:
+    """Fraction of the rows of ``acc`` whose hash also occurs outside ``acc``, where ``everything``
+    is the merged accumulator of all that was audited (including ``acc``)."""
+    u, c = _merge_counts(acc["rows"])
+    if not len(u):
+        return float("nan")
+    gu, gc = _merge_counts(everything["rows"])
+    idx = np.searchsorted(gu, u)
+    idx = np.minimum(idx, max(len(gu) - 1, 0))
+    found = (gu[idx] == u) if len(gu) else np.zeros(len(u), bool)
+    total = np.where(found, gc[idx] if len(gu) else 0, c)
+    return float(c[total > c].sum() / c.sum())

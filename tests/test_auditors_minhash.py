@@ -1,0 +1,107 @@
+"""MinHash LSH near-duplicate detection."""
+
+import numpy as np
+import pytest
+
+from auditors.base import TokenBatch
+from auditors.minhash import NearDup, band_keys, optimal_bands, signatures
+
+
+def shingles(row, n=5):
+    row = list(row)
+    return {tuple(row[i : i + n]) for i in range(len(row) - n + 1)} if len(row) >= n else {tuple(row)}
+
+
+def jaccard(a, b):
+    return len(a & b) / len(a | b)
+
+
+def test_bands_minimise_weighted_error():
+    # independent check with a different quadrature (fine trapezoid)
+    for t, k in ((0.8, 128), (0.5, 64), (0.9, 32)):
+        b, r = optimal_bands(t, k)
+        assert b * r <= k
+
+        def err(bb, rr):
+            lo = np.linspace(0, t, 20001)
+            hi = np.linspace(t, 1, 20001)
+            fp = np.trapezoid(1 - (1 - lo**rr) ** bb, lo)
+            fn = np.trapezoid((1 - hi**rr) ** bb, hi)
+            return 0.5 * fp + 0.5 * fn
+
+        best = min(err(bb, rr) for bb in range(1, k + 1) for rr in range(1, k // bb + 1))
+        assert err(b, r) == pytest.approx(best, rel=1e-6)
+
+
+def test_bands_agree_with_datasketch():
+    lsh = pytest.importorskip("datasketch.lsh")
+    for t in (0.5, 0.7, 0.8, 0.9):
+        assert optimal_bands(t, 128) == lsh._optimal_param(t, 128, 0.5, 0.5)
+
+
+def test_jaccard_estimates_are_unbiased():
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 60000, 600)
+    rows, truth = [], []
+    for i in range(120):
+        a = base.copy()
+        k = int(rng.integers(0, 120))
+        a[rng.choice(600, k, replace=False)] = rng.integers(0, 60000, k)
+        rows.append(a)
+    sig = signatures(TokenBatch.from_lists(rows, dtype=np.uint16), num_perm=128)
+    errs = []
+    for i in range(0, 120, 2):
+        truth = jaccard(shingles(rows[i]), shingles(rows[i + 1]))
+        errs.append((sig[i] == sig[i + 1]).mean() - truth)
+    errs = np.array(errs)
+    # sd of one estimate <= 0.5/sqrt(128) = 0.044; the mean of 60 must be near 0
+    assert abs(errs.mean()) < 4 * 0.044 / np.sqrt(60)
+    assert np.abs(errs).max() < 5 * 0.044
+
+
+def test_near_duplicates_found_and_random_rows_not():
+    rng = np.random.default_rng(1)
+    rows = [rng.integers(0, 50000, 400) for _ in range(30)]
+    near = rows[0].copy()
+    near[[10, 200]] = [1, 2]  # 2 edits of 400 tokens: Jaccard ~ 0.95
+    far = rows[1].copy()
+    far[::4] = 7  # heavy edits: Jaccard ~ 0
+    rows += [near, far, [], [1, 2]]
+    b = TokenBatch.from_lists(rows, dtype=np.uint16)
+    aud = NearDup()
+    res = aud.result(aud.add(aud.create(), b))
+    assert res["near_dup_frac"] == pytest.approx(2 / len(rows))
+    assert res["near_dup_max_cluster_frac"] == pytest.approx(2 / len(rows))
+    flags = aud.row_signals(b)["near_dup_frac"]
+    assert np.flatnonzero(flags).tolist() == [0, 30]
+
+
+def test_across_batches_and_input_order():
+    rng = np.random.default_rng(2)
+    rows = [rng.integers(0, 50000, 300) for _ in range(10)]
+    dup = [r.copy() for r in rows[:4]]
+    aud = NearDup()
+    b1 = TokenBatch.from_lists(rows, dtype=np.uint16)
+    b2 = TokenBatch.from_lists(dup[::-1], dtype=np.uint16)
+    r = aud.result(aud.merge([aud.add(aud.create(), b2), aud.add(aud.create(), b1)]))
+    assert r["near_dup_frac"] == pytest.approx(8 / 14)
+    assert r["near_dup_max_cluster_frac"] == pytest.approx(2 / 14)
+
+
+def test_big_bucket_of_identical_rows_is_one_cluster():
+    row = list(range(100))
+    aud = NearDup(num_perm=32)
+    b = TokenBatch.from_lists([row] * 150 + [list(range(1000, 1100))], dtype=np.uint16)
+    r = aud.result(aud.add(aud.create(), b))
+    assert r["near_dup_frac"] == pytest.approx(150 / 151)
+    assert r["near_dup_max_cluster_frac"] == pytest.approx(150 / 151)
+
+
+def test_short_rows_get_one_whole_row_shingle():
+    b = TokenBatch.from_lists([[1, 2, 3], [1, 2, 3], [1, 2, 4], [1, 2, 3, 4, 5]], dtype=np.uint16)
+    sig = signatures(b, num_perm=64)
+    assert np.array_equal(sig[0], sig[1])
+    assert (sig[0] == sig[2]).mean() < 0.2 and (sig[0] == sig[3]).mean() < 0.2
+    keys = band_keys(sig, 0.8)
+    assert keys.shape == (4, optimal_bands(0.8, 64)[0]) and keys.dtype == np.uint64
+    assert np.array_equal(keys[0], keys[1])

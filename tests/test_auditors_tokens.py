@@ -1,0 +1,70 @@
+"""Token distribution signals."""
+
+import math
+
+import numpy as np
+import pytest
+
+from auditors.base import TokenBatch
+from auditors.tokens import Histogram, TokenStats, jensen_shannon, log_bucket
+
+
+def run(aud, rows, dtype=np.uint16):
+    b = TokenBatch.from_lists(rows, dtype=dtype)
+    return aud.result(aud.add(aud.create(), b)), aud.row_signals(b)
+
+
+def test_entropy_top_share_distinct():
+    r, rs = run(TokenStats(), [[0, 1, 2, 3], [0, 1, 2, 3]])
+    assert r["token_entropy"] == pytest.approx(2.0)
+    assert r["top_token_share"] == 0.25
+    assert r["distinct_token_ratio"] == 0.5
+    assert rs["token_entropy"].tolist() == pytest.approx([2.0, 2.0])
+    assert rs["distinct_token_ratio"].tolist() == [1.0, 1.0]
+    r, rs = run(TokenStats(), [[5, 5, 5, 5]])
+    assert r["token_entropy"] == 0.0 and r["top_token_share"] == 1.0
+    assert math.isnan(r["token_jsd"])  # no baseline
+
+
+def test_jsd_bounds_and_baseline_signals():
+    assert jensen_shannon(np.array([1, 1]), np.array([2, 2])) == pytest.approx(0.0)
+    assert jensen_shannon(np.array([1, 0]), np.array([0, 1])) == pytest.approx(1.0)
+    base = np.array([0, 1_000_000_0, 1_000_000_0, 1])  # token 0 unseen, token 3 very rare
+    r, rs = run(TokenStats(baseline_hist=base), [[1, 2, 1, 2], [0, 3, 3, 1]])
+    assert r["rare_token_share"] == pytest.approx(3 / 8)
+    assert 0 < r["token_jsd"] < 1
+    assert rs["rare_token_share"].tolist() == pytest.approx([0.0, 0.75])
+    assert rs["baseline_xent"][1] > rs["baseline_xent"][0]
+    assert r["baseline_xent"] == pytest.approx(np.mean(rs["baseline_xent"]))
+
+
+def test_vocab_grows_beyond_the_given_size():
+    aud = TokenStats(vocab_size=4, eos_id=70000, pad_id=9)
+    r, _ = run(aud, [[1, 70000, 2, 9]], dtype=np.uint32)
+    assert r["eos_density"] == 0.25 and r["pad_density"] == 0.25
+    h = Histogram(vocab_size=4)
+    acc = h.merge([h.add(h.create(), TokenBatch.from_lists([[1, 10]], dtype=np.uint16)), h.create()])
+    assert h.histogram(acc).tolist() == [0, 1] + [0] * 8 + [1]
+
+
+def test_lengths_packing_and_documents():
+    rows = [[1] * 8, [1] * 8, [1] * 8, [1] * 3, [1, 0, 1, 1, 0, 1, 1, 1, 1, 1]]
+    r, rs = run(TokenStats(eos_id=0, short_row_len=4), rows)
+    assert r["row_len_mean"] == pytest.approx(37 / 5)
+    assert r["row_len_p50"] == 8 and r["row_len_p95"] == 10
+    assert r["offmodal_row_frac"] == pytest.approx(2 / 5)
+    assert r["short_row_frac"] == pytest.approx(1 / 5)
+    # documents: 8, 8, 8, 3, 1, 2, 5 -> mean 35/7
+    assert r["doc_len_mean"] == pytest.approx(5.0)
+    assert r["doc_len_p50"] == pytest.approx(5, rel=0.045)  # sorted 1 2 3 5 8 8 8
+    assert r["doc_len_p95"] == pytest.approx(8, rel=0.045)
+    assert rs["doc_len_mean"][4] == pytest.approx(8 / 3)
+
+
+def test_log_buckets_are_monotone_and_fine():
+    lens = np.arange(1, 5000)
+    k = log_bucket(lens)
+    assert np.all(np.diff(k) >= 0)
+    centre = 2.0 ** ((k + 0.5) / 8)
+    assert np.all(np.abs(centre / lens - 1) < 0.045)
+    assert len(np.unique(log_bucket(np.arange(1, 17)))) == 16
