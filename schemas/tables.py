@@ -152,11 +152,15 @@ VERDICTS = TableSpec(
         F("verdict", pa.string(), "`data` (the window's data is anomalous), `not_data` (it looks like "
           "normal batches: look at the optimizer or hardware), or `inconclusive` (too few controls or "
           "missing data)."),
-        F("p_value", pa.float64(), "Smallest signal p-value, Holm-corrected for the number of signals "
-          "(null when inconclusive).", nullable=True),
+        F("p_value", pa.float64(), "Empirical p-value of the window against the control steps: rank of its "
+          "max-T over all signals (Westfall-Young max-T: corrected for the number of signals), Sidak-corrected "
+          "for the number of window steps (null when inconclusive).", nullable=True),
         F("effect_size", pa.float64(), "Robust effect size of the top signal: (window - control median) / "
-          "control MAD-sigma.", nullable=True),
-        F("top_signal", pa.string(), "Signal with the smallest corrected p-value.", nullable=True),
+          "control robust sigma.", nullable=True),
+        F("margin", pa.float64(), "The window's max-T divided by the largest control step's max-T: how far "
+          "beyond every normal step the window lies (a `data` verdict needs >= 2 by default).", nullable=True),
+        F("top_signal", pa.string(), "Signal with the largest |z| at the most anomalous window step.",
+          nullable=True),
         F("top_shards", pa.list_(pa.string()), "Shards holding the flagged rows, most flagged first."),
         F("n_controls", pa.int64(), "Number of control steps compared against."),
         F("n_window_steps", pa.int64(), "Steps in the spike window that had data."),

@@ -44,7 +44,7 @@ def test_false_alarm_rate_under_the_null_is_at_most_alpha():
     # p-values are exact under exchangeability: P(p <= alpha) <= alpha. Check the p-value itself
     # (no effect threshold) over many null trials, with heavy-tailed signals.
     rng = np.random.default_rng(4)
-    cfg = VerdictConfig(alpha=0.1, min_effect=0.0)
+    cfg = VerdictConfig(alpha=0.1, min_effect=0.0, min_margin=0.0)
     hits = 0
     trials = 400
     for _ in range(trials):
@@ -53,6 +53,21 @@ def test_false_alarm_rate_under_the_null_is_at_most_alpha():
         hits += v.verdict == "data"
     # Binomial(400, 0.1): mean 40, sd 6; allow 3 sd.
     assert hits <= 58
+
+
+def test_the_most_extreme_normal_step_is_not_data_without_a_margin():
+    # a heavy-tailed signal: a control-like window that is the most extreme of all (p = 1/(n+1))
+    # and many sigmas out, but not clearly beyond the controls' own extremes
+    rng = np.random.default_rng(11)
+    ctrl = rng.standard_t(1.5, size=(100, len(SIGNALS)))
+    window = np.zeros((1, len(SIGNALS)))
+    top = np.abs(ctrl).max()
+    window[0, 4] = 1.2 * top
+    v = judge(SIGNALS, window, [7], ctrl)
+    assert v.p_value <= 0.05 and abs(v.effect_size) >= 5
+    assert v.verdict == "not_data" and v.margin < 2 and "most extreme control" in v.reason
+    window[0, 4] = 10 * top
+    assert judge(SIGNALS, window, [7], ctrl).verdict == "data"
 
 
 def test_too_few_controls_is_inconclusive():

@@ -1,0 +1,72 @@
+"""``spike-audit run``: audit a run's spikes end to end (see :mod:`pipelines.run`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+log = logging.getLogger(__name__)
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log", required=True, help="the run's loss log (any supported format)")
+    p.add_argument("--manifest", required=True, help="step manifest (Parquet, schemas: step_manifest)")
+    p.add_argument("--shards", required=True, help="shard root the manifest's shard paths are relative to")
+    p.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    p.add_argument("--format", dest="log_format", help="log format (default: detected)")
+    p.add_argument("--metric", default="train_loss", help="loss metric to audit (default: train_loss)")
+    p.add_argument("--method", default="robust", choices=("robust", "olmo", "metaseq"), help="spike detector")
+    p.add_argument("--lookback", type=int, default=2, help="steps before a spike's start in its window (2)")
+    p.add_argument("--controls", dest="n_controls", type=int, default=100, help="control steps to sample (100)")
+    p.add_argument("--guard", type=int, default=20, help="min distance of a control step from any spike (20)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the control sample and hashes (0)")
+    p.add_argument("--alpha", type=float, default=0.05, help="significance level of a data verdict (0.05)")
+    p.add_argument("--min-effect", type=float, default=5.0, help="min |robust effect size| of a data verdict (5)")
+    p.add_argument("--min-margin", type=float, default=2.0,
+                   help="a data verdict needs the window this many times beyond the most extreme control (2)")
+    p.add_argument("--row-z", type=float, default=6.0, help="per-row |z| that flags a row (6)")
+    p.add_argument("--tokens-column", dest="tokens_col", default="tokens")
+    p.add_argument("--text-column", dest="text_col", default="text")
+    p.add_argument("--tokenizer", help="tokenizer.json to decode excerpts of token-only shards")
+    p.add_argument("--eos-id", type=int, help="end-of-document token id (document-level signals)")
+    p.add_argument("--state", help="state directory: a rerun audits only spikes not audited before")
+    p.add_argument("--allow-missing-steps", action="store_true",
+                   help="judge spikes outside the manifest inconclusive instead of failing")
+
+
+def config_from_args(args):
+    from pipelines.run import RunConfig
+
+    fields = RunConfig.__dataclass_fields__
+    return RunConfig(**{k: v for k, v in vars(args).items() if k in fields})
+
+
+def print_summary(res) -> None:
+    import pyarrow.compute as pc
+
+    v = res.tables["verdicts"]
+    print(f"{res.n_spikes} spikes ({res.n_new_spikes} audited now); {res.n_tokens:,} tokens scored in "
+          f"{res.seconds:.1f} s; outputs in {res.out}/")
+    for r in v.sort_by([("peak_step", "ascending")]).to_pylist():
+        p = f"p={r['p_value']:.3g}" if r["p_value"] is not None else ""
+        shards = ",".join(r["top_shards"][:2])
+        print(f"  {r['spike_id']:<36} {r['verdict']:<13} {p:<10} {r['top_signal'] or '':<22} {shards}")
+    n = len(pc.unique(v.column("verdict"))) if v.num_rows else 0
+    log.debug("%d distinct verdicts", n)
+
+
+def _run(args) -> int:
+    from pipelines.run import run_audit
+
+    res = run_audit(config_from_args(args), beam_args=args.extra)
+    print_summary(res)
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("run", help="audit a run's loss spikes end to end",
+                       description="Audit every loss spike of a run: what data it consumed and whether that data "
+                                   "is unusual compared with normal steps. Any other --option is passed to Beam "
+                                   "(e.g. --runner, --direct_num_workers, Dataflow/Flink/Spark options).")
+    add_run_arguments(p)
+    p.set_defaults(func=_run, accepts_extra=True)

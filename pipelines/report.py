@@ -1,0 +1,200 @@
+"""Self-contained HTML reports (inline SVG, no scripts, no network): open the file in any browser."""
+
+from __future__ import annotations
+
+import html
+import math
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+COLORS = {"data": "#d62728", "not_data": "#1f77b4", "inconclusive": "#7f7f7f", None: "#bcbd22"}
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;max-width:1200px}
+h1{font-size:22px;margin-bottom:4px} h2{font-size:18px;margin-top:28px;border-bottom:1px solid #ddd}
+h3{font-size:15px;margin:18px 0 6px} .muted{color:#666} table{border-collapse:collapse;font-size:13px}
+td,th{border:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:top} th{background:#f5f5f5}
+.badge{display:inline-block;padding:1px 8px;border-radius:10px;color:#fff;font-size:12px}
+pre{background:#f7f7f7;border:1px solid #e3e3e3;padding:6px;white-space:pre-wrap;word-break:break-all;
+max-height:120px;overflow:hidden;font-size:12px;margin:4px 0} .legend span{margin-right:14px}
+.card{border:1px solid #e3e3e3;border-radius:6px;padding:10px 14px;margin:12px 0}
+"""
+
+
+def _e(x) -> str:
+    return html.escape("" if x is None else str(x))
+
+
+def _badge(verdict) -> str:
+    return f'<span class="badge" style="background:{COLORS.get(verdict, "#999")}">{_e(verdict or "not audited")}</span>'
+
+
+def _downsample(x: np.ndarray, y: np.ndarray, n: int = 1500) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the min and max of each of n/2 buckets so spikes stay visible on long curves (finite y)."""
+    if len(x) <= n:
+        return x, y
+    edges = np.linspace(0, len(x), n // 2 + 1).astype(np.int64)
+    starts = edges[:-1][np.diff(edges) > 0]
+    idx = []
+    for a, b in zip(starts, np.r_[starts[1:], len(y)]):  # a loop over buckets (<= n/2), not points
+        seg = y[a:b]
+        idx += [a + int(np.argmin(seg)), a + int(np.argmax(seg))]
+    idx = np.unique(np.asarray(idx, dtype=np.int64))
+    return x[idx], y[idx]
+
+
+def loss_svg(steps: np.ndarray, values: np.ndarray, marks: Sequence[tuple[int, float, str | None, str]],
+             width: int = 1100, height: int = 320, title: str = "") -> str:
+    steps = np.asarray(steps, dtype=np.float64)
+    values = np.asarray(values, dtype=np.float64)
+    ok = np.isfinite(values)
+    if not ok.any():
+        return "<p>No finite values to plot.</p>"
+    xs, ys = _downsample(steps[ok], values[ok])
+    lo, hi = np.percentile(ys, 0.5), max(np.max(ys), np.percentile(ys, 99.5))
+    pad = 0.05 * (hi - lo or 1.0)
+    lo, hi = lo - pad, hi + pad
+    x0, x1 = float(steps.min()), float(steps.max()) or 1.0
+    L, R, T, B = 56, 16, 20, 34
+
+    def px(s):
+        return L + (s - x0) / ((x1 - x0) or 1.0) * (width - L - R)
+
+    def py(v):
+        return T + (1 - (min(max(v, lo), hi) - lo) / (hi - lo)) * (height - T - B)
+
+    pts = " ".join(f"{px(a):.1f},{py(b):.1f}" for a, b in zip(xs, ys))
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+             f'aria-label="{_e(title)}" style="background:#fff;border:1px solid #eee">']
+    for k in range(5):
+        v = lo + (hi - lo) * k / 4
+        parts.append(f'<line x1="{L}" x2="{width - R}" y1="{py(v):.1f}" y2="{py(v):.1f}" stroke="#eee"/>'
+                     f'<text x="{L - 6}" y="{py(v) + 4:.1f}" font-size="11" text-anchor="end" fill="#666">{v:.2f}</text>')
+    for k in range(6):
+        s = x0 + (x1 - x0) * k / 5
+        parts.append(f'<text x="{px(s):.1f}" y="{height - 12}" font-size="11" text-anchor="middle" '
+                     f'fill="#666">{int(s)}</text>')
+    parts.append(f'<polyline fill="none" stroke="#333" stroke-width="1" points="{pts}"/>')
+    for step, value, verdict, label in marks:
+        c = COLORS.get(verdict, "#999")
+        y = py(value) if np.isfinite(value) else T
+        parts.append(f'<line x1="{px(step):.1f}" x2="{px(step):.1f}" y1="{T}" y2="{height - B}" stroke="{c}" '
+                     f'stroke-opacity="0.35"/><circle cx="{px(step):.1f}" cy="{y:.1f}" r="5" fill="{c}">'
+                     f'<title>{_e(label)}</title></circle>')
+    parts.append(f'<text x="{L}" y="13" font-size="12" fill="#444">{_e(title)}</text></svg>')
+    return "".join(parts)
+
+
+def signal_strip_svg(rows: list[tuple[str, float, list[float]]], width: int = 640) -> str:
+    """One line per signal: control steps as grey ticks, the window step as a red diamond, on a
+    per-signal axis scaled to the controls' range and the window value."""
+    h = 22 * len(rows) + 26
+    L, R = 190, 70
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{h}" style="background:#fff">']
+    parts.append(f'<text x="{L}" y="14" font-size="11" fill="#666">controls (grey) vs spike window (red); '
+                 f'label = robust z</text>')
+    for k, (name, z, ctrl_z) in enumerate(rows):
+        y = 30 + 22 * k
+        vals = [v for v in ctrl_z if math.isfinite(v)] + ([z] if math.isfinite(z) else [])
+        span = max([abs(v) for v in vals] + [3.0])
+
+        def px(v):
+            return L + (v + span) / (2 * span) * (width - L - R)
+
+        parts.append(f'<text x="{L - 8}" y="{y + 4}" font-size="12" text-anchor="end">{_e(name)}</text>'
+                     f'<line x1="{L}" x2="{width - R}" y1="{y}" y2="{y}" stroke="#ddd"/>'
+                     f'<line x1="{px(0):.1f}" x2="{px(0):.1f}" y1="{y - 7}" y2="{y + 7}" stroke="#aaa"/>')
+        for v in ctrl_z:
+            if math.isfinite(v):
+                parts.append(f'<line x1="{px(v):.1f}" x2="{px(v):.1f}" y1="{y - 5}" y2="{y + 5}" stroke="#888" '
+                             f'stroke-opacity="0.5"/>')
+        if math.isfinite(z):
+            x = px(z)
+            parts.append(f'<path d="M{x:.1f},{y - 7} l6,7 l-6,7 l-6,-7 z" fill="#d62728"/>'
+                         f'<text x="{width - R + 6}" y="{y + 4}" font-size="11">{z:+.1f}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _signals_of(batch_scores: pa.Table, role: str, spike_id: str | None = None) -> list[tuple[int, dict]]:
+    t = batch_scores.filter(pc.equal(batch_scores.column("role"), role))
+    if spike_id is not None:
+        t = t.filter(pc.equal(t.column("spike_id"), spike_id))
+    return [(r["step"], {s["name"]: s["z"] for s in r["signals"]}) for r in t.to_pylist()]
+
+
+def render_run_report(loss: pa.Table, spikes: pa.Table, tables: dict[str, pa.Table], cfg) -> str:
+    verdicts = {v["spike_id"]: v for v in tables["verdicts"].to_pylist()}
+    bs = tables["batch_scores"]
+    flags = tables["row_flags"].to_pylist()
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>spike-audit: {_e(cfg.log)}</title>"
+             f"<style>{CSS}</style></head><body>"]
+    counts = {}
+    for v in verdicts.values():
+        counts[v["verdict"]] = counts.get(v["verdict"], 0) + 1
+    parts.append(f"<h1>spike-audit report</h1><p class='muted'>log <code>{_e(cfg.log)}</code> &middot; manifest "
+                 f"<code>{_e(cfg.manifest)}</code> &middot; shards <code>{_e(cfg.shards)}</code></p>")
+    parts.append("<p>" + f"{spikes.num_rows} spikes detected; verdicts: " +
+                 ", ".join(f"{_badge(k)} {n}" for k, n in sorted(counts.items())) + "</p>")
+
+    parts.append("<h2>Loss curve</h2>")
+    for metric in (cfg.metric, "grad_norm"):
+        t = loss.filter(pc.equal(loss.column("metric"), metric))
+        if not t.num_rows:
+            continue
+        steps = np.asarray(t.column("step"), dtype=np.int64)
+        vals = np.asarray(t.column("value"), dtype=np.float64)
+        sp = spikes.filter(pc.equal(spikes.column("metric"), metric)).to_pylist()
+        marks = [(s["peak_step"], s["peak_value"], verdicts.get(s["spike_id"], {}).get("verdict"),
+                  f"{s['spike_id']}: {verdicts.get(s['spike_id'], {}).get('verdict', 'not audited')}") for s in sp]
+        parts.append(loss_svg(steps, vals, marks, title=f"{metric} ({t.num_rows} steps)"))
+    parts.append("<p class='legend'>" + "".join(
+        f"<span>{_badge(k)}</span>" for k in ("data", "not_data", "inconclusive")) + "</p>")
+
+    parts.append("<h2>Verdicts</h2><table><tr><th>spike</th><th>peak step</th><th>verdict</th><th>p</th>"
+                 "<th>effect</th><th>top signal</th><th>top shards</th><th>reason</th></tr>")
+    for v in sorted(verdicts.values(), key=lambda v: (v["peak_step"], v["spike_id"])):
+        p = f"{v['p_value']:.3g}" if v["p_value"] is not None else ""
+        e = f"{v['effect_size']:+.1f}" if v["effect_size"] is not None else ""
+        parts.append(f"<tr><td><a href='#{_e(v['spike_id'])}'>{_e(v['spike_id'])}</a></td><td>{v['peak_step']}</td>"
+                     f"<td>{_badge(v['verdict'])}</td><td>{p}</td><td>{e}</td><td>{_e(v['top_signal'])}</td>"
+                     f"<td>{'<br>'.join(_e(s) for s in v['top_shards'])}</td><td>{_e(v['reason'])}</td></tr>")
+    parts.append("</table>")
+
+    controls = _signals_of(bs, "control")
+    parts.append(f"<h2>Spikes in detail</h2><p class='muted'>{len(controls)} control steps.</p>")
+    for v in sorted(verdicts.values(), key=lambda v: (v["peak_step"], v["spike_id"])):
+        sid = v["spike_id"]
+        win = _signals_of(bs, "window", sid)
+        parts.append(f"<div class='card' id='{_e(sid)}'><h3>{_e(sid)} {_badge(v['verdict'])}</h3>"
+                     f"<p>{_e(v['reason'])}</p>")
+        if win:
+            names = sorted({n for _, d in win for n in d})
+            best = {n: max((d.get(n) for _, d in win if d.get(n) is not None), key=abs, default=float("nan"))
+                    for n in names}
+            top = sorted(names, key=lambda n: -abs(best[n]) if math.isfinite(best[n]) else 0)[:10]
+            rows = [(n, best[n], [d.get(n) if d.get(n) is not None else float("nan") for _, d in controls])
+                    for n in top]
+            parts.append(signal_strip_svg(rows))
+        mine = [f for f in flags if f["spike_id"] == sid][:8]
+        if mine:
+            parts.append(f"<p><b>Flagged rows</b> ({sum(1 for f in flags if f['spike_id'] == sid)} in all):</p>")
+            for f in mine:
+                parts.append(f"<div><code>{_e(f['shard'])}</code> {_e(f['unit'])} {f['row']} (step {f['step']}, "
+                             f"score {f['score']:.1f}: {_e(', '.join(f['signals']))})"
+                             f"<pre>{_e(f['excerpt'] if f['excerpt'] is not None else '(no text)')}</pre></div>")
+        parts.append("</div>")
+
+    ss = tables["shard_scores"].to_pylist()[:15]
+    if ss:
+        parts.append("<h2>Shards (audited rows only), most anomalous first</h2><table><tr><th>rank</th><th>shard</th>"
+                     "<th>score</th><th>reason</th><th>rows</th><th>tokens</th></tr>")
+        for r in ss:
+            parts.append(f"<tr><td>{r['rank']}</td><td>{_e(r['shard'])}</td><td>{r['anomaly_score']:.1f}</td>"
+                         f"<td>{_e(r['reason'])}</td><td>{r['n_rows']}</td><td>{r['n_tokens']}</td></tr>")
+        parts.append("</table>")
+    parts.append("<p class='muted'>Generated by spike-audit. Tables: spikes, batch_scores, shard_scores, row_flags, "
+                 "verdicts (Parquet, schemas in docs/schemas.md).</p></body></html>")
+    return "\n".join(parts)

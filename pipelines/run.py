@@ -1,0 +1,672 @@
+"""``spike-audit run``: the end-to-end spike audit.
+
+log -> spikes -> spike windows -> manifest join -> exact rows -> auditors -> controls -> verdicts.
+
+The driver does the small things: it reads the loss log, detects spikes, picks the steps to audit
+(each spike's window and a seeded sample of control steps) and reads the manifest rows of just those
+steps (Parquet predicate push-down). Everything that touches data runs in one Beam pipeline:
+
+1. ``ReadSlices`` reads exactly the manifest's rows of the selected steps, grouped by shard.
+2. Pass 1: the baseline unigram histogram of the control steps (``CombineGlobally``).
+3. Pass 2: the auditor suite per step (``CombinePerKey``), finished against the baseline histogram
+   (side input) -> per-step signals; per shard likewise.
+4. Row attribution: per-row signals of window steps, z-scored against a deterministic bottom-k
+   sample of control rows (side input).
+5. Per spike (``CoGroupByKey`` on the spike id): the verdict of :mod:`auditors.verdict` against the
+   control steps' signals (side input), with the shards of the flagged rows.
+6. One sink (:class:`pipelines.beam_util.WriteTables`); the driver assembles and publishes the
+   tables atomically, then writes skip_list.json, quarantine.json and report.html from them.
+
+Defaults (documented in the README): the window of a spike is ``[start_step - lookback, peak_step]``
+with ``lookback = 2`` (the loss at step s is measured on batch s, so a data-caused spike shows at the
+batch itself; the lookback covers a delayed reaction); controls are ``n_controls = 100`` steps drawn
+with ``seed`` from the logged steps at least ``guard = 20`` steps away from every spike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from auditors.base import TokenBatch
+from auditors.verdict import BottomK, VerdictConfig, hash64, judge, robust_center_scale
+from pipelines.errors import UserError
+from pipelines.scoring import (entity_scores, finish, make_suite, matrix, opt_float, signal_names,
+                               to_token_batch)
+from schemas import BATCH_SCORES, ROW_FLAGS, SHARD_SCORES, SPIKES, STEP_MANIFEST, VERDICTS, validate
+
+log = logging.getLogger(__name__)
+
+OUTPUT_SPECS = (BATCH_SCORES, SHARD_SCORES, ROW_FLAGS, VERDICTS)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    log: str
+    manifest: str
+    shards: str
+    out: str
+    log_format: str | None = None
+    metric: str = "train_loss"
+    method: str = "robust"
+    lookback: int = 2
+    n_controls: int = 100
+    guard: int = 20
+    seed: int = 0
+    alpha: float = 0.05
+    min_effect: float = 5.0
+    min_margin: float = 2.0
+    min_controls: int = 20
+    row_z: float = 6.0
+    max_row_flags: int = 64
+    tokens_col: str = "tokens"
+    text_col: str = "text"
+    tokenizer: str | None = None
+    eos_id: int | None = None
+    vocab_size: int | None = None
+    state: str | None = None
+    allow_missing_steps: bool = False
+
+
+@dataclass
+class Plan:
+    """What to audit: small, built on the driver."""
+
+    spikes: pa.Table
+    windows: dict[str, list[int]]  # spike_id -> window steps with data
+    controls: list[int]
+    spikes_of: dict[int, list[str]]  # window step -> spike ids
+    slices: list[tuple[int, tuple[str, int, int, str]]]
+    missing: dict[str, list[int]] = field(default_factory=dict)  # spike_id -> window steps without data
+
+
+# ----------------------------------------------------------------------------------------- driver
+
+
+def read_loss_and_spikes(cfg: RunConfig):
+    from auditors.spikes import DetectorConfig, detect_table
+    from pipelines.logs import read_log
+
+    loss, report = read_log(cfg.log, format=cfg.log_format)
+    log.info("log %s: %s format, %d values, %d malformed, %d replaced by a resume", cfg.log, report.format,
+             report.n_values, report.n_malformed, report.n_replaced)
+    metrics = set(loss.column("metric").to_pylist())
+    if cfg.metric not in metrics:
+        raise UserError(f"{cfg.log}: no {cfg.metric!r} values (metrics found: {', '.join(sorted(metrics)) or 'none'})")
+    spikes = detect_table(loss, DetectorConfig(method=cfg.method),
+                          metrics=tuple(m for m in (cfg.metric, "grad_norm") if m in metrics))
+    return loss, report, spikes
+
+
+def _manifest_steps_range(path: str) -> tuple[int, int]:
+    md = pq.ParquetFile(path).metadata
+    lo, hi = None, None
+    idx = md.schema.to_arrow_schema().get_field_index("step")
+    for rg in range(md.num_row_groups):
+        st = md.row_group(rg).column(idx).statistics
+        if st is None or not st.has_min_max:
+            t = pq.read_table(path, columns=["step"]).column("step")
+            return int(pc.min(t).as_py()), int(pc.max(t).as_py())
+        lo = st.min if lo is None else min(lo, st.min)
+        hi = st.max if hi is None else max(hi, st.max)
+    if lo is None:
+        raise UserError(f"{path}: the manifest has no rows")
+    return int(lo), int(hi)
+
+
+def read_manifest_steps(path: str, steps: list[int]) -> pa.Table:
+    """The manifest rows of ``steps`` only (predicate push-down on row-group statistics)."""
+    if not Path(path).exists() and "://" not in path:
+        raise UserError(f"{path}: manifest not found")
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise UserError(f"{path}: not a Parquet step manifest ({err})") from None
+    validate(schema, STEP_MANIFEST, path)
+    ds = pads.dataset(path, format="parquet")
+    table = ds.to_table(filter=pads.field("step").isin(pa.array(sorted(set(steps)), pa.int64())))
+    return STEP_MANIFEST.sorted(STEP_MANIFEST.conform(table, path))
+
+
+def plan_audit(cfg: RunConfig, loss: pa.Table, spikes: pa.Table, skip_spikes: frozenset = frozenset(),
+               fixed_controls: list[int] | None = None) -> Plan:
+    """Choose window and control steps and join them to the manifest."""
+    sel = loss.filter(pc.equal(loss.column("metric"), cfg.metric))
+    steps = np.asarray(sel.column("step"), dtype=np.int64)
+    values = np.asarray(sel.column("value"), dtype=np.float64)
+    lo, hi = _manifest_steps_range(cfg.manifest)
+
+    windows: dict[str, list[int]] = {}
+    spikes_of: dict[int, list[str]] = {}
+    busy = np.zeros(0, dtype=np.int64)
+    for sid, start, peak, end in zip(spikes.column("spike_id").to_pylist(), spikes.column("start_step").to_pylist(),
+                                     spikes.column("peak_step").to_pylist(), spikes.column("end_step").to_pylist()):
+        busy = np.concatenate([busy, np.arange(start - cfg.guard, (end if end is not None else peak) + cfg.guard + 1)])
+        if sid in skip_spikes:
+            continue
+        if not (lo <= peak <= hi) and not cfg.allow_missing_steps:
+            raise UserError(f"{cfg.manifest} covers steps {lo}..{hi} but {cfg.log} has a spike at step {peak} "
+                            f"({sid}): is this the manifest of that run? (--allow-missing-steps to judge such "
+                            f"spikes inconclusive)")
+        w = list(range(max(start - cfg.lookback, int(steps.min()) if len(steps) else start), peak + 1))
+        windows[sid] = w
+        for s in w:
+            spikes_of.setdefault(s, []).append(sid)
+
+    if fixed_controls is not None:
+        controls = [c for c in fixed_controls if c not in set(busy.tolist())]
+    else:
+        ok = np.isfinite(values) & ~np.isin(steps, busy) & (steps >= lo) & (steps <= hi)
+        candidates = np.unique(steps[ok])
+        rng = np.random.default_rng(cfg.seed)
+        take = min(len(candidates), cfg.n_controls)
+        controls = sorted(rng.choice(candidates, size=take, replace=False).tolist()) if take else []
+
+    wanted = sorted(set(spikes_of) | set(controls))
+    man = read_manifest_steps(cfg.manifest, wanted)
+    have = set(np.unique(np.asarray(man.column("step"))).tolist()) if man.num_rows else set()
+    missing = {sid: [s for s in w if s not in have] for sid, w in windows.items()}
+    windows = {sid: [s for s in w if s in have] for sid, w in windows.items()}
+    spikes_of = {s: ids for s, ids in spikes_of.items() if s in have}
+    n_ctrl_missing = sum(1 for c in controls if c not in have)
+    if n_ctrl_missing:
+        log.warning("%d of %d control steps have no manifest rows and are not used", n_ctrl_missing, len(controls))
+    controls = [c for c in controls if c in have]
+    units = man.column("unit").to_pylist()
+    slices = [
+        (int(s), (sh, int(a), int(b), u or "row"))
+        for s, sh, a, b, u in zip(man.column("step").to_pylist(), man.column("shard").to_pylist(),
+                                  man.column("row_start").to_pylist(), man.column("row_end").to_pylist(), units)
+    ]
+    _check_slices(cfg, man)
+    log.info("audit plan: %d spikes, %d window steps, %d control steps, %d manifest slices", len(windows),
+             len(spikes_of), len(controls), len(slices))
+    return Plan(spikes, windows, controls, spikes_of, slices, missing)
+
+
+def _check_slices(cfg: RunConfig, man: pa.Table) -> None:
+    """Fail before any work if a selected slice points at a missing shard or past a shard's end."""
+    from pipelines.shards import shard_length
+
+    if not man.num_rows:
+        return
+    grouped = man.group_by(["shard", "unit"], use_threads=False).aggregate([("row_end", "max")])
+    for shard, unit, end in zip(grouped.column("shard").to_pylist(), grouped.column("unit").to_pylist(),
+                                grouped.column("row_end_max").to_pylist()):
+        try:
+            n = shard_length(cfg.shards, shard, unit=unit or "row")
+        except FileNotFoundError:
+            raise UserError(f"{cfg.manifest}: shard {shard!r} not found under {cfg.shards}") from None
+        if end > n:
+            raise UserError(f"{cfg.manifest}: a slice of shard {shard!r} ends at {end}, past its end ({n} "
+                            f"{'tokens' if unit == 'token' else 'rows'})")
+
+
+# ------------------------------------------------------------------------------ pipeline helpers
+
+
+def batch_score_records(item, controls_sigs, spikes_of, control_set):
+    step, n_rows, n_tokens, sig = item
+    ctrl = [c[3] for c in controls_sigs]
+    names = signal_names(ctrl + [sig])
+    x = matrix([sig], names)[0]
+    if ctrl:
+        med, sigma = robust_center_scale(matrix(ctrl, names), axis=0)
+        z = (x - med) / sigma
+    else:
+        z = np.full(len(names), np.nan)
+    finite = np.abs(z[np.isfinite(z)])
+    score = float(finite.max()) if len(finite) else float("nan")
+    signals = [{"name": n, "value": opt_float(v), "z": opt_float(zz)} for n, v, zz in zip(names, x, z)]
+    base = {"step": step, "n_rows": n_rows, "n_tokens": n_tokens, "anomaly_score": score, "signals": signals}
+    if step in control_set:
+        yield "batch_scores", dict(base, role="control", spike_id=None)
+    for sid in spikes_of.get(step, []):
+        yield "batch_scores", dict(base, role="window", spike_id=sid)
+
+
+def rowmatrix(tb: TokenBatch, suite) -> tuple[list[str], np.ndarray]:
+    rs = suite.row_signals(tb)
+    names = sorted(rs)
+    if not names:
+        return names, np.zeros((tb.n_rows, 0))
+    return names, np.column_stack([np.asarray(rs[n], dtype=np.float64) for n in names])
+
+
+def _row_keys(tb: TokenBatch) -> np.ndarray:
+    """Seeded 64-bit key per row from (shard, row): the bottom-k sample is keyed on row identity."""
+    rows = tb.row if tb.row is not None else np.arange(tb.n_rows)
+    if tb.shard is None:
+        return hash64(rows)
+    uniq, inv = np.unique(np.asarray(tb.shard, dtype=str), return_inverse=True)
+    h = np.array([int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "little") for s in uniq],
+                 dtype=np.uint64)
+    return hash64(rows.astype(np.uint64) ^ h[inv])
+
+
+class RowSampleFn:
+    """Bottom-k sample of control rows' per-row signals, as a mergeable auditor."""
+
+    def __init__(self, cfg_dict: dict, k: int = 20000):
+        self.cfg_dict, self.k = cfg_dict, k
+
+    def create(self):
+        return {}
+
+    def add(self, acc, batch: TokenBatch):
+        names, m = rowmatrix(batch, make_suite(self.cfg_dict))
+        keys = _row_keys(batch)
+        out = dict(acc)
+        for j, n in enumerate(names):
+            bk = BottomK(self.k, 1, seed=self.cfg_dict.get("seed", 0))
+            out[n] = bk.merge([out.get(n, bk.create()), bk.add(bk.create(), keys, m[:, j])])
+        return out
+
+    def merge(self, accs):
+        out: dict = {}
+        bk = BottomK(self.k, 1, seed=self.cfg_dict.get("seed", 0))
+        for a in accs:
+            for n, v in a.items():
+                out[n] = bk.merge([out[n], v]) if n in out else v
+        return out
+
+    def result(self, acc):
+        return {n: (v[1][:, 0]) for n, v in acc.items()}
+
+
+class FlagRows(beam.DoFn):
+    """Per-row z of a window step's rows against the control-row sample; yields ROW_FLAGS records."""
+
+    def __init__(self, cfg_dict: dict, spikes_of: dict, row_z: float, max_rows: int, tokenizer: str | None,
+                 tokens_col: str, text_col: str):
+        super().__init__()
+        self.cfg_dict, self.spikes_of, self.row_z, self.max_rows = cfg_dict, spikes_of, row_z, max_rows
+        self.tokenizer_path, self.tokens_col, self.text_col = tokenizer, tokens_col, text_col
+        self._tok = None
+
+    def _tokenizer(self):
+        if self.tokenizer_path and self._tok is None:
+            from tokenizers import Tokenizer
+
+            self._tok = Tokenizer.from_file(self.tokenizer_path)
+        return self._tok
+
+    def process(self, kv, base):
+        step, rb = kv
+        tb = to_token_batch(rb, self.tokens_col, self.text_col)
+        if tb.n_rows == 0:
+            return
+        names, m = rowmatrix(tb, make_suite(self.cfg_dict))
+        if not names:
+            return
+        ref = np.column_stack([base.get(n, np.full(1, np.nan)) if len(base.get(n, [])) else np.full(1, np.nan)
+                               for n in names]) if base else None
+        if ref is None:
+            return
+        med, sigma = robust_center_scale(ref, axis=0)
+        z = np.abs((m - med) / sigma)
+        z = np.where(np.isfinite(z), z, 0.0)
+        score = z.max(axis=1)
+        hit = np.flatnonzero(score >= self.row_z)
+        if not len(hit):
+            return
+        hit = hit[np.lexsort((hit, -score[hit]))][: self.max_rows]
+        units = rb.column("unit").to_pylist() if "unit" in rb.schema.names else ["row"] * tb.n_rows
+        ends = np.asarray(rb.column("row_end"), dtype=np.int64) if "row_end" in rb.schema.names else tb.row + 1
+        tok = self._tokenizer()
+        for i in hit.tolist():  # bounded by max_rows: excerpts only for flagged rows
+            if tb.text is not None and tb.text[i] is not None:
+                excerpt = tb.text[i][:300]
+            elif tok is not None:
+                excerpt = tok.decode(tb.values[tb.offsets[i]:tb.offsets[i + 1]][:200].tolist())[:300]
+            else:
+                excerpt = None
+            rec = {"shard": str(tb.shard[i]), "row": int(tb.row[i]), "row_end": int(ends[i]), "unit": units[i],
+                   "step": int(step), "signals": [n for n, zz in zip(names, z[i]) if zz >= self.row_z],
+                   "score": float(score[i]), "excerpt": excerpt}
+            for sid in self.spikes_of.get(step, []):
+                yield "row_flags", dict(rec, spike_id=sid)
+
+
+def split_by_shard(kv):
+    """(step, RecordBatch) -> (shard, RecordBatch) per shard present."""
+    _, rb = kv
+    if rb.num_rows == 0:
+        return
+    shards = rb.column("shard")
+    uniq = pc.unique(shards).to_pylist()
+    for s in uniq:
+        yield s, rb.filter(pc.equal(shards, s))
+
+
+def shard_score_records(items):
+    for rec in entity_scores(items, "shard"):
+        yield "shard_scores", dict(rec, fingerprint=None)
+
+
+def verdict_record(kv, controls_sigs, spike_info, vcfg_dict, missing):
+    sid, grouped = kv
+    window = sorted(grouped["window"], key=lambda t: t[0])
+    flags = grouped["flags"]
+    ctrl = [c[3] for c in controls_sigs]
+    names = signal_names(ctrl + [w[1] for w in window])
+    v = judge(names, matrix([w[1] for w in window], names), [w[0] for w in window], matrix(ctrl, names),
+              VerdictConfig(**vcfg_dict))
+    counts: dict[str, float] = {}
+    for shard, score, step in flags:
+        if v.top_step is None or step == v.top_step:
+            counts[shard] = counts.get(shard, 0.0) + 1.0
+    if not counts:
+        for shard, score, step in flags:
+            counts[shard] = counts.get(shard, 0.0) + 1.0
+    top_shards = [s for s, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))][:5]
+    run, peak = spike_info[sid]
+    reason = v.reason
+    if missing.get(sid):
+        reason += f" ({len(missing[sid])} window steps had no manifest rows)"
+    yield "verdicts", {"spike_id": sid, "run": run, "peak_step": peak, "verdict": v.verdict, "p_value": v.p_value,
+                       "effect_size": v.effect_size, "margin": v.margin, "top_signal": v.top_signal,
+                       "top_shards": top_shards if v.verdict == "data" else [], "n_controls": v.n_controls,
+                       "n_window_steps": v.n_window_steps, "reason": reason}
+
+
+def build_pipeline(p, cfg: RunConfig, plan: Plan, staging: str):
+    import apache_beam as beam
+    from apache_beam.pvalue import AsList, AsSingleton
+
+    from auditors.tokens import Histogram
+    from pipelines.beam_read import ReadSlices
+    from pipelines.beam_util import AuditorCombineFn, WriteTables
+
+    cfg_dict = {"vocab_size": cfg.vocab_size, "eos_id": cfg.eos_id, "seed": cfg.seed}
+    control_set = frozenset(plan.controls)
+    spikes_of = {int(k): list(v) for k, v in plan.spikes_of.items()}
+    tokens_col, text_col = cfg.tokens_col, cfg.text_col
+    spike_info = {sid: (run, int(peak)) for sid, run, peak in zip(
+        plan.spikes.column("spike_id").to_pylist(), plan.spikes.column("run").to_pylist(),
+        plan.spikes.column("peak_step").to_pylist()) if sid in plan.windows}
+
+    def tb_of(rb):
+        return to_token_batch(rb, tokens_col, text_col)
+
+    batches = (p | "Slices" >> beam.Create(plan.slices)
+               | "Read" >> ReadSlices(cfg.shards, tokens_col=tokens_col, text_col=text_col))
+    controls = batches | "IsControl" >> beam.Filter(lambda kv, cs: kv[0] in cs, control_set)
+    windows = batches | "IsWindow" >> beam.Filter(lambda kv, so: kv[0] in so, spikes_of)
+
+    hist = (controls | "CtrlTokens" >> beam.Map(lambda kv: tb_of(kv[1]))
+            | "BaselineHist" >> beam.CombineGlobally(AuditorCombineFn(Histogram(), output="accumulator")))
+
+    suite = make_suite(cfg_dict)
+    step_accs = (batches | "StepTokens" >> beam.MapTuple(lambda k, rb: (k, tb_of(rb)))
+                 | "AuditSteps" >> beam.CombinePerKey(AuditorCombineFn(suite, output="accumulator")))
+    step_sigs = step_accs | "FinishSteps" >> beam.Map(finish, AsSingleton(hist), cfg_dict, control_set)
+    ctrl_sigs = step_sigs | "CtrlSigs" >> beam.Filter(lambda it, cs: it[0] in cs, control_set)
+
+    batch_scores = step_sigs | "BatchScores" >> beam.FlatMap(batch_score_records, AsList(ctrl_sigs), spikes_of,
+                                                            control_set)
+
+    row_base = (controls | "CtrlRows" >> beam.Map(lambda kv: tb_of(kv[1]))
+                | "RowBaseline" >> beam.CombineGlobally(AuditorCombineFn(RowSampleFn(cfg_dict))))
+    flags = windows | "FlagRows" >> beam.ParDo(
+        FlagRows(cfg_dict, spikes_of, cfg.row_z, cfg.max_row_flags, cfg.tokenizer, tokens_col, text_col),
+        AsSingleton(row_base))
+
+    shard_scores = (batches | "ByShard" >> beam.FlatMap(split_by_shard)
+                    | "ShardTokens" >> beam.MapTuple(lambda k, rb: (k, tb_of(rb)))
+                    | "AuditShards" >> beam.CombinePerKey(AuditorCombineFn(suite, output="accumulator"))
+                    | "FinishShards" >> beam.Map(finish, AsSingleton(hist), cfg_dict)
+                    | "AllShards" >> beam.combiners.ToList()
+                    | "ShardScores" >> beam.FlatMap(shard_score_records))
+
+    seeds = p | "Spikes" >> beam.Create(sorted(plan.windows))
+    win_sigs = step_sigs | "WindowSigs" >> beam.FlatMap(
+        lambda it, so: [(sid, (it[0], it[3])) for sid in so.get(it[0], [])], spikes_of)
+    flag_keys = flags | "FlagKeys" >> beam.Map(lambda kv: (kv[1]["spike_id"], (kv[1]["shard"], kv[1]["score"],
+                                                                             kv[1]["step"])))
+    vcfg = {"alpha": cfg.alpha, "min_effect": cfg.min_effect, "min_margin": cfg.min_margin,
+            "min_controls": cfg.min_controls}
+    verdicts = ({"seed": seeds | "SeedKeys" >> beam.Map(lambda s: (s, None)), "window": win_sigs, "flags": flag_keys}
+                | "BySpike" >> beam.CoGroupByKey()
+                | "Verdicts" >> beam.FlatMap(verdict_record, AsList(ctrl_sigs), spike_info, vcfg, plan.missing))
+
+    ((batch_scores, flags, shard_scores, verdicts) | "AllOutputs" >> beam.Flatten()
+     | "Write" >> WriteTables(staging, parts={"row_flags": 4, "batch_scores": 4}))
+
+
+# ------------------------------------------------------------------------------------ outputs
+
+
+def skip_list(spikes: pa.Table, verdicts: pa.Table, row_flags: pa.Table, windows: dict[str, list[int]]) -> dict:
+    """Per spike: the steps and data ranges to skip on restart, and trainer-specific renderings."""
+    flags_by = {}
+    for rec in row_flags.to_pylist():
+        flags_by.setdefault(rec["spike_id"], []).append(rec)
+    entries = []
+    for v in verdicts.to_pylist():
+        sid = v["spike_id"]
+        if v["verdict"] == "data":
+            fl = flags_by.get(sid, [])
+            steps = sorted({r["step"] for r in fl}) or sorted(windows.get(sid, []))
+            ranges = sorted({(r["shard"], r["row"], r["row_end"], r["unit"]) for r in fl})
+            entries.append({"spike_id": sid, "peak_step": v["peak_step"], "verdict": "data", "skip_steps": steps,
+                            "skip_data": [{"shard": s, "row_start": a, "row_end": b, "unit": u}
+                                          for s, a, b, u in ranges],
+                            "note": f"skip these steps' batches (or drop these rows) when restarting before step "
+                                    f"{min(steps) if steps else v['peak_step']}"})
+        else:
+            entries.append({"spike_id": sid, "peak_step": v["peak_step"], "verdict": v["verdict"], "skip_steps": [],
+                            "skip_data": [],
+                            "note": "the data looks normal: skipping batches is not expected to help"
+                            if v["verdict"] == "not_data" else "inconclusive: see the verdict's reason"})
+    steps = sorted({s for e in entries for s in e["skip_steps"]})
+    return {
+        "spikes": entries,
+        "steps_to_skip": steps,
+        "render": {
+            "olmo_core": {"steps_to_skip": steps},
+            "megatron": {"iterations_to_skip": steps,
+                         "cli": ("--iterations-to-skip " + " ".join(map(str, steps))) if steps else ""},
+            "metaseq": {"skip_batches": ",".join(map(str, steps))},
+        },
+    }
+
+
+def quarantine(verdicts: pa.Table, row_flags: pa.Table) -> dict:
+    data_spikes = {v["spike_id"] for v in verdicts.to_pylist() if v["verdict"] == "data"}
+    shards: dict[str, dict] = {}
+    for r in row_flags.to_pylist():
+        if r["spike_id"] not in data_spikes:
+            continue
+        e = shards.setdefault(r["shard"], {"flagged_rows": set(), "spikes": set(), "signals": set()})
+        e["flagged_rows"].add((r["row"], r["row_end"], r["unit"]))
+        e["spikes"].add(r["spike_id"])
+        e["signals"].update(r["signals"])
+    return {"shards": [{"shard": s, "n_flagged_rows": len(e["flagged_rows"]), "spikes": sorted(e["spikes"]),
+                        "signals": sorted(e["signals"]),
+                        "rows": [{"row_start": a, "row_end": b, "unit": u} for a, b, u in sorted(e["flagged_rows"])]}
+                       for s, e in sorted(shards.items())]}
+
+
+def control_false_alarms(batch_scores: pa.Table, cfg: RunConfig) -> dict:
+    """Leave-one-out calibration: judge every control step as if it were a spike window against the
+    other controls. A sound audit calls (almost) none of them ``data``; the count is reported."""
+    ctrl = batch_scores.filter(pc.equal(batch_scores.column("role"), "control")).to_pylist()
+    sigs = [{s["name"]: (s["value"] if s["value"] is not None else np.nan) for s in r["signals"]} for r in ctrl]
+    names = signal_names(sigs)
+    m = matrix(sigs, names)
+    vcfg = VerdictConfig(alpha=cfg.alpha, min_effect=cfg.min_effect, min_margin=cfg.min_margin,
+                         min_controls=cfg.min_controls)
+    alarms = []
+    for i, r in enumerate(ctrl):  # n_controls verdicts of n_controls x K matrices: small
+        v = judge(names, m[i : i + 1], [r["step"]], np.delete(m, i, axis=0), vcfg)
+        if v.verdict == "data":
+            alarms.append({"step": r["step"], "signal": v.top_signal, "p_value": v.p_value})
+    return {"n_controls": len(ctrl), "false_alarms": len(alarms), "alarms": alarms}
+
+
+# --------------------------------------------------------------------------------------- state
+
+
+def _inputs_fingerprint(cfg: RunConfig) -> str:
+    d = asdict(cfg)
+    for k in ("log", "out", "state"):
+        d.pop(k, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_state(state_dir: str | None, cfg: RunConfig) -> dict | None:
+    if not state_dir:
+        return None
+    p = Path(state_dir) / "state.json"
+    if not p.exists():
+        return None
+    st = json.loads(p.read_text())
+    if st.get("fingerprint") != _inputs_fingerprint(cfg):
+        log.warning("state in %s was made with other settings or inputs; auditing everything again", state_dir)
+        return None
+    tables = {}
+    for spec in OUTPUT_SPECS:
+        f = Path(state_dir) / f"{spec.name}.parquet"
+        tables[spec.name] = pq.read_table(f) if f.exists() else spec.empty()
+    st["tables"] = tables
+    return st
+
+
+# ------------------------------------------------------------------------------------ run
+
+
+@dataclass
+class RunResult:
+    out: Path
+    tables: dict[str, pa.Table]
+    n_spikes: int
+    n_new_spikes: int
+    n_tokens: int
+    seconds: float
+
+
+def run_audit(cfg: RunConfig, beam_args: list[str] | None = None) -> RunResult:
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipelines.io import AtomicDir, write_json, write_table, write_text
+    from pipelines.report import render_run_report
+
+    t0 = time.time()
+    for path, what in ((cfg.log, "log"), (cfg.manifest, "manifest"), (cfg.shards, "shard root")):
+        if "://" not in path and not Path(path).exists():
+            raise UserError(f"{path}: {what} not found")
+    loss, report, spikes = read_loss_and_spikes(cfg)
+    state = load_state(cfg.state, cfg)
+    done = frozenset()
+    if state is not None:
+        done = frozenset(state["spikes_done"]) & frozenset(spikes.column("spike_id").to_pylist())
+    plan = plan_audit(cfg, loss, spikes, skip_spikes=done,
+                      fixed_controls=state["controls"] if state is not None else None)
+    new_ids = sorted(plan.windows)
+    log.info("%d spikes in the log, %d already audited, %d to audit", spikes.num_rows, len(done), len(new_ids))
+
+    staging_root = Path(tempfile.mkdtemp(prefix=".spike-audit-staging-", dir=Path(cfg.out).resolve().parent
+                                         if Path(cfg.out).resolve().parent.exists() else None))
+    try:
+        if new_ids:
+            opts = PipelineOptions(beam_options(beam_args))
+            log.info("running the audit pipeline (%s)", opts.get_all_options().get("runner") or "DirectRunner")
+            with beam.Pipeline(options=opts) as p:
+                build_pipeline(p, cfg, plan, str(staging_root))
+            from pipelines.beam_util import collect_tables
+
+            new_tables = collect_tables(str(staging_root), OUTPUT_SPECS)
+        else:
+            new_tables = {spec.name: spec.empty() for spec in OUTPUT_SPECS}
+    finally:
+        shutil.rmtree(staging_root, ignore_errors=True)
+
+    tables = merge_with_state(state, new_tables, done)
+    n_tokens = int(pc.sum(new_tables["batch_scores"].column("n_tokens")).as_py() or 0)
+    windows = dict(plan.windows)
+    if state is not None:
+        windows.update({k: v for k, v in state.get("windows", {}).items() if k in done})
+
+    with AtomicDir(cfg.out) as stage:
+        write_table(spikes, stage / "spikes.parquet", SPIKES)
+        write_table(loss, stage / "loss_series.parquet")
+        for spec in OUTPUT_SPECS:
+            write_table(tables[spec.name], stage / f"{spec.name}.parquet", spec)
+        write_json(skip_list(spikes, tables["verdicts"], tables["row_flags"], windows), stage / "skip_list.json")
+        write_json(quarantine(tables["verdicts"], tables["row_flags"]), stage / "quarantine.json")
+        write_text(render_run_report(loss, spikes, tables, cfg), stage / "report.html")
+        summary = {"log": report.__dict__ if hasattr(report, "__dict__") else str(report),
+                   "spikes": spikes.num_rows, "audited_now": len(new_ids), "from_state": len(done),
+                   "controls": len(plan.controls) if not done or new_ids else len(state["controls"]),
+                   "verdicts": {v: int(c) for v, c in zip(*np.unique(
+                       np.asarray(tables["verdicts"].column("verdict").to_pylist(), dtype=str), return_counts=True))},
+                   "control_calibration": control_false_alarms(tables["batch_scores"], cfg)}
+        write_json(summary, stage / "summary.json")
+    if cfg.state:
+        save_state(cfg, tables, spikes, plan, windows, state)
+    dt = time.time() - t0
+    return RunResult(Path(cfg.out), tables, spikes.num_rows, len(new_ids), n_tokens, dt)
+
+
+RUNNER_ALIASES = {"DaskRunner": "apache_beam.runners.dask.dask_runner.DaskRunner"}
+
+
+def beam_options(args: list[str] | None) -> list[str]:
+    """Pass Beam options through unchanged, but accept short names Beam itself does not know."""
+    out = []
+    for a in args or []:
+        if a.startswith("--runner="):
+            name = a.split("=", 1)[1]
+            a = f"--runner={RUNNER_ALIASES.get(name, name)}"
+        out.append(a)
+    return out
+
+
+def merge_with_state(state, new_tables, done):
+    if state is None:
+        return new_tables
+    out = {}
+    for spec in OUTPUT_SPECS:
+        old = state["tables"][spec.name]
+        if "spike_id" in old.column_names and spec is not SHARD_SCORES:
+            keep = pc.is_in(old.column("spike_id"), value_set=pa.array(sorted(done), pa.string()))
+            if spec is BATCH_SCORES:
+                keep = pc.or_(keep, pc.equal(old.column("role"), "control"))
+                new = new_tables[spec.name].filter(pc.equal(new_tables[spec.name].column("role"), "window"))
+            else:
+                new = new_tables[spec.name]
+            old = old.filter(pc.fill_null(keep, False))
+        else:
+            new = new_tables[spec.name]
+            if spec is SHARD_SCORES and new.num_rows == 0:
+                new = old
+            old = old.slice(0, 0)
+        out[spec.name] = spec.sorted(pa.concat_tables([spec.conform(old), spec.conform(new)]))
+    return out
+
+
+def save_state(cfg: RunConfig, tables, spikes, plan: Plan, windows, state) -> None:
+    from pipelines.io import AtomicDir, write_json, write_table
+
+    controls = state["controls"] if state is not None else plan.controls
+    with AtomicDir(cfg.state) as stage:
+        for spec in OUTPUT_SPECS:
+            write_table(tables[spec.name], stage / f"{spec.name}.parquet", spec)
+        write_json({"fingerprint": _inputs_fingerprint(cfg), "controls": sorted(controls),
+                    "spikes_done": sorted(tables["verdicts"].column("spike_id").to_pylist()),
+                    "windows": {k: v for k, v in sorted(windows.items())}}, stage / "state.json")

@@ -1,0 +1,114 @@
+"""Scoring glue shared by the run and shard pipelines: Arrow batch -> TokenBatch, the auditor suite
+finished against a baseline histogram, and robust z across entities. Pure functions, picklable."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from auditors.base import TokenBatch
+from auditors.verdict import robust_center_scale
+
+
+def to_token_batch(rb: pa.RecordBatch, tokens_col: str = "tokens", text_col: str = "text") -> TokenBatch:
+    """A reader batch (``pipelines.shards.SLICES_SCHEMA``) as a TokenBatch with row identities.
+
+    Text-only rows (no tokens at all in the batch) are audited as UTF-8 bytes, so duplication,
+    repetition and distribution signals still apply to text shards."""
+    tb = TokenBatch.from_arrow(rb, tokens=tokens_col, text=text_col)
+    shard = np.asarray(rb.column("shard").to_pylist(), dtype=object) if "shard" in rb.schema.names else None
+    row = np.asarray(rb.column("row"), dtype=np.int64) if "row" in rb.schema.names else None
+    if tb.n_tokens == 0 and tb.text is not None and any(tb.text):
+        enc = [s.encode("utf-8") if s is not None else b"" for s in tb.text]
+        lengths = np.fromiter((len(e) for e in enc), dtype=np.int64, count=len(enc))
+        offsets = np.zeros(len(enc) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        values = np.frombuffer(b"".join(enc), dtype=np.uint8).astype(np.int64)
+        return TokenBatch(values, offsets, tb.text, shard, row)
+    return TokenBatch(tb.values, tb.offsets, tb.text, shard, row)
+
+
+def make_suite(cfg: dict, baseline_hist=None):
+    from auditors.suite import Suite
+
+    if baseline_hist is not None and int(np.sum(baseline_hist)) <= 0:
+        baseline_hist = None
+    return Suite(vocab_size=cfg.get("vocab_size"), baseline_hist=baseline_hist, eos_id=cfg.get("eos_id"),
+                 seed=cfg.get("seed", 0), threshold=cfg.get("threshold", 0.8))
+
+
+def suite_histogram(acc: dict) -> np.ndarray:
+    """The unigram histogram inside a Suite accumulator."""
+    return acc["tokens"]["hist"]
+
+
+def finish(key_acc, hist, cfg: dict, in_baseline=frozenset(), all_in_baseline: bool = False):
+    """(key, suite_acc) -> (key, n_rows, n_tokens, {signal: value}) against the baseline ``hist``.
+
+    Leave-one-out: when the entity's own tokens are part of the baseline (``key in in_baseline`` or
+    ``all_in_baseline``), they are subtracted first, so baseline-relative signals (JS divergence,
+    rare-token share, cross-entropy) treat baseline members and other entities alike."""
+    from auditors.suite import COUNTS
+
+    key, acc = key_acc
+    if all_in_baseline or key in in_baseline:
+        own = suite_histogram(acc)
+        hist = sum_histograms([hist])
+        hist[: len(own)] -= own[: len(hist)]
+    res = make_suite(cfg, baseline_hist=hist).result(acc)
+    sig = {k: float(v) for k, v in res.items() if k not in COUNTS}
+    return key, int(acc["n_rows"]), int(acc["n_tokens"]), sig
+
+
+def signal_names(rows) -> list[str]:
+    return sorted({k for r in rows for k in r})
+
+
+def matrix(sigs: list[dict], names: list[str]) -> np.ndarray:
+    return np.array([[s.get(n, np.nan) for n in names] for s in sigs], dtype=np.float64).reshape(len(sigs), len(names))
+
+
+def opt_float(v) -> float | None:
+    v = float(v)
+    return v if np.isfinite(v) else None
+
+
+def entity_scores(items, key_name: str):
+    """[(key, n_rows, n_tokens, signals)] -> records with robust z of each signal across the items,
+    the combined anomaly score (max |z|), the top signal, a reason and a 1-based rank."""
+    items = sorted(items, key=lambda it: it[0])
+    names = signal_names([it[3] for it in items])
+    m = matrix([it[3] for it in items], names)
+    if not len(items):
+        return []
+    med, sigma = robust_center_scale(m, axis=0)
+    out = []
+    for k, (key, n_rows, n_tokens, _) in enumerate(items):
+        z = (m[k] - med) / sigma
+        az = np.where(np.isfinite(z), np.abs(z), -1.0)
+        j = int(np.argmax(az)) if len(names) else -1
+        ok = j >= 0 and az[j] >= 0
+        out.append({key_name: key, "n_rows": n_rows, "n_tokens": n_tokens,
+                    "anomaly_score": float(az[j]) if ok else 0.0, "top_signal": names[j] if ok else "",
+                    "reason": f"{names[j]} = {m[k][j]:.4g} (z={z[j]:+.1f})" if ok else "",
+                    "signals": [{"name": n, "value": opt_float(v), "z": opt_float(zz)}
+                                for n, v, zz in zip(names, m[k], z)]})
+    out.sort(key=lambda r: (-r["anomaly_score"], r[key_name]))
+    for rank, rec in enumerate(out, 1):
+        rec["rank"] = rank
+    return out
+
+
+def sum_histograms(hists) -> np.ndarray:
+    """Sum histograms of different lengths (a CombineGlobally function: associative, commutative)."""
+    hists = [np.asarray(h, dtype=np.int64) for h in hists]
+    n = max((len(h) for h in hists), default=0)
+    out = np.zeros(n, dtype=np.int64)
+    for h in hists:
+        out[: len(h)] += h
+    return out
+
+
+def filter_eq(table: pa.Table, column: str, value) -> pa.Table:
+    return table.filter(pc.equal(table.column(column), value))

@@ -1,0 +1,186 @@
+"""End to end: `spike-audit run` on the demo run (real text, planted spikes, a resume)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.demo import INJECTIONS
+from pipelines.errors import UserError
+from pipelines.run import OUTPUT_SPECS, RunConfig, run_audit
+
+pytestmark = pytest.mark.slow
+
+TABLES = ("spikes", "batch_scores", "shard_scores", "row_flags", "verdicts")
+
+
+def _cfg(root: Path, out: str, **kw) -> RunConfig:
+    run = root / "run"
+    return RunConfig(log=str(run / "train.log"), manifest=str(run / "manifest.parquet"), shards=str(run / "shards"),
+                     out=str(root / out), tokenizer=str(run / "tokenizer.json"), **kw)
+
+
+@pytest.fixture(scope="module")
+def audited(demo):
+    root, truth = demo
+    res = run_audit(_cfg(root, "audit"))
+    return root, truth, res
+
+
+def _verdict_at(verdicts, step):
+    rows = [v for v in verdicts if v["spike_id"].endswith(f"/train_loss/{step}")]
+    assert rows, f"no train_loss spike was audited at step {step}: {[v['spike_id'] for v in verdicts]}"
+    return rows[0]
+
+
+def test_every_planted_data_spike_is_data_with_the_right_shard(audited):
+    root, truth, res = audited
+    verdicts = res.tables["verdicts"].to_pylist()
+    for step, kind in INJECTIONS.items():
+        if kind == "optimizer":
+            continue
+        v = _verdict_at(verdicts, step)
+        assert v["verdict"] == "data", (kind, v)
+        assert truth["injections"][str(step)]["shards"][0] in v["top_shards"], (kind, v)
+        assert v["p_value"] <= 0.05
+
+
+def test_optimizer_spike_is_not_data(audited):
+    _, _, res = audited
+    step = next(s for s, k in INJECTIONS.items() if k == "optimizer")
+    v = _verdict_at(res.tables["verdicts"].to_pylist(), step)
+    assert v["verdict"] == "not_data", v
+
+
+def test_no_false_alarms_among_control_steps(audited):
+    root, _, res = audited
+    summary = json.loads((root / "audit" / "summary.json").read_text())
+    cal = summary["control_calibration"]
+    assert cal["n_controls"] >= 50
+    assert cal["false_alarms"] == 0, cal["alarms"]
+    assert not any(v["verdict"] == "data" for v in res.tables["verdicts"].to_pylist()
+                   if int(v["peak_step"]) not in INJECTIONS)
+
+
+def test_flagged_rows_are_the_planted_rows(audited):
+    _, truth, res = audited
+    flags = res.tables["row_flags"].to_pylist()
+    for step, t in truth["injections"].items():
+        if t["kind"] == "optimizer":
+            continue
+        got = {(f["shard"], f["row"]) for f in flags if f["step"] == int(step)}
+        want = {(f"train-{r // 400:05d}.parquet", r % 400) for r in t["rows"]}
+        # the planted rows are flagged (a duplicate group's first copy is an ordinary document)
+        assert len(want & got) >= len(want) - 1, (t["kind"], sorted(want - got))
+
+
+def test_resume_is_resolved_and_outputs_follow_their_schemas(audited):
+    root, _, res = audited
+    summary = json.loads((root / "audit" / "summary.json").read_text())
+    # steps 251..270 were logged twice (crash at 270, resume from 250): 20 steps of every metric
+    assert summary["log"]["n_replaced"] == 20 * len(summary["log"]["metrics"])
+    assert "train_loss" in summary["log"]["metrics"]
+    for spec in OUTPUT_SPECS:
+        t = pq.read_table(root / "audit" / f"{spec.name}.parquet")
+        assert t.schema.equals(spec.schema, check_metadata=False), spec.name
+        assert t.schema.metadata[b"spike_audit.table"] == spec.name.encode()
+
+
+def test_skip_list_quarantine_and_report(audited):
+    root, truth, res = audited
+    skip = json.loads((root / "audit" / "skip_list.json").read_text())
+    data_steps = sorted(int(s) for s, t in truth["injections"].items() if t["kind"] != "optimizer")
+    assert set(data_steps) <= set(skip["steps_to_skip"])
+    assert skip["render"]["megatron"]["iterations_to_skip"] == skip["steps_to_skip"]
+    assert 180 not in skip["steps_to_skip"]
+    q = json.loads((root / "audit" / "quarantine.json").read_text())
+    planted_shards = {s for t in truth["injections"].values() for s in t["shards"]}
+    assert planted_shards <= {e["shard"] for e in q["shards"]}
+    html = (root / "audit" / "report.html").read_text()
+    assert html.count("<svg") >= 3 and "not_data" in html and "Click here to subscribe" in html
+
+
+def test_rerun_is_byte_identical(audited):
+    root, _, _ = audited
+    run_audit(_cfg(root, "audit2"))
+    for name in TABLES:
+        a = (root / "audit" / f"{name}.parquet").read_bytes()
+        b = (root / "audit2" / f"{name}.parquet").read_bytes()
+        assert a == b, name
+
+
+def test_missing_shard_is_a_one_line_error_and_leaves_no_output(demo, tmp_path):
+    root, _ = demo
+    broken = tmp_path / "run"
+    shutil.copytree(root / "run", broken)
+    (broken / "shards" / "train-00004.parquet").unlink()
+    cfg = RunConfig(log=str(broken / "train.log"), manifest=str(broken / "manifest.parquet"),
+                    shards=str(broken / "shards"), out=str(tmp_path / "out"))
+    with pytest.raises(UserError, match=r"train-00004\.parquet.*not found") as err:
+        run_audit(cfg)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "staging left behind"
+
+
+def test_manifest_log_mismatch_is_a_one_line_error(demo, tmp_path):
+    root, _ = demo
+    log = tmp_path / "other.log"
+    text = (root / "run" / "train.log").read_text()
+    # the same run logged 1000 iterations later: its spikes are outside the manifest
+    import re
+
+    log.write_text(re.sub(r"iteration\s+(\d+)/", lambda m: f"iteration {int(m.group(1)) + 1000:8d}/", text))
+    cfg = RunConfig(log=str(log), manifest=str(root / "run" / "manifest.parquet"), shards=str(root / "run" / "shards"),
+                    out=str(tmp_path / "out"))
+    with pytest.raises(UserError, match=r"covers steps 1\.\.400 but .* spike at step 1\d\d\d"):
+        run_audit(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_log_is_a_one_line_error(demo, tmp_path):
+    root, _ = demo
+    log = tmp_path / "empty.log"
+    log.write_text("")
+    cfg = RunConfig(log=str(log), manifest=str(root / "run" / "manifest.parquet"), shards=str(root / "run" / "shards"),
+                    out=str(tmp_path / "out"))
+    with pytest.raises(UserError):
+        run_audit(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_state_rerun_after_the_log_grew_audits_only_new_spikes(demo, tmp_path):
+    root, _ = demo
+    full = (root / "run" / "train.log").read_text().splitlines(keepends=True)
+    cut = next(i for i, line in enumerate(full) if "iteration      200/" in line)
+    # the same log file, read once at step 200 and again after the run went on to step 400
+    (tmp_path / "early").mkdir()
+    early = tmp_path / "early" / "train.log"
+    early.write_text("".join(full[: cut + 1]))
+    grown = tmp_path / "train.log"
+    grown.write_text("".join(full))
+    state = str(tmp_path / "state")
+    run = root / "run"
+
+    def cfg(log, out):
+        return RunConfig(log=str(log), manifest=str(run / "manifest.parquet"), shards=str(run / "shards"),
+                         out=str(tmp_path / out), state=state)
+
+    first = run_audit(cfg(early, "out1"))
+    assert first.n_new_spikes >= 2
+    second = run_audit(cfg(grown, "out2"))
+    assert second.n_spikes > first.n_spikes
+    assert second.n_new_spikes == second.n_spikes - first.n_spikes
+    old = {v["spike_id"]: v for v in first.tables["verdicts"].to_pylist()}
+    new = {v["spike_id"]: v for v in second.tables["verdicts"].to_pylist()}
+    for sid, v in old.items():
+        assert new[sid] == v
+    # nothing new: a third run audits nothing and writes identical tables
+    third = run_audit(cfg(grown, "out3"))
+    assert third.n_new_spikes == 0
+    for name in TABLES:
+        assert (tmp_path / "out2" / f"{name}.parquet").read_bytes() == (tmp_path / "out3" / f"{name}.parquet").read_bytes()
