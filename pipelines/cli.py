@@ -17,7 +17,7 @@ import sys
 from pipelines.errors import UserError
 from schemas import SchemaError
 
-COMMANDS = ("spikes", "batch", "run", "shards", "demo")
+COMMANDS = ("spikes", "batch", "run", "shards", "demo", "manifest")
 
 
 def build_parser() -> argparse.ArgumentParser:

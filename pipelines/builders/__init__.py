@@ -1,0 +1,17 @@
+"""Step manifests from trainers' own data-order files.
+
+- :mod:`pipelines.builders.olmo`: OLMo / OLMo-core ``global_indices`` over token memmaps.
+- :mod:`pipelines.builders.megatron`: Megatron-LM ``GPTDataset`` index caches over ``.bin/.idx``.
+- :mod:`pipelines.builders.sequential`: sequential loaders (modded-nanogpt ``DistributedDataLoader``
+  as in its 2024-10 records; llm.c ``dataloader.h`` without shuffling).
+
+Each builder returns a ``STEP_MANIFEST`` table (write it with
+:func:`pipelines.manifest.write_manifest`) whose slices are exactly the tokens the trainer fed at
+each step, including the extra target token where the trainer reads ``seq_len + 1`` tokens.
+"""
+
+from pipelines.builders.megatron import build_megatron_manifest
+from pipelines.builders.olmo import build_olmo_manifest
+from pipelines.builders.sequential import build_sequential_manifest
+
+__all__ = ["build_megatron_manifest", "build_olmo_manifest", "build_sequential_manifest"]

@@ -1,0 +1,114 @@
+"""Sequential token-file loaders -> STEP_MANIFEST.
+
+Two variants, both reading ``B * T + 1`` tokens per rank per micro-step from sorted shard files
+(flat token files: modded-nanogpt / llm.c ``.bin`` with the 256 x int32 header, magic 20240520,
+or header-less nanoGPT-style ``.bin`` memmaps, uint16 by default) and cycling through the shards:
+
+``modded-nanogpt``: ``DistributedDataLoader`` as in the modded-nanogpt records of 2024-10 (and
+build-nanogpt). Each rank starts at ``rank * B * T``; after each batch its position advances by
+``B * T * world``; it moves to the next shard as soon as ``position + B * T * world + 1 > ntok``
+(tested on the rank's own position, so ranks can leave a shard at different batches, as the
+original does).
+
+``llm.c``: ``dataloader.h`` without shuffling. A shard holds
+``(ntok - 1) // (B * T * world)`` batches for every rank; batch ``j`` of rank ``r`` starts at token
+``j * B * T * world + r * B * T``; after the last one the loader moves to the next shard (after the
+last shard it starts over).
+
+Steps: both training loops fetch ``grad_accum`` batches per optimizer step and log it as
+``step + 1``, so batch ``g`` (0-based, per rank) belongs to step ``first_step + g // grad_accum``
+(``first_step = 1``), micro-batch ``g % grad_accum``. Each rank's window is split the way the model
+sees it, into ``B`` sequences of ``T + 1`` tokens (``x = buf[:-1].view(B, T)``, ``y = buf[1:]``):
+sequence ``b`` is ``[start + b * T, start + (b + 1) * T + 1)``.
+
+nanoGPT's own ``get_batch`` samples random offsets with ``torch.randint`` and llm.c's shuffling
+uses its own mt19937 stream: neither is reproduced here.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pyarrow as pa
+
+from pipelines.errors import UserError
+from pipelines.manifest import manifest_from_arrays
+from pipelines.shards import open_token_file, resolve
+
+log = logging.getLogger(__name__)
+
+VARIANTS = ("modded-nanogpt", "llm.c")
+
+
+def shard_token_counts(shard_root: str | None, paths: list[str], dtype=None) -> np.ndarray:
+    out = []
+    for p in paths:
+        full = resolve(shard_root, p)
+        try:
+            out.append(open_token_file(full, dtype).n_tokens)
+        except FileNotFoundError:
+            raise UserError(f"shard '{p}' not found ({full})") from None
+    return np.asarray(out, np.int64)
+
+
+def batches_per_shard(ntok: np.ndarray, B: int, T: int, world_size: int, variant: str) -> np.ndarray:
+    """``(n_shards, world_size)`` batches each rank reads from each shard before moving on."""
+    bt, btw = B * T, B * T * world_size
+    ranks = np.arange(world_size, dtype=np.int64)
+    if variant == "llm.c":
+        k = (ntok[:, None] - 1) // btw
+        return np.broadcast_to(k, (len(ntok), world_size)).copy()
+    if variant == "modded-nanogpt":
+        # Batch 0 is always read; batch j >= 1 is read while j*btw + r*bt + btw + 1 <= ntok.
+        k = (ntok[:, None] - 1 - ranks[None, :] * bt) // btw
+        return np.maximum(k, 1)
+    raise UserError(f"unknown sequential loader variant {variant!r} (expected one of {', '.join(VARIANTS)})")
+
+
+def build_sequential_manifest(paths: list[str], *, batch_size: int, seq_len: int, world_size: int = 1,
+                              num_steps: int, grad_accum: int = 1, variant: str = "modded-nanogpt",
+                              shard_root: str | None = None, first_step: int = 1, dtype=None,
+                              token_counts: list[int] | None = None) -> pa.Table:
+    """STEP_MANIFEST of a sequential loader run over ``paths`` (sorted, as the loaders glob them).
+
+    ``batch_size`` (B) and ``seq_len`` (T) are per rank per micro-step; ``num_steps`` optimizer
+    steps of ``grad_accum`` micro-steps each are emitted.
+    """
+    if variant not in VARIANTS:
+        raise UserError(f"unknown sequential loader variant {variant!r} (expected one of {', '.join(VARIANTS)})")
+    if min(batch_size, seq_len, world_size, grad_accum) <= 0 or num_steps <= 0:
+        raise UserError("batch size, sequence length, world size, grad accumulation and steps must be positive")
+    if not paths:
+        raise UserError("no shard files given")
+    paths = sorted(paths)
+    ntok = (np.asarray(token_counts, np.int64) if token_counts is not None
+            else shard_token_counts(shard_root, paths, dtype))
+    bt, btw = batch_size * seq_len, batch_size * seq_len * world_size
+    small = np.flatnonzero(ntok < btw + 1)
+    if len(small):
+        raise UserError(f"shard '{paths[small[0]]}' has {ntok[small[0]]} tokens, fewer than B*T*world+1 = {btw + 1} "
+                        f"(the loaders refuse such shards)")
+    per = batches_per_shard(ntok, batch_size, seq_len, world_size, variant)  # (shards, ranks)
+    n_batches = num_steps * grad_accum
+    g = np.arange(n_batches, dtype=np.int64)
+    cols = {k: [] for k in ("step", "shard", "start", "rank", "micro")}
+    for r in range(world_size):  # one vectorised pass per rank
+        cum = np.concatenate([[0], np.cumsum(per[:, r])])
+        epoch, within = np.divmod(g, cum[-1])
+        del epoch
+        shard = np.searchsorted(cum, within, side="right") - 1
+        j = within - cum[shard]
+        start = j * btw + r * bt
+        cols["step"].append(first_step + g // grad_accum)
+        cols["shard"].append(shard)
+        cols["start"].append(start)
+        cols["rank"].append(np.full(n_batches, r, np.int64))
+        cols["micro"].append(g % grad_accum)
+    step, shard, start, rank, micro = (np.concatenate(cols[k]) for k in ("step", "shard", "start", "rank", "micro"))
+    # B sequences of T + 1 tokens per window.
+    b = np.tile(np.arange(batch_size, dtype=np.int64), len(step))
+    rep = lambda a: np.repeat(a, batch_size)  # noqa: E731
+    seq_start = rep(start) + b * seq_len
+    names = pa.array(np.asarray(paths, dtype=object)[rep(shard)], pa.string())
+    return manifest_from_arrays(rep(step), names, seq_start, seq_start + seq_len + 1, "token", rep(rank), rep(micro))

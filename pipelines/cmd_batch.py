@@ -1,0 +1,155 @@
+"""``spike-audit batch``: show what one optimizer step consumed, read exactly from the shards.
+
+For every manifest slice of the step: shard, rows (or token range), rank / micro-batch when known,
+sequence and token counts, and an excerpt of each sequence: the ``text`` column where the shard has
+one, else the tokens decoded with ``--tokenizer``, else the first token ids.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import numpy as np
+
+from pipelines.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "batch",
+        help="show what one step consumed (shards, rows, tokens, text excerpts)",
+        description="Print what optimizer step N read, per manifest slice: shard, rows, token counts and a "
+        "text excerpt of every sequence (text column, or tokens decoded with --tokenizer).",
+    )
+    p.add_argument("--manifest", required=True, help="step manifest (Parquet, step_manifest schema)")
+    p.add_argument("--shards", default=None, help="root the manifest's shard paths are relative to")
+    p.add_argument("--step", required=True, type=int, help="optimizer step, numbered as in the manifest")
+    p.add_argument("--tokenizer", default=None, help="Hugging Face tokenizer.json to decode token ids")
+    p.add_argument("--max-chars", type=int, default=200, help="excerpt length per sequence (default 200)")
+    p.add_argument("--limit", type=int, default=20,
+                   help="sequences shown per slice (default 20; 0 = all); counts always cover all")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--tokens-col", default="tokens", help="token column of Parquet/JSONL/HF shards")
+    p.add_argument("--text-col", default="text", help="text column of Parquet/JSONL/HF shards")
+    p.add_argument("--dtype", default=None, help="dtype of raw token files (default uint16; headers auto-detected)")
+    p.add_argument("--allow-overlap", action="store_true",
+                   help="accept slices of one shard that overlap within the step (data the trainer read twice, "
+                   "e.g. Megatron multi-epoch shuffles)")
+    p.set_defaults(func=run)
+
+
+def _excerpt(s: str, n: int) -> str:
+    s = " ".join(s.split()) if s else ""
+    return s if len(s) <= n else s[: max(0, n - 1)] + "…"
+
+
+def step_report(manifest: str, shard_root: str | None, step: int, *, tokenizer: str | None = None,
+                max_chars: int = 200, limit: int = 20, tokens_col: str = "tokens", text_col: str = "text",
+                dtype=None, allow_overlap: bool = False) -> dict:
+    """What ``step`` consumed, as a JSON-able dict (the ``--json`` output)."""
+    from pipelines.manifest import (_name, check_ranges, check_shard_bounds, load_manifest_table, step_rows)
+    from pipelines.shards import read_slices
+
+    table = load_manifest_table(manifest)
+    src = _name(manifest)
+    ids = step_rows(table, step)
+    if not len(ids):
+        steps = table.column("step").to_numpy()
+        have = f"steps {steps.min()}..{steps.max()}" if len(steps) else "no rows"
+        raise UserError(f"{src}: step {step} is not in the manifest ({have})")
+    sub = table.take(ids)
+    check_ranges(sub, src, ids, allow_overlap=allow_overlap)
+    check_shard_bounds(sub, src, shard_root, ids, dtype=dtype, tokens_col=tokens_col, text_col=text_col)
+    tok = None
+    if tokenizer:
+        from pipelines.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(tokenizer)
+    shard = np.asarray(sub.column("shard").to_pylist(), dtype=object)
+    unit = np.asarray(sub.column("unit").to_pylist(), dtype=object)
+    start = sub.column("row_start").to_numpy()
+    end = sub.column("row_end").to_numpy()
+    rank = sub.column("rank").to_pylist()
+    micro = sub.column("micro_batch").to_pylist()
+    slices_out: list[dict | None] = [None] * len(ids)
+    for s_name, u in sorted({(a, b) for a, b in zip(shard, unit)}):
+        sel = np.flatnonzero((shard == s_name) & (unit == u))
+        batch = read_slices(shard_root, s_name, np.stack([start[sel], end[sel]], axis=1), unit=u,
+                            tokens_col=tokens_col, text_col=text_col, dtype=dtype)
+        per = (end[sel] - start[sel]) if u == "row" else np.ones(len(sel), np.int64)
+        off = np.concatenate([[0], np.cumsum(per)])
+        tokens = batch.column("tokens")
+        n_tok = np.asarray(tokens.value_lengths().fill_null(0).to_numpy(zero_copy_only=False), np.int64)
+        texts = batch.column("text").to_pylist()
+        rows = batch.column("row").to_numpy()
+        row_end = batch.column("row_end").to_numpy()
+        # Excerpts only for the sequences shown.
+        shown = np.concatenate([np.arange(off[k], off[k] + (per[k] if limit <= 0 else min(per[k], limit)))
+                                for k in range(len(sel))]).astype(np.int64)
+        need_decode = [int(i) for i in shown if texts[i] is None and tokens[int(i)].is_valid]
+        decoded = {}
+        if need_decode and tok is not None:
+            from pipelines.tokenizer import decode_batch
+
+            seqs = [tokens[i].values.to_numpy(zero_copy_only=False) for i in need_decode]
+            decoded = dict(zip(need_decode, decode_batch(tok, seqs)))
+        for k, i in enumerate(sel):
+            seqs = []
+            lo, hi = int(off[k]), int(off[k + 1])
+            show_hi = hi if limit <= 0 else min(hi, lo + limit)
+            for j in range(lo, show_hi):
+                if texts[j] is not None:
+                    ex, kind = texts[j], "text"
+                elif j in decoded:
+                    ex, kind = decoded[j], "decoded"
+                elif tokens[j].is_valid:
+                    ids_ = tokens[j].values.to_numpy(zero_copy_only=False)[:32]
+                    ex, kind = " ".join(map(str, ids_.tolist())), "token_ids"
+                else:
+                    ex, kind = "", "none"
+                seqs.append({"row": int(rows[j]), "row_end": int(row_end[j]), "n_tokens": int(n_tok[j]),
+                             "excerpt_kind": kind, "excerpt": _excerpt(ex, max_chars)})
+            slices_out[i] = {
+                "manifest_row": int(ids[i]), "shard": s_name, "unit": u, "row_start": int(start[i]),
+                "row_end": int(end[i]), "rank": rank[i], "micro_batch": micro[i],
+                "n_sequences": hi - lo, "n_tokens": int(n_tok[lo:hi].sum()), "sequences": seqs,
+                "n_not_shown": (hi - lo) - len(seqs),
+            }
+    out = [s for s in slices_out if s is not None]
+    return {
+        "manifest": str(manifest), "step": step, "n_slices": len(out),
+        "n_sequences": sum(s["n_sequences"] for s in out), "n_tokens": sum(s["n_tokens"] for s in out),
+        "n_shards": len(set(shard)), "slices": out,
+    }
+
+
+def format_report(rep: dict) -> str:
+    lines = [f"step {rep['step']}: {rep['n_slices']} slices, {rep['n_sequences']:,} sequences, "
+             f"{rep['n_tokens']:,} tokens from {rep['n_shards']} shard(s)  [{rep['manifest']}]"]
+    for s in rep["slices"]:
+        extra = "".join(f" {k}={s[k]}" for k in ("rank", "micro_batch") if s[k] is not None)
+        what = "rows" if s["unit"] == "row" else "tokens"
+        lines.append(f"  {s['shard']} {what} [{s['row_start']}, {s['row_end']}){extra}: "
+                     f"{s['n_sequences']:,} sequences, {s['n_tokens']:,} tokens")
+        for q in s["sequences"]:
+            where = f"[{q['row']}]" if s["unit"] == "row" else f"[{q['row']}:{q['row_end']}]"
+            lines.append(f"    {where} {q['n_tokens']} tok | {q['excerpt']}")
+        if s["n_not_shown"]:
+            lines.append(f"    ... {s['n_not_shown']:,} more sequences (use --limit 0 to show all)")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    rep = step_report(args.manifest, args.shards, args.step, tokenizer=args.tokenizer, max_chars=args.max_chars,
+                      limit=args.limit, tokens_col=args.tokens_col, text_col=args.text_col, dtype=args.dtype,
+                      allow_overlap=args.allow_overlap)
+    if args.json:
+        json.dump(rep, sys.stdout, indent=2, ensure_ascii=False)
+        sys.stdout.write("\n")
+    else:
+        print(format_report(rep))
+    return 0

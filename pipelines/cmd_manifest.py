@@ -1,0 +1,145 @@
+"""``spike-audit manifest {olmo,megatron,sequential}``: build a step manifest from a trainer's own
+data-order files (see :mod:`pipelines.builders`)."""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+
+from pipelines.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def _steps(text: str | None):
+    if not text:
+        return None
+    try:
+        a, _, b = text.partition(":")
+        return int(a), int(b or a)
+    except ValueError:
+        raise UserError(f"--steps: expected FIRST:LAST (inclusive), got {text!r}") from None
+
+
+def _data_files(args) -> list[str]:
+    files = list(args.data_files or [])
+    if getattr(args, "data_list", None):
+        with open(args.data_list) as f:
+            files += [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
+    if not files:
+        raise UserError("no data files: give --data-files or --data-list")
+    return files
+
+
+def _common(p, shards_help="root the data file paths are relative to"):
+    p.add_argument("--shards", default=None, help=shards_help)
+    p.add_argument("--out", required=True, help="output manifest (Parquet)")
+    p.add_argument("--first-step", type=int, default=1, help="step number of the first batch (default 1)")
+    p.add_argument("--steps", default=None, help="only steps FIRST:LAST (inclusive)")
+    p.add_argument("--check", action="store_true", help="re-read the written manifest and check it against the shards")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("manifest", help="build a step manifest from a trainer's data-order files",
+                              description="Build a step manifest (which shard slices each step read) from a "
+                              "trainer's own data-order files.")
+    sub = p.add_subparsers(dest="trainer", metavar="TRAINER")
+    sub.required = True
+
+    o = sub.add_parser("olmo", help="OLMo / OLMo-core global_indices over token memmaps")
+    o.add_argument("--global-indices", required=True, help="global_indices.npy (raw uint32 memmap or .npy)")
+    o.add_argument("--data-files", nargs="*", help="token memmap files in config order (relative to --shards)")
+    o.add_argument("--data-list", help="text file listing the data files, one per line, in config order")
+    o.add_argument("--seq-len", type=int, required=True, help="sequence length (tokens per instance)")
+    o.add_argument("--global-batch-size", type=int, required=True, help="global batch size in instances")
+    o.add_argument("--dtype", default="uint16", help="token dtype of the memmaps (uint16 or uint32)")
+    o.add_argument("--world-size", type=int, default=None, help="data-parallel world size (records ranks)")
+    o.add_argument("--micro-batch-size", type=int, default=None, help="device micro-batch size in instances")
+    _common(o)
+    o.set_defaults(func=run)
+
+    m = sub.add_parser("megatron", help="Megatron-LM GPTDataset index cache over a .bin/.idx dataset")
+    m.add_argument("--data", required=True, help="the dataset's .bin (relative to --shards); .idx next to it")
+    m.add_argument("--cache", required=True, help="cache prefix DIR/{hash}-GPTDataset-train, or a directory with one cache")
+    m.add_argument("--global-batch-size", type=int, required=True, help="global batch size in samples")
+    m.add_argument("--consumed-samples", type=int, default=0, help="samples consumed before --first-step (default 0)")
+    m.add_argument("--no-extra-token", action="store_true", help="samples hold seq_len tokens, not seq_len + 1")
+    m.add_argument("--micro-batch-size", type=int, default=None, help="micro batch size (records micro-batches)")
+    m.add_argument("--data-parallel-size", type=int, default=None, help="data-parallel size (records ranks)")
+    _common(m, "root the --data path is relative to")
+    m.set_defaults(func=run)
+
+    s = sub.add_parser("sequential", help="modded-nanogpt (2024-10) / llm.c sequential .bin loaders")
+    s.add_argument("--data-files", nargs="*", help="shard files or glob patterns, relative to --shards (sorted)")
+    s.add_argument("--data-list", help="text file listing the shard files")
+    s.add_argument("--variant", choices=("modded-nanogpt", "llm.c"), default="modded-nanogpt")
+    s.add_argument("-B", "--batch-size", type=int, required=True, help="sequences per rank per micro-step")
+    s.add_argument("-T", "--seq-len", type=int, required=True, help="sequence length")
+    s.add_argument("--world-size", type=int, default=1, help="number of processes (default 1)")
+    s.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step (default 1)")
+    s.add_argument("--num-steps", type=int, required=True, help="optimizer steps to emit")
+    s.add_argument("--dtype", default=None, help="dtype of header-less token files (default uint16)")
+    _common(s, "root the shard files are relative to")
+    s.set_defaults(func=run)
+
+
+def _expand_globs(root: str | None, patterns: list[str]) -> list[str]:
+    out = []
+    for pat in patterns:
+        if any(c in pat for c in "*?["):
+            base = root or ""
+            hits = sorted(os.path.relpath(h, base) if base else h for h in glob.glob(os.path.join(base, pat)))
+            if not hits:
+                raise UserError(f"{pat}: no files match under {root or '.'}")
+            out += hits
+        else:
+            out.append(pat)
+    return out
+
+
+def run(args) -> int:
+    from pipelines.manifest import read_manifest, write_manifest
+
+    steps = _steps(args.steps)
+    allow_overlap = False
+    if args.trainer == "olmo":
+        from pipelines.builders.olmo import build_olmo_manifest
+
+        table = build_olmo_manifest(args.global_indices, _data_files(args), seq_len=args.seq_len,
+                                    global_batch_size=args.global_batch_size, dtype=args.dtype,
+                                    shard_root=args.shards, first_step=args.first_step, steps=steps,
+                                    world_size=args.world_size, micro_batch_size=args.micro_batch_size)
+        dtype = args.dtype
+    elif args.trainer == "megatron":
+        from pipelines.builders.megatron import build_megatron_manifest, load_cache
+
+        doc, sample, shuffle = load_cache(args.cache)
+        table = build_megatron_manifest(args.data, doc, sample, shuffle, global_batch_size=args.global_batch_size,
+                                        shard_root=args.shards, first_step=args.first_step,
+                                        consumed_samples=args.consumed_samples, steps=steps,
+                                        add_extra_token=not args.no_extra_token,
+                                        micro_batch_size=args.micro_batch_size,
+                                        data_parallel_size=args.data_parallel_size)
+        dtype = None
+        allow_overlap = True  # samples from different epochs can share a document within one batch
+    else:
+        from pipelines.builders.sequential import build_sequential_manifest
+
+        files = _expand_globs(args.shards, _data_files(args))
+        if steps is not None:
+            raise UserError("--steps is not supported for sequential loaders; use --num-steps")
+        table = build_sequential_manifest(files, batch_size=args.batch_size, seq_len=args.seq_len,
+                                          world_size=args.world_size, num_steps=args.num_steps,
+                                          grad_accum=args.grad_accum, variant=args.variant, shard_root=args.shards,
+                                          first_step=args.first_step, dtype=args.dtype)
+        dtype = args.dtype
+    write_manifest(table, args.out)
+    steps_col = table.column("step").to_numpy()
+    log.info("wrote %s: %d slices, steps %d..%d", args.out, table.num_rows,
+             steps_col.min() if len(steps_col) else 0, steps_col.max() if len(steps_col) else -1)
+    print(f"{args.out}: {table.num_rows} slices over {len(set(steps_col.tolist()))} steps")
+    if args.check:
+        read_manifest(args.out, args.shards, check_shards=True, dtype=dtype, allow_overlap=allow_overlap)
+        print(f"{args.out}: checked against the shards")
+    return 0

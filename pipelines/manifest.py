@@ -1,0 +1,186 @@
+"""Step manifests (``schemas.STEP_MANIFEST``): which slices of which shards each optimizer step read.
+
+:func:`read_manifest` validates a manifest file against the contract and checks it against the
+shards: ``row_end > row_start >= 0``, ``unit`` in {row, token}, no overlapping slices of the same
+shard within one step, every shard exists and no slice runs past a shard's end (one cheap metadata
+lookup per distinct shard). Errors are one line naming the manifest row (0-based, in file order)
+and the shard, e.g. ``manifest.parquet: row 17: slice [1000, 1024) of shard 'a/b.parquet' is past
+its end (1000 rows)``.
+
+Overlap rule: slices of the same shard within one step may not overlap, except by a single token
+for ``unit='token'``: trainers that read ``seq_len + 1`` tokens per sequence (Megatron samples,
+modded-nanogpt / llm.c windows) share the boundary token between consecutive sequences. A trainer
+that genuinely reads the same data twice in one step (Megatron shuffles samples across all epochs,
+so a document can recur within a batch) needs ``allow_overlap=True``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipelines.errors import UserError
+from pipelines.io import write_table
+from pipelines.shards import UNITS, _close, open_shard
+from schemas import STEP_MANIFEST, validate
+
+log = logging.getLogger(__name__)
+
+TOKEN_OVERLAP_ALLOWED = 1
+
+
+def _name(path) -> str:
+    return os.path.basename(str(path)) or str(path)
+
+
+def load_manifest_table(path) -> pa.Table:
+    """Read and validate a manifest file; ``unit`` nulls become ``'row'``. Rows stay in file order."""
+    import pyarrow.parquet as pq
+
+    src = str(path)
+    if not os.path.exists(src):
+        raise UserError(f"{src}: manifest not found")
+    try:
+        table = pq.read_table(src)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise UserError(f"{src}: not a readable Parquet manifest ({err})") from None
+    validate(table, STEP_MANIFEST, source=src)
+    table = STEP_MANIFEST.conform(table, source=src)
+    unit = pc.fill_null(table.column("unit"), "row")
+    return table.set_column(table.schema.get_field_index("unit"), STEP_MANIFEST.schema.field("unit"), unit)
+
+
+def check_ranges(table: pa.Table, source: str, row_ids: np.ndarray | None = None, *,
+                 allow_overlap: bool = False) -> None:
+    """Per-row and per-step checks that need no shard I/O (vectorised). ``allow_overlap`` skips the
+    overlap check (trainers that repeat data within a step, e.g. Megatron shuffling across epochs)."""
+    n = table.num_rows
+    if n == 0:
+        return
+    ids = np.arange(n) if row_ids is None else np.asarray(row_ids)
+    start = table.column("row_start").to_numpy()
+    end = table.column("row_end").to_numpy()
+    unit = np.asarray(table.column("unit").to_pylist(), dtype=object)
+    bad_unit = np.flatnonzero(~np.isin(unit, np.array(UNITS, dtype=object)))
+    if len(bad_unit):
+        i = bad_unit[0]
+        raise UserError(f"{source}: row {ids[i]}: unit {unit[i]!r}, expected 'row' or 'token'")
+    bad = np.flatnonzero((end <= start) | (start < 0))
+    if len(bad):
+        i = bad[0]
+        shard = table.column("shard")[int(i)].as_py()
+        raise UserError(f"{source}: row {ids[i]}: slice [{start[i]}, {end[i]}) of shard '{shard}' is empty or "
+                        f"negative, expected 0 <= row_start < row_end")
+    if allow_overlap:
+        return
+    # Overlaps within (step, shard, unit): sort by start, compare each slice with the running end.
+    step = table.column("step").to_numpy()
+    shard_codes = pc.dictionary_encode(table.column("shard")).combine_chunks().indices.to_numpy()
+    unit_codes = (unit == "token").astype(np.int64)
+    order = np.lexsort((end, start, unit_codes, shard_codes, step))
+    s, e = start[order], end[order]
+    same = np.zeros(n, bool)
+    same[1:] = ((step[order][1:] == step[order][:-1]) & (shard_codes[order][1:] == shard_codes[order][:-1])
+                & (unit_codes[order][1:] == unit_codes[order][:-1]))
+    group = np.cumsum(~same)
+    # Running max of `end` within each group (segmented, via dense ranks so keys stay small).
+    uniq_e, e_rank = np.unique(e, return_inverse=True)
+    width = np.int64(len(uniq_e) + 1)
+    g = group.astype(np.int64)
+    run = uniq_e[np.maximum.accumulate(e_rank.astype(np.int64) + g * width) - g * width]
+    allowed = np.where(unit_codes[order] == 1, TOKEN_OVERLAP_ALLOWED, 0)
+    over = np.flatnonzero(same[1:] & (s[1:] < run[:-1] - allowed[1:])) + 1
+    if len(over):
+        k = over[0]
+        gstart = int(np.flatnonzero(~same[:k + 1])[-1])
+        i, j = order[gstart + int(np.argmax(e[gstart:k]))], order[k]
+        shard = table.column("shard")[int(j)].as_py()
+        raise UserError(
+            f"{source}: row {ids[j]}: slice [{start[j]}, {end[j]}) of shard '{shard}' overlaps another slice "
+            f"of the same shard in step {step[j]} (row {ids[i]}: [{start[i]}, {end[i]})); allow overlaps only if the "
+            f"trainer really read the data twice in one step"
+        )
+
+
+def check_shard_bounds(table: pa.Table, source: str, shard_root: str | None, row_ids: np.ndarray | None = None,
+                 *, dtype=None, tokens_col: str = "tokens", text_col: str = "text") -> dict:
+    """Every shard exists and no slice is past its end. Returns ``{(shard, unit): length}``."""
+    n = table.num_rows
+    lengths: dict = {}
+    if n == 0:
+        return lengths
+    ids = np.arange(n) if row_ids is None else np.asarray(row_ids)
+    end = table.column("row_end").to_numpy()
+    start = table.column("row_start").to_numpy()
+    shards = table.column("shard").combine_chunks()
+    enc = pc.dictionary_encode(shards)
+    codes = enc.indices.to_numpy()
+    names = enc.dictionary.to_pylist()
+    is_tok = np.asarray(pc.equal(table.column("unit"), "token").to_numpy(zero_copy_only=False), bool)
+    key = codes * 2 + is_tok
+    limit = np.full(len(names) * 2, -1, np.int64)
+    for k in np.unique(key):
+        shard, unit = names[k // 2], UNITS[k % 2]
+        first = int(np.flatnonzero(key == k)[0])
+        try:
+            reader = open_shard(shard_root, shard, tokens_col=tokens_col, text_col=text_col, dtype=dtype)
+            try:
+                limit[k] = reader.length(unit)
+            finally:
+                _close(reader)
+        except UserError as err:
+            raise UserError(f"{source}: row {ids[first]}: {err}") from None
+        lengths[(shard, unit)] = int(limit[k])
+    past = np.flatnonzero(end > limit[key])
+    if len(past):
+        i = past[0]
+        what = "tokens" if is_tok[i] else "rows"
+        raise UserError(f"{source}: row {ids[i]}: slice [{start[i]}, {end[i]}) of shard '{names[codes[i]]}' is "
+                        f"past its end ({limit[key[i]]} {what})")
+    return lengths
+
+
+def read_manifest(path, shard_root: str | None = None, check_shards: bool = True, *, dtype=None,
+                  allow_overlap: bool = False) -> pa.Table:
+    """Read, validate and check a step manifest. Returns the table (STEP_MANIFEST schema, file order,
+    ``unit`` filled with ``'row'`` where null). ``dtype`` is the token dtype of raw token files.
+    ``allow_overlap`` accepts overlapping slices within a step (see :func:`check_ranges`)."""
+    table = load_manifest_table(path)
+    src = _name(path)
+    check_ranges(table, src, allow_overlap=allow_overlap)
+    if check_shards:
+        check_shard_bounds(table, src, shard_root, dtype=dtype)
+    return table
+
+
+
+def step_rows(table: pa.Table, step: int) -> np.ndarray:
+    """Indices (file order) of the manifest rows of ``step``."""
+    return np.flatnonzero(table.column("step").to_numpy() == step)
+
+
+def write_manifest(table: pa.Table, path) -> Path:
+    """Write a STEP_MANIFEST atomically (conformed, sorted by step, rank, micro_batch, shard, row_start)."""
+    return write_table(table, path, STEP_MANIFEST)
+
+
+def manifest_from_arrays(step, shard, row_start, row_end, unit="row", rank=None, micro_batch=None) -> pa.Table:
+    """Build a STEP_MANIFEST table from column arrays (scalars broadcast), unsorted."""
+    n = len(step)
+    cols = {
+        "step": np.asarray(step, np.int64),
+        "shard": pa.array(shard, pa.string()) if not isinstance(shard, str) else pa.array([shard] * n, pa.string()),
+        "row_start": np.asarray(row_start, np.int64),
+        "row_end": np.asarray(row_end, np.int64),
+        "unit": pa.array([unit] * n, pa.string()) if isinstance(unit, str) else pa.array(unit, pa.string()),
+    }
+    if rank is not None:
+        cols["rank"] = np.asarray(rank, np.int32)
+    if micro_batch is not None:
+        cols["micro_batch"] = np.asarray(micro_batch, np.int32)
+    return STEP_MANIFEST.from_arrays(cols, sort=False)

@@ -1,0 +1,213 @@
+"""Sequential builder vs literal ports of modded-nanogpt's DistributedDataLoader (2024-10 records) and
+llm.c's dataloader.h (no shuffle), driven by their training loops."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import numpy as np
+import pytest
+
+from pipelines.builders.sequential import build_sequential_manifest
+from pipelines.cli import main
+from pipelines.errors import UserError
+from pipelines.manifest import read_manifest
+from pipelines.shards import read_slices
+
+HEADER_SIZE = 256
+
+
+# ---- modded-nanogpt (records/2024-10), numpy in place of torch ----------------------------------
+
+def _peek_data_shard(filename):
+    with open(filename, "rb") as f:
+        header = np.frombuffer(f.read(256 * 4), dtype=np.int32)
+    assert header[0] == 20240520, "magic number mismatch in the data .bin file"
+    assert header[1] == 1, "unsupported version"
+    return header[2]
+
+
+def _load_data_shard(filename):
+    with open(filename, "rb") as f:
+        header = np.frombuffer(f.read(256 * 4), dtype=np.int32)
+        assert header[0] == 20240520
+        ntok = header[2]
+        tokens = np.frombuffer(f.read(), dtype=np.uint16)
+    assert len(tokens) == ntok
+    return tokens
+
+
+class DistributedDataLoader:
+    def __init__(self, filename_pattern, B, T, process_rank, num_processes):
+        self.process_rank = process_rank
+        self.num_processes = num_processes
+        self.B = B
+        self.T = T
+        self.files = sorted(glob.glob(filename_pattern))
+        for fname in self.files:
+            shard_ntok = _peek_data_shard(fname)
+            assert shard_ntok >= num_processes * B * T + 1
+        self.reset()
+
+    def reset(self):
+        self.current_shard = 0
+        self.current_position = self.process_rank * self.B * self.T
+        self.tokens = _load_data_shard(self.files[self.current_shard])
+
+    def advance(self):
+        self.current_shard = (self.current_shard + 1) % len(self.files)
+        self.current_position = self.process_rank * self.B * self.T
+        self.tokens = _load_data_shard(self.files[self.current_shard])
+
+    def next_batch(self):
+        B = self.B
+        T = self.T
+        buf = self.tokens[self.current_position: self.current_position + B * T + 1]
+        buf = buf.astype(np.int64)
+        x = (buf[:-1]).reshape(B, T)
+        y = (buf[1:]).reshape(B, T)
+        self.current_position += B * T * self.num_processes
+        if self.current_position + (B * T * self.num_processes + 1) > len(self.tokens):
+            self.advance()
+        return x, y
+
+
+# ---- llm.c dataloader.h (should_shuffle = 0), ported line by line -------------------------------
+
+class LlmcDataLoader:
+    def __init__(self, filename_pattern, B, T, process_rank, num_processes):
+        self.process_rank, self.num_processes, self.B, self.T = process_rank, num_processes, B, T
+        self.glob_result = sorted(glob.glob(filename_pattern))
+        self.header_bytes = HEADER_SIZE * 4
+        self.total_batch_size_bytes = num_processes * B * T * 2
+        self.local_batch_offset_bytes = process_rank * B * T * 2
+        self.tokens_file = None
+        self.reset()
+
+    def load_shard_(self, shard_index):
+        self.tokens_file = self.glob_result[shard_index]
+        with open(self.tokens_file, "rb") as f:
+            header = np.frombuffer(f.read(HEADER_SIZE * 4), dtype=np.int32)
+        ntok = int(header[2])
+        assert os.path.getsize(self.tokens_file) == HEADER_SIZE * 4 + ntok * 2
+        self.shard_num_samples = (ntok * 2 - 2) // self.total_batch_size_bytes
+        return ntok
+
+    def reset(self):
+        self.current_shard_idx = 0
+        self.current_sample_idx = 0
+        self.load_shard_(self.current_shard_idx)
+
+    def advance_(self):
+        if self.current_shard_idx == len(self.glob_result) - 1:
+            self.reset()
+            return
+        self.current_shard_idx = (self.current_shard_idx + 1) % len(self.glob_result)
+        self.current_sample_idx = 0
+        self.load_shard_(self.current_shard_idx)
+
+    def load_batch(self):
+        idx = self.current_sample_idx
+        global_batch_offset_bytes = idx * self.total_batch_size_bytes
+        current_offset = self.header_bytes + global_batch_offset_bytes + self.local_batch_offset_bytes
+        with open(self.tokens_file, "rb") as f:
+            f.seek(current_offset)
+            buffer = np.frombuffer(f.read((self.B * self.T + 1) * 2), dtype=np.uint16).astype(np.int64)
+        return buffer[:-1].reshape(self.B, self.T), buffer[1:].reshape(self.B, self.T)
+
+    def next_batch(self):
+        if self.current_sample_idx >= self.shard_num_samples:
+            self.advance_()
+        xy = self.load_batch()
+        self.current_sample_idx += 1
+        return xy
+
+
+def train(loader_cls, pattern, *, B, T, world, accum, num_iterations):
+    """The records' loop: x, y fetched before the loop; each micro-step trains then prefetches.
+    Logged step = step + 1. Returns {(logged_step, rank, micro): (x, y)}."""
+    fed = {}
+    for rank in range(world):
+        loader = loader_cls(pattern, B, T, rank, world)
+        x, y = loader.next_batch()
+        for step in range(num_iterations):
+            for i in range(1, accum + 1):
+                fed[(step + 1, rank, i - 1)] = (x, y)
+                x, y = loader.next_batch()
+    return fed
+
+
+def _write_shard(path, tokens):
+    header = np.zeros(256, dtype=np.int32)
+    header[0], header[1], header[2] = 20240520, 1, len(tokens)
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype(np.uint16).tobytes())
+
+
+@pytest.fixture
+def shards(tmp_path):
+    rng = np.random.default_rng(5)
+    d = tmp_path / "fineweb10B"
+    d.mkdir()
+    # uneven sizes, chosen so the modded loader's per-rank advance test fires at different batches
+    for i, n in enumerate([2 * 3 * 4 * 3 * 5 + 30, 2 * 3 * 4 * 3 + 1, 2 * 3 * 4 * 3 * 4 + 17]):
+        _write_shard(d / f"fineweb_train_{i + 1:06d}.bin", rng.integers(0, 50257, n))
+    return tmp_path
+
+
+@pytest.mark.parametrize("variant,loader", [("modded-nanogpt", DistributedDataLoader), ("llm.c", LlmcDataLoader)])
+@pytest.mark.parametrize("world,accum", [(1, 1), (3, 2)])
+def test_manifest_points_at_exactly_the_tokens_fed(shards, variant, loader, world, accum):
+    B, T, steps = 2, 4, 25  # several passes over all shards
+    files = sorted(os.path.relpath(p, shards) for p in glob.glob(str(shards / "fineweb10B" / "*.bin")))
+    table = build_sequential_manifest(files, batch_size=B, seq_len=T, world_size=world, num_steps=steps,
+                                      grad_accum=accum, variant=variant, shard_root=str(shards))
+    fed = train(loader, str(shards / "fineweb10B" / "fineweb_train_*.bin"), B=B, T=T, world=world, accum=accum,
+                num_iterations=steps)
+    got: dict = {}
+    for shard in set(table.column("shard").to_pylist()):
+        sel = np.flatnonzero(np.asarray(table.column("shard").to_pylist()) == shard)
+        sub = table.take(sel)
+        batch = read_slices(str(shards), shard, np.stack([sub.column("row_start").to_numpy(),
+                                                          sub.column("row_end").to_numpy()], 1), unit="token")
+        for i in range(sub.num_rows):
+            key = tuple(sub.column(c)[i].as_py() for c in ("step", "rank", "micro_batch"))
+            got.setdefault(key, []).append((sub.column("row_start")[i].as_py(), batch.column("tokens")[i].as_py()))
+    assert sorted(got) == sorted(fed)
+    for key, (x, y) in fed.items():
+        seqs = np.array([s for _, s in sorted(got[key])])  # B sequences of T + 1 tokens, in window order
+        assert seqs.shape == (B, T + 1)
+        np.testing.assert_array_equal(seqs[:, :-1], x)
+        np.testing.assert_array_equal(seqs[:, 1:], y)
+
+
+def test_ranks_leave_a_shard_at_different_batches_in_modded(shards):
+    files = sorted(os.path.relpath(p, shards) for p in glob.glob(str(shards / "fineweb10B" / "*.bin")))
+    t = build_sequential_manifest(files, batch_size=2, seq_len=4, world_size=3, num_steps=20, shard_root=str(shards))
+    shard_of = {}
+    for i in range(t.num_rows):
+        shard_of[(t.column("step")[i].as_py(), t.column("rank")[i].as_py())] = t.column("shard")[i].as_py()
+    assert any(shard_of[(s, 0)] != shard_of[(s, 2)] for s in range(1, 21))
+
+
+def test_small_shard_and_cli(shards, tmp_path):
+    _write_shard(tmp_path / "tiny.bin", np.arange(10))
+    with pytest.raises(UserError, match=r"shard 'tiny.bin' has 10 tokens, fewer than B\*T\*world\+1 = 17"):
+        build_sequential_manifest(["tiny.bin"], batch_size=2, seq_len=8, num_steps=1, shard_root=str(tmp_path))
+    out = tmp_path / "m.parquet"
+    assert main(["manifest", "sequential", "--data-files", "fineweb10B/fineweb_train_*.bin", "--shards", str(shards),
+                 "-B", "2", "-T", "4", "--world-size", "2", "--num-steps", "5", "--variant", "llm.c",
+                 "--out", str(out), "--check"]) == 0
+    t = read_manifest(out, str(shards))
+    assert t.num_rows == 5 * 2 * 2 and t.column("shard")[0].as_py() == "fineweb10B/fineweb_train_000001.bin"
+
+
+def test_variants_differ_where_the_loaders_differ(shards):
+    files = sorted(os.path.relpath(p, shards) for p in glob.glob(str(shards / "fineweb10B" / "*.bin")))
+    kw = dict(batch_size=2, seq_len=4, world_size=3, num_steps=20, shard_root=str(shards))
+    a = build_sequential_manifest(files, variant="modded-nanogpt", **kw)
+    b = build_sequential_manifest(files, variant="llm.c", **kw)
+    assert a.column("step").to_pylist() == b.column("step").to_pylist()
+    assert a.column("row_start").to_pylist() != b.column("row_start").to_pylist()

@@ -1,0 +1,106 @@
+"""Step manifests: contract validation and the checks against the shards, with one-line errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.errors import UserError
+from pipelines.manifest import manifest_from_arrays, read_manifest, write_manifest
+from schemas import STEP_MANIFEST, SchemaError
+
+
+@pytest.fixture
+def root(tmp_path):
+    r = tmp_path / "shards"
+    (r / "a").mkdir(parents=True)
+    pq.write_table(pa.table({"text": [f"t{i}" for i in range(1000)]}), r / "a" / "b.parquet", row_group_size=100)
+    np.arange(5000, dtype=np.uint16).tofile(r / "tok.bin")
+    return r
+
+
+def _write_raw(path, rows):
+    """Write a manifest without sorting, so row numbers in errors are the test's own."""
+    pq.write_table(STEP_MANIFEST.from_pylist(rows, sort=False), path)
+    return path
+
+
+def test_round_trip_and_unit_default(tmp_path, root):
+    t = manifest_from_arrays([2, 1, 1], ["a/b.parquet", "a/b.parquet", "tok.bin"], [10, 0, 100], [20, 10, 200],
+                             ["row", "row", "token"], rank=[0, 1, 0])
+    write_manifest(t, tmp_path / "m.parquet")
+    got = read_manifest(tmp_path / "m.parquet", str(root))
+    assert got.column("step").to_pylist() == [1, 1, 2]  # written sorted by (step, rank, ...)
+    assert got.column("rank").to_pylist() == [0, 1, 0]
+    assert got.column("micro_batch").null_count == 3
+    rows = [{"step": 1, "shard": "a/b.parquet", "row_start": 0, "row_end": 5}]  # unit null
+    got = read_manifest(_write_raw(tmp_path / "n.parquet", rows), str(root))
+    assert got.column("unit").to_pylist() == ["row"]
+
+
+def test_past_end_names_manifest_row_and_shard(tmp_path, root):
+    rows = [{"step": s, "shard": "a/b.parquet", "row_start": 10 * s, "row_end": 10 * s + 10} for s in range(17)]
+    rows.append({"step": 17, "shard": "a/b.parquet", "row_start": 1000, "row_end": 1024})
+    m = _write_raw(tmp_path / "manifest.parquet", rows)
+    with pytest.raises(UserError) as err:
+        read_manifest(m, str(root))
+    assert str(err.value) == "manifest.parquet: row 17: slice [1000, 1024) of shard 'a/b.parquet' is past its end (1000 rows)"
+    rows[-1] = {"step": 17, "shard": "tok.bin", "row_start": 4990, "row_end": 5001, "unit": "token"}
+    m = _write_raw(tmp_path / "manifest.parquet", rows)
+    with pytest.raises(UserError, match=r"^manifest.parquet: row 17: slice \[4990, 5001\) of shard 'tok.bin' is past "
+                                        r"its end \(5000 tokens\)$"):
+        read_manifest(m, str(root))
+
+
+def test_missing_shard_names_manifest_row_and_shard(tmp_path, root):
+    rows = [{"step": 1, "shard": "a/b.parquet", "row_start": 0, "row_end": 1},
+            {"step": 1, "shard": "a/missing.parquet", "row_start": 0, "row_end": 1}]
+    m = _write_raw(tmp_path / "m.parquet", rows)
+    with pytest.raises(UserError, match=r"^m.parquet: row 1: shard 'a/missing.parquet' not found under "):
+        read_manifest(m, str(root))
+    assert read_manifest(m, str(root), check_shards=False).num_rows == 2
+
+
+def test_empty_slice_and_bad_unit(tmp_path, root):
+    m = _write_raw(tmp_path / "m.parquet", [{"step": 1, "shard": "a/b.parquet", "row_start": 5, "row_end": 5}])
+    with pytest.raises(UserError, match=r"m.parquet: row 0: slice \[5, 5\) of shard 'a/b.parquet' is empty"):
+        read_manifest(m, str(root))
+    m = _write_raw(tmp_path / "m.parquet", [{"step": 1, "shard": "a/b.parquet", "row_start": 0, "row_end": 5,
+                                             "unit": "bytes"}])
+    with pytest.raises(UserError, match=r"m.parquet: row 0: unit 'bytes', expected 'row' or 'token'"):
+        read_manifest(m, str(root))
+
+
+def test_overlap_within_step_rejected_across_steps_allowed(tmp_path, root):
+    base = {"shard": "a/b.parquet"}
+    ok = [dict(base, step=1, row_start=0, row_end=10), dict(base, step=2, row_start=5, row_end=15),
+          dict(base, step=1, row_start=10, row_end=20)]
+    assert read_manifest(_write_raw(tmp_path / "ok.parquet", ok), str(root)).num_rows == 3
+    bad = ok + [dict(base, step=1, row_start=2, row_end=3)]  # contained in row 0
+    with pytest.raises(UserError, match=r"bad.parquet: row 3: slice \[2, 3\) of shard 'a/b.parquet' overlaps another "
+                                        r"slice of the same shard in step 1 \(row 0: \[0, 10\)\)"):
+        read_manifest(_write_raw(tmp_path / "bad.parquet", bad), str(root))
+    # A long slice followed by short ones: overlap with a non-adjacent earlier slice is found.
+    bad = [dict(base, step=3, row_start=0, row_end=100), dict(base, step=3, row_start=10, row_end=11),
+           dict(base, step=3, row_start=50, row_end=60)]
+    with pytest.raises(UserError, match="row 1: .* overlaps"):
+        read_manifest(_write_raw(tmp_path / "bad2.parquet", bad), str(root))
+
+
+def test_token_slices_may_share_one_boundary_token(tmp_path, root):
+    tok = {"shard": "tok.bin", "unit": "token", "step": 1}
+    ok = [dict(tok, row_start=0, row_end=11), dict(tok, row_start=10, row_end=21)]
+    assert read_manifest(_write_raw(tmp_path / "ok.parquet", ok), str(root)).num_rows == 2
+    bad = [dict(tok, row_start=0, row_end=11), dict(tok, row_start=9, row_end=21)]
+    with pytest.raises(UserError, match="row 1: slice \\[9, 21\\) of shard 'tok.bin' overlaps"):
+        read_manifest(_write_raw(tmp_path / "bad.parquet", bad), str(root))
+
+
+def test_contract_violations(tmp_path, root):
+    pq.write_table(pa.table({"step": [1], "shard": ["a/b.parquet"], "row_start": [0]}), tmp_path / "m.parquet")
+    with pytest.raises(SchemaError, match="missing column 'row_end'"):
+        read_manifest(tmp_path / "m.parquet", str(root))
+    with pytest.raises(UserError, match="nope.parquet: manifest not found"):
+        read_manifest(tmp_path / "nope.parquet", str(root))
