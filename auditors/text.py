@@ -144,13 +144,20 @@ def text_row_signals(texts: Sequence[str | None]) -> dict[str, np.ndarray]:
     return out
 
 
+_FIXED = 2**32  # per-document values are summed in fixed point (units of 2^-32): exact, so associative
+
+
 class TextStats:
-    """Text signals auditor: mean over documents of the per-document signals."""
+    """Text signals auditor: mean over documents of the per-document signals.
+
+    Sums are kept as integers in units of 2^-32 (each document's value rounded to the nearest
+    2^-32), so accumulating and merging in any order gives bit-identical results: float sums
+    would differ in the last bits with the order in which a runner delivers batches."""
 
     name = "text"
 
     def create(self) -> dict:
-        return {"sum": dict.fromkeys(SIGNALS, 0.0), "n": dict.fromkeys(SIGNALS, 0)}
+        return {"sum": dict.fromkeys(SIGNALS, 0), "n": dict.fromkeys(SIGNALS, 0)}
 
     def add(self, acc: dict, batch: TokenBatch) -> dict:
         if batch.text is None or not len(batch.text):
@@ -159,7 +166,7 @@ class TextStats:
         out = {"sum": dict(acc["sum"]), "n": dict(acc["n"])}
         for k, v in rs.items():
             ok = ~np.isnan(v)
-            out["sum"][k] += float(v[ok].sum())
+            out["sum"][k] += int(np.rint(v[ok] * _FIXED).astype(np.int64).sum(dtype=np.int64))
             out["n"][k] += int(ok.sum())
         return out
 
@@ -172,7 +179,7 @@ class TextStats:
         return out
 
     def result(self, acc: dict) -> dict[str, float]:
-        return {k: (acc["sum"][k] / acc["n"][k] if acc["n"][k] else float("nan")) for k in SIGNALS}
+        return {k: (acc["sum"][k] / _FIXED / acc["n"][k] if acc["n"][k] else float("nan")) for k in SIGNALS}
 
     def row_signals(self, batch: TokenBatch) -> dict[str, np.ndarray]:
         if batch.text is None:

@@ -18,7 +18,6 @@ from typing import Any, Iterable
 
 import apache_beam as beam
 import pyarrow as pa
-import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from schemas import TableSpec

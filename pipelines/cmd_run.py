@@ -30,6 +30,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", help="tokenizer.json to decode excerpts of token-only shards")
     p.add_argument("--eos-id", type=int, help="end-of-document token id (document-level signals)")
     p.add_argument("--state", help="state directory: a rerun audits only spikes not audited before")
+    p.add_argument("--allow-overlap", action="store_true",
+                   help="accept slices of one shard that overlap within a step (Megatron epochs can do that)")
     p.add_argument("--allow-missing-steps", action="store_true",
                    help="judge spikes outside the manifest inconclusive instead of failing")
 

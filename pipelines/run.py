@@ -79,6 +79,7 @@ class RunConfig:
     vocab_size: int | None = None
     state: str | None = None
     allow_missing_steps: bool = False
+    allow_overlap: bool = False
 
 
 @dataclass
@@ -127,18 +128,27 @@ def _manifest_steps_range(path: str) -> tuple[int, int]:
     return int(lo), int(hi)
 
 
-def read_manifest_steps(path: str, steps: list[int]) -> pa.Table:
-    """The manifest rows of ``steps`` only (predicate push-down on row-group statistics)."""
+def read_manifest_steps(path: str, steps: list[int]) -> tuple[pa.Table, np.ndarray]:
+    """The manifest rows of ``steps`` only (predicate push-down on row-group statistics), in file
+    order, with their 0-based row numbers in the file (for error messages)."""
     if not Path(path).exists() and "://" not in path:
         raise UserError(f"{path}: manifest not found")
     try:
         schema = pq.read_schema(path)
     except (pa.ArrowInvalid, OSError) as err:
-        raise UserError(f"{path}: not a Parquet step manifest ({err})") from None
+        raise UserError(f"{path}: not a readable Parquet manifest ({err})") from None
     validate(schema, STEP_MANIFEST, path)
+    wanted = pa.array(sorted(set(steps)), pa.int64())
+    all_steps = pq.read_table(path, columns=["step"]).column("step")
+    row_ids = np.flatnonzero(np.asarray(pc.is_in(all_steps, value_set=wanted).to_numpy(zero_copy_only=False)))
+    del all_steps
     ds = pads.dataset(path, format="parquet")
-    table = ds.to_table(filter=pads.field("step").isin(pa.array(sorted(set(steps)), pa.int64())))
-    return STEP_MANIFEST.sorted(STEP_MANIFEST.conform(table, path))
+    table = ds.to_table(filter=pads.field("step").isin(wanted), use_threads=False)
+    if table.num_rows != len(row_ids):  # cannot happen for one Parquet file; guard the row numbering
+        row_ids = np.arange(table.num_rows)
+    table = STEP_MANIFEST.conform(table, path)
+    unit = pc.fill_null(table.column("unit"), "row")
+    return table.set_column(table.schema.get_field_index("unit"), STEP_MANIFEST.schema.field("unit"), unit), row_ids
 
 
 def plan_audit(cfg: RunConfig, loss: pa.Table, spikes: pa.Table, skip_spikes: frozenset = frozenset(),
@@ -176,7 +186,7 @@ def plan_audit(cfg: RunConfig, loss: pa.Table, spikes: pa.Table, skip_spikes: fr
         controls = sorted(rng.choice(candidates, size=take, replace=False).tolist()) if take else []
 
     wanted = sorted(set(spikes_of) | set(controls))
-    man = read_manifest_steps(cfg.manifest, wanted)
+    man, row_ids = read_manifest_steps(cfg.manifest, wanted)
     have = set(np.unique(np.asarray(man.column("step"))).tolist()) if man.num_rows else set()
     missing = {sid: [s for s in w if s not in have] for sid, w in windows.items()}
     windows = {sid: [s for s in w if s in have] for sid, w in windows.items()}
@@ -191,28 +201,19 @@ def plan_audit(cfg: RunConfig, loss: pa.Table, spikes: pa.Table, skip_spikes: fr
         for s, sh, a, b, u in zip(man.column("step").to_pylist(), man.column("shard").to_pylist(),
                                   man.column("row_start").to_pylist(), man.column("row_end").to_pylist(), units)
     ]
-    _check_slices(cfg, man)
+    _check_slices(cfg, man, row_ids)
     log.info("audit plan: %d spikes, %d window steps, %d control steps, %d manifest slices", len(windows),
              len(spikes_of), len(controls), len(slices))
     return Plan(spikes, windows, controls, spikes_of, slices, missing)
 
 
-def _check_slices(cfg: RunConfig, man: pa.Table) -> None:
-    """Fail before any work if a selected slice points at a missing shard or past a shard's end."""
-    from pipelines.shards import shard_length
+def _check_slices(cfg: RunConfig, man: pa.Table, row_ids: np.ndarray) -> None:
+    """Fail before any work if a selected slice is malformed, overlaps another in its step, points at
+    a missing shard or past a shard's end (one line naming the manifest row and the shard)."""
+    from pipelines.manifest import check_ranges, check_shard_bounds
 
-    if not man.num_rows:
-        return
-    grouped = man.group_by(["shard", "unit"], use_threads=False).aggregate([("row_end", "max")])
-    for shard, unit, end in zip(grouped.column("shard").to_pylist(), grouped.column("unit").to_pylist(),
-                                grouped.column("row_end_max").to_pylist()):
-        try:
-            n = shard_length(cfg.shards, shard, unit=unit or "row")
-        except FileNotFoundError:
-            raise UserError(f"{cfg.manifest}: shard {shard!r} not found under {cfg.shards}") from None
-        if end > n:
-            raise UserError(f"{cfg.manifest}: a slice of shard {shard!r} ends at {end}, past its end ({n} "
-                            f"{'tokens' if unit == 'token' else 'rows'})")
+    check_ranges(man, cfg.manifest, row_ids, allow_overlap=cfg.allow_overlap)
+    check_shard_bounds(man, cfg.manifest, cfg.shards, row_ids, tokens_col=cfg.tokens_col, text_col=cfg.text_col)
 
 
 # ------------------------------------------------------------------------------ pipeline helpers
@@ -220,7 +221,8 @@ def _check_slices(cfg: RunConfig, man: pa.Table) -> None:
 
 def batch_score_records(item, controls_sigs, spikes_of, control_set):
     step, n_rows, n_tokens, sig = item
-    ctrl = [c[3] for c in controls_sigs]
+    # sorted by step: a side input's order depends on the runner, and float sums on the order
+    ctrl = [c[3] for c in sorted(controls_sigs, key=lambda c: c[0]) if c[0] != step]  # others only
     names = signal_names(ctrl + [sig])
     x = matrix([sig], names)[0]
     if ctrl:
@@ -360,8 +362,8 @@ def shard_score_records(items):
 def verdict_record(kv, controls_sigs, spike_info, vcfg_dict, missing):
     sid, grouped = kv
     window = sorted(grouped["window"], key=lambda t: t[0])
-    flags = grouped["flags"]
-    ctrl = [c[3] for c in controls_sigs]
+    flags = sorted(grouped["flags"])
+    ctrl = [c[3] for c in sorted(controls_sigs, key=lambda c: c[0])]  # runner-independent order
     names = signal_names(ctrl + [w[1] for w in window])
     v = judge(names, matrix([w[1] for w in window], names), [w[0] for w in window], matrix(ctrl, names),
               VerdictConfig(**vcfg_dict))

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from auditors.base import TokenBatch
-from auditors.verdict import robust_center_scale
+from auditors.verdict import loo_z
 
 
 def to_token_batch(rb: pa.RecordBatch, tokens_col: str = "tokens", text_col: str = "text") -> TokenBatch:
@@ -75,29 +75,36 @@ def opt_float(v) -> float | None:
 
 
 def entity_scores(items, key_name: str):
-    """[(key, n_rows, n_tokens, signals)] -> records with robust z of each signal across the items,
+    """[(key, n_rows, n_tokens, signals)] -> records with the leave-one-out robust z of each signal
+    (each item against all the others),
     the combined anomaly score (max |z|), the top signal, a reason and a 1-based rank."""
     items = sorted(items, key=lambda it: it[0])
     names = signal_names([it[3] for it in items])
     m = matrix([it[3] for it in items], names)
     if not len(items):
         return []
-    med, sigma = robust_center_scale(m, axis=0)
+    zall = loo_z(m)  # each entity against all the others
     out = []
     for k, (key, n_rows, n_tokens, _) in enumerate(items):
-        z = (m[k] - med) / sigma
+        z = zall[k]
         az = np.where(np.isfinite(z), np.abs(z), -1.0)
         j = int(np.argmax(az)) if len(names) else -1
         ok = j >= 0 and az[j] >= 0
+        top3 = [i for i in np.argsort(-az, kind="stable")[:3] if az[i] >= 0] if len(names) else []
+        reason = "; ".join(f"{names[i]} = {m[k][i]:.4g} (z={_z(z[i])})" for i in top3)
         out.append({key_name: key, "n_rows": n_rows, "n_tokens": n_tokens,
                     "anomaly_score": float(az[j]) if ok else 0.0, "top_signal": names[j] if ok else "",
-                    "reason": f"{names[j]} = {m[k][j]:.4g} (z={z[j]:+.1f})" if ok else "",
+                    "reason": reason,
                     "signals": [{"name": n, "value": opt_float(v), "z": opt_float(zz)}
                                 for n, v, zz in zip(names, m[k], z)]})
     out.sort(key=lambda r: (-r["anomaly_score"], r[key_name]))
     for rank, rec in enumerate(out, 1):
         rec["rank"] = rank
     return out
+
+
+def _z(z: float) -> str:
+    return f"{z:+.1f}" if abs(z) < 1e4 else ("+" if z > 0 else "-") + ">1e4"
 
 
 def sum_histograms(hists) -> np.ndarray:

@@ -120,7 +120,7 @@ def test_missing_shard_is_a_one_line_error_and_leaves_no_output(demo, tmp_path):
     (broken / "shards" / "train-00004.parquet").unlink()
     cfg = RunConfig(log=str(broken / "train.log"), manifest=str(broken / "manifest.parquet"),
                     shards=str(broken / "shards"), out=str(tmp_path / "out"))
-    with pytest.raises(UserError, match=r"train-00004\.parquet.*not found") as err:
+    with pytest.raises(UserError, match=r"manifest\.parquet: row \d+: shard .train-00004\.parquet. not found") as err:
         run_audit(cfg)
     assert "\n" not in str(err.value)
     assert not (tmp_path / "out").exists()

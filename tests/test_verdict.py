@@ -136,3 +136,17 @@ def test_bottomk_is_order_and_grouping_invariant(items, k, rnd):
     assert np.array_equal(seq[0], merged[0])
     assert np.array_equal(bk.result(seq), bk.result(merged))
     assert len(seq[0]) == min(k, len(items))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.one_of(st.floats(-1e3, 1e3), st.sampled_from([0.0, 1.0, 2.0]), st.just(float("nan"))),
+                min_size=2, max_size=40))
+def test_fast_leave_one_out_equals_the_definition(values):
+    from auditors.verdict import loo_center_scale
+
+    col = np.array(values, dtype=np.float64)[:, None]
+    med, sig = loo_center_scale(col)
+    for i in range(len(col)):
+        m_ref, s_ref = robust_center_scale(np.delete(col, i, axis=0), axis=0)
+        np.testing.assert_allclose(med[i], m_ref, rtol=1e-9, atol=1e-9, equal_nan=True)
+        np.testing.assert_allclose(sig[i], s_ref, rtol=1e-9, atol=1e-9, equal_nan=True)
