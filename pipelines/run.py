@@ -45,7 +45,7 @@ from auditors.base import TokenBatch
 from auditors.verdict import BottomK, VerdictConfig, hash64, judge, robust_center_scale
 from pipelines.errors import UserError
 from pipelines.scoring import (entity_scores, finish, make_suite, matrix, opt_float, signal_names,
-                               to_token_batch)
+                               to_token_batch, unique_by_key)
 from schemas import BATCH_SCORES, ROW_FLAGS, SHARD_SCORES, SPIKES, STEP_MANIFEST, VERDICTS, validate
 
 log = logging.getLogger(__name__)
@@ -221,8 +221,9 @@ def _check_slices(cfg: RunConfig, man: pa.Table, row_ids: np.ndarray) -> None:
 
 def batch_score_records(item, controls_sigs, spikes_of, control_set):
     step, n_rows, n_tokens, sig = item
-    # sorted by step: a side input's order depends on the runner, and float sums on the order
-    ctrl = [c[3] for c in sorted(controls_sigs, key=lambda c: c[0]) if c[0] != step]  # others only
+    # sorted and de-duplicated: a side input's order (and on Dask, its multiplicity) depends on the
+    # runner, and float sums on the order
+    ctrl = [c[3] for c in unique_by_key(controls_sigs) if c[0] != step]  # the other controls
     names = signal_names(ctrl + [sig])
     x = matrix([sig], names)[0]
     if ctrl:
@@ -363,7 +364,7 @@ def verdict_record(kv, controls_sigs, spike_info, vcfg_dict, missing):
     sid, grouped = kv
     window = sorted(grouped["window"], key=lambda t: t[0])
     flags = sorted(grouped["flags"])
-    ctrl = [c[3] for c in sorted(controls_sigs, key=lambda c: c[0])]  # runner-independent order
+    ctrl = [c[3] for c in unique_by_key(controls_sigs)]  # runner-independent order and multiplicity
     names = signal_names(ctrl + [w[1] for w in window])
     v = judge(names, matrix([w[1] for w in window], names), [w[0] for w in window], matrix(ctrl, names),
               VerdictConfig(**vcfg_dict))
@@ -387,7 +388,7 @@ def verdict_record(kv, controls_sigs, spike_info, vcfg_dict, missing):
 
 def build_pipeline(p, cfg: RunConfig, plan: Plan, staging: str):
     import apache_beam as beam
-    from apache_beam.pvalue import AsList, AsSingleton
+    from apache_beam.pvalue import AsSingleton
 
     from auditors.tokens import Histogram
     from pipelines.beam_read import ReadSlices
@@ -416,9 +417,12 @@ def build_pipeline(p, cfg: RunConfig, plan: Plan, staging: str):
     step_accs = (batches | "StepTokens" >> beam.MapTuple(lambda k, rb: (k, tb_of(rb)))
                  | "AuditSteps" >> beam.CombinePerKey(AuditorCombineFn(suite, output="accumulator")))
     step_sigs = step_accs | "FinishSteps" >> beam.Map(finish, AsSingleton(hist), cfg_dict, control_set)
-    ctrl_sigs = step_sigs | "CtrlSigs" >> beam.Filter(lambda it, cs: it[0] in cs, control_set)
+    # Side inputs are always AsSingleton of a global combine: on Beam 2.77's DaskRunner an AsList of a
+    # multi-element PCollection arrives with elements repeated, while a combined singleton is exact.
+    ctrl_sigs = (step_sigs | "CtrlSigs" >> beam.Filter(lambda it, cs: it[0] in cs, control_set)
+                 | "CtrlList" >> beam.combiners.ToList())
 
-    batch_scores = step_sigs | "BatchScores" >> beam.FlatMap(batch_score_records, AsList(ctrl_sigs), spikes_of,
+    batch_scores = step_sigs | "BatchScores" >> beam.FlatMap(batch_score_records, AsSingleton(ctrl_sigs), spikes_of,
                                                             control_set)
 
     row_base = (controls | "CtrlRows" >> beam.Map(lambda kv: tb_of(kv[1]))
@@ -443,7 +447,7 @@ def build_pipeline(p, cfg: RunConfig, plan: Plan, staging: str):
             "min_controls": cfg.min_controls}
     verdicts = ({"seed": seeds | "SeedKeys" >> beam.Map(lambda s: (s, None)), "window": win_sigs, "flags": flag_keys}
                 | "BySpike" >> beam.CoGroupByKey()
-                | "Verdicts" >> beam.FlatMap(verdict_record, AsList(ctrl_sigs), spike_info, vcfg, plan.missing))
+                | "Verdicts" >> beam.FlatMap(verdict_record, AsSingleton(ctrl_sigs), spike_info, vcfg, plan.missing))
 
     ((batch_scores, flags, shard_scores, verdicts) | "AllOutputs" >> beam.Flatten()
      | "Write" >> WriteTables(staging, parts={"row_flags": 4, "batch_scores": 4}))
@@ -629,13 +633,22 @@ RUNNER_ALIASES = {"DaskRunner": "apache_beam.runners.dask.dask_runner.DaskRunner
 
 
 def beam_options(args: list[str] | None) -> list[str]:
-    """Pass Beam options through unchanged, but accept short names Beam itself does not know."""
+    """Pass Beam options through unchanged, but accept short runner names Beam itself does not know
+    (``--runner=DaskRunner``), and on the DaskRunner install :mod:`pipelines.dask_compat`."""
+    from pipelines.dask_compat import install, needs_shim
+
     out = []
-    for a in args or []:
+    args = list(args or [])
+    for i, a in enumerate(args):
+        if a == "--runner" and i + 1 < len(args):  # "--runner X" -> "--runner=X"
+            args[i + 1] = "--runner=" + args[i + 1]
+            continue
         if a.startswith("--runner="):
             name = a.split("=", 1)[1]
             a = f"--runner={RUNNER_ALIASES.get(name, name)}"
         out.append(a)
+    if needs_shim(out):
+        install()
     return out
 
 

@@ -1,0 +1,37 @@
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipelines.scoring import entity_scores, sum_histograms, to_token_batch, unique_by_key
+
+
+def test_unique_by_key_sorts_and_collapses_exact_duplicates():
+    items = [(3, "c"), (1, "a"), (3, "c"), (2, "b"), (3, "c")]
+    assert unique_by_key(items) == [(1, "a"), (2, "b"), (3, "c")]
+
+
+def test_unique_by_key_refuses_conflicting_duplicates():
+    with pytest.raises(RuntimeError, match="two different items for key 3"):
+        unique_by_key([(3, "c"), (3, "d")])
+
+
+def test_sum_histograms_pads_to_the_longest():
+    out = sum_histograms([np.array([1, 2]), np.array([0, 0, 5]), np.zeros(0, np.int64)])
+    assert out.tolist() == [1, 2, 5]
+
+
+def test_text_only_rows_are_audited_as_utf8_bytes():
+    rb = pa.record_batch({"text": ["ab", "é", None], "shard": ["s"] * 3, "row": [0, 1, 2]})
+    tb = to_token_batch(rb)
+    assert tb.lengths.tolist() == [2, 2, 0]
+    assert tb.values.tolist() == [97, 98, 0xC3, 0xA9]
+
+
+def test_entity_scores_rank_the_outlier_first_with_its_reason():
+    rng = np.random.default_rng(0)
+    items = [(f"s{i:02d}", 10, 100, {"a": float(rng.normal()), "b": float(rng.normal())}) for i in range(30)]
+    items.append(("zz", 10, 100, {"a": 0.1, "b": 50.0}))
+    recs = entity_scores(items, "shard")
+    assert recs[0]["shard"] == "zz" and recs[0]["rank"] == 1 and recs[0]["top_signal"] == "b"
+    assert recs[0]["reason"].startswith("b = 50")
+    assert [r["rank"] for r in recs] == list(range(1, 32))
