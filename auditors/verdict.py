@@ -18,6 +18,8 @@ control steps ``C`` (a seeded sample of normal steps away from any spike), over 
    value is ``1 / (n + 1)``.
 4. **Window correction.** The spike's p-value is the smallest ``p_i`` over the ``m`` window steps,
    Sidak-corrected: ``p = 1 - (1 - min_i p_i) ** m``.
+   Signals listed in :data:`auditors.scales.LOG_SCALE` (maxima, lengths) are compared on
+   ``log1p(value)``.
 5. **Effect size** of the top signal (the ``j`` and window step attaining the maximum): ``(x - median(C))
    / sigma(C)`` against the controls alone.
 6. **Margin** (practical significance): ``T_window / max_c T_c``, how far the window's max-T lies
@@ -43,6 +45,8 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from auditors.scales import to_scoring_scale
 
 MAD_TO_SIGMA = 1.4826
 MEANAD_TO_SIGMA = 1.2533
@@ -195,8 +199,8 @@ def judge(
     """Verdict for one spike. ``window`` is (m, K) signal values of the window steps that had data,
     ``controls`` is (n, K), columns in the order of ``signals``."""
     signals = list(signals)
-    window = np.asarray(window, dtype=np.float64).reshape(-1, len(signals))
-    controls = np.asarray(controls, dtype=np.float64).reshape(-1, len(signals))
+    window = to_scoring_scale(signals, np.asarray(window, dtype=np.float64).reshape(-1, len(signals)))
+    controls = to_scoring_scale(signals, np.asarray(controls, dtype=np.float64).reshape(-1, len(signals)))
     m, n = len(window), len(controls)
     if n < config.min_controls:
         return Verdict("inconclusive", None, None, None, None, n, m,

@@ -53,8 +53,9 @@ def _documents(n_needed: int, seed: int) -> list[str]:
 
     texts = [topics.topics[k] for k in sorted(topics.topics)]
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for path in sorted(stdlib.glob("*.py")) + sorted(stdlib.glob("[a-z]*/*.py")):
-        if "test" in path.parts[-2] or path.name.startswith("test"):
+    for path in sorted(stdlib.glob("*.py")) + sorted(stdlib.glob("[a-z]*/**/*.py")):
+        rel = path.relative_to(stdlib).parts
+        if rel[0] == "site-packages" or any("test" in p for p in rel):
             continue
         try:
             texts.append(path.read_text(encoding="utf-8"))
@@ -195,3 +196,58 @@ def make_demo(dest: str | Path, cfg: DemoConfig = DemoConfig()) -> dict:
     write_json(out, dest / "truth.json")
     log.info("demo: wrote %s (%d tokens)", dest, out["tokens"])
     return out
+
+
+SHARD_PLANTS = {
+    "random_tokens": "uniformly random token ids (a corrupted or mis-tokenized shard)",
+    "duplication": "70% of rows are copies of 5 documents (a dedup failure)",
+    "repeated_ngram": "a third of rows are one phrase repeated 40+ times (the OLMo 2 failure)",
+    "out_of_domain": "numeric CSV dumps instead of prose and code (wrong source mixed in)",
+}
+
+
+def make_shard_corpus(dest: str | Path, n_clean: int = 50, rows_per_shard: int = 200, max_tokens: int = 256,
+                      seed: int = 0, vocab_size: int = 4096) -> dict:
+    """A corpus of Parquet shards (``tokens``, ``text``) of real text with one planted anomalous shard
+    per kind in :data:`SHARD_PLANTS`, at seeded positions among the clean ones. Returns the truth."""
+    dest = Path(dest)
+    rng = np.random.default_rng(seed)
+    n_total = n_clean + len(SHARD_PLANTS)
+    docs = _documents(n_clean * rows_per_shard, seed)
+    tok = _train_tokenizer(docs, vocab_size)
+    slots = rng.permutation(n_total)
+    planted = {f"shard-{int(slots[n_clean + k]):05d}.parquet": kind for k, kind in enumerate(SHARD_PLANTS)}
+    clean_iter = iter(range(n_clean))
+    dest.mkdir(parents=True, exist_ok=True)
+    # planted random-token rows copy the clean rows' lengths: only their token distribution differs
+    clean_lengths = np.array([len(e.ids[:max_tokens]) for e in tok.encode_batch(docs[: 4 * rows_per_shard])])
+    for i in range(n_total):
+        name = f"shard-{i:05d}.parquet"
+        kind = planted.get(name)
+        if kind is None:
+            c = next(clean_iter)
+            texts = docs[c * rows_per_shard : (c + 1) * rows_per_shard]
+            ids = [e.ids[:max_tokens] for e in tok.encode_batch(texts)]
+        elif kind == "random_tokens":
+            ids = [rng.integers(0, vocab_size, size=int(n)).tolist()
+                   for n in rng.choice(clean_lengths, size=rows_per_shard)]
+            texts = None
+        else:
+            base = [docs[int(j)] for j in rng.integers(0, len(docs), size=rows_per_shard)]
+            if kind == "duplication":
+                pool = base[:5]
+                texts = [pool[int(j)] if rng.random() < 0.7 else t for j, t in
+                         zip(rng.integers(0, 5, size=rows_per_shard), base)]
+            elif kind == "repeated_ngram":
+                texts = [("Buy cheap watches online today! " * int(rng.integers(40, 60))) if k % 3 == 0 else t
+                         for k, t in enumerate(base)]
+            else:
+                texts = ["\n".join(",".join(f"{v:.4f}" for v in rng.random(6)) for _ in range(30))
+                         for _ in range(rows_per_shard)]
+            ids = [e.ids[:max_tokens] for e in tok.encode_batch(texts)]
+        texts = [tok.decode(i) for i in ids]  # the text of exactly the (truncated) tokens
+        pq.write_table(pa.table({"tokens": pa.array(ids, type=pa.list_(pa.uint16())),
+                                 "text": pa.array(texts, type=pa.string())}), dest / name, row_group_size=100)
+    truth = {"planted": planted, "n_shards": n_total, "rows_per_shard": rows_per_shard}
+    write_json(truth, dest.parent / f"{dest.name}-truth.json")
+    return truth

@@ -42,6 +42,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from auditors.base import TokenBatch
+from auditors.scales import to_scoring_scale
 from auditors.verdict import BottomK, VerdictConfig, hash64, judge, robust_center_scale
 from pipelines.errors import UserError
 from pipelines.scoring import (entity_scores, finish, make_suite, matrix, opt_float, signal_names,
@@ -227,8 +228,8 @@ def batch_score_records(item, controls_sigs, spikes_of, control_set):
     names = signal_names(ctrl + [sig])
     x = matrix([sig], names)[0]
     if ctrl:
-        med, sigma = robust_center_scale(matrix(ctrl, names), axis=0)
-        z = (x - med) / sigma
+        med, sigma = robust_center_scale(to_scoring_scale(names, matrix(ctrl, names)), axis=0)
+        z = (to_scoring_scale(names, x[None, :])[0] - med) / sigma
     else:
         z = np.full(len(names), np.nan)
     finite = np.abs(z[np.isfinite(z)])
@@ -319,8 +320,8 @@ class FlagRows(beam.DoFn):
                                for n in names]) if base else None
         if ref is None:
             return
-        med, sigma = robust_center_scale(ref, axis=0)
-        z = np.abs((m - med) / sigma)
+        med, sigma = robust_center_scale(to_scoring_scale(names, ref), axis=0)
+        z = np.abs((to_scoring_scale(names, m) - med) / sigma)
         z = np.where(np.isfinite(z), z, 0.0)
         score = z.max(axis=1)
         hit = np.flatnonzero(score >= self.row_z)

@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from auditors.base import TokenBatch
+from auditors.scales import to_scoring_scale
 from auditors.verdict import loo_z
 
 
@@ -97,7 +98,7 @@ def entity_scores(items, key_name: str):
     m = matrix([it[3] for it in items], names)
     if not len(items):
         return []
-    zall = loo_z(m)  # each entity against all the others
+    zall = loo_z(to_scoring_scale(names, m))  # each entity against all the others
     out = []
     for k, (key, n_rows, n_tokens, _) in enumerate(items):
         z = zall[k]

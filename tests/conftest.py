@@ -9,3 +9,13 @@ def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     truth = make_demo(root / "run", DemoConfig())
     return root, truth
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A generated corpus: 50 clean Parquet shards of real text and 4 planted anomalous ones."""
+    from pipelines.demo import make_shard_corpus
+
+    root = tmp_path_factory.mktemp("corpus")
+    truth = make_shard_corpus(root / "shards", n_clean=50, rows_per_shard=120)
+    return root, truth

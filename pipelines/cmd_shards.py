@@ -1,0 +1,45 @@
+"""``spike-audit shards``: audit shards without a loss log (see :mod:`pipelines.shard_audit`)."""
+
+from __future__ import annotations
+
+
+def _shards(args) -> int:
+    from pipelines.shard_audit import ShardAuditConfig, run_shard_audit
+
+    fields = ShardAuditConfig.__dataclass_fields__
+    cfg = ShardAuditConfig(**{k: v for k, v in vars(args).items() if k in fields and k != "inputs"},
+                           inputs=tuple(args.inputs))
+    res = run_shard_audit(cfg, beam_args=args.extra)
+    scores = res.tables["shard_scores"].to_pylist()
+    rate = res.n_tokens_scanned / res.seconds if res.seconds else 0.0
+    print(f"{res.n_shards} shards ({res.n_scanned} read now, {res.n_shards - res.n_scanned} from state), "
+          f"{res.n_tokens_scanned:,} tokens read in {res.seconds:.1f} s ({rate / 1e6:.2f}M tokens/s); "
+          f"outputs in {res.out}/")
+    for r in scores[:10]:
+        mark = "!" if r["anomaly_score"] >= cfg.quarantine_z else " "
+        score = f"{r['anomaly_score']:.1f}" if r["anomaly_score"] < 1e4 else ">1e4"
+        print(f" {mark}{r['rank']:>4}  {r['shard']:<40} {score:>8}  {r['reason']}")
+    for b in res.bad:
+        print(f"  unreadable: {b['shard']}: {b['error']}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("shards", help="audit shards without a loss log: which are anomalous, and why",
+                       description="Rank shards by how unusual they are against the whole corpus, find duplicate "
+                                   "clusters spanning shards, and write a quarantine list. Any other --option is "
+                                   "passed to Beam (e.g. --runner).")
+    p.add_argument("inputs", nargs="+", help="shard files, directories or globs (local or gs://, s3:// ...)")
+    p.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    p.add_argument("--root", help="shard names are relative to this (default: the inputs' common directory)")
+    p.add_argument("--state", help="state directory: a rerun reads only new or changed shards")
+    p.add_argument("--skip-bad", action="store_true", help="continue without unreadable shards (they are listed)")
+    p.add_argument("--tokens-column", dest="tokens_col", default="tokens")
+    p.add_argument("--text-column", dest="text_col", default="text")
+    p.add_argument("--dtype", help="token dtype of raw .bin files (default uint16)")
+    p.add_argument("--batch-rows", type=int, default=4096, help="rows read per chunk (4096)")
+    p.add_argument("--quarantine-z", type=float, default=8.0, help="anomaly score that quarantines a shard (8)")
+    p.add_argument("--threshold", type=float, default=0.8, help="Jaccard threshold of near duplicates (0.8)")
+    p.add_argument("--eos-id", type=int, help="end-of-document token id")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_shards, accepts_extra=True)

@@ -1,0 +1,151 @@
+"""`spike-audit shards`: corpus-scale shard audit without a loss log."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.cli import main
+from pipelines.errors import UserError
+from pipelines.shard_audit import ShardAuditConfig, run_shard_audit
+
+pytestmark = pytest.mark.slow
+
+EXPECTED = {  # the signals that name each planted anomaly
+    "random_tokens": {"token_jsd", "baseline_xent", "token_entropy", "rare_token_share", "distinct_token_ratio",
+                      "top_token_share"},
+    "duplication": {"dup_row_frac", "dup_row_frac_acc", "near_dup_frac", "near_dup_max_cluster_frac"},
+    "repeated_ngram": {"repeat_token_frac", "repeat_any_token_frac", "repeat_run_rows_frac", "max_repeat_run"},
+    "out_of_domain": {"token_jsd", "baseline_xent", "rare_token_share", "mean_word_len", "non_alnum_frac"},
+}
+
+
+@pytest.fixture(scope="module")
+def audited(corpus, tmp_path_factory):
+    root, truth = corpus
+    out = tmp_path_factory.mktemp("shard-audit") / "out"
+    res = run_shard_audit(ShardAuditConfig(inputs=(str(root / "shards"),), out=str(out)))
+    return res, truth, out
+
+
+def test_planted_shards_rank_on_top_with_the_right_reason(audited):
+    res, truth, _ = audited
+    scores = res.tables["shard_scores"].to_pylist()
+    planted = truth["planted"]
+    assert {r["shard"] for r in scores[: len(planted)]} == set(planted)
+    for r in scores[: len(planted)]:
+        assert r["top_signal"] in EXPECTED[planted[r["shard"]]], (planted[r["shard"]], r["reason"])
+        assert r["anomaly_score"] >= 8
+
+
+def test_clean_shards_are_not_quarantined(audited):
+    res, truth, out = audited
+    q = json.loads((out / "quarantine.json").read_text())
+    assert {e["shard"] for e in q["shards"]} == set(truth["planted"])
+    clean = [r for r in res.tables["shard_scores"].to_pylist() if r["shard"] not in truth["planted"]]
+    assert len(clean) == 50 and max(r["anomaly_score"] for r in clean) < q["threshold_z"]
+
+
+def test_cross_shard_duplicates_are_found(audited, corpus):
+    res, truth, _ = audited
+    dups = res.tables["duplicates"].to_pylist()
+    assert dups and all(d["n_shards"] >= 2 for d in dups)
+    rep = next(s for s, k in truth["planted"].items() if k == "repeated_ngram")
+    # two rows in three of the repeated-n-gram shard are copies of documents of clean shards
+    exact = {(d["shard"], d["row"]) for d in dups if d["kind"] == "exact"}
+    copied = [r for r in range(truth["rows_per_shard"]) if r % 3 and (rep, r) in exact]
+    assert len(copied) >= 0.9 * (2 * truth["rows_per_shard"] // 3)
+    by_cluster = {}
+    for d in dups:
+        by_cluster.setdefault(d["cluster_id"], set()).add(d["shard"])
+    assert any(rep in shards and any(s not in truth["planted"] for s in shards) for shards in by_cluster.values())
+
+
+def test_outputs_follow_their_schemas_and_report_renders(audited):
+    from schemas import DUPLICATES, SHARD_SCORES
+
+    _, truth, out = audited
+    assert pq.read_schema(out / "shard_scores.parquet").equals(SHARD_SCORES.schema, check_metadata=False)
+    assert pq.read_schema(out / "duplicates.parquet").equals(DUPLICATES.schema, check_metadata=False)
+    html = (out / "report.html").read_text()
+    assert all(s in html for s in truth["planted"]) and "<svg" in html
+
+
+def _copy(src, dst, names):
+    dst.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        shutil.copy2(src / n, dst / n)
+
+
+def _table_bytes(out):
+    return {n: (out / f"{n}.parquet").read_bytes() for n in ("shard_scores", "duplicates")}
+
+
+def test_incremental_rerun_equals_a_full_run(corpus, tmp_path):
+    root, truth = corpus
+    names = sorted(os.listdir(root / "shards"))
+    data = tmp_path / "data"
+    _copy(root / "shards", data, names[:40])
+    state = str(tmp_path / "state")
+
+    def cfg(out, st=None):
+        return ShardAuditConfig(inputs=(str(data),), out=str(tmp_path / out), state=st)
+
+    first = run_shard_audit(cfg("inc1", state))
+    assert first.n_scanned == 40
+    _copy(root / "shards", data, names[40:])  # new shards arrive
+    second = run_shard_audit(cfg("inc2", state))
+    assert second.n_scanned == len(names) - 40 and second.n_shards == len(names)
+    full = run_shard_audit(cfg("full"))
+    assert _table_bytes(tmp_path / "inc2") == _table_bytes(tmp_path / "full")
+
+    # a changed shard is read again, and only that one
+    t = pq.read_table(data / names[3])
+    pq.write_table(t.slice(0, 60), data / names[3])
+    third = run_shard_audit(cfg("inc3", state))
+    assert third.n_scanned == 1
+    run_shard_audit(cfg("full3"))
+    assert _table_bytes(tmp_path / "inc3") == _table_bytes(tmp_path / "full3")
+    assert full.n_shards == third.n_shards
+
+
+def test_unreadable_and_schema_mismatched_shards_are_listed(corpus, tmp_path):
+    root, _ = corpus
+    data = tmp_path / "data"
+    _copy(root / "shards", data, sorted(os.listdir(root / "shards"))[:6])
+    (data / "zz-broken.parquet").write_bytes(b"not a parquet file at all")
+    pq.write_table(pa.table({"ids": [1, 2, 3]}), data / "zz-wrong-columns.parquet")
+    cfg = ShardAuditConfig(inputs=(str(data),), out=str(tmp_path / "out"))
+    with pytest.raises(UserError, match=r"zz-broken\.parquet: .*\(and 1 more\); --skip-bad") as err:
+        run_shard_audit(cfg)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+    res = run_shard_audit(ShardAuditConfig(inputs=(str(data),), out=str(tmp_path / "out"), skip_bad=True))
+    assert {b["shard"] for b in res.bad} == {"zz-broken.parquet", "zz-wrong-columns.parquet"}
+    assert "tokens" in next(b["error"] for b in res.bad if b["shard"] == "zz-wrong-columns.parquet")
+    assert res.n_shards == 6
+    q = json.loads((tmp_path / "out" / "quarantine.json").read_text())
+    assert {b["shard"] for b in q["unreadable"]} == {"zz-broken.parquet", "zz-wrong-columns.parquet"}
+
+
+def test_command_line_prints_the_ranking(corpus, tmp_path, capsys):
+    root, truth = corpus
+    rc = main(["shards", str(root / "shards"), "--out", str(tmp_path / "cli")])
+    assert rc == 0
+    text = capsys.readouterr().out
+    top = [line for line in text.splitlines() if line.startswith(" !")]
+    assert len(top) == len(truth["planted"])
+    assert "tokens/s" in text
+
+
+def test_missing_input_is_a_one_line_error(tmp_path, capsys):
+    rc = main(["shards", str(tmp_path / "nope" / "*.parquet"), "--out", str(tmp_path / "o")])
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "matches no file" in err
