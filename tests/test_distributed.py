@@ -68,3 +68,21 @@ def test_dask_list_side_input_of_a_combine_has_each_element_once(cluster, tmp_pa
     got = json.loads(out.read_text())
     assert [r[0] for r in got] == list(range(20))
     assert all(r[1] == 20 and r[2] == list(range(20)) for r in got)
+
+
+def test_shard_audit_on_dask_equals_the_direct_runner(corpus, cluster, tmp_path):
+    from pipelines.shard_audit import ShardAuditConfig, run_shard_audit
+
+    root, truth = corpus
+
+    def cfg(out, state=None):
+        return ShardAuditConfig(inputs=(str(root / "shards"),), out=str(tmp_path / out), state=state)
+
+    direct = run_shard_audit(cfg("direct"))
+    dask = run_shard_audit(cfg("dask", str(tmp_path / "state")),
+                           beam_args=["--runner=DaskRunner", f"--dask_client_address={cluster.scheduler_address}"])
+    assert direct.tables["duplicates"].num_rows > 0
+    for name in ("shard_scores", "duplicates"):
+        assert (tmp_path / "direct" / f"{name}.parquet").read_bytes() == \
+            (tmp_path / "dask" / f"{name}.parquet").read_bytes(), name
+    assert dask.n_scanned == truth["n_shards"]
