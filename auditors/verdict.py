@@ -257,7 +257,7 @@ def judge(
 
 
 def _sig(z: float) -> str:
-    return f"{z:+.1f}" if abs(z) < 1e4 else f"{'+' if z > 0 else '-'}>1e4"
+    return f"{z:+.1f}" if abs(z) < 1e4 else ("> +1e4" if z > 0 else "< -1e4")
 
 
 def _times(r: float) -> str:

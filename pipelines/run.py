@@ -361,21 +361,27 @@ def shard_score_records(items):
         yield "shard_scores", dict(rec, fingerprint=None)
 
 
+def attributed(flags: list[dict], top_step, top_signal) -> list[dict]:
+    """The rows that carry a spike's anomaly: flagged rows at the verdict's top step whose flagging
+    signals include the top signal; if none has a per-row value of that signal, every flagged row at
+    the top step. Sorted by score (highest first), then shard and row."""
+    at_step = [f for f in flags if f["step"] == top_step]
+    on_signal = [f for f in at_step if top_signal in f["signals"]]
+    rows = on_signal or at_step
+    return sorted(rows, key=lambda f: (-f["score"], f["shard"], f["row"]))
+
+
 def verdict_record(kv, controls_sigs, spike_info, vcfg_dict, missing):
     sid, grouped = kv
     window = sorted(grouped["window"], key=lambda t: t[0])
-    flags = sorted(grouped["flags"])
+    flags = sorted(grouped["flags"], key=lambda f: (f["step"], f["shard"], f["row"]))
     ctrl = [c[3] for c in unique_by_key(controls_sigs)]  # runner-independent order and multiplicity
     names = signal_names(ctrl + [w[1] for w in window])
     v = judge(names, matrix([w[1] for w in window], names), [w[0] for w in window], matrix(ctrl, names),
               VerdictConfig(**vcfg_dict))
-    counts: dict[str, float] = {}
-    for shard, score, step in flags:
-        if v.top_step is None or step == v.top_step:
-            counts[shard] = counts.get(shard, 0.0) + 1.0
-    if not counts:
-        for shard, score, step in flags:
-            counts[shard] = counts.get(shard, 0.0) + 1.0
+    counts: dict[str, int] = {}
+    for f in attributed(flags, v.top_step, v.top_signal):
+        counts[f["shard"]] = counts.get(f["shard"], 0) + 1
     top_shards = [s for s, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))][:5]
     run, peak = spike_info[sid]
     reason = v.reason
@@ -383,6 +389,7 @@ def verdict_record(kv, controls_sigs, spike_info, vcfg_dict, missing):
         reason += f" ({len(missing[sid])} window steps had no manifest rows)"
     yield "verdicts", {"spike_id": sid, "run": run, "peak_step": peak, "verdict": v.verdict, "p_value": v.p_value,
                        "effect_size": v.effect_size, "margin": v.margin, "top_signal": v.top_signal,
+                       "top_step": v.top_step,
                        "top_shards": top_shards if v.verdict == "data" else [], "n_controls": v.n_controls,
                        "n_window_steps": v.n_window_steps, "reason": reason}
 
@@ -442,8 +449,8 @@ def build_pipeline(p, cfg: RunConfig, plan: Plan, staging: str):
     seeds = p | "Spikes" >> beam.Create(sorted(plan.windows))
     win_sigs = step_sigs | "WindowSigs" >> beam.FlatMap(
         lambda it, so: [(sid, (it[0], it[3])) for sid in so.get(it[0], [])], spikes_of)
-    flag_keys = flags | "FlagKeys" >> beam.Map(lambda kv: (kv[1]["spike_id"], (kv[1]["shard"], kv[1]["score"],
-                                                                             kv[1]["step"])))
+    flag_keys = flags | "FlagKeys" >> beam.Map(lambda kv: (kv[1]["spike_id"], {
+        k: kv[1][k] for k in ("shard", "row", "row_end", "unit", "step", "score", "signals")}))
     vcfg = {"alpha": cfg.alpha, "min_effect": cfg.min_effect, "min_margin": cfg.min_margin,
             "min_controls": cfg.min_controls}
     verdicts = ({"seed": seeds | "SeedKeys" >> beam.Map(lambda s: (s, None)), "window": win_sigs, "flags": flag_keys}
@@ -457,7 +464,7 @@ def build_pipeline(p, cfg: RunConfig, plan: Plan, staging: str):
 # ------------------------------------------------------------------------------------ outputs
 
 
-def skip_list(spikes: pa.Table, verdicts: pa.Table, row_flags: pa.Table, windows: dict[str, list[int]]) -> dict:
+def skip_list(verdicts: pa.Table, row_flags: pa.Table) -> dict:
     """Per spike: the steps and data ranges to skip on restart, and trainer-specific renderings."""
     flags_by = {}
     for rec in row_flags.to_pylist():
@@ -466,14 +473,14 @@ def skip_list(spikes: pa.Table, verdicts: pa.Table, row_flags: pa.Table, windows
     for v in verdicts.to_pylist():
         sid = v["spike_id"]
         if v["verdict"] == "data":
-            fl = flags_by.get(sid, [])
-            steps = sorted({r["step"] for r in fl}) or sorted(windows.get(sid, []))
+            fl = attributed(flags_by.get(sid, []), v["top_step"], v["top_signal"])
+            steps = [v["top_step"]]
             ranges = sorted({(r["shard"], r["row"], r["row_end"], r["unit"]) for r in fl})
             entries.append({"spike_id": sid, "peak_step": v["peak_step"], "verdict": "data", "skip_steps": steps,
                             "skip_data": [{"shard": s, "row_start": a, "row_end": b, "unit": u}
                                           for s, a, b, u in ranges],
-                            "note": f"skip these steps' batches (or drop these rows) when restarting before step "
-                                    f"{min(steps) if steps else v['peak_step']}"})
+                            "note": f"skip step {v['top_step']}'s batch (or drop these rows) when restarting "
+                                    f"before it: {v['top_signal']} is anomalous there"})
         else:
             entries.append({"spike_id": sid, "peak_step": v["peak_step"], "verdict": v["verdict"], "skip_steps": [],
                             "skip_data": [],
@@ -493,15 +500,19 @@ def skip_list(spikes: pa.Table, verdicts: pa.Table, row_flags: pa.Table, windows
 
 
 def quarantine(verdicts: pa.Table, row_flags: pa.Table) -> dict:
-    data_spikes = {v["spike_id"] for v in verdicts.to_pylist() if v["verdict"] == "data"}
+    """Shards holding the rows that carry a ``data`` verdict's anomaly (see :func:`attributed`)."""
+    flags_by: dict[str, list] = {}
+    for rec in row_flags.to_pylist():
+        flags_by.setdefault(rec["spike_id"], []).append(rec)
     shards: dict[str, dict] = {}
-    for r in row_flags.to_pylist():
-        if r["spike_id"] not in data_spikes:
+    for v in verdicts.to_pylist():
+        if v["verdict"] != "data":
             continue
-        e = shards.setdefault(r["shard"], {"flagged_rows": set(), "spikes": set(), "signals": set()})
-        e["flagged_rows"].add((r["row"], r["row_end"], r["unit"]))
-        e["spikes"].add(r["spike_id"])
-        e["signals"].update(r["signals"])
+        for r in attributed(flags_by.get(v["spike_id"], []), v["top_step"], v["top_signal"]):
+            e = shards.setdefault(r["shard"], {"flagged_rows": set(), "spikes": set(), "signals": set()})
+            e["flagged_rows"].add((r["row"], r["row_end"], r["unit"]))
+            e["spikes"].add(v["spike_id"])
+            e["signals"].add(v["top_signal"])
     return {"shards": [{"shard": s, "n_flagged_rows": len(e["flagged_rows"]), "spikes": sorted(e["spikes"]),
                         "signals": sorted(e["signals"]),
                         "rows": [{"row_start": a, "row_end": b, "unit": u} for a, b, u in sorted(e["flagged_rows"])]}
@@ -605,16 +616,13 @@ def run_audit(cfg: RunConfig, beam_args: list[str] | None = None) -> RunResult:
 
     tables = merge_with_state(state, new_tables, done)
     n_tokens = int(pc.sum(new_tables["batch_scores"].column("n_tokens")).as_py() or 0)
-    windows = dict(plan.windows)
-    if state is not None:
-        windows.update({k: v for k, v in state.get("windows", {}).items() if k in done})
 
     with AtomicDir(cfg.out) as stage:
         write_table(spikes, stage / "spikes.parquet", SPIKES)
         write_table(loss, stage / "loss_series.parquet")
         for spec in OUTPUT_SPECS:
             write_table(tables[spec.name], stage / f"{spec.name}.parquet", spec)
-        write_json(skip_list(spikes, tables["verdicts"], tables["row_flags"], windows), stage / "skip_list.json")
+        write_json(skip_list(tables["verdicts"], tables["row_flags"]), stage / "skip_list.json")
         write_json(quarantine(tables["verdicts"], tables["row_flags"]), stage / "quarantine.json")
         write_text(render_run_report(loss, spikes, tables, cfg), stage / "report.html")
         summary = {"log": report.__dict__ if hasattr(report, "__dict__") else str(report),
@@ -625,7 +633,7 @@ def run_audit(cfg: RunConfig, beam_args: list[str] | None = None) -> RunResult:
                    "control_calibration": control_false_alarms(tables["batch_scores"], cfg)}
         write_json(summary, stage / "summary.json")
     if cfg.state:
-        save_state(cfg, tables, spikes, plan, windows, state)
+        save_state(cfg, tables, plan, state)
     dt = time.time() - t0
     return RunResult(Path(cfg.out), tables, spikes.num_rows, len(new_ids), n_tokens, dt)
 
@@ -676,7 +684,7 @@ def merge_with_state(state, new_tables, done):
     return out
 
 
-def save_state(cfg: RunConfig, tables, spikes, plan: Plan, windows, state) -> None:
+def save_state(cfg: RunConfig, tables, plan: Plan, state) -> None:
     from pipelines.io import AtomicDir, write_json, write_table
 
     controls = state["controls"] if state is not None else plan.controls
@@ -684,5 +692,4 @@ def save_state(cfg: RunConfig, tables, spikes, plan: Plan, windows, state) -> No
         for spec in OUTPUT_SPECS:
             write_table(tables[spec.name], stage / f"{spec.name}.parquet", spec)
         write_json({"fingerprint": _inputs_fingerprint(cfg), "controls": sorted(controls),
-                    "spikes_done": sorted(tables["verdicts"].column("spike_id").to_pylist()),
-                    "windows": {k: v for k, v in sorted(windows.items())}}, stage / "state.json")
+                    "spikes_done": sorted(tables["verdicts"].column("spike_id").to_pylist())}, stage / "state.json")

@@ -119,7 +119,7 @@ def entity_scores(items, key_name: str):
 
 
 def _z(z: float) -> str:
-    return f"{z:+.1f}" if abs(z) < 1e4 else ("+" if z > 0 else "-") + ">1e4"
+    return f"{z:+.1f}" if abs(z) < 1e4 else ("> +1e4" if z > 0 else "< -1e4")
 
 
 def sum_histograms(hists) -> np.ndarray:

@@ -161,6 +161,7 @@ VERDICTS = TableSpec(
           "beyond every normal step the window lies (a `data` verdict needs >= 2 by default).", nullable=True),
         F("top_signal", pa.string(), "Signal with the largest |z| at the most anomalous window step.",
           nullable=True),
+        F("top_step", pa.int64(), "The most anomalous window step (where the skip list points).", nullable=True),
         F("top_shards", pa.list_(pa.string()), "Shards holding the flagged rows, most flagged first."),
         F("n_controls", pa.int64(), "Number of control steps compared against."),
         F("n_window_steps", pa.int64(), "Steps in the spike window that had data."),

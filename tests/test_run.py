@@ -97,9 +97,18 @@ def test_skip_list_quarantine_and_report(audited):
     assert set(data_steps) <= set(skip["steps_to_skip"])
     assert skip["render"]["megatron"]["iterations_to_skip"] == skip["steps_to_skip"]
     assert 180 not in skip["steps_to_skip"]
+    # the skip list names exactly the planted rows of each data spike (the rows that carry it)
+    for step, t in truth["injections"].items():
+        if t["kind"] == "optimizer":
+            continue
+        entry = next(e for e in skip["spikes"] if e["spike_id"].endswith(f"/train_loss/{step}"))
+        assert entry["skip_steps"] == [int(step)]
+        got = {(d["shard"], d["row_start"]) for d in entry["skip_data"]}
+        want = {(f"train-{r // 400:05d}.parquet", r % 400) for r in t["rows"]}
+        assert got <= want and len(got) >= len(want) - 1, (t["kind"], sorted(got ^ want))
     q = json.loads((root / "audit" / "quarantine.json").read_text())
     planted_shards = {s for t in truth["injections"].values() for s in t["shards"]}
-    assert planted_shards <= {e["shard"] for e in q["shards"]}
+    assert planted_shards == {e["shard"] for e in q["shards"]}
     html = (root / "audit" / "report.html").read_text()
     assert html.count("<svg") >= 3 and "not_data" in html and "Click here to subscribe" in html
 
