@@ -1,0 +1,28 @@
+"""The README's promises that code can check."""
+
+from pathlib import Path
+
+from auditors.suite import signals_markdown
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _signals_block(text: str) -> str:
+    start = text.index("<!-- signals:begin -->") + len("<!-- signals:begin -->\n")
+    return text[start : text.index("<!-- signals:end -->")]
+
+
+def test_signal_table_is_generated_from_the_registry():
+    assert _signals_block(README.read_text()) == signals_markdown(), (
+        "README signal table is stale: run `python -m pipelines.docs`")
+
+
+def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
+    text = README.read_text()
+    setup = text[text.index("## Set up") : text.index("## Commands")]
+    commands = [line.strip() for line in setup.splitlines() if line.startswith("    ")]
+    assert len(commands) == 2
+    assert "spike-audit demo" in commands[0]
+    ci = (README.parent / ".ci" / "run").read_text()
+    test_cmd = commands[1].split("&& ", 3)[-1]
+    assert test_cmd in ci, (test_cmd, ci)
