@@ -194,7 +194,8 @@ def check_shards(shards: list[Shard], cfg: ShardAuditConfig) -> tuple[list[tuple
 
 
 class ReadChunk:
-    """(shard_name, path, start, end) -> (shard_name, RecordBatch) with the shard's name in `shard`."""
+    """(shard_name, path, start, end, n_rows) -> (shard_name, RecordBatch) with the shard's name in
+    `shard`; logs each shard as its last chunk is read (progress of long runs)."""
 
     def __init__(self, tokens_col: str, text_col: str, dtype: str | None):
         self.tokens_col, self.text_col, self.dtype = tokens_col, text_col, dtype
@@ -202,11 +203,14 @@ class ReadChunk:
     def __call__(self, item):
         from pipelines.shards import read_slices
 
-        name, path, start, end = item
+        name, path, start, end, n = item
         rb = read_slices(None, path, np.array([[start, end]], dtype=np.int64), unit="row",
                          tokens_col=self.tokens_col, text_col=self.text_col, dtype=self.dtype)
         rb = rb.set_column(rb.schema.get_field_index("shard"), "shard", pa.array([name] * rb.num_rows, pa.string()))
-        log.debug("read %s rows %d..%d", name, start, end)
+        if end == n:
+            log.info("read shard %s (%d rows)", name, n)
+        else:
+            log.debug("read %s rows %d..%d of %d", name, start, end, n)
         return name, rb
 
 
@@ -365,7 +369,7 @@ def build_pipeline(p, cfg: ShardAuditConfig, todo: list[tuple[Shard, int]], old_
                 "tokens_col": cfg.tokens_col, "text_col": cfg.text_col}
     shard_index = {n: i for i, n in enumerate(names)}
     fp = {s.name: s.fingerprint for s, _ in todo}
-    chunks = [(s.name, s.path, a, min(a + cfg.batch_rows, n)) for s, n in todo for a in range(0, n, cfg.batch_rows)]
+    chunks = [(s.name, s.path, a, min(a + cfg.batch_rows, n), n) for s, n in todo for a in range(0, n, cfg.batch_rows)]
     tokens_col, text_col = cfg.tokens_col, cfg.text_col
 
     batches = (p | "Chunks" >> beam.Create(chunks) | "Spread" >> beam.Reshuffle()
