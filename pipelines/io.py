@@ -8,6 +8,7 @@ the end, so readers never see a mix of old and new tables.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -34,34 +35,35 @@ def _tmp_path(dest: Path) -> Path:
     return Path(tmp)
 
 
+@contextlib.contextmanager
+def _atomic(dest: str | os.PathLike):
+    """Yield a temporary path beside ``dest``; on success rename it onto ``dest``, else delete it."""
+    dest = Path(dest)
+    tmp = _tmp_path(dest)
+    try:
+        yield tmp
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_table(table: pa.Table, dest: str | os.PathLike, spec: TableSpec | None = None) -> Path:
     """Write ``table`` as Parquet atomically. With ``spec`` the table is conformed to the contract
     (exact schema with field docs and version metadata) and sorted deterministically."""
-    dest = Path(dest)
     if spec is not None:
         table = spec.sorted(spec.conform(table, source=str(dest)))
-    tmp = _tmp_path(dest)
-    try:
+    with _atomic(dest) as tmp:
         # No timestamps or writer-dependent metadata beyond the schema: identical inputs give
         # byte-identical files.
         pq.write_table(table, tmp, compression="zstd", write_statistics=True)
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return dest
+    return Path(dest)
 
 
 def write_text(text: str, dest: str | os.PathLike) -> Path:
-    dest = Path(dest)
-    tmp = _tmp_path(dest)
-    try:
+    with _atomic(dest) as tmp:
         tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return dest
+    return Path(dest)
 
 
 def write_json(obj: object, dest: str | os.PathLike) -> Path:
