@@ -1,6 +1,7 @@
 """Exact duplication: seeded 64-bit hashes of rows and of EOS-separated documents.
 
-Hash (see :func:`auditors._util.hash_segments`): for a token sequence ``t_0..t_{L-1}``::
+Hash (definition: :func:`auditors._util.hash_segments`; computed for the rows and documents of a batch
+in one pass by :func:`auditors._util.hash_rows_and_docs`), for a token sequence ``t_0..t_{L-1}``::
 
     h = fmix64( sum_j T[t_j] * Q[j]  +  L * 0x9E3779B97F4A7C15 )      (uint64, wrapping)
     T[t] = fmix64(t XOR k1),   Q[j] = fmix64(j XOR k2) OR 1,   k1, k2 = f(seed)
@@ -33,7 +34,7 @@ from typing import Iterable
 
 import numpy as np
 
-from auditors._util import hash_segments, segments_from_mask
+from auditors._util import BatchCache, hash_rows_and_docs
 from auditors.base import TokenBatch
 
 SIGNALS = {
@@ -46,17 +47,18 @@ SIGNALS = {
 }
 
 
-def row_hashes(batch: TokenBatch, seed: int = 0) -> np.ndarray:
+def row_hashes(batch: TokenBatch, seed: int = 0, cache: BatchCache | None = None) -> np.ndarray:
     """Seeded 64-bit hash of every row (uint64, length ``n_rows``); deterministic across runs."""
-    off = np.asarray(batch.offsets, dtype=np.int64)
-    return hash_segments(batch.values, off[:-1], off[1:], seed)
+    c = cache if cache is not None else BatchCache(batch)
+    return hash_rows_and_docs(c, seed)[0]
 
 
-def doc_hashes(batch: TokenBatch, eos_id: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def doc_hashes(batch: TokenBatch, eos_id: int, seed: int = 0, cache: BatchCache | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
     """Hashes of the EOS-separated documents of a batch and the row each lies in."""
-    off = np.asarray(batch.offsets, dtype=np.int64)
-    starts, ends, row = segments_from_mask(off, batch.values[: off[-1]] == eos_id)
-    return hash_segments(batch.values, starts, ends, seed), row
+    c = cache if cache is not None else BatchCache(batch)
+    _, h, row = hash_rows_and_docs(c, seed, eos_id)
+    return h, row
 
 
 def _counts(h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -101,18 +103,18 @@ class ExactDup:
     def create(self) -> dict:
         return {"rows": [], "docs": [], "batch_dup_rows": 0, "n_rows": 0}
 
-    def add(self, acc: dict, batch: TokenBatch) -> dict:
-        h = row_hashes(batch, self.seed)
-        u, c = _counts(h)
-        rows = _push(acc["rows"], (u, c))
+    def add(self, acc: dict, batch: TokenBatch, cache: BatchCache | None = None) -> dict:
+        c = cache if cache is not None else BatchCache(batch)
+        h, dh, _ = hash_rows_and_docs(c, self.seed, self.eos_id)
+        u, c_ = _counts(h)
+        rows = _push(acc["rows"], (u, c_))
         docs = acc["docs"]
         if self.eos_id is not None:
-            dh, _ = doc_hashes(batch, self.eos_id, self.seed)
             docs = _push(docs, _counts(dh))
         return {
             "rows": rows,
             "docs": docs,
-            "batch_dup_rows": acc["batch_dup_rows"] + _dup_share(c)[0],
+            "batch_dup_rows": acc["batch_dup_rows"] + _dup_share(c_)[0],
             "n_rows": acc["n_rows"] + batch.n_rows,
         }
 
@@ -141,14 +143,13 @@ class ExactDup:
         """Per row: ``dup_row_frac`` is 1.0 when the row has an identical row in the batch, and
         ``dup_doc_frac`` is the share of the row's documents that occur twice or more in the batch
         (NaN for rows without documents or without ``eos_id``)."""
-        h = row_hashes(batch, self.seed)
+        h, dh, drow = hash_rows_and_docs(BatchCache(batch), self.seed, self.eos_id)
         _, inv, c = np.unique(h, return_inverse=True, return_counts=True)
         out = {"dup_row_frac": (c[inv] >= 2).astype(np.float64)}
         n = batch.n_rows
         if self.eos_id is None:
             out["dup_doc_frac"] = np.full(n, np.nan)
         else:
-            dh, drow = doc_hashes(batch, self.eos_id, self.seed)
             _, dinv, dc = np.unique(dh, return_inverse=True, return_counts=True)
             per_row_docs = np.bincount(drow, minlength=n).astype(np.float64)
             per_row_dup = np.bincount(drow, weights=(dc[dinv] >= 2), minlength=n)

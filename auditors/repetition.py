@@ -32,6 +32,7 @@ from typing import Iterable
 
 import numpy as np
 
+from auditors._util import BatchCache
 from auditors.base import TokenBatch
 
 SIGNALS = {
@@ -45,38 +46,56 @@ SIGNALS = {
 }
 
 
-def find_runs(batch: TokenBatch, min_period: int = 1, max_period: int = 13) -> dict[str, np.ndarray]:
+def _window_starts(eq: np.ndarray, width: int, bufs: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Indices ``i`` with ``eq[i : i + width]`` all True, ascending: AND of shifted copies, doubling
+    the covered width at each step. ``eq`` is a prefix of ``bufs[0]`` (overwritten); ``bufs`` are two
+    bool scratch arrays at least ``len(eq)`` long, used in turn so no step reads what it writes."""
+    f, span, k = eq, 1, 1
+    while span < width:
+        s = min(span, width - span)
+        g = bufs[k][: len(f) - s]
+        np.logical_and(f[:-s], f[s:], out=g)
+        f, span, k = g, span + s, 1 - k
+    return np.flatnonzero(f)
+
+
+def find_runs(batch: TokenBatch, min_period: int = 1, max_period: int = 13,
+              cache: BatchCache | None = None) -> dict[str, np.ndarray]:
     """All runs OLMo's ``find_periodic_sequences`` reports, for every row at once.
 
     Returns arrays ``row``, ``start``, ``end`` (flat token indices, end exclusive), ``period``,
     ``times``, ordered by period then position.
+
+    Per period p: ``eq[i - p] = (x[i] == x[i - p])``, cleared where ``i - p`` lies in the previous
+    row. A run reaches ``times > 2`` only when it is at least ``2p`` long, so the runs of ``eq`` are
+    found through the positions that start ``2p`` consecutive True values (the maximal runs of those
+    positions map one-to-one to the maximal runs of ``eq`` of length >= 2p): the short runs, the
+    vast majority, are never materialised.
     """
-    off = np.asarray(batch.offsets, dtype=np.int64)
-    n = int(off[-1])
-    v = batch.values[:n]
+    c = cache if cache is not None else BatchCache(batch)
+    off = c.offsets
+    n = c.n
+    v = c.values
+    row_starts = off[:-1][np.diff(off) > 0]
     out = {k: [] for k in ("row", "start", "end", "period", "times")}
-    for p in range(min_period, max_period + 1):
-        if n <= p:
+    eq_buf = np.empty(max(n, 1), dtype=bool)
+    and_buf = np.empty(max(n, 1), dtype=bool)
+    for p in range(max(min_period, 1), max_period + 1):
+        if n < 3 * p:  # a kept run spans at least 3p tokens
             break
-        eq = np.equal(v[p:], v[:-p])  # eq[i - p] <=> x[i] == x[i - p]
-        idx = np.flatnonzero(eq)
-        if not len(idx):
-            continue
-        idx += p  # token index i
-        # drop comparisons that reach back into the previous row: i - p < row start
-        row = np.searchsorted(off, idx, side="right") - 1
-        rs = off[row]
-        ok = idx - rs >= p
-        idx, row, rs = idx[ok], row[ok], rs[ok]
+        eq = np.equal(v[p:], v[:-p], out=eq_buf[: n - p])  # eq[i - p] <=> x[i] == x[i - p]
+        # comparisons reaching back into the previous row: i - p < row start <= i, i.e. eq[rs - p .. rs)
+        clear = (row_starts[:, None] + np.arange(-p, 0)[None, :]).ravel()
+        eq[clear[(clear >= 0) & (clear < n - p)]] = False
+        idx = _window_starts(eq, 2 * p, (eq_buf, and_buf))
         if not len(idx):
             continue
         brk = np.flatnonzero(np.diff(idx) != 1) + 1
-        first = np.concatenate([[0], brk])
-        last = np.concatenate([brk - 1, [len(idx) - 1]])
-        a, b = idx[first], idx[last]
-        r = row[first]
-        la = a - rs[first]  # local positions
-        lb = b - rs[first]
+        a = idx[np.concatenate([[0], brk])] + p  # token index of the run's first True
+        b = idx[np.concatenate([brk - 1, [len(idx) - 1]])] + 3 * p - 1  # ... and of its last
+        r = np.searchsorted(off, a, side="right") - 1
+        la = a - off[r]  # local positions
+        lb = b - off[r]
         full_chunk = (-(-la // p)) * p + p - 1 <= lb
         times = (lb - la + 1 + p) // p
         keep = full_chunk & (times > 2)
@@ -112,10 +131,10 @@ class Repetition:
     def __init__(self, min_period: int = 1, max_period: int = 13, max_count: int = 32):
         self.min_period, self.max_period, self.max_count = min_period, max_period, max_count
 
-    def _per_row(self, batch: TokenBatch) -> dict[str, np.ndarray]:
+    def _per_row(self, batch: TokenBatch, cache: BatchCache | None = None) -> dict[str, np.ndarray]:
         off = np.asarray(batch.offsets, dtype=np.int64)
         n_rows = batch.n_rows
-        runs = find_runs(batch, self.min_period, self.max_period)
+        runs = find_runs(batch, self.min_period, self.max_period, cache=cache)
         big = runs["times"] >= self.max_count
         max_run = np.zeros(n_rows, dtype=np.int64)
         np.maximum.at(max_run, runs["row"], runs["times"])
@@ -130,8 +149,8 @@ class Repetition:
     def create(self) -> dict:
         return {"n_rows": 0, "n_tokens": 0, "flag_rows": 0, "tok_big": 0, "tok_any": 0, "max_run": 0}
 
-    def add(self, acc: dict, batch: TokenBatch) -> dict:
-        r = self._per_row(batch)
+    def add(self, acc: dict, batch: TokenBatch, cache: BatchCache | None = None) -> dict:
+        r = self._per_row(batch, cache)
         return {
             "n_rows": acc["n_rows"] + batch.n_rows,
             "n_tokens": acc["n_tokens"] + int(r["len"].sum()),

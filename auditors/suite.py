@@ -9,6 +9,11 @@ distribution) on every batch, and the text auditor when the batch has a text col
     acc = suite.merge([suite.add(suite.create(), b) for b in batches])
     suite.result(acc)        # {signal: float} for every name in SIGNALS, plus n_rows / n_tokens
 
+``Suite.add`` builds one :class:`auditors._util.BatchCache` per batch and hands it to every
+auditor, so the per-token work they share (the 64-bit token mix of exact dedup and MinHash, row
+lengths, EOS-separated documents of dedup and token stats) is done once per batch; every auditor
+gives the same result as alone.
+
 ``SIGNALS`` maps each signal name to its exact definition (the README's signal table is generated
 from it: :func:`signals_markdown`); ``COUNTS`` lists the non-signal entries of ``result``.
 """
@@ -21,6 +26,7 @@ import numpy as np
 
 from auditors import dedup, minhash, repetition, tokens
 from auditors import text as text_mod
+from auditors._util import BatchCache
 from auditors.base import TokenBatch
 
 SIGNALS: dict[str, str] = {
@@ -76,7 +82,8 @@ class Suite:
         return acc
 
     def add(self, acc: dict, batch: TokenBatch) -> dict:
-        out = {k: a.add(acc[k], batch) for k, a in self.auditors.items()}
+        cache = BatchCache(batch)  # token mixes, lengths and documents computed once for all auditors
+        out = {k: a.add(acc[k], batch, cache=cache) for k, a in self.auditors.items()}
         out["text"] = self.text_auditor.add(acc["text"], batch) if self.text else acc["text"]
         out["n_rows"] = acc["n_rows"] + batch.n_rows
         out["n_tokens"] = acc["n_tokens"] + batch.n_tokens

@@ -33,7 +33,7 @@ from typing import Iterable
 
 import numpy as np
 
-from auditors._util import segments_from_mask
+from auditors._util import BatchCache, segments_from_mask
 from auditors.base import TokenBatch
 
 SIGNALS = {
@@ -186,19 +186,14 @@ class TokenStats:
             "n_docs": 0,
         }
 
-    def _doc_lengths(self, batch: TokenBatch) -> np.ndarray:
-        off = np.asarray(batch.offsets, dtype=np.int64)
-        s, e, _ = segments_from_mask(off, batch.values[: off[-1]] == self.eos_id)
-        return e - s
-
-    def add(self, acc: dict, batch: TokenBatch) -> dict:
-        n = int(batch.offsets[-1]) if len(batch.offsets) else 0
-        hist = _add_hist(acc["hist"], _bincount(batch.values[:n], self.vocab_size))
-        lu, lc = np.unique(batch.lengths, return_counts=True)
-        row_len = _merge_lengths([acc["row_len"], (lu.astype(np.int64), lc.astype(np.int64))])
+    def add(self, acc: dict, batch: TokenBatch, cache: BatchCache | None = None) -> dict:
+        c = cache if cache is not None else BatchCache(batch)
+        hist = _add_hist(acc["hist"], _bincount(c.values, self.vocab_size))
+        row_len = _merge_lengths([acc["row_len"], _value_counts(c.lengths())])
         doc_hist, doc_sum, n_docs = acc["doc_hist"], acc["doc_sum"], acc["n_docs"]
         if self.eos_id is not None:
-            dl = self._doc_lengths(batch)
+            s, e, _ = c.docs(self.eos_id)
+            dl = e - s
             if len(dl):
                 doc_hist = doc_hist + np.bincount(log_bucket(dl), minlength=_NBUCKETS)[:_NBUCKETS]
                 doc_sum += int(dl.sum())
@@ -298,6 +293,16 @@ class TokenStats:
             else:
                 out["doc_len_mean"] = nan.copy()
         return out
+
+
+def _value_counts(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct values of a non-negative int array and their counts (int64, sorted)."""
+    if len(x) and int(x.max()) <= 4 * len(x) + 65536:
+        c = np.bincount(x)
+        u = np.flatnonzero(c)
+        return u.astype(np.int64), c[u].astype(np.int64)
+    u, c = np.unique(x, return_counts=True)
+    return u.astype(np.int64), c.astype(np.int64)
 
 
 def _merge_lengths(parts) -> tuple[np.ndarray, np.ndarray]:

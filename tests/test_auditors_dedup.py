@@ -82,3 +82,46 @@ def test_from_arrow_slice():
     sl = TokenBatch.from_arrow(t.slice(1, 2).to_batches()[0])
     h = row_hashes(sl)
     assert np.array_equal(h, row_hashes(TokenBatch.from_lists([[3, 4], [1, 2]], dtype=np.uint32)))
+
+
+def _literal_docs(rows, eos):
+    """Documents as (row, tokens): maximal runs of non-EOS tokens inside each row."""
+    out = []
+    for r, row in enumerate(rows):
+        cur = []
+        for t in list(row) + [eos]:
+            if t == eos:
+                if cur:
+                    out.append((r, cur))
+                cur = []
+            else:
+                cur.append(t)
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 6), max_size=40), min_size=1, max_size=12), st.booleans(),
+       st.integers(0, 2**40), st.sampled_from([0, 3]))
+def test_row_and_document_hashes_match_the_reference_definition(rows, packed, seed, eos):
+    # packed=True gives equal-length rows (the 2-D path); small alphabets make many documents, so both
+    # document paths run (documents beginning their row reuse the row products, or all recomputed)
+    import auditors._util as u
+
+    if packed:
+        width = max(len(r) for r in rows) or 1
+        rows = [(r * width)[:width] if r else [1] * width for r in rows]
+    b = TokenBatch.from_lists(rows, dtype=np.uint16)
+    off = np.asarray(b.offsets)
+    ref_rows = u.hash_segments(b.values, off[:-1], off[1:], seed)
+    docs = _literal_docs(rows, eos)
+    db = TokenBatch.from_lists([d for _, d in docs], dtype=np.int64)
+    ref_docs = u.hash_segments(db.values, db.offsets[:-1], db.offsets[1:], seed)
+    for chunk in (1 << 17, 7):  # one row group, or many (rows longer than a group)
+        old, u._CHUNK = u._CHUNK, chunk
+        try:
+            assert np.array_equal(row_hashes(b, seed), ref_rows)
+            h, drow = doc_hashes(b, eos, seed)
+        finally:
+            u._CHUNK = old
+        assert drow.tolist() == [r for r, _ in docs]
+        assert np.array_equal(h, ref_docs)

@@ -99,3 +99,23 @@ def test_suite_on_arrow_slice_matches_lists():
     sliced = TokenBatch.from_arrow(table.slice(1, 3).to_batches()[0])
     direct = TokenBatch.from_lists(rows[1:], dtype=np.uint16, text=["b", "a a", "c"])
     same(s.result(s.add(s.create(), sliced)), s.result(s.add(s.create(), direct)))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batches())
+def test_suite_shares_per_batch_work_without_changing_any_auditor(bs):
+    # Suite.add computes token mixes and documents once per batch for all auditors: every signal
+    # must equal what the auditor gives alone
+    suite = Suite(vocab_size=16, baseline_hist=BASE, eos_id=0, pad_id=1, num_perm=16, ngram=3, seed=5, text=False)
+    alone = [ExactDup(eos_id=0, seed=5), NearDup(ngram=3, num_perm=16, seed=5), Repetition(),
+             TokenStats(vocab_size=16, baseline_hist=BASE, eos_id=0, pad_id=1)]
+    acc = suite.create()
+    for b in bs:
+        acc = suite.add(acc, b)
+    r = suite.result(acc)
+    for aud in alone:
+        a = aud.create()
+        for b in bs:
+            a = aud.add(a, b)
+        for k, v in aud.result(a).items():
+            assert (math.isnan(v) and math.isnan(r[k])) or v == r[k], (aud.name, k)

@@ -105,3 +105,83 @@ def test_short_rows_get_one_whole_row_shingle():
     keys = band_keys(sig, 0.8)
     assert keys.shape == (4, optimal_bands(0.8, 64)[0]) and keys.dtype == np.uint64
     assert np.array_equal(keys[0], keys[1])
+
+
+def _literal_signature(row, ngram, k, seed):
+    """The module docstring's definition, one row at a time, with Python ints."""
+    from auditors._util import fmix64_int, seed_key
+
+    m32 = 0xFFFFFFFF
+
+    def fmix32(x):
+        x ^= x >> 16
+        x = (x * 0x85EBCA6B) & m32
+        x ^= x >> 13
+        x = (x * 0xC2B2AE35) & m32
+        return x ^ (x >> 16)
+
+    u = [fmix64_int(int(t) ^ seed_key(seed, 1)) >> 32 for t in row]
+    c = [seed_key(seed, 20 + j) & m32 | 1 for j in range(ngram + 1)]
+    if not row:
+        return [m32] * k
+    if len(row) < ngram:
+        shingles = [fmix32((sum(u[j] * c[j] for j in range(len(row))) + len(row) * c[ngram]) & m32)]
+    else:
+        shingles = [fmix32(sum(u[i + j] * c[j] for j in range(ngram)) & m32) for i in range(len(row) - ngram + 1)]
+    sig = [m32] * k
+    for s in shingles:
+        b = (s * k) >> 32
+        sig[b] = min(sig[b], s)
+    empty = [v == m32 for v in sig]
+    if all(empty):
+        return sig
+    kp = seed_key(seed, 13000)
+    out = list(sig)
+    for j in range(k):
+        if empty[j]:
+            order = sorted(range(k), key=lambda cc: fmix64_int((j * k + cc) ^ kp))
+            out[j] = sig[next(cc for cc in order if not empty[cc])]
+    return out
+
+
+@pytest.mark.parametrize("ngram,k,seed", [(5, 16, 0), (3, 24, 7), (1, 8, 3), (2, 4, 1), (5, 128, 2)])
+def test_signatures_follow_the_documented_definition(ngram, k, seed):
+    rng = np.random.default_rng(k)
+    rows = [rng.integers(0, 300, int(rng.integers(0, 40))).tolist() for _ in range(12)] + [[], [4], [4, 5]]
+    # constant and periodic rows: a few distinct shingles, so few non-empty bins
+    rows += [[3] * 30, [1, 2] * 20, [5, 6, 7] * 15, list(range(9)) * 4]
+    sig = signatures(TokenBatch.from_lists(rows, dtype=np.int64), ngram=ngram, num_perm=k, seed=seed)
+    for r, s in zip(rows, sig):
+        assert s.tolist() == _literal_signature(r, ngram, k, seed), r
+
+
+def test_signatures_do_not_depend_on_batching_or_chunking(monkeypatch):
+    import auditors.minhash as mh
+
+    rng = np.random.default_rng(3)
+    ragged = [rng.integers(0, 5000, int(rng.integers(0, 300))) for _ in range(40)]
+    packed = [rng.integers(0, 5000, 256) for _ in range(40)]
+    for rows in (ragged, packed):
+        whole = signatures(TokenBatch.from_lists(rows, dtype=np.uint16))
+        alone = np.concatenate([signatures(TokenBatch.from_lists([r], dtype=np.uint32)) for r in rows])
+        monkeypatch.setattr(mh, "_CHUNK", 500)  # many row groups, rows longer than a group
+        chunked = signatures(TokenBatch.from_lists(rows, dtype=np.int64))
+        monkeypatch.undo()
+        assert np.array_equal(whole, alone) and np.array_equal(whole, chunked)
+
+
+@pytest.mark.parametrize("length", [40, 600])
+def test_jaccard_estimates_are_unbiased_for_short_and_long_rows(length):
+    # short rows fill few of the 128 bins, so most entries come from densification
+    rng = np.random.default_rng(length)
+    errs = []
+    for i in range(300):
+        a = rng.integers(0, 60000, length)
+        b = a.copy()
+        k = int(rng.integers(0, length // 4))
+        b[rng.choice(length, k, replace=False)] = rng.integers(0, 60000, k)
+        sig = signatures(TokenBatch.from_lists([a, b], dtype=np.uint16), num_perm=128, seed=i)
+        errs.append((sig[0] == sig[1]).mean() - jaccard(shingles(a), shingles(b)))
+    errs = np.array(errs)
+    assert abs(errs.mean()) < 4 * errs.std() / np.sqrt(len(errs))
+    assert np.abs(errs).mean() < 0.06

@@ -123,3 +123,24 @@ def test_empty_and_short_rows():
     rs = r.row_signals(b)
     assert rs["max_repeat_run"].tolist() == [0, 0, 0, 3]
     assert np.isnan(rs["repeat_token_frac"][0])
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(1, 13), st.integers(0, 12)), min_size=1, max_size=10),
+       st.integers(0, 2**31))
+def test_many_rows_with_empty_rows_and_runs_at_row_edges(specs, seed):
+    # runs touching the start and end of rows, next to empty and short rows: no run may cross a row
+    rng = np.random.default_rng(seed)
+    rows = []
+    for kind, period, reps in specs:
+        if kind == 0:
+            rows.append(np.zeros(0, np.int64))
+        elif kind == 1:
+            rows.append(rng.integers(0, 3, int(rng.integers(1, 5))))
+        else:
+            run = np.tile(rng.integers(0, 3, period), reps)
+            noise = rng.integers(0, 4, int(rng.integers(0, 6)))
+            rows.append(np.concatenate([run, noise] if kind == 2 else [noise, run]))
+    got = ours(rows)
+    for row, g in zip(rows, got):
+        assert g == sorted(olmo_literal(row)), row
