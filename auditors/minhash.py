@@ -307,20 +307,26 @@ def band_keys(sigs: np.ndarray, threshold: float = 0.8, seed: int = 0) -> np.nda
     return fmix64(keys, out=keys)
 
 
-def _components(n: int, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """Connected-component labels (smallest member index) by min-label propagation + pointer jumping."""
+def components(n: int, lo: np.ndarray, hi: np.ndarray, max_iter: int | None = None) -> tuple[np.ndarray, bool]:
+    """Connected components of the graph on ``n`` nodes with edges ``(lo[i], hi[i])``: the label of
+    each node is the smallest node of its component (min-label propagation with pointer jumping,
+    each round vectorised). Returns ``(labels, converged)``; with ``max_iter`` at most that many
+    rounds run, and ``converged`` says whether the labels were final."""
     lab = np.arange(n, dtype=np.int64)
     if not len(lo):
-        return lab
-    while True:
+        return lab, True
+    rounds = 0
+    while max_iter is None or rounds < max_iter:
+        rounds += 1
         new = lab.copy()
         np.minimum.at(new, lo, lab[hi])
         np.minimum.at(new, hi, lab[lo])
         new = new[new]
         new = new[new]
         if np.array_equal(new, lab):
-            return lab
+            return lab, True
         lab = new
+    return lab, False
 
 
 def near_duplicates(keys: np.ndarray, sketch: np.ndarray, threshold: float
@@ -434,7 +440,7 @@ class NearDup:
         if not len(lo):
             return {"near_dup_frac": 0.0, "near_dup_max_cluster_frac": 0.0}
         near = np.unique(np.concatenate([lo, hi]))
-        lab = _components(m, lo, hi)
+        lab, _ = components(m, lo, hi)
         biggest = int(np.bincount(lab[near]).max())
         return {"near_dup_frac": len(near) / n, "near_dup_max_cluster_frac": biggest / n}
 

@@ -294,8 +294,10 @@ def near_pairs(kv, threshold: float):
         yield "pairs", (np.minimum(a[ok], b[ok]), np.maximum(a[ok], b[ok]))
 
 
-def components(nodes_pairs, max_iter: int):
-    """All verified pairs -> (cluster label per node) by bounded min-label propagation."""
+def cluster_pairs(nodes_pairs, max_iter: int):
+    """All verified pairs -> (node ids, cluster label per node), by bounded connected components."""
+    from auditors.minhash import components
+
     _, parts = nodes_pairs
     parts = list(parts)
     if not parts:
@@ -303,17 +305,8 @@ def components(nodes_pairs, max_iter: int):
     lo = np.concatenate([p[0] for p in parts])
     hi = np.concatenate([p[1] for p in parts])
     uniq, inv = np.unique(np.r_[lo, hi], return_inverse=True)
-    a, b = inv[: len(lo)], inv[len(lo):]
-    lab = np.arange(len(uniq), dtype=np.int64)
-    for it in range(max_iter):
-        new = lab.copy()
-        np.minimum.at(new, a, lab[b])
-        np.minimum.at(new, b, lab[a])
-        new = new[new]
-        if np.array_equal(new, lab):
-            break
-        lab = new
-    else:
+    lab, converged = components(len(uniq), inv[: len(lo)], inv[len(lo):], max_iter)
+    if not converged:
         log.warning("near-duplicate components did not converge in %d rounds: some clusters may be split", max_iter)
     yield uniq, lab
 
@@ -405,7 +398,7 @@ def build_pipeline(p, cfg: ShardAuditConfig, todo: list[tuple[Shard, int]], old_
             | "GroupBands" >> beam.GroupByKey()
             | "NearPairs" >> beam.FlatMap(near_pairs, cfg.threshold)
             | "GroupPairs" >> beam.GroupByKey()
-            | "Components" >> beam.FlatMap(components, cfg.cc_iterations)
+            | "Components" >> beam.FlatMap(cluster_pairs, cfg.cc_iterations)
             | "NearRecords" >> beam.FlatMap(near_clusters, names, cfg.max_group))
 
     outputs = [scores, exact, near]

@@ -185,3 +185,18 @@ def test_jaccard_estimates_are_unbiased_for_short_and_long_rows(length):
     errs = np.array(errs)
     assert abs(errs.mean()) < 4 * errs.std() / np.sqrt(len(errs))
     assert np.abs(errs).mean() < 0.06
+
+
+def test_components_label_each_node_with_the_smallest_of_its_component():
+    from auditors.minhash import components
+
+    # a path 5-4-3-2 and a pair 0-7; 1 and 6 alone
+    lo = np.array([4, 3, 2, 0])
+    hi = np.array([5, 4, 3, 7])
+    lab, ok = components(8, lo, hi)
+    assert ok and lab.tolist() == [0, 1, 2, 2, 2, 2, 6, 0]
+    chain = np.arange(63)
+    lab1, ok1 = components(64, chain, chain + 1, max_iter=1)
+    assert not ok1 and lab1[63] != 0  # one round cannot close a path of 63 edges
+    lab2, ok2 = components(64, chain, chain + 1)
+    assert ok2 and not lab2.any()
