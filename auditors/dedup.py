@@ -44,6 +44,9 @@ SIGNALS = {
     "accumulator (shard, step, or everything merged).",
     "dup_doc_frac": "Fraction of EOS-separated documents (maximal non-EOS runs inside a row) whose hash occurs "
     "at least twice in the accumulator; NaN without eos_id.",
+    "cross_dup_frac": "Fraction of rows whose 64-bit token hash also occurs at another audited step (spike-audit "
+    "run: epoch or resume repeats) or in another shard (spike-audit shards); computed by the pipeline's join on "
+    "row hashes (seen_elsewhere), NaN outside a pipeline.",
 }
 
 
@@ -156,6 +159,27 @@ class ExactDup:
             with np.errstate(invalid="ignore", divide="ignore"):
                 out["dup_doc_frac"] = np.where(per_row_docs > 0, per_row_dup / per_row_docs, np.nan)
         return out
+
+
+def seen_elsewhere(hashes: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows whose hash also occurs under another key (another step, another shard).
+
+    ``hashes`` and ``keys`` (int64) are parallel arrays, one entry per row. Returns ``(keys, counts)``:
+    for each key with at least one such row, how many of its rows have a hash that some row of a
+    different key shares. Vectorised (one lexsort); the pipelines call it per hash bucket, which is
+    exact because equal hashes always land in the same bucket."""
+    hashes = np.asarray(hashes, dtype=np.uint64)
+    keys = np.asarray(keys, dtype=np.int64)
+    if not len(hashes):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    order = np.lexsort((keys, hashes))
+    h, k = hashes[order], keys[order]
+    new_h = np.r_[True, h[1:] != h[:-1]]
+    group = np.cumsum(new_h) - 1
+    new_key = new_h | np.r_[True, k[1:] != k[:-1]]
+    n_keys = np.bincount(group, weights=new_key.astype(np.float64))
+    shared = n_keys[group] >= 2
+    return np.unique(k[shared], return_counts=True)
 
 
 def cross_dup_frac(acc: dict, everything: dict) -> float:

@@ -45,8 +45,9 @@ from auditors.base import TokenBatch
 from auditors.scales import to_scoring_scale
 from auditors.verdict import BottomK, VerdictConfig, hash64, judge, robust_center_scale
 from pipelines.errors import UserError
-from pipelines.scoring import (entity_scores, finish, make_suite, matrix, opt_float, signal_names,
-                               to_token_batch, unique_by_key)
+from pipelines.scoring import (entity_scores, finish, hash_buckets, make_suite, matrix, opt_float,
+                               seen_elsewhere_counts, signal_names, to_token_batch, unique_by_key,
+                               with_cross_dup)
 from schemas import BATCH_SCORES, ROW_FLAGS, SHARD_SCORES, SPIKES, STEP_MANIFEST, VERDICTS, validate
 
 log = logging.getLogger(__name__)
@@ -424,7 +425,15 @@ def build_pipeline(p, cfg: RunConfig, plan: Plan, staging: str):
     suite = make_suite(cfg_dict)
     step_accs = (batches | "StepTokens" >> beam.MapTuple(lambda k, rb: (k, tb_of(rb)))
                  | "AuditSteps" >> beam.CombinePerKey(AuditorCombineFn(suite, output="accumulator")))
-    step_sigs = step_accs | "FinishSteps" >> beam.Map(finish, AsSingleton(hist), cfg_dict, control_set)
+    # rows seen at another audited step (epoch or resume repeats): a join on row hashes, by bucket
+    seen = (batches | "RowHashes" >> beam.FlatMap(hash_buckets, tokens_col, text_col, 16, cfg.seed)
+            | "GroupHashes" >> beam.GroupByKey()
+            | "SeenElsewhere" >> beam.FlatMap(seen_elsewhere_counts)
+            | "SumSeen" >> beam.CombinePerKey(sum))
+    finished = (step_accs | "FinishSteps" >> beam.Map(finish, AsSingleton(hist), cfg_dict, control_set)
+                | "KeyFinished" >> beam.Map(lambda it: (it[0], it)))
+    step_sigs = ({"scores": finished, "seen": seen} | "JoinSeen" >> beam.CoGroupByKey()
+                 | "CrossDup" >> beam.FlatMap(with_cross_dup))
     # Side inputs are always AsSingleton of a global combine: on Beam 2.77's DaskRunner an AsList of a
     # multi-element PCollection arrives with elements repeated, while a combined singleton is exact.
     ctrl_sigs = (step_sigs | "CtrlSigs" >> beam.Filter(lambda it, cs: it[0] in cs, control_set)

@@ -134,3 +134,41 @@ def sum_histograms(hists) -> np.ndarray:
 
 def filter_eq(table: pa.Table, column: str, value) -> pa.Table:
     return table.filter(pc.equal(table.column(column), value))
+
+
+def hash_buckets(kv, tokens_col: str, text_col: str, buckets: int, seed: int):
+    """(int key, RecordBatch) -> (bucket, (row hashes, keys)) per non-empty hash bucket."""
+    from auditors.dedup import row_hashes
+
+    key, rb = kv
+    h = row_hashes(to_token_batch(rb, tokens_col, text_col), seed)
+    yield from split_by_bucket(h, np.full(len(h), key, dtype=np.int64), buckets)
+
+
+def split_by_bucket(h: np.ndarray, keys: np.ndarray, buckets: int):
+    """Partition parallel (hash, key) arrays by ``hash % buckets``: one element per non-empty bucket."""
+    b = (h % np.uint64(buckets)).astype(np.int64)
+    order = np.argsort(b, kind="stable")
+    cuts = np.flatnonzero(np.diff(b[order])) + 1
+    for idx in np.split(order, cuts):
+        if len(idx):
+            yield int(b[idx[0]]), (h[idx], keys[idx])
+
+
+def seen_elsewhere_counts(kv):
+    """One hash bucket -> (key, rows of that key whose hash another key shares)."""
+    from auditors.dedup import seen_elsewhere
+
+    _, parts = kv
+    parts = list(parts)
+    keys, counts = seen_elsewhere(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+    for k, c in zip(keys.tolist(), counts.tolist()):
+        yield k, c
+
+
+def with_cross_dup(kv):
+    """CoGroupByKey of finished scores and seen-elsewhere counts -> scores with ``cross_dup_frac``."""
+    key, grouped = kv
+    for _, n_rows, n_tokens, sig in grouped["scores"]:
+        sig = dict(sig, cross_dup_frac=(sum(grouped["seen"]) / n_rows) if n_rows else float("nan"))
+        yield key, n_rows, n_tokens, sig

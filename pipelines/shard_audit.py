@@ -45,7 +45,8 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines.errors import UserError
-from pipelines.scoring import entity_scores, finish, make_suite, suite_histogram, sum_histograms, to_token_batch
+from pipelines.scoring import (entity_scores, finish, make_suite, split_by_bucket, suite_histogram, sum_histograms,
+                               to_token_batch, with_cross_dup)
 from schemas import DUPLICATES, SHARD_SCORES
 
 log = logging.getLogger(__name__)
@@ -231,14 +232,20 @@ def row_keys(name_rb, shard_index: dict, cfg_dict: dict) -> dict:
 
 def split_exact(rec: dict, buckets: int):
     """Partition a chunk's (hash, node) pairs by hash bucket: one element per non-empty bucket."""
-    h, nodes = rec["hash"], rec["nodes"]
-    b = (h % np.uint64(buckets)).astype(np.int64)
-    order = np.argsort(b, kind="stable")
-    bs = b[order]
-    cuts = np.flatnonzero(np.diff(bs)) + 1
-    for idx in np.split(order, cuts):
-        if len(idx):
-            yield int(b[idx[0]]), (h[idx], nodes[idx])
+    yield from split_by_bucket(rec["hash"], rec["nodes"], buckets)
+
+
+def shard_seen_elsewhere(kv):
+    """One exact-hash bucket -> (shard index, rows whose hash another shard shares)."""
+    _, parts = kv
+    parts = list(parts)
+    h = np.concatenate([p[0] for p in parts])
+    shard = np.concatenate([p[1] for p in parts]) >> NODE_SHIFT
+    from auditors.dedup import seen_elsewhere
+
+    keys, counts = seen_elsewhere(h, shard)
+    for k, c in zip(keys.tolist(), counts.tolist()):
+        yield k, c
 
 
 def split_bands(rec: dict, buckets: int):
@@ -378,19 +385,26 @@ def build_pipeline(p, cfg: ShardAuditConfig, todo: list[tuple[Shard, int]], old_
     # the corpus baseline: every shard's histogram; each shard is then scored leave-one-out
     hist = (accs | "Hists" >> beam.Map(lambda kv: suite_histogram(kv[1]))
             | "Baseline" >> beam.CombineGlobally(sum_histograms))
-    scores = (accs | "Finish" >> beam.Map(finish, AsSingleton(hist), cfg_dict, frozenset(), True)
-              | "AllShards" >> beam.combiners.ToList()
-              | "Rank" >> beam.FlatMap(lambda items, fps: [("shard_scores", dict(r, fingerprint=fps.get(r["shard"])))
-                                                           for r in entity_scores(items, "shard")], all_fp(names, todo,
-                                                                                                          keep)))
-
     new_keys = batches | "RowKeys" >> beam.Map(row_keys, shard_index, cfg_dict)
     old_keys = (p | "OldKeyParts" >> beam.Create(old_parts.get("keys", []))
                 | "LoadKeys" >> beam.FlatMap(load_state_records, keep)
                 | "Reindex" >> beam.Map(_reindex, shard_index))
     keys = (new_keys, old_keys) | "AllKeys" >> beam.Flatten()
-    exact = (keys | "ExactBuckets" >> beam.FlatMap(split_exact, cfg.buckets)
-             | "GroupExact" >> beam.GroupByKey()
+    exact_buckets = (keys | "ExactBuckets" >> beam.FlatMap(split_exact, cfg.buckets)
+                     | "GroupExact" >> beam.GroupByKey())
+    seen = (exact_buckets | "SeenElsewhere" >> beam.FlatMap(shard_seen_elsewhere)
+            | "SumSeen" >> beam.CombinePerKey(sum)
+            | "SeenByName" >> beam.Map(lambda kv, nm: (nm[kv[0]], kv[1]), names))
+    finished = (accs | "Finish" >> beam.Map(finish, AsSingleton(hist), cfg_dict, frozenset(), True)
+                | "KeyFinished" >> beam.Map(lambda it: (it[0], it)))
+    scores = (({"scores": finished, "seen": seen} | "JoinSeen" >> beam.CoGroupByKey()
+               | "CrossDup" >> beam.FlatMap(with_cross_dup))
+              | "AllShards" >> beam.combiners.ToList()
+              | "Rank" >> beam.FlatMap(lambda items, fps: [("shard_scores", dict(r, fingerprint=fps.get(r["shard"])))
+                                                           for r in entity_scores(items, "shard")], all_fp(names, todo,
+                                                                                                          keep)))
+
+    exact = (exact_buckets
              | "ExactGroups" >> beam.FlatMap(exact_groups)
              | "ExactRecords" >> beam.FlatMap(lambda g, nm, mg: duplicate_records("exact", g, nm, mg), names,
                                               cfg.max_group))

@@ -125,3 +125,18 @@ def test_row_and_document_hashes_match_the_reference_definition(rows, packed, se
             u._CHUNK = old
         assert drow.tolist() == [r for r, _ in docs]
         assert np.array_equal(h, ref_docs)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 4)), max_size=60))
+def test_seen_elsewhere_matches_the_definition(rows):
+    from auditors.dedup import seen_elsewhere
+
+    hashes = np.array([h for h, _ in rows], dtype=np.uint64)
+    keys = np.array([k for _, k in rows], dtype=np.int64)
+    got = dict(zip(*(a.tolist() for a in seen_elsewhere(hashes, keys))))
+    want = {}
+    for h, k in rows:
+        if any(h2 == h and k2 != k for h2, k2 in rows):
+            want[k] = want.get(k, 0) + 1
+    assert got == want
