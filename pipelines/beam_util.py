@@ -107,3 +107,18 @@ def collect_tables(staging: str, specs: Iterable[TableSpec]) -> dict[str, pa.Tab
     return out
 
 
+
+
+def run_pipeline(build, options) -> None:
+    """Build a pipeline with ``build(p)``, run it and wait for it; then close any client the runner
+    opened (Beam's DaskRunner leaves its ``distributed.Client`` connected, which keeps trying to
+    reconnect once the cluster is gone)."""
+    p = beam.Pipeline(options=options)
+    build(p)
+    result = p.run()
+    try:
+        result.wait_until_finish()
+    finally:
+        client = getattr(result, "client", None)
+        if client is not None:
+            client.close()

@@ -587,7 +587,6 @@ class RunResult:
 
 
 def run_audit(cfg: RunConfig, beam_args: list[str] | None = None) -> RunResult:
-    import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from pipelines.io import AtomicDir, write_json, write_table, write_text
@@ -613,9 +612,9 @@ def run_audit(cfg: RunConfig, beam_args: list[str] | None = None) -> RunResult:
         if new_ids:
             opts = PipelineOptions(beam_options(beam_args))
             log.info("running the audit pipeline (%s)", opts.get_all_options().get("runner") or "DirectRunner")
-            with beam.Pipeline(options=opts) as p:
-                build_pipeline(p, cfg, plan, str(staging_root))
-            from pipelines.beam_util import collect_tables
+            from pipelines.beam_util import collect_tables, run_pipeline
+
+            run_pipeline(lambda p: build_pipeline(p, cfg, plan, str(staging_root)), opts)
 
             new_tables = collect_tables(str(staging_root), OUTPUT_SPECS)
         else:

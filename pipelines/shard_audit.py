@@ -493,10 +493,9 @@ def _old_parts(state: str, run_ids: set[str]) -> dict[str, list[str]]:
 
 
 def run_shard_audit(cfg: ShardAuditConfig, beam_args: list[str] | None = None) -> ShardAuditResult:
-    import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from pipelines.beam_util import collect_tables
+    from pipelines.beam_util import collect_tables, run_pipeline
     from pipelines.io import AtomicDir, write_json, write_table, write_text
     from pipelines.report import render_shard_report
     from pipelines.run import beam_options
@@ -530,9 +529,8 @@ def run_shard_audit(cfg: ShardAuditConfig, beam_args: list[str] | None = None) -
     staging = Path(tempfile.mkdtemp(prefix=".spike-audit-staging-", dir=base))
     try:
         opts = PipelineOptions(beam_options(beam_args))
-        with beam.Pipeline(options=opts) as p:
-            build_pipeline(p, cfg, todo, _old_parts(cfg.state, {stored[n]["run"] for n, _ in keep}) if cfg.state
-                           else {}, keep, names, str(staging))
+        old_parts = _old_parts(cfg.state, {stored[n]["run"] for n, _ in keep}) if cfg.state else {}
+        run_pipeline(lambda p: build_pipeline(p, cfg, todo, old_parts, keep, names, str(staging)), opts)
         tables = collect_tables(str(staging), (SHARD_SCORES, DUPLICATES))
         n_tokens = int(sum(r["n_tokens"] for r in tables["shard_scores"].to_pylist() if r["shard"] in
                            {s.name for s, _ in todo}))

@@ -53,16 +53,19 @@ def test_dask_list_side_input_of_a_combine_has_each_element_once(cluster, tmp_pa
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
+    from pipelines.beam_util import run_pipeline
     from pipelines.run import beam_options
 
     out = tmp_path / "rows.json"
     opts = PipelineOptions(beam_options(["--runner=DaskRunner", f"--dask_client_address={cluster.scheduler_address}"]))
-    with beam.Pipeline(options=opts) as p:
+    def build(p):
         x = p | beam.Create([(i % 20, i) for i in range(400)]) | beam.Reshuffle()
         per = x | beam.CombinePerKey(sum)
         rows = per | beam.Map(lambda kv, side: ("r", (kv[0], len(side), sorted(k for k, _ in side))),
                               beam.pvalue.AsList(per))
         rows | beam.GroupByKey() | beam.Map(_write_rows, str(out))
+
+    run_pipeline(build, opts)
     import json
 
     got = json.loads(out.read_text())
