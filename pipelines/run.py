@@ -623,7 +623,8 @@ def run_audit(cfg: RunConfig, beam_args: list[str] | None = None) -> RunResult:
         shutil.rmtree(staging_root, ignore_errors=True)
 
     tables = merge_with_state(state, new_tables, done)
-    n_tokens = int(pc.sum(new_tables["batch_scores"].column("n_tokens")).as_py() or 0)
+    bs = new_tables["batch_scores"]  # a step has a row per spike window holding it: count each step once
+    n_tokens = int(sum(dict(zip(bs.column("step").to_pylist(), bs.column("n_tokens").to_pylist())).values()))
 
     with AtomicDir(cfg.out) as stage:
         write_table(spikes, stage / "spikes.parquet", SPIKES)

@@ -78,6 +78,13 @@ def test_flagged_rows_are_the_planted_rows(audited):
         assert len(want & got) >= len(want) - 1, (t["kind"], sorted(want - got))
 
 
+def test_tokens_scored_counts_each_step_once(audited):
+    _, _, res = audited
+    bs = res.tables["batch_scores"].to_pylist()
+    per_step = {r["step"]: r["n_tokens"] for r in bs}
+    assert res.n_tokens == sum(per_step.values()) < sum(r["n_tokens"] for r in bs)
+
+
 def test_resume_is_resolved_and_outputs_follow_their_schemas(audited):
     root, _, res = audited
     summary = json.loads((root / "audit" / "summary.json").read_text())
