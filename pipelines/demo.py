@@ -53,10 +53,11 @@ def _documents(n_needed: int, seed: int) -> list[str]:
 
     texts = [topics.topics[k] for k in sorted(topics.topics)]
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for path in sorted(stdlib.glob("*.py")) + sorted(stdlib.glob("[a-z]*/**/*.py")):
-        rel = path.relative_to(stdlib).parts
-        if rel[0] == "site-packages" or any("test" in p for p in rel):
-            continue
+    files = sorted(stdlib.glob("*.py")) + sorted(stdlib.glob("[a-z]*/**/*.py"))
+    files = [p for p in files if p.relative_to(stdlib).parts[0] != "site-packages"]
+    is_test = [any("test" in part for part in p.relative_to(stdlib).parts) for p in files]
+    # the library's own modules first; its test suites (real code too) only when more text is needed
+    for path in [p for p, t in zip(files, is_test) if not t] + [p for p, t in zip(files, is_test) if t]:
         try:
             texts.append(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, OSError):

@@ -1,6 +1,6 @@
 """End-to-end throughput of the two Beam pipelines against the plain read time of the same files.
 
-    python benchmarks/pipelines.py [--rows-per-shard 480] [--workers 2]
+    python benchmarks/end_to_end.py [--rows-per-shard 480] [--workers 2]
 
 Builds (once, under /tmp/spike_audit_bench_pipelines) the generated shard corpus (50 clean Parquet
 shards of real text + 4 planted) and the demo run, then times, in this process:
@@ -18,8 +18,11 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import pyarrow.parquet as pq
 
