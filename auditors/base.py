@@ -28,13 +28,14 @@ class TokenBatch:
     """A batch of token sequences as flat values + offsets (Arrow list layout), plus optional text.
 
     ``values[offsets[i]:offsets[i + 1]]`` are the tokens of row ``i``. ``offsets`` starts at 0.
-    ``text`` (optional) holds one string per row where the source has text.
+    ``text`` (optional) holds one string per row where the source has text: an Arrow string array
+    when built from Arrow (no Python object per row), or any sequence of ``str``/``None``.
     ``shard``/``row`` (optional) identify where each row came from, for attribution.
     """
 
     values: np.ndarray
     offsets: np.ndarray
-    text: Sequence[str] | None = None
+    text: Sequence[str] | pa.Array | None = None
     shard: np.ndarray | None = None  # object/str array, one per row
     row: np.ndarray | None = None  # int64, one per row
 
@@ -70,7 +71,7 @@ class TokenBatch:
         names = batch.schema.names
         txt = None
         if text and text in names:
-            txt = batch.column(text).to_pylist()
+            txt = batch.column(text)  # stays Arrow: the text auditor works on Arrow string arrays
         if tokens not in names:
             if txt is None:
                 raise ValueError(f"batch has neither a {tokens!r} nor a {text!r} column")

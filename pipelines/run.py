@@ -130,9 +130,9 @@ def _manifest_steps_range(path: str) -> tuple[int, int]:
     return int(lo), int(hi)
 
 
-def read_manifest_steps(path: str, steps: list[int]) -> tuple[pa.Table, np.ndarray]:
+def read_manifest_steps(path: str, steps: list[int]) -> pa.Table:
     """The manifest rows of ``steps`` only (predicate push-down on row-group statistics), in file
-    order, with their 0-based row numbers in the file (for error messages)."""
+    order; nothing manifest-sized is read on the driver."""
     if not Path(path).exists() and "://" not in path:
         raise UserError(f"{path}: manifest not found")
     try:
@@ -141,16 +141,18 @@ def read_manifest_steps(path: str, steps: list[int]) -> tuple[pa.Table, np.ndarr
         raise UserError(f"{path}: not a readable Parquet manifest ({err})") from None
     validate(schema, STEP_MANIFEST, path)
     wanted = pa.array(sorted(set(steps)), pa.int64())
-    all_steps = pq.read_table(path, columns=["step"]).column("step")
-    row_ids = np.flatnonzero(np.asarray(pc.is_in(all_steps, value_set=wanted).to_numpy(zero_copy_only=False)))
-    del all_steps
-    ds = pads.dataset(path, format="parquet")
-    table = ds.to_table(filter=pads.field("step").isin(wanted), use_threads=False)
-    if table.num_rows != len(row_ids):  # cannot happen for one Parquet file; guard the row numbering
-        row_ids = np.arange(table.num_rows)
+    table = pads.dataset(path, format="parquet").to_table(filter=pads.field("step").isin(wanted), use_threads=False)
     table = STEP_MANIFEST.conform(table, path)
     unit = pc.fill_null(table.column("unit"), "row")
-    return table.set_column(table.schema.get_field_index("unit"), STEP_MANIFEST.schema.field("unit"), unit), row_ids
+    return table.set_column(table.schema.get_field_index("unit"), STEP_MANIFEST.schema.field("unit"), unit)
+
+
+def manifest_row_numbers(path: str, steps: list[int]) -> np.ndarray:
+    """0-based row numbers in the manifest file of the rows :func:`read_manifest_steps` returns
+    (reads the step column: done only to name the row in an error message)."""
+    wanted = pa.array(sorted(set(steps)), pa.int64())
+    all_steps = pq.read_table(path, columns=["step"]).column("step")
+    return np.flatnonzero(np.asarray(pc.is_in(all_steps, value_set=wanted).to_numpy(zero_copy_only=False)))
 
 
 def plan_audit(cfg: RunConfig, loss: pa.Table, spikes: pa.Table, skip_spikes: frozenset = frozenset(),
@@ -188,7 +190,7 @@ def plan_audit(cfg: RunConfig, loss: pa.Table, spikes: pa.Table, skip_spikes: fr
         controls = sorted(rng.choice(candidates, size=take, replace=False).tolist()) if take else []
 
     wanted = sorted(set(spikes_of) | set(controls))
-    man, row_ids = read_manifest_steps(cfg.manifest, wanted)
+    man = read_manifest_steps(cfg.manifest, wanted)
     have = set(np.unique(np.asarray(man.column("step"))).tolist()) if man.num_rows else set()
     missing = {sid: [s for s in w if s not in have] for sid, w in windows.items()}
     windows = {sid: [s for s in w if s in have] for sid, w in windows.items()}
@@ -203,19 +205,27 @@ def plan_audit(cfg: RunConfig, loss: pa.Table, spikes: pa.Table, skip_spikes: fr
         for s, sh, a, b, u in zip(man.column("step").to_pylist(), man.column("shard").to_pylist(),
                                   man.column("row_start").to_pylist(), man.column("row_end").to_pylist(), units)
     ]
-    _check_slices(cfg, man, row_ids)
+    _check_slices(cfg, man, wanted)
     log.info("audit plan: %d spikes, %d window steps, %d control steps, %d manifest slices", len(windows),
              len(spikes_of), len(controls), len(slices))
     return Plan(spikes, windows, controls, spikes_of, slices, missing)
 
 
-def _check_slices(cfg: RunConfig, man: pa.Table, row_ids: np.ndarray) -> None:
+def _check_slices(cfg: RunConfig, man: pa.Table, steps: list[int]) -> None:
     """Fail before any work if a selected slice is malformed, overlaps another in its step, points at
     a missing shard or past a shard's end (one line naming the manifest row and the shard)."""
     from pipelines.manifest import check_ranges, check_shard_bounds
 
-    check_ranges(man, cfg.manifest, row_ids, allow_overlap=cfg.allow_overlap)
-    check_shard_bounds(man, cfg.manifest, cfg.shards, row_ids, tokens_col=cfg.tokens_col, text_col=cfg.text_col)
+    def check(row_ids):
+        check_ranges(man, cfg.manifest, row_ids, allow_overlap=cfg.allow_overlap)
+        check_shard_bounds(man, cfg.manifest, cfg.shards, row_ids, tokens_col=cfg.tokens_col,
+                           text_col=cfg.text_col)
+
+    try:
+        check(None)
+    except UserError:
+        check(manifest_row_numbers(cfg.manifest, steps))  # the same error, naming the row in the file
+        raise
 
 
 # ------------------------------------------------------------------------------ pipeline helpers
@@ -333,8 +343,9 @@ class FlagRows(beam.DoFn):
         ends = np.asarray(rb.column("row_end"), dtype=np.int64) if "row_end" in rb.schema.names else tb.row + 1
         tok = self._tokenizer()
         for i in hit.tolist():  # bounded by max_rows: excerpts only for flagged rows
-            if tb.text is not None and tb.text[i] is not None:
-                excerpt = tb.text[i][:300]
+            text = _as_str(tb.text[i]) if tb.text is not None else None
+            if text is not None:
+                excerpt = text[:300]
             elif tok is not None:
                 excerpt = tok.decode(tb.values[tb.offsets[i]:tb.offsets[i + 1]][:200].tolist())[:300]
             else:
@@ -344,6 +355,11 @@ class FlagRows(beam.DoFn):
                    "score": float(score[i]), "excerpt": excerpt}
             for sid in self.spikes_of.get(step, []):
                 yield "row_flags", dict(rec, spike_id=sid)
+
+
+def _as_str(v):
+    """A text item as ``str`` (or None), whether it came from an Arrow array or a Python list."""
+    return v.as_py() if isinstance(v, pa.Scalar) else v
 
 
 def split_by_shard(kv):

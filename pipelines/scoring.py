@@ -13,20 +13,25 @@ from auditors.verdict import loo_z
 
 
 def to_token_batch(rb: pa.RecordBatch, tokens_col: str = "tokens", text_col: str = "text") -> TokenBatch:
-    """A reader batch (``pipelines.shards.SLICES_SCHEMA``) as a TokenBatch with row identities.
+    """A reader batch (``pipelines.shards.SLICES_SCHEMA``) as a TokenBatch with row identities,
+    vectorised (no Python object per row).
 
     Text-only rows (no tokens at all in the batch) are audited as UTF-8 bytes, so duplication,
     repetition and distribution signals still apply to text shards."""
     tb = TokenBatch.from_arrow(rb, tokens=tokens_col, text=text_col)
-    shard = np.asarray(rb.column("shard").to_pylist(), dtype=object) if "shard" in rb.schema.names else None
+    shard = None
+    if "shard" in rb.schema.names:
+        enc = pc.dictionary_encode(rb.column("shard"))
+        shard = np.asarray(enc.dictionary.to_pylist(), dtype=object)[enc.indices.to_numpy(zero_copy_only=False)]
     row = np.asarray(rb.column("row"), dtype=np.int64) if "row" in rb.schema.names else None
-    if tb.n_tokens == 0 and tb.text is not None and any(tb.text):
-        enc = [s.encode("utf-8") if s is not None else b"" for s in tb.text]
-        lengths = np.fromiter((len(e) for e in enc), dtype=np.int64, count=len(enc))
-        offsets = np.zeros(len(enc) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        values = np.frombuffer(b"".join(enc), dtype=np.uint8).astype(np.int64)
-        return TokenBatch(values, offsets, tb.text, shard, row)
+    if tb.n_tokens == 0 and tb.text is not None and len(tb.text):
+        text = pa.array(tb.text, type=pa.large_string()) if not isinstance(tb.text, pa.Array) else tb.text
+        raw = pc.fill_null(text.cast(pa.large_binary()), b"")
+        offsets = np.frombuffer(raw.buffers()[1], dtype=np.int64)[raw.offset : raw.offset + len(raw) + 1]
+        data = np.frombuffer(raw.buffers()[2], dtype=np.uint8) if raw.buffers()[2] is not None else np.zeros(0, np.uint8)
+        if offsets[-1] > offsets[0]:
+            values = data[offsets[0] : offsets[-1]].astype(np.int64)
+            return TokenBatch(values, offsets - offsets[0], tb.text, shard, row)
     return TokenBatch(tb.values, tb.offsets, tb.text, shard, row)
 
 
@@ -142,28 +147,38 @@ def hash_buckets(kv, tokens_col: str, text_col: str, buckets: int, seed: int):
 
     key, rb = kv
     h = row_hashes(to_token_batch(rb, tokens_col, text_col), seed)
-    yield from split_by_bucket(h, np.full(len(h), key, dtype=np.int64), buckets)
+    yield from split_by_bucket(h, buckets, h, np.full(len(h), key, dtype=np.int64))
 
 
-def split_by_bucket(h: np.ndarray, keys: np.ndarray, buckets: int):
-    """Partition parallel (hash, key) arrays by ``hash % buckets``: one element per non-empty bucket."""
-    b = (h % np.uint64(buckets)).astype(np.int64)
+def split_by_bucket(key: np.ndarray, buckets: int, *arrays: np.ndarray):
+    """Partition parallel ``arrays`` by ``key % buckets`` (``key`` uint64, one per element): one
+    ``(bucket, tuple of the arrays' elements in it)`` per non-empty bucket, vectorised."""
+    b = (key % np.uint64(buckets)).astype(np.int64)
     order = np.argsort(b, kind="stable")
     cuts = np.flatnonzero(np.diff(b[order])) + 1
     for idx in np.split(order, cuts):
         if len(idx):
-            yield int(b[idx[0]]), (h[idx], keys[idx])
+            yield int(b[idx[0]]), tuple(a[idx] for a in arrays)
+
+
+def concat_parts(parts) -> tuple[np.ndarray, ...] | None:
+    """The grouped values of a GroupByKey, each a tuple of parallel arrays, concatenated column by
+    column (None when there are none)."""
+    parts = list(parts)
+    if not parts:
+        return None
+    return tuple(np.concatenate(col) for col in zip(*parts))
 
 
 def seen_elsewhere_counts(kv):
     """One hash bucket -> (key, rows of that key whose hash another key shares)."""
     from auditors.dedup import seen_elsewhere
 
-    _, parts = kv
-    parts = list(parts)
-    keys, counts = seen_elsewhere(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
-    for k, c in zip(keys.tolist(), counts.tolist()):
-        yield k, c
+    cols = concat_parts(kv[1])
+    if cols is None:
+        return
+    keys, counts = seen_elsewhere(*cols)
+    yield from zip(keys.tolist(), counts.tolist())
 
 
 def with_cross_dup(kv):

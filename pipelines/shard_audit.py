@@ -45,7 +45,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines.errors import UserError
-from pipelines.scoring import (entity_scores, finish, make_suite, split_by_bucket, suite_histogram, sum_histograms,
+from pipelines.scoring import (concat_parts, entity_scores, finish, make_suite, split_by_bucket, suite_histogram, sum_histograms,
                                to_token_batch, with_cross_dup)
 from schemas import DUPLICATES, SHARD_SCORES
 
@@ -232,45 +232,36 @@ def row_keys(name_rb, shard_index: dict, cfg_dict: dict) -> dict:
 
 def split_exact(rec: dict, buckets: int):
     """Partition a chunk's (hash, node) pairs by hash bucket: one element per non-empty bucket."""
-    yield from split_by_bucket(rec["hash"], rec["nodes"], buckets)
+    yield from split_by_bucket(rec["hash"], buckets, rec["hash"], rec["nodes"])
 
 
 def shard_seen_elsewhere(kv):
     """One exact-hash bucket -> (shard index, rows whose hash another shard shares)."""
-    _, parts = kv
-    parts = list(parts)
-    h = np.concatenate([p[0] for p in parts])
-    shard = np.concatenate([p[1] for p in parts]) >> NODE_SHIFT
     from auditors.dedup import seen_elsewhere
 
-    keys, counts = seen_elsewhere(h, shard)
-    for k, c in zip(keys.tolist(), counts.tolist()):
-        yield k, c
+    cols = concat_parts(kv[1])
+    if cols is None:
+        return
+    keys, counts = seen_elsewhere(cols[0], cols[1] >> NODE_SHIFT)
+    yield from zip(keys.tolist(), counts.tolist())
 
 
 def split_bands(rec: dict, buckets: int):
+    """Partition a chunk's (LSH band key, node, sketch) triples by band-key bucket."""
     keys, nodes, sk = rec["bands"], rec["ne_nodes"], rec["sketch"]
     if not len(nodes):
         return
+    rows = np.repeat(np.arange(len(nodes)), keys.shape[1])
     flat = keys.ravel()
-    node_rep = np.repeat(nodes, keys.shape[1])
-    row_rep = np.repeat(np.arange(len(nodes)), keys.shape[1])
-    b = (flat % np.uint64(buckets)).astype(np.int64)
-    order = np.argsort(b, kind="stable")
-    cuts = np.flatnonzero(np.diff(b[order])) + 1
-    for idx in np.split(order, cuts):
-        if len(idx):
-            yield int(b[idx[0]]), (flat[idx], node_rep[idx], sk[row_rep[idx]])
+    yield from split_by_bucket(flat, buckets, flat, nodes[rows], sk[rows])
 
 
 def exact_groups(kv):
     """One hash bucket -> (hash, sorted member nodes) for every hash held by >= 2 rows of >= 2 shards."""
-    _, parts = kv
-    parts = list(parts)
-    if not parts:
+    cols = concat_parts(kv[1])
+    if cols is None:
         return
-    h = np.concatenate([p[0] for p in parts])
-    nodes = np.concatenate([p[1] for p in parts])
+    h, nodes = cols
     order = np.lexsort((nodes, h))
     h, nodes = h[order], nodes[order]
     start = np.flatnonzero(np.r_[True, h[1:] != h[:-1]])
@@ -285,13 +276,10 @@ def near_pairs(kv, threshold: float):
     """One band bucket -> verified near-duplicate node pairs (lo, hi) as two int64 arrays."""
     from auditors.minhash import near_duplicates
 
-    _, parts = kv
-    parts = list(parts)
-    keys = np.concatenate([p[0] for p in parts])
-    nodes = np.concatenate([p[1] for p in parts])
-    sk = np.concatenate([p[2] for p in parts])
-    if len(keys) < 2:
+    cols = concat_parts(kv[1])
+    if cols is None or len(cols[0]) < 2:
         return
+    keys, nodes, sk = cols
     order = np.lexsort((nodes, keys))
     keys, nodes, sk = keys[order], nodes[order], sk[order]
     lo, hi, _ = near_duplicates(keys[:, None], sk, threshold)
@@ -305,12 +293,10 @@ def cluster_pairs(nodes_pairs, max_iter: int):
     """All verified pairs -> (node ids, cluster label per node), by bounded connected components."""
     from auditors.minhash import components
 
-    _, parts = nodes_pairs
-    parts = list(parts)
-    if not parts:
+    cols = concat_parts(nodes_pairs[1])
+    if cols is None:
         return
-    lo = np.concatenate([p[0] for p in parts])
-    hi = np.concatenate([p[1] for p in parts])
+    lo, hi = cols
     uniq, inv = np.unique(np.r_[lo, hi], return_inverse=True)
     lab, converged = components(len(uniq), inv[: len(lo)], inv[len(lo):], max_iter)
     if not converged:

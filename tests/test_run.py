@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -136,8 +137,11 @@ def test_missing_shard_is_a_one_line_error_and_leaves_no_output(demo, tmp_path):
     (broken / "shards" / "train-00004.parquet").unlink()
     cfg = RunConfig(log=str(broken / "train.log"), manifest=str(broken / "manifest.parquet"),
                     shards=str(broken / "shards"), out=str(tmp_path / "out"))
-    with pytest.raises(UserError, match=r"manifest\.parquet: row \d+: shard .train-00004\.parquet. not found") as err:
+    with pytest.raises(UserError, match=r"manifest\.parquet: row (\d+): shard .train-00004\.parquet. not found") as err:
         run_audit(cfg)
+    # the row named is the manifest file's own row (shard 4 starts at step 101: row 100 of the file)
+    row = int(re.search(r"row (\d+)", str(err.value)).group(1))
+    assert pq.read_table(broken / "manifest.parquet").slice(row, 1).column("shard")[0].as_py() == "train-00004.parquet"
     assert "\n" not in str(err.value)
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "staging left behind"
@@ -148,8 +152,6 @@ def test_manifest_log_mismatch_is_a_one_line_error(demo, tmp_path):
     log = tmp_path / "other.log"
     text = (root / "run" / "train.log").read_text()
     # the same run logged 1000 iterations later: its spikes are outside the manifest
-    import re
-
     log.write_text(re.sub(r"iteration\s+(\d+)/", lambda m: f"iteration {int(m.group(1)) + 1000:8d}/", text))
     cfg = RunConfig(log=str(log), manifest=str(root / "run" / "manifest.parquet"), shards=str(root / "run" / "shards"),
                     out=str(tmp_path / "out"))

@@ -35,3 +35,19 @@ def test_entity_scores_rank_the_outlier_first_with_its_reason():
     assert recs[0]["shard"] == "zz" and recs[0]["rank"] == 1 and recs[0]["top_signal"] == "b"
     assert recs[0]["reason"].startswith("b = 50")
     assert [r["rank"] for r in recs] == list(range(1, 32))
+
+
+def test_token_batch_keeps_text_in_arrow_and_shard_names_per_row():
+    rb = pa.record_batch({"tokens": pa.array([[1, 2], [3]], pa.list_(pa.int64())), "text": ["ab", None],
+                          "shard": ["s1", "s2"], "row": [4, 9]})
+    tb = to_token_batch(rb)
+    assert isinstance(tb.text, pa.Array) and tb.text.to_pylist() == ["ab", None]
+    assert tb.shard.tolist() == ["s1", "s2"] and tb.row.tolist() == [4, 9]
+    assert tb.values.tolist() == [1, 2, 3]
+
+
+def test_sliced_text_only_batches_give_their_own_bytes():
+    rb = pa.record_batch({"text": ["xx", "ab", "é"], "shard": ["s"] * 3, "row": [0, 1, 2]}).slice(1)
+    tb = to_token_batch(rb)
+    assert tb.offsets.tolist() == [0, 2, 4]
+    assert tb.values.tolist() == [97, 98, 0xC3, 0xA9]
