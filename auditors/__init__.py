@@ -4,6 +4,6 @@ No Beam import anywhere in this package (a test enforces it). See :mod:`auditors
 mergeable-accumulator contract every auditor follows.
 """
 
-from auditors.base import Auditor, TokenBatch
+from spike_audit.auditors.base import Auditor, TokenBatch
 
 __all__ = ["Auditor", "TokenBatch"]

@@ -34,8 +34,8 @@ from typing import Iterable
 
 import numpy as np
 
-from auditors._util import BatchCache, hash_rows_and_docs
-from auditors.base import TokenBatch
+from spike_audit.auditors._util import BatchCache, hash_rows_and_docs
+from spike_audit.auditors.base import TokenBatch
 
 SIGNALS = {
     "dup_row_frac": "Fraction of rows whose 64-bit token hash occurs at least twice within the same batch "

@@ -58,8 +58,8 @@ from typing import Iterable
 
 import numpy as np
 
-from auditors._util import _CHUNK, GOLDEN, BatchCache, chunk_bounds, fmix64, seed_key
-from auditors.base import TokenBatch
+from spike_audit.auditors._util import _CHUNK, GOLDEN, BatchCache, chunk_bounds, fmix64, seed_key
+from spike_audit.auditors.base import TokenBatch
 
 SIGNALS = {
     "near_dup_frac": "Fraction of rows with at least one near-duplicate row in the accumulator: sharing a MinHash "

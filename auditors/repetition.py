@@ -32,8 +32,8 @@ from typing import Iterable
 
 import numpy as np
 
-from auditors._util import BatchCache
-from auditors.base import TokenBatch
+from spike_audit.auditors._util import BatchCache
+from spike_audit.auditors.base import TokenBatch
 
 SIGNALS = {
     "repeat_run_rows_frac": "Fraction of rows holding a repeated n-gram run (period 1..13 tokens) of at least 32 "

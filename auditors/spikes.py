@@ -66,7 +66,7 @@ import numpy as np
 import pyarrow as pa
 from numpy.lib.stride_tricks import sliding_window_view
 
-from schemas import ALIGNED_SPIKES, SPIKES
+from spike_audit.schemas import ALIGNED_SPIKES, SPIKES
 
 METHODS = ("robust", "olmo", "metaseq")
 _MAD_TO_SIGMA = 1.4826

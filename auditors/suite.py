@@ -24,10 +24,10 @@ from typing import Iterable
 
 import numpy as np
 
-from auditors import dedup, minhash, repetition, tokens
-from auditors import text as text_mod
-from auditors._util import BatchCache
-from auditors.base import TokenBatch
+from spike_audit.auditors import dedup, minhash, repetition, tokens
+from spike_audit.auditors import text as text_mod
+from spike_audit.auditors._util import BatchCache
+from spike_audit.auditors.base import TokenBatch
 
 SIGNALS: dict[str, str] = {
     **dedup.SIGNALS,

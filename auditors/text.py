@@ -84,7 +84,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from auditors.base import TokenBatch
+from spike_audit.auditors.base import TokenBatch
 
 TOP_NS = (2, 3, 4)
 DUP_NS = (5, 6, 7, 8, 9, 10)

@@ -33,8 +33,8 @@ from typing import Iterable
 
 import numpy as np
 
-from auditors._util import BatchCache, segments_from_mask
-from auditors.base import TokenBatch
+from spike_audit.auditors._util import BatchCache, segments_from_mask
+from spike_audit.auditors.base import TokenBatch
 
 SIGNALS = {
     "token_entropy": "Shannon entropy of the unigram token distribution, bits.",

@@ -46,7 +46,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from auditors.scales import to_scoring_scale
+from spike_audit.auditors.scales import to_scoring_scale
 
 MAD_TO_SIGMA = 1.4826
 MEANAD_TO_SIGMA = 1.2533

@@ -35,13 +35,13 @@ import pyarrow.parquet as pq  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from auditors.base import TokenBatch  # noqa: E402
-from auditors.dedup import ExactDup  # noqa: E402
-from auditors.minhash import NearDup, signatures  # noqa: E402
-from auditors.repetition import Repetition  # noqa: E402
-from auditors.suite import Suite  # noqa: E402
-from auditors.text import TextStats, text_row_signals  # noqa: E402
-from auditors.tokens import Histogram, TokenStats  # noqa: E402
+from spike_audit.auditors.base import TokenBatch  # noqa: E402
+from spike_audit.auditors.dedup import ExactDup  # noqa: E402
+from spike_audit.auditors.minhash import NearDup, signatures  # noqa: E402
+from spike_audit.auditors.repetition import Repetition  # noqa: E402
+from spike_audit.auditors.suite import Suite  # noqa: E402
+from spike_audit.auditors.text import TextStats, text_row_signals  # noqa: E402
+from spike_audit.auditors.tokens import Histogram, TokenStats  # noqa: E402
 
 ROW_LEN = 2048
 EOS = 0

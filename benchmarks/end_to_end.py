@@ -35,9 +35,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
 
-    from pipelines.demo import DemoConfig, make_demo, make_shard_corpus
-    from pipelines.run import RunConfig, run_audit
-    from pipelines.shard_audit import ShardAuditConfig, run_shard_audit
+    from spike_audit.pipelines.demo import DemoConfig, make_demo, make_shard_corpus
+    from spike_audit.pipelines.run import RunConfig, run_audit
+    from spike_audit.pipelines.shard_audit import ShardAuditConfig, run_shard_audit
 
     corpus = BASE / f"corpus-{args.rows_per_shard}"
     if not corpus.exists():

@@ -18,8 +18,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from auditors.spikes import DetectorConfig, detect_table  # noqa: E402
-from pipelines.logs import read_log  # noqa: E402
+from spike_audit.auditors.spikes import DetectorConfig, detect_table  # noqa: E402
+from spike_audit.pipelines.logs.read import read_log  # noqa: E402
 
 
 def _loss(n: int, seed: int) -> np.ndarray:

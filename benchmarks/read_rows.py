@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.shards import read_slices  # noqa: E402
+from spike_audit.pipelines.shards.read import read_slices  # noqa: E402
 
 
 def rchar() -> int:

@@ -21,7 +21,8 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 
-from pipelines.shards import SLICES_SCHEMA, coalesce, expand_rows, read_slices
+from spike_audit.pipelines.shards.read import read_slices
+from spike_audit.pipelines.shards.slices import SLICES_SCHEMA, coalesce, expand_rows
 
 
 def _key_by_shard(element):

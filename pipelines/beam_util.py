@@ -20,7 +20,7 @@ import apache_beam as beam
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
-from schemas import TableSpec
+from spike_audit.schemas import TableSpec
 
 
 class AuditorCombineFn(beam.CombineFn):

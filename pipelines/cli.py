@@ -14,8 +14,8 @@ import importlib
 import logging
 import sys
 
-from pipelines.errors import UserError
-from schemas import SchemaError
+from spike_audit.pipelines.errors import UserError
+from spike_audit.schemas import SchemaError
 
 COMMANDS = ("spikes", "batch", "run", "shards", "demo", "manifest")
 
@@ -31,9 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for name in COMMANDS:
         try:
-            module = importlib.import_module(f"pipelines.cmd_{name}")
+            module = importlib.import_module(f"spike_audit.pipelines.cmd_{name}")
         except ModuleNotFoundError as err:  # a subcommand not built yet must not break the others
-            if err.name == f"pipelines.cmd_{name}":
+            if err.name == f"spike_audit.pipelines.cmd_{name}":
                 continue
             raise
         module.register(sub)

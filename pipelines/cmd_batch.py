@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from pipelines.errors import UserError
+from spike_audit.pipelines.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,8 @@ def step_report(manifest: str, shard_root: str | None, step: int, *, tokenizer: 
                 max_chars: int = 200, limit: int = 20, tokens_col: str = "tokens", text_col: str = "text",
                 dtype=None, allow_overlap: bool = False) -> dict:
     """What ``step`` consumed, as a JSON-able dict (the ``--json`` output)."""
-    from pipelines.manifest import (_name, check_ranges, check_shard_bounds, load_manifest_table, step_rows)
-    from pipelines.shards import read_slices
+    from spike_audit.pipelines.manifest import (_name, check_ranges, check_shard_bounds, load_manifest_table, step_rows)
+    from spike_audit.pipelines.shards.read import read_slices
 
     table = load_manifest_table(manifest)
     src = _name(manifest)
@@ -66,7 +66,7 @@ def step_report(manifest: str, shard_root: str | None, step: int, *, tokenizer: 
     check_shard_bounds(sub, src, shard_root, ids, dtype=dtype, tokens_col=tokens_col, text_col=text_col)
     tok = None
     if tokenizer:
-        from pipelines.tokenizer import load_tokenizer
+        from spike_audit.pipelines.tokenizer import load_tokenizer
 
         tok = load_tokenizer(tokenizer)
     shard = np.asarray(sub.column("shard").to_pylist(), dtype=object)
@@ -93,7 +93,7 @@ def step_report(manifest: str, shard_root: str | None, step: int, *, tokenizer: 
         need_decode = [int(i) for i in shown if texts[i] is None and tokens[int(i)].is_valid]
         decoded = {}
         if need_decode and tok is not None:
-            from pipelines.tokenizer import decode_batch
+            from spike_audit.pipelines.tokenizer import decode_batch
 
             seqs = [tokens[i].values.to_numpy(zero_copy_only=False) for i in need_decode]
             decoded = dict(zip(need_decode, decode_batch(tok, seqs)))

@@ -7,9 +7,9 @@ from pathlib import Path
 
 
 def _demo(args) -> int:
-    from pipelines.cmd_run import print_summary
-    from pipelines.demo import DemoConfig, make_demo
-    from pipelines.run import RunConfig, run_audit
+    from spike_audit.pipelines.cmd_run import print_summary
+    from spike_audit.pipelines.demo import DemoConfig, make_demo
+    from spike_audit.pipelines.run import RunConfig, run_audit
 
     root = Path(args.dir)
     truth = make_demo(root / "run", DemoConfig(seed=args.seed))

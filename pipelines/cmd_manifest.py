@@ -7,7 +7,7 @@ import glob
 import logging
 import os
 
-from pipelines.errors import UserError
+from spike_audit.pipelines.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +99,12 @@ def _expand_globs(root: str | None, patterns: list[str]) -> list[str]:
 
 
 def run(args) -> int:
-    from pipelines.manifest import read_manifest, write_manifest
+    from spike_audit.pipelines.manifest import read_manifest, write_manifest
 
     steps = _steps(args.steps)
     allow_overlap = False
     if args.trainer == "olmo":
-        from pipelines.builders.olmo import build_olmo_manifest
+        from spike_audit.pipelines.builders.olmo import build_olmo_manifest
 
         table = build_olmo_manifest(args.global_indices, _data_files(args), seq_len=args.seq_len,
                                     global_batch_size=args.global_batch_size, dtype=args.dtype,
@@ -112,7 +112,7 @@ def run(args) -> int:
                                     world_size=args.world_size, micro_batch_size=args.micro_batch_size)
         dtype = args.dtype
     elif args.trainer == "megatron":
-        from pipelines.builders.megatron import build_megatron_manifest, load_cache
+        from spike_audit.pipelines.builders.megatron import build_megatron_manifest, load_cache
 
         doc, sample, shuffle = load_cache(args.cache)
         table = build_megatron_manifest(args.data, doc, sample, shuffle, global_batch_size=args.global_batch_size,
@@ -124,7 +124,7 @@ def run(args) -> int:
         dtype = None
         allow_overlap = True  # samples from different epochs can share a document within one batch
     else:
-        from pipelines.builders.sequential import build_sequential_manifest
+        from spike_audit.pipelines.builders.sequential import build_sequential_manifest
 
         files = _expand_globs(args.shards, _data_files(args))
         if steps is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def _shards(args) -> int:
-    from pipelines.shard_audit import ShardAuditConfig, run_shard_audit
+    from spike_audit.pipelines.shard_audit import ShardAuditConfig, run_shard_audit
 
     fields = ShardAuditConfig.__dataclass_fields__
     cfg = ShardAuditConfig(**{k: v for k, v in vars(args).items() if k in fields and k != "inputs"},

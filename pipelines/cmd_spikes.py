@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 
 def register(subparsers) -> None:
-    from pipelines.logs import FORMATS
+    from spike_audit.pipelines.logs.lines import FORMATS
 
     p = subparsers.add_parser(
         "spikes",
@@ -80,10 +80,10 @@ SPIKE_COLS = [("metric", "metric"), ("kind", "kind"), ("start_step", "start"), (
 def run(args) -> int:
     import pyarrow as pa
 
-    from auditors.spikes import DetectorConfig, align, detect_table
-    from pipelines.io import write_table
-    from pipelines.logs import read_log
-    from schemas import ALIGNED_SPIKES, LOSS_SERIES, SPIKES
+    from spike_audit.auditors.spikes import DetectorConfig, align, detect_table
+    from spike_audit.pipelines.io import write_table
+    from spike_audit.pipelines.logs.read import read_log
+    from spike_audit.schemas import ALIGNED_SPIKES, LOSS_SERIES, SPIKES
 
     cfg_kw = {"method": args.method}
     if args.k is not None:
@@ -94,7 +94,7 @@ def run(args) -> int:
     try:
         config = DetectorConfig(**cfg_kw)
     except ValueError as err:
-        from pipelines.errors import UserError
+        from spike_audit.pipelines.errors import UserError
 
         raise UserError(f"--method/--k/--window: {err}") from None
 

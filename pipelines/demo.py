@@ -29,8 +29,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.io import write_json, write_table, write_text
-from schemas import STEP_MANIFEST
+from spike_audit.pipelines.io import write_json, write_table, write_text
+from spike_audit.schemas import STEP_MANIFEST
 
 log = logging.getLogger(__name__)
 

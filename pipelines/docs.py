@@ -1,15 +1,14 @@
-"""``python -m pipelines.docs``: regenerate the generated documentation: ``docs/schemas.md`` from
+"""``python -m spike_audit.pipelines.docs``: regenerate the generated documentation: ``docs/schemas.md`` from
 :mod:`schemas`, and the signal table in ``README.md`` from :data:`auditors.suite.SIGNALS`."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from auditors.suite import signals_markdown
-from schemas.core import markdown
-from schemas.tables import TABLES
+from spike_audit.auditors.suite import signals_markdown
+from spike_audit.schemas.core import markdown
+from spike_audit.schemas.tables import TABLES
 
-ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- signals:begin -->\n", "<!-- signals:end -->"
 
 
@@ -19,8 +18,12 @@ def update_readme(text: str) -> str:
 
 
 def main() -> None:
-    (ROOT / "docs" / "schemas.md").write_text(markdown(TABLES))
-    readme = ROOT / "README.md"
+    # Run from the checkout: the installed package does not know where its source tree is.
+    root = Path.cwd()
+    if not (root / "README.md").is_file() or not (root / "schemas").is_dir():
+        raise SystemExit("run `python -m spike_audit.pipelines.docs` from the root of a spike-audit checkout")
+    (root / "docs" / "schemas.md").write_text(markdown(TABLES))
+    readme = root / "README.md"
     readme.write_text(update_readme(readme.read_text()))
     print("updated docs/schemas.md and README.md")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas import TableSpec
+from spike_audit.schemas import TableSpec
 
 log = logging.getLogger(__name__)
 

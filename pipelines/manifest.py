@@ -24,10 +24,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.errors import UserError
-from pipelines.io import write_table
-from pipelines.shards import UNITS, _close, open_shard
-from schemas import STEP_MANIFEST, validate
+from spike_audit.pipelines.errors import UserError
+from spike_audit.pipelines.io import write_table
+from spike_audit.pipelines.shards.read import _close, open_shard
+from spike_audit.pipelines.shards.slices import UNITS
+from spike_audit.schemas import STEP_MANIFEST, validate
 
 log = logging.getLogger(__name__)
 

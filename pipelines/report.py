@@ -126,7 +126,7 @@ def _signals_of(batch_scores: pa.Table, role: str, spike_id: str | None = None) 
 
 
 def render_run_report(loss: pa.Table, spikes: pa.Table, tables: dict[str, pa.Table], cfg) -> str:
-    from pipelines.run import attributed
+    from spike_audit.pipelines.run import attributed
 
     verdicts = {v["spike_id"]: v for v in tables["verdicts"].to_pylist()}
     bs = tables["batch_scores"]

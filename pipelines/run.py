@@ -41,14 +41,14 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from auditors.base import TokenBatch
-from auditors.scales import to_scoring_scale
-from auditors.verdict import BottomK, VerdictConfig, hash64, judge, robust_center_scale
-from pipelines.errors import UserError
-from pipelines.scoring import (entity_scores, finish, hash_buckets, make_suite, matrix, opt_float,
+from spike_audit.auditors.base import TokenBatch
+from spike_audit.auditors.scales import to_scoring_scale
+from spike_audit.auditors.verdict import BottomK, VerdictConfig, hash64, judge, robust_center_scale
+from spike_audit.pipelines.errors import UserError
+from spike_audit.pipelines.scoring import (entity_scores, finish, hash_buckets, make_suite, matrix, opt_float,
                                seen_elsewhere_counts, signal_names, to_token_batch, unique_by_key,
                                with_cross_dup)
-from schemas import BATCH_SCORES, ROW_FLAGS, SHARD_SCORES, SPIKES, STEP_MANIFEST, VERDICTS, validate
+from spike_audit.schemas import BATCH_SCORES, ROW_FLAGS, SHARD_SCORES, SPIKES, STEP_MANIFEST, VERDICTS, validate
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +100,8 @@ class Plan:
 
 
 def read_loss_and_spikes(cfg: RunConfig):
-    from auditors.spikes import DetectorConfig, detect_table
-    from pipelines.logs import read_log
+    from spike_audit.auditors.spikes import DetectorConfig, detect_table
+    from spike_audit.pipelines.logs.read import read_log
 
     loss, report = read_log(cfg.log, format=cfg.log_format)
     log.info("log %s: %s format, %d values, %d malformed, %d replaced by a resume", cfg.log, report.format,
@@ -214,7 +214,7 @@ def plan_audit(cfg: RunConfig, loss: pa.Table, spikes: pa.Table, skip_spikes: fr
 def _check_slices(cfg: RunConfig, man: pa.Table, steps: list[int]) -> None:
     """Fail before any work if a selected slice is malformed, overlaps another in its step, points at
     a missing shard or past a shard's end (one line naming the manifest row and the shard)."""
-    from pipelines.manifest import check_ranges, check_shard_bounds
+    from spike_audit.pipelines.manifest import check_ranges, check_shard_bounds
 
     def check(row_ids):
         check_ranges(man, cfg.manifest, row_ids, allow_overlap=cfg.allow_overlap)
@@ -415,9 +415,9 @@ def build_pipeline(p, cfg: RunConfig, plan: Plan, staging: str):
     import apache_beam as beam
     from apache_beam.pvalue import AsSingleton
 
-    from auditors.tokens import Histogram
-    from pipelines.beam_read import ReadSlices
-    from pipelines.beam_util import AuditorCombineFn, WriteTables
+    from spike_audit.auditors.tokens import Histogram
+    from spike_audit.pipelines.beam_read import ReadSlices
+    from spike_audit.pipelines.beam_util import AuditorCombineFn, WriteTables
 
     cfg_dict = {"vocab_size": cfg.vocab_size, "eos_id": cfg.eos_id, "seed": cfg.seed}
     control_set = frozenset(plan.controls)
@@ -605,8 +605,8 @@ class RunResult:
 def run_audit(cfg: RunConfig, beam_args: list[str] | None = None) -> RunResult:
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from pipelines.io import AtomicDir, write_json, write_table, write_text
-    from pipelines.report import render_run_report
+    from spike_audit.pipelines.io import AtomicDir, write_json, write_table, write_text
+    from spike_audit.pipelines.report import render_run_report
 
     t0 = time.time()
     for path, what in ((cfg.log, "log"), (cfg.manifest, "manifest"), (cfg.shards, "shard root")):
@@ -628,7 +628,7 @@ def run_audit(cfg: RunConfig, beam_args: list[str] | None = None) -> RunResult:
         if new_ids:
             opts = PipelineOptions(beam_options(beam_args))
             log.info("running the audit pipeline (%s)", opts.get_all_options().get("runner") or "DirectRunner")
-            from pipelines.beam_util import collect_tables, run_pipeline
+            from spike_audit.pipelines.beam_util import collect_tables, run_pipeline
 
             run_pipeline(lambda p: build_pipeline(p, cfg, plan, str(staging_root)), opts)
 
@@ -669,7 +669,7 @@ RUNNER_ALIASES = {"DaskRunner": "apache_beam.runners.dask.dask_runner.DaskRunner
 def beam_options(args: list[str] | None) -> list[str]:
     """Pass Beam options through unchanged, but accept short runner names Beam itself does not know
     (``--runner=DaskRunner``), and on the DaskRunner install :mod:`pipelines.dask_compat`."""
-    from pipelines.dask_compat import install, needs_shim
+    from spike_audit.pipelines.dask_compat import install, needs_shim
 
     out = []
     args = list(args or [])
@@ -710,7 +710,7 @@ def merge_with_state(state, new_tables, done):
 
 
 def save_state(cfg: RunConfig, tables, plan: Plan, state) -> None:
-    from pipelines.io import AtomicDir, write_json, write_table
+    from spike_audit.pipelines.io import AtomicDir, write_json, write_table
 
     controls = state["controls"] if state is not None else plan.controls
     with AtomicDir(cfg.state) as stage:

@@ -7,9 +7,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from auditors.base import TokenBatch
-from auditors.scales import to_scoring_scale
-from auditors.verdict import loo_z
+from spike_audit.auditors.base import TokenBatch
+from spike_audit.auditors.scales import to_scoring_scale
+from spike_audit.auditors.verdict import loo_z
 
 
 def to_token_batch(rb: pa.RecordBatch, tokens_col: str = "tokens", text_col: str = "text") -> TokenBatch:
@@ -36,7 +36,7 @@ def to_token_batch(rb: pa.RecordBatch, tokens_col: str = "tokens", text_col: str
 
 
 def make_suite(cfg: dict, baseline_hist=None):
-    from auditors.suite import Suite
+    from spike_audit.auditors.suite import Suite
 
     if baseline_hist is not None and int(np.sum(baseline_hist)) <= 0:
         baseline_hist = None
@@ -55,7 +55,7 @@ def finish(key_acc, hist, cfg: dict, in_baseline=frozenset(), all_in_baseline: b
     Leave-one-out: when the entity's own tokens are part of the baseline (``key in in_baseline`` or
     ``all_in_baseline``), they are subtracted first, so baseline-relative signals (JS divergence,
     rare-token share, cross-entropy) treat baseline members and other entities alike."""
-    from auditors.suite import COUNTS
+    from spike_audit.auditors.suite import COUNTS
 
     key, acc = key_acc
     if all_in_baseline or key in in_baseline:
@@ -143,7 +143,7 @@ def filter_eq(table: pa.Table, column: str, value) -> pa.Table:
 
 def hash_buckets(kv, tokens_col: str, text_col: str, buckets: int, seed: int):
     """(int key, RecordBatch) -> (bucket, (row hashes, keys)) per non-empty hash bucket."""
-    from auditors.dedup import row_hashes
+    from spike_audit.auditors.dedup import row_hashes
 
     key, rb = kv
     h = row_hashes(to_token_batch(rb, tokens_col, text_col), seed)
@@ -172,7 +172,7 @@ def concat_parts(parts) -> tuple[np.ndarray, ...] | None:
 
 def seen_elsewhere_counts(kv):
     """One hash bucket -> (key, rows of that key whose hash another key shares)."""
-    from auditors.dedup import seen_elsewhere
+    from spike_audit.auditors.dedup import seen_elsewhere
 
     cols = concat_parts(kv[1])
     if cols is None:

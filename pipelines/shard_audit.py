@@ -44,10 +44,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from pipelines.errors import UserError
-from pipelines.scoring import (concat_parts, entity_scores, finish, make_suite, split_by_bucket, suite_histogram, sum_histograms,
+from spike_audit.pipelines.errors import UserError
+from spike_audit.pipelines.scoring import (concat_parts, entity_scores, finish, make_suite, split_by_bucket, suite_histogram, sum_histograms,
                                to_token_batch, with_cross_dup)
-from schemas import DUPLICATES, SHARD_SCORES
+from spike_audit.schemas import DUPLICATES, SHARD_SCORES
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ def _dir_stat(path: str) -> tuple[int, float]:
 
 def check_shards(shards: list[Shard], cfg: ShardAuditConfig) -> tuple[list[tuple[Shard, int, str]], list[dict]]:
     """Open each shard once: (shard, length, unit) for the good ones, and a list of the bad ones."""
-    from pipelines.shards import open_shard, read_slices
+    from spike_audit.pipelines.shards.read import open_shard, read_slices
 
     good, bad = [], []
     for k, s in enumerate(shards):
@@ -202,7 +202,7 @@ class ReadChunk:
         self.tokens_col, self.text_col, self.dtype = tokens_col, text_col, dtype
 
     def __call__(self, item):
-        from pipelines.shards import read_slices
+        from spike_audit.pipelines.shards.read import read_slices
 
         name, path, start, end, n = item
         rb = read_slices(None, path, np.array([[start, end]], dtype=np.int64), unit="row",
@@ -217,8 +217,8 @@ class ReadChunk:
 
 def row_keys(name_rb, shard_index: dict, cfg_dict: dict) -> dict:
     """Per chunk, vectorised: node ids, exact row hashes, LSH band keys and 8-bit MinHash sketches."""
-    from auditors.dedup import row_hashes
-    from auditors.minhash import band_keys, signatures
+    from spike_audit.auditors.dedup import row_hashes
+    from spike_audit.auditors.minhash import band_keys, signatures
 
     name, rb = name_rb
     tb = to_token_batch(rb, cfg_dict["tokens_col"], cfg_dict["text_col"])
@@ -237,7 +237,7 @@ def split_exact(rec: dict, buckets: int):
 
 def shard_seen_elsewhere(kv):
     """One exact-hash bucket -> (shard index, rows whose hash another shard shares)."""
-    from auditors.dedup import seen_elsewhere
+    from spike_audit.auditors.dedup import seen_elsewhere
 
     cols = concat_parts(kv[1])
     if cols is None:
@@ -274,7 +274,7 @@ def exact_groups(kv):
 
 def near_pairs(kv, threshold: float):
     """One band bucket -> verified near-duplicate node pairs (lo, hi) as two int64 arrays."""
-    from auditors.minhash import near_duplicates
+    from spike_audit.auditors.minhash import near_duplicates
 
     cols = concat_parts(kv[1])
     if cols is None or len(cols[0]) < 2:
@@ -291,7 +291,7 @@ def near_pairs(kv, threshold: float):
 
 def cluster_pairs(nodes_pairs, max_iter: int):
     """All verified pairs -> (node ids, cluster label per node), by bounded connected components."""
-    from auditors.minhash import components
+    from spike_audit.auditors.minhash import components
 
     cols = concat_parts(nodes_pairs[1])
     if cols is None:
@@ -349,7 +349,7 @@ def build_pipeline(p, cfg: ShardAuditConfig, todo: list[tuple[Shard, int]], old_
     import apache_beam as beam
     from apache_beam.pvalue import AsSingleton
 
-    from pipelines.beam_util import AuditorCombineFn, WriteTables
+    from spike_audit.pipelines.beam_util import AuditorCombineFn, WriteTables
 
     cfg_dict = {"vocab_size": cfg.vocab_size, "eos_id": cfg.eos_id, "seed": cfg.seed, "threshold": cfg.threshold,
                 "tokens_col": cfg.tokens_col, "text_col": cfg.text_col}
@@ -481,10 +481,10 @@ def _old_parts(state: str, run_ids: set[str]) -> dict[str, list[str]]:
 def run_shard_audit(cfg: ShardAuditConfig, beam_args: list[str] | None = None) -> ShardAuditResult:
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from pipelines.beam_util import collect_tables, run_pipeline
-    from pipelines.io import AtomicDir, write_json, write_table, write_text
-    from pipelines.report import render_shard_report
-    from pipelines.run import beam_options
+    from spike_audit.pipelines.beam_util import collect_tables, run_pipeline
+    from spike_audit.pipelines.io import AtomicDir, write_json, write_table, write_text
+    from spike_audit.pipelines.report import render_shard_report
+    from spike_audit.pipelines.run import beam_options
 
     t0 = time.time()
     shards = discover(cfg.inputs, cfg.root)
@@ -537,7 +537,7 @@ def run_shard_audit(cfg: ShardAuditConfig, beam_args: list[str] | None = None) -
 
 
 def _save_state(cfg, staging: Path, run_id: str, names, fingerprints, keep, stored) -> None:
-    from pipelines.io import write_json
+    from spike_audit.pipelines.io import write_json
 
     state = Path(cfg.state)
     run_dir = state / "runs" / run_id
@@ -564,7 +564,7 @@ def shard_quarantine(scores: pa.Table, bad: list[dict], z: float) -> dict:
 
 def excerpts(scores: pa.Table, shards: list[Shard], cfg: ShardAuditConfig, top: int = 8, rows: int = 2) -> dict:
     """The first rows of the most anomalous shards, for the report (bounded: top x rows)."""
-    from pipelines.shards import read_slices
+    from spike_audit.pipelines.shards.read import read_slices
 
     paths = {s.name: s.path for s in shards}
     out = {}

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-from pipelines.errors import UserError
+from spike_audit.pipelines.errors import UserError
 
 
 def load_tokenizer(path):

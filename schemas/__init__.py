@@ -2,7 +2,7 @@
 
 This package is the single source of truth. Readers validate against it (:func:`validate`), writers
 build tables from it (:meth:`TableSpec.empty`, :meth:`TableSpec.from_pylist`), and
-``docs/schemas.md`` is generated from it (``python -m schemas``).
+``docs/schemas.md`` is generated from it (``python -m spike_audit.schemas``).
 
 Every table carries its name and version in the Arrow schema metadata (``spike_audit.table``,
 ``spike_audit.version``) and every field carries its documentation (``doc``), so a Parquet file
@@ -11,8 +11,8 @@ written by the tool explains itself.
 
 from __future__ import annotations
 
-from schemas.core import FieldSpec, SchemaError, TableSpec, validate
-from schemas.tables import (
+from spike_audit.schemas.core import FieldSpec, SchemaError, TableSpec, validate
+from spike_audit.schemas.tables import (
     ALIGNED_SPIKES,
     BATCH_SCORES,
     DUPLICATES,

@@ -163,7 +163,7 @@ def markdown(specs: Iterable[TableSpec]) -> str:
     parts = [
         "# spike-audit table schemas",
         "",
-        "Generated from `schemas/` by `python -m schemas > docs/schemas.md`; do not edit by hand.",
+        "Generated from `schemas/` by `python -m spike_audit.schemas > docs/schemas.md`; do not edit by hand.",
         "",
     ]
     for spec in specs:

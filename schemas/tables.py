@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from schemas.core import FieldSpec as F
-from schemas.core import TableSpec
+from spike_audit.schemas.core import FieldSpec as F
+from spike_audit.schemas.core import TableSpec
 
 SIGNAL_STRUCT = pa.struct(
     [

@@ -13,7 +13,7 @@ if os.environ.get("CI"):
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory):
     """The demo run (real text, planted spikes, a resume), built once per test session."""
-    from pipelines.demo import DemoConfig, make_demo
+    from spike_audit.pipelines.demo import DemoConfig, make_demo
 
     root = tmp_path_factory.mktemp("demo")
     truth = make_demo(root / "run", DemoConfig())
@@ -23,7 +23,7 @@ def demo(tmp_path_factory):
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
     """A generated corpus: 50 clean Parquet shards of real text and 4 planted anomalous ones."""
-    from pipelines.demo import make_shard_corpus
+    from spike_audit.pipelines.demo import make_shard_corpus
 
     root = tmp_path_factory.mktemp("corpus")
     truth = make_shard_corpus(root / "shards", n_clean=50, rows_per_shard=120)

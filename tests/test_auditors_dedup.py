@@ -5,8 +5,8 @@ import pyarrow as pa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from auditors.base import TokenBatch
-from auditors.dedup import ExactDup, cross_dup_frac, doc_hashes, row_hashes
+from spike_audit.auditors.base import TokenBatch
+from spike_audit.auditors.dedup import ExactDup, cross_dup_frac, doc_hashes, row_hashes
 
 
 def test_hash_is_stable_across_runs_and_platforms():
@@ -105,7 +105,7 @@ def _literal_docs(rows, eos):
 def test_row_and_document_hashes_match_the_reference_definition(rows, packed, seed, eos):
     # packed=True gives equal-length rows (the 2-D path); small alphabets make many documents, so both
     # document paths run (documents beginning their row reuse the row products, or all recomputed)
-    import auditors._util as u
+    import spike_audit.auditors._util as u
 
     if packed:
         width = max(len(r) for r in rows) or 1
@@ -130,7 +130,7 @@ def test_row_and_document_hashes_match_the_reference_definition(rows, packed, se
 @settings(max_examples=80, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 4)), max_size=60))
 def test_seen_elsewhere_matches_the_definition(rows):
-    from auditors.dedup import seen_elsewhere
+    from spike_audit.auditors.dedup import seen_elsewhere
 
     hashes = np.array([h for h, _ in rows], dtype=np.uint64)
     keys = np.array([k for _, k in rows], dtype=np.int64)

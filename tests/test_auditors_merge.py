@@ -8,13 +8,13 @@ import pyarrow as pa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from auditors.base import TokenBatch
-from auditors.dedup import ExactDup
-from auditors.minhash import NearDup
-from auditors.repetition import Repetition
-from auditors.suite import SIGNALS, Suite
-from auditors.text import TextStats
-from auditors.tokens import Histogram, TokenStats
+from spike_audit.auditors.base import TokenBatch
+from spike_audit.auditors.dedup import ExactDup
+from spike_audit.auditors.minhash import NearDup
+from spike_audit.auditors.repetition import Repetition
+from spike_audit.auditors.suite import SIGNALS, Suite
+from spike_audit.auditors.text import TextStats
+from spike_audit.auditors.tokens import Histogram, TokenStats
 
 BASE = np.arange(1, 41, dtype=np.int64)
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from auditors.base import TokenBatch
-from auditors.minhash import NearDup, band_keys, optimal_bands, signatures
+from spike_audit.auditors.base import TokenBatch
+from spike_audit.auditors.minhash import NearDup, band_keys, optimal_bands, signatures
 
 
 def shingles(row, n=5):
@@ -109,7 +109,7 @@ def test_short_rows_get_one_whole_row_shingle():
 
 def _literal_signature(row, ngram, k, seed):
     """The module docstring's definition, one row at a time, with Python ints."""
-    from auditors._util import fmix64_int, seed_key
+    from spike_audit.auditors._util import fmix64_int, seed_key
 
     m32 = 0xFFFFFFFF
 
@@ -156,7 +156,7 @@ def test_signatures_follow_the_documented_definition(ngram, k, seed):
 
 
 def test_signatures_do_not_depend_on_batching_or_chunking(monkeypatch):
-    import auditors.minhash as mh
+    import spike_audit.auditors.minhash as mh
 
     rng = np.random.default_rng(3)
     ragged = [rng.integers(0, 5000, int(rng.integers(0, 300))) for _ in range(40)]
@@ -188,7 +188,7 @@ def test_jaccard_estimates_are_unbiased_for_short_and_long_rows(length):
 
 
 def test_components_label_each_node_with_the_smallest_of_its_component():
-    from auditors.minhash import components
+    from spike_audit.auditors.minhash import components
 
     # a path 5-4-3-2 and a pair 0-7; 1 and 6 alone
     lo = np.array([4, 3, 2, 0])

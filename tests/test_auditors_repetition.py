@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from auditors.base import TokenBatch
-from auditors.repetition import Repetition, find_runs
+from spike_audit.auditors.base import TokenBatch
+from spike_audit.auditors.repetition import Repetition, find_runs
 
 
 def olmo_literal(arr, max_period=13, min_period=1):

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from auditors.scoring import (anomaly_score, attribute, baseline_stats, robust_stats, robust_z, top_k_mean,
+from spike_audit.auditors.scoring import (anomaly_score, attribute, baseline_stats, robust_stats, robust_z, top_k_mean,
                               top_signal, zscores)
 
 

@@ -17,9 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from auditors import text as text_mod
-from auditors.base import TokenBatch
-from auditors.text import SIGNALS, TextStats, gopher_signals, text_row_signals
+from spike_audit.auditors import text as text_mod
+from spike_audit.auditors.base import TokenBatch
+from spike_audit.auditors.text import SIGNALS, TextStats, gopher_signals, text_row_signals
 
 # ---------------------------------------------------------------------------------------------
 # Reference: the per-document implementation (plain Python, one document at a time).
@@ -340,7 +340,7 @@ def test_agrees_with_datatrove_gopher_filter():
 
 
 def test_long_documents_are_read_up_to_max_doc_chars():
-    from auditors.text import MAX_DOC_CHARS, text_row_signals
+    from spike_audit.auditors.text import MAX_DOC_CHARS, text_row_signals
 
     head = "the quick brown fox jumps over the lazy dog\n" * (MAX_DOC_CHARS // 44 + 1)
     long_doc = head[:MAX_DOC_CHARS] + "zzz " * 50_000

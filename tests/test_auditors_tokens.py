@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from auditors.base import TokenBatch
-from auditors.tokens import Histogram, TokenStats, jensen_shannon, log_bucket
+from spike_audit.auditors.base import TokenBatch
+from spike_audit.auditors.tokens import Histogram, TokenStats, jensen_shannon, log_bucket
 
 
 def run(aud, rows, dtype=np.uint16):

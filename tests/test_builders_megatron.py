@@ -7,11 +7,11 @@ import struct
 import numpy as np
 import pytest
 
-from pipelines.builders.megatron import build_megatron_manifest, find_cache, load_cache
-from pipelines.cli import main
-from pipelines.errors import UserError
-from pipelines.manifest import read_manifest
-from pipelines.shards import read_slices
+from spike_audit.pipelines.builders.megatron import build_megatron_manifest, find_cache, load_cache
+from spike_audit.pipelines.cli import main
+from spike_audit.pipelines.errors import UserError
+from spike_audit.pipelines.manifest import read_manifest
+from spike_audit.pipelines.shards.read import read_slices
 
 SEQ = 16
 

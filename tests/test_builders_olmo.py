@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.builders.olmo import build_olmo_manifest
-from pipelines.cli import main
-from pipelines.errors import UserError
-from pipelines.manifest import read_manifest
-from pipelines.shards import read_slices
+from spike_audit.pipelines.builders.olmo import build_olmo_manifest
+from spike_audit.pipelines.cli import main
+from spike_audit.pipelines.errors import UserError
+from spike_audit.pipelines.manifest import read_manifest
+from spike_audit.pipelines.shards.read import read_slices
 
 SEQ = 8
 

@@ -9,10 +9,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.cli import main
-from pipelines.errors import UserError
-from pipelines.manifest import manifest_from_arrays, write_manifest
-from pipelines.tokenizer import decode_batch, load_tokenizer
+from spike_audit.pipelines.cli import main
+from spike_audit.pipelines.errors import UserError
+from spike_audit.pipelines.manifest import manifest_from_arrays, write_manifest
+from spike_audit.pipelines.tokenizer import decode_batch, load_tokenizer
 
 CORPUS = ["the cat sat on the mat", "a dog barked at the mailman", "hello world, hello tokens", "numbers 12345 and ünïcode"]
 

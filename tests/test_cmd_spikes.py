@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from pipelines.cli import main
-from schemas import ALIGNED_SPIKES, LOSS_SERIES, SPIKES, validate
+from spike_audit.pipelines.cli import main
+from spike_audit.schemas import ALIGNED_SPIKES, LOSS_SERIES, SPIKES, validate
 
 FIX = Path(__file__).parent / "fixtures" / "logs"
 SOAP = next((FIX / "modded-nanogpt").glob("2024-10-09_SOAP__*.log.gz"))

@@ -5,8 +5,8 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from auditors.base import TokenBatch
-from auditors.suite import Suite
+from spike_audit.auditors.base import TokenBatch
+from spike_audit.auditors.suite import Suite
 
 words = st.sampled_from(["the", "data", "spike", "loss", "\\\\", "def", "return", "x = 1", "0.125", "\n", "  "])
 text = st.lists(words, max_size=30).map(" ".join)

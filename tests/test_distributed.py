@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from distributed import LocalCluster
 
-from pipelines.run import RunConfig, run_audit
+from spike_audit.pipelines.run import RunConfig, run_audit
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -53,8 +53,8 @@ def test_dask_list_side_input_of_a_combine_has_each_element_once(cluster, tmp_pa
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from pipelines.beam_util import run_pipeline
-    from pipelines.run import beam_options
+    from spike_audit.pipelines.beam_util import run_pipeline
+    from spike_audit.pipelines.run import beam_options
 
     out = tmp_path / "rows.json"
     opts = PipelineOptions(beam_options(["--runner=DaskRunner", f"--dask_client_address={cluster.scheduler_address}"]))
@@ -74,7 +74,7 @@ def test_dask_list_side_input_of_a_combine_has_each_element_once(cluster, tmp_pa
 
 
 def test_shard_audit_on_dask_equals_the_direct_runner(corpus, cluster, tmp_path):
-    from pipelines.shard_audit import ShardAuditConfig, run_shard_audit
+    from spike_audit.pipelines.shard_audit import ShardAuditConfig, run_shard_audit
 
     root, truth = corpus
 

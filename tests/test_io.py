@@ -1,8 +1,8 @@
 import pyarrow as pa
 import pytest
 
-from pipelines.io import AtomicDir, write_table, write_text
-from schemas import STEP_MANIFEST
+from spike_audit.pipelines.io import AtomicDir, write_table, write_text
+from spike_audit.schemas import STEP_MANIFEST
 
 
 class Boom(Exception):

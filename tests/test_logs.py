@@ -13,9 +13,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipelines.errors import UserError
-from pipelines.logs import FORMATS, detect_format, read_log
-from schemas import LOSS_SERIES, validate
+from spike_audit.pipelines.errors import UserError
+from spike_audit.pipelines.logs.lines import FORMATS
+from spike_audit.pipelines.logs.read import read_log
+from spike_audit.pipelines.logs.sniff import detect_format
+from spike_audit.schemas import LOSS_SERIES, validate
 
 FIX = Path(__file__).parent / "fixtures" / "logs"
 NANOGPT = FIX / "modded-nanogpt"

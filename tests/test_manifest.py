@@ -7,9 +7,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.errors import UserError
-from pipelines.manifest import manifest_from_arrays, read_manifest, write_manifest
-from schemas import STEP_MANIFEST, SchemaError
+from spike_audit.pipelines.errors import UserError
+from spike_audit.pipelines.manifest import manifest_from_arrays, read_manifest, write_manifest
+from spike_audit.schemas import STEP_MANIFEST, SchemaError
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from auditors.suite import signals_markdown
+from spike_audit.auditors.suite import signals_markdown
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -14,7 +14,7 @@ def _signals_block(text: str) -> str:
 
 def test_signal_table_is_generated_from_the_registry():
     assert _signals_block(README.read_text()) == signals_markdown(), (
-        "README signal table is stale: run `python -m pipelines.docs`")
+        "README signal table is stale: run `python -m spike_audit.pipelines.docs`")
 
 
 def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():

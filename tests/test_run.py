@@ -10,9 +10,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.demo import INJECTIONS
-from pipelines.errors import UserError
-from pipelines.run import OUTPUT_SPECS, RunConfig, run_audit
+from spike_audit.pipelines.demo import INJECTIONS
+from spike_audit.pipelines.errors import UserError
+from spike_audit.pipelines.run import OUTPUT_SPECS, RunConfig, run_audit
 
 pytestmark = pytest.mark.slow
 

@@ -1,8 +1,8 @@
 import pyarrow as pa
 import pytest
 
-import schemas
-from schemas import LOSS_SERIES, STEP_MANIFEST, SchemaError, TABLES, validate
+import spike_audit.schemas as schemas
+from spike_audit.schemas import LOSS_SERIES, STEP_MANIFEST, SchemaError, TABLES, validate
 
 
 def test_every_table_is_versioned_and_documented():
@@ -19,10 +19,10 @@ def test_every_table_is_versioned_and_documented():
 def test_docs_are_generated_from_the_schemas():
     from pathlib import Path
 
-    from schemas.core import markdown
+    from spike_audit.schemas.core import markdown
 
     doc = Path(__file__).resolve().parents[1] / "docs" / "schemas.md"
-    assert doc.read_text() == markdown(TABLES), "docs/schemas.md is stale: run `python -m schemas > docs/schemas.md`"
+    assert doc.read_text() == markdown(TABLES), "docs/schemas.md is stale: run `python -m spike_audit.schemas > docs/schemas.md`"
 
 
 def test_validate_names_source_and_missing_column():

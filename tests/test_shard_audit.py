@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.cli import main
-from pipelines.errors import UserError
-from pipelines.shard_audit import ShardAuditConfig, run_shard_audit
+from spike_audit.pipelines.cli import main
+from spike_audit.pipelines.errors import UserError
+from spike_audit.pipelines.shard_audit import ShardAuditConfig, run_shard_audit
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +67,7 @@ def test_cross_shard_duplicates_are_found(audited, corpus):
 
 
 def test_outputs_follow_their_schemas_and_report_renders(audited):
-    from schemas import DUPLICATES, SHARD_SCORES
+    from spike_audit.schemas import DUPLICATES, SHARD_SCORES
 
     _, truth, out = audited
     assert pq.read_schema(out / "shard_scores.parquet").equals(SHARD_SCORES.schema, check_metadata=False)

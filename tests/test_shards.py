@@ -13,9 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipelines import shards
-from pipelines.errors import UserError
-from pipelines.shards import SLICES_SCHEMA, coalesce, read_slices, shard_length
+from spike_audit.pipelines.shards import jsonl as shards_jsonl
+from spike_audit.pipelines.errors import UserError
+from spike_audit.pipelines.shards.read import read_slices, shard_length
+from spike_audit.pipelines.shards.slices import SLICES_SCHEMA, coalesce
 
 RNG = np.random.default_rng(7)
 DOCS = [RNG.integers(0, 60000, size=int(RNG.integers(1, 12))).tolist() for _ in range(200)]
@@ -106,7 +107,7 @@ def test_jsonl_variants(tmp_path, suffix):
 
 
 def test_jsonl_small_chunks_and_no_trailing_newline(tmp_path, monkeypatch):
-    monkeypatch.setattr(shards, "_JSONL_CHUNK", 7)  # lines straddle chunk boundaries
+    monkeypatch.setattr(shards_jsonl, "_JSONL_CHUNK", 7)  # lines straddle chunk boundaries
     body = "\n".join(json.dumps({"text": f"line {i}"}) for i in range(30))  # no final newline
     (tmp_path / "t.jsonl").write_text(body)
     b = read_slices(str(tmp_path), "t.jsonl", [[29, 30], [0, 1], [13, 15]])

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from auditors.spikes import DetectorConfig, align, detect, detect_table, spike_mask
-from pipelines.logs import read_log
-from schemas import ALIGNED_SPIKES, SPIKES, validate
+from spike_audit.auditors.spikes import DetectorConfig, align, detect, detect_table, spike_mask
+from spike_audit.pipelines.logs.read import read_log
+from spike_audit.schemas import ALIGNED_SPIKES, SPIKES, validate
 
 FIX = Path(__file__).parent / "fixtures" / "logs"
 NANOGPT = FIX / "modded-nanogpt"

@@ -10,8 +10,8 @@ Each builder returns a ``STEP_MANIFEST`` table (write it with
 each step, including the extra target token where the trainer reads ``seq_len + 1`` tokens.
 """
 
-from pipelines.builders.megatron import build_megatron_manifest
-from pipelines.builders.olmo import build_olmo_manifest
-from pipelines.builders.sequential import build_sequential_manifest
+from spike_audit.pipelines.builders.megatron import build_megatron_manifest
+from spike_audit.pipelines.builders.olmo import build_olmo_manifest
+from spike_audit.pipelines.builders.sequential import build_sequential_manifest
 
 __all__ = ["build_megatron_manifest", "build_olmo_manifest", "build_sequential_manifest"]

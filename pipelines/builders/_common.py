@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipelines.errors import UserError
+from spike_audit.pipelines.errors import UserError
 
 
 def batch_range(n_batches: int, steps: tuple[int, int] | None, first_step: int, what: str) -> tuple[int, int]:

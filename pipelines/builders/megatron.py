@@ -34,10 +34,11 @@ import os
 import numpy as np
 import pyarrow as pa
 
-from pipelines.builders._common import batch_range
-from pipelines.errors import UserError
-from pipelines.manifest import manifest_from_arrays
-from pipelines.shards import megatron_paths, read_megatron_index, resolve
+from spike_audit.pipelines.builders._common import batch_range
+from spike_audit.pipelines.errors import UserError
+from spike_audit.pipelines.manifest import manifest_from_arrays
+from spike_audit.pipelines.shards.paths import resolve
+from spike_audit.pipelines.shards.tokens import megatron_paths, read_megatron_index
 
 log = logging.getLogger(__name__)
 

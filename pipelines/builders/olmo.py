@@ -27,10 +27,10 @@ import logging
 import numpy as np
 import pyarrow as pa
 
-from pipelines.builders._common import batch_range
-from pipelines.errors import UserError
-from pipelines.manifest import manifest_from_arrays
-from pipelines.shards import _open, _size, resolve
+from spike_audit.pipelines.builders._common import batch_range
+from spike_audit.pipelines.errors import UserError
+from spike_audit.pipelines.manifest import manifest_from_arrays
+from spike_audit.pipelines.shards.paths import _open, _size, resolve
 
 log = logging.getLogger(__name__)
 

@@ -32,9 +32,10 @@ import logging
 import numpy as np
 import pyarrow as pa
 
-from pipelines.errors import UserError
-from pipelines.manifest import manifest_from_arrays
-from pipelines.shards import open_token_file, resolve
+from spike_audit.pipelines.errors import UserError
+from spike_audit.pipelines.manifest import manifest_from_arrays
+from spike_audit.pipelines.shards.paths import resolve
+from spike_audit.pipelines.shards.tokens import open_token_file
 
 log = logging.getLogger(__name__)
 

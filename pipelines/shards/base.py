@@ -1,0 +1,70 @@
+"""The reader interface (:class:`ShardReader`) and the row-selection logic shared by the table formats."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from spike_audit.pipelines.errors import UserError
+from spike_audit.pipelines.shards.slices import (UNITS, _batch, _check_bounds, _to_int64_lists, _to_string,
+                                                 as_slices, expand_rows)
+
+
+class ShardReader:
+    """Opened shard: cheap metadata now, rows on :meth:`read`. Not thread-safe; not kept across calls."""
+
+    fmt = ""
+    units: tuple[str, ...] = ("row",)
+
+    def __init__(self, path: str, name: str):
+        self.path = path
+        self.name = name
+
+    def length(self, unit: str = "row") -> int:
+        raise NotImplementedError
+
+    def _unit_check(self, unit: str) -> None:
+        if unit not in UNITS:
+            raise UserError(f"{self.name}: unknown unit {unit!r} (expected 'row' or 'token')")
+        if unit not in self.units:
+            other = "flat token file: address it with unit='token'" if unit == "row" else (
+                "row-oriented shard: address it with unit='row'")
+            raise UserError(f"{self.name}: unit {unit!r} does not apply to this {self.fmt} shard ({other})")
+
+    def read(self, slices, unit: str = "row") -> pa.RecordBatch:
+        self._unit_check(unit)
+        slices = as_slices(slices)
+        n = self.length(unit)
+        _check_bounds(self.name, slices, n, "rows" if unit == "row" else "tokens")
+        if unit == "token":
+            return self._read_tokens(slices)
+        rows = expand_rows(slices)
+        tokens, text = self._read_rows(rows)
+        return _batch(tokens, text, self.name, rows, rows + 1, "row")
+
+    def _read_rows(self, rows: np.ndarray) -> tuple[pa.Array | None, pa.Array | None]:
+        raise NotImplementedError
+
+    def _read_tokens(self, slices: np.ndarray) -> pa.RecordBatch:
+        raise NotImplementedError
+
+
+class _TableRowsMixin:
+    tokens_col: str
+    text_col: str
+    name: str
+
+    def _columns(self, names) -> list[str]:
+        cols = [c for c in (self.tokens_col, self.text_col) if c in names]
+        if not cols:
+            raise UserError(f"{self.name}: has neither a {self.tokens_col!r} nor a {self.text_col!r} column "
+                            f"(columns: {', '.join(names)})")
+        return cols
+
+    def _split(self, table: pa.Table) -> tuple[pa.Array | None, pa.Array | None]:
+        tokens = text = None
+        if self.tokens_col in table.column_names:
+            tokens = _to_int64_lists(table.column(self.tokens_col), self.name, self.tokens_col)
+        if self.text_col in table.column_names:
+            text = _to_string(table.column(self.text_col), self.name, self.text_col)
+        return tokens, text

@@ -1,0 +1,230 @@
+"""Token files: ``.npy`` (with a NumPy header), raw token memmaps (``.bin``, header-less ``.npy``; the modded-nanogpt /
+llm.c 256 x int32 header is detected and skipped) and Megatron ``X.bin`` + ``X.idx`` (``MMIDIDX``) indexed datasets."""
+
+from __future__ import annotations
+
+import logging
+import struct
+from dataclasses import dataclass
+import numpy as np
+
+from spike_audit.pipelines.errors import UserError
+from spike_audit.pipelines.shards.base import ShardReader
+from spike_audit.pipelines.shards.paths import _exists, _open, _size, is_url
+from spike_audit.pipelines.shards.slices import _batch, _list_array, coalesce, expand_rows
+
+
+log = logging.getLogger(__name__)
+
+
+MODDED_MAGIC = 20240520
+
+
+MODDED_HEADER_BYTES = 256 * 4
+
+
+# llm.c's data_common.HEADERS_INFO: (magic, version) -> token dtype. modded-nanogpt uses the first.
+_HEADER_DTYPES = {(20240520, 1): np.dtype(np.uint16), (20240801, 7): np.dtype(np.uint32)}
+
+
+_HEADER_MAGICS = {m for m, _ in _HEADER_DTYPES}
+
+
+MEGATRON_MAGIC = b"MMIDIDX\x00\x00"
+
+
+# Megatron-LM's DType codes in the .idx header.
+MEGATRON_DTYPES = {
+    1: np.dtype(np.uint8),
+    2: np.dtype(np.int8),
+    3: np.dtype(np.int16),
+    4: np.dtype(np.int32),
+    5: np.dtype(np.int64),
+    6: np.dtype(np.float64),
+    7: np.dtype(np.float32),
+    8: np.dtype(np.uint16),
+}
+
+
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+@dataclass
+class TokenFile:
+    """A flat array of tokens at byte ``offset`` of ``path`` (raw memmap, .npy body, Megatron .bin)."""
+
+    path: str
+    offset: int
+    dtype: np.dtype
+    n_tokens: int
+
+    def gather(self, slices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens of each ``[start, end)`` slice as (values, offsets), reading only those ranges."""
+        lengths = slices[:, 1] - slices[:, 0]
+        offsets = np.zeros(len(slices) + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        if offsets[-1] == 0:
+            return np.zeros(0, self.dtype), offsets
+        if not is_url(self.path):
+            mm = np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset, shape=(self.n_tokens,))
+            values = np.asarray(mm[expand_rows(slices)])
+            del mm
+            return values, offsets
+        # Remote: one ranged read per coalesced range, then a vectorised gather from the buffer.
+        ranges = coalesce(slices)
+        size = self.dtype.itemsize
+        parts = []
+        with _open(self.path) as f:
+            for a, b in ranges:
+                f.seek(self.offset + int(a) * size)
+                parts.append(np.frombuffer(f.read(int(b - a) * size), dtype=self.dtype))
+        buf = np.concatenate(parts)
+        range_len = ranges[:, 1] - ranges[:, 0]
+        buf_start = np.concatenate([[0], np.cumsum(range_len)[:-1]])
+        which = np.searchsorted(ranges[:, 0], slices[:, 0], side="right") - 1
+        local = slices.copy()
+        local[:, 0] = slices[:, 0] - ranges[which, 0] + buf_start[which]
+        local[:, 1] = local[:, 0] + lengths
+        return buf[expand_rows(local)], offsets
+
+
+def _read_modded_header(path: str) -> tuple[int, int, int] | None:
+    """(magic, version, ntok) if ``path`` starts with a modded-nanogpt / llm.c header, else None."""
+    with _open(path) as f:
+        head = f.read(MODDED_HEADER_BYTES)
+    if len(head) < MODDED_HEADER_BYTES:
+        return None
+    header = np.frombuffer(head, dtype="<i4")
+    if int(header[0]) not in _HEADER_MAGICS:
+        return None
+    return int(header[0]), int(header[1]), int(header[2])
+
+
+def open_token_file(path: str, dtype=None) -> TokenFile:
+    """A raw token memmap, skipping a modded-nanogpt / llm.c header when present."""
+    size = _size(path)
+    hdr = _read_modded_header(path)
+    if hdr is not None:
+        magic, version, ntok = hdr
+        dt = np.dtype(dtype) if dtype is not None else _HEADER_DTYPES.get((magic, version))
+        if dt is None:
+            raise UserError(f"{path}: token header magic {magic} version {version} is not known (expected "
+                            f"20240520/1 = uint16 or 20240801/7 = uint32); pass a dtype")
+        expected = MODDED_HEADER_BYTES + ntok * dt.itemsize
+        if size != expected:
+            raise UserError(f"{path}: header says {ntok} tokens ({expected} bytes with the header), "
+                            f"file has {size} bytes")
+        return TokenFile(path, MODDED_HEADER_BYTES, dt, ntok)
+    dt = np.dtype(dtype) if dtype is not None else np.dtype(np.uint16)
+    if size % dt.itemsize:
+        log.warning("%s: %d bytes is not a multiple of %s; ignoring the trailing bytes", path, size, dt)
+    return TokenFile(path, 0, dt, size // dt.itemsize)
+
+
+def _read_npy_header(path: str) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    with _open(path) as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dt = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, fortran, dt = np.lib.format.read_array_header_2_0(f)
+        return shape, fortran, dt, f.tell()
+
+
+@dataclass
+class MegatronIndex:
+    """The arrays of a Megatron ``.idx`` file (``MMIDIDX`` format, version 1)."""
+
+    dtype: np.dtype
+    sequence_lengths: np.ndarray  # int32 per sequence
+    sequence_pointers: np.ndarray  # int64 byte offset per sequence into the .bin
+    document_indices: np.ndarray  # int64, sequence-index boundaries of documents
+
+
+def read_megatron_index(idx_path: str) -> MegatronIndex:
+    with _open(idx_path) as f:
+        head = f.read(9 + 8 + 1 + 8 + 8)
+    if head[:9] != MEGATRON_MAGIC:
+        raise UserError(f"{idx_path}: not a Megatron index (expected header {MEGATRON_MAGIC!r}, got {head[:9]!r})")
+    (version,) = struct.unpack("<Q", head[9:17])
+    (code,) = struct.unpack("<B", head[17:18])
+    seq_count, doc_count = struct.unpack("<QQ", head[18:34])
+    if version != 1:
+        raise UserError(f"{idx_path}: Megatron index version {version} is not supported (expected 1)")
+    if code not in MEGATRON_DTYPES:
+        raise UserError(f"{idx_path}: unknown Megatron dtype code {code} (expected 1-8)")
+    off = 34
+    if is_url(idx_path):
+        with _open(idx_path) as f:
+            f.seek(off)
+            body = f.read(seq_count * 12 + doc_count * 8)
+        lengths = np.frombuffer(body, "<i4", seq_count, 0)
+        pointers = np.frombuffer(body, "<i8", seq_count, seq_count * 4)
+        docs = np.frombuffer(body, "<i8", doc_count, seq_count * 12)
+    else:
+        lengths = np.memmap(idx_path, "<i4", "r", off, (seq_count,)) if seq_count else np.zeros(0, "<i4")
+        pointers = (np.memmap(idx_path, "<i8", "r", off + seq_count * 4, (seq_count,)) if seq_count
+                    else np.zeros(0, "<i8"))
+        docs = (np.memmap(idx_path, "<i8", "r", off + seq_count * 12, (doc_count,)) if doc_count
+                else np.zeros(0, "<i8"))
+    return MegatronIndex(MEGATRON_DTYPES[code], lengths, pointers, docs)
+
+
+def megatron_paths(path: str) -> tuple[str, str]:
+    """(bin, idx) from either file of the pair or their common prefix."""
+    p = str(path)
+    if p.endswith(".bin") or p.endswith(".idx"):
+        p = p[:-4]
+    return p + ".bin", p + ".idx"
+
+
+class FlatReader(ShardReader):
+    """Flat token files: raw/modded .bin, header-less .npy memmaps, .npy (1-D or 2-D)."""
+
+    def __init__(self, path, name, token_file: TokenFile, row_width: int | None = None, fmt="bin"):
+        super().__init__(path, name)
+        self.tf = token_file
+        self.row_width = row_width  # 2-D .npy: tokens per row
+        self.fmt = fmt
+        self.units = ("row", "token") if row_width else ("token",)
+
+    def length(self, unit="row"):
+        self._unit_check(unit)
+        if unit == "token":
+            return self.tf.n_tokens
+        return self.tf.n_tokens // self.row_width
+
+    def _row_slices(self, rows):
+        return np.stack([rows * self.row_width, (rows + 1) * self.row_width], axis=1)
+
+    def _read_rows(self, rows):
+        values, offsets = self.tf.gather(self._row_slices(rows))
+        return _list_array(values, offsets), None
+
+    def _read_tokens(self, slices):
+        values, offsets = self.tf.gather(slices)
+        return _batch(_list_array(values, offsets), None, self.name, slices[:, 0], slices[:, 1], "token")
+
+
+class MegatronReader(FlatReader):
+    """Megatron ``.bin``/``.idx``: ``row`` = sequence index, ``token`` = token offset in the ``.bin``."""
+
+    def __init__(self, path, name):
+        bin_path, idx_path = megatron_paths(path)
+        if not _exists(idx_path):
+            raise UserError(f"{name}: Megatron index {idx_path} not found next to the .bin")
+        if not _exists(bin_path):
+            raise UserError(f"{name}: Megatron data file {bin_path} not found next to the .idx")
+        self.index = read_megatron_index(idx_path)
+        dt = self.index.dtype
+        tf = TokenFile(bin_path, 0, dt, _size(bin_path) // dt.itemsize)
+        super().__init__(bin_path, name, tf, None, fmt="megatron")
+        self.units = ("row", "token")
+
+    def length(self, unit="row"):
+        self._unit_check(unit)
+        return self.tf.n_tokens if unit == "token" else len(self.index.sequence_lengths)
+
+    def _row_slices(self, rows):
+        start = np.asarray(self.index.sequence_pointers)[rows] // self.tf.dtype.itemsize
+        return np.stack([start, start + np.asarray(self.index.sequence_lengths)[rows]], axis=1).astype(np.int64)
