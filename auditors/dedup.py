@@ -34,7 +34,8 @@ from typing import Iterable
 
 import numpy as np
 
-from spike_audit.auditors._util import BatchCache, hash_rows_and_docs
+from spike_audit.auditors.batch_cache import BatchCache
+from spike_audit.auditors.segment_hashes import hash_rows_and_docs
 from spike_audit.auditors.base import TokenBatch
 
 SIGNALS = {

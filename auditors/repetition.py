@@ -32,7 +32,7 @@ from typing import Iterable
 
 import numpy as np
 
-from spike_audit.auditors._util import BatchCache
+from spike_audit.auditors.batch_cache import BatchCache
 from spike_audit.auditors.base import TokenBatch
 
 SIGNALS = {

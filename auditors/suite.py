@@ -26,7 +26,7 @@ import numpy as np
 
 from spike_audit.auditors import dedup, minhash, repetition, tokens
 from spike_audit.auditors import text as text_mod
-from spike_audit.auditors._util import BatchCache
+from spike_audit.auditors.batch_cache import BatchCache
 from spike_audit.auditors.base import TokenBatch
 
 SIGNALS: dict[str, str] = {

@@ -33,7 +33,8 @@ from typing import Iterable
 
 import numpy as np
 
-from spike_audit.auditors._util import BatchCache, segments_from_mask
+from spike_audit.auditors.batch_cache import BatchCache
+from spike_audit.auditors.segments import segments_from_mask
 from spike_audit.auditors.base import TokenBatch
 
 SIGNALS = {

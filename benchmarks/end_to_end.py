@@ -36,8 +36,10 @@ def main() -> None:
     args = ap.parse_args()
 
     from spike_audit.pipelines.demo import DemoConfig, make_demo, make_shard_corpus
-    from spike_audit.pipelines.run import RunConfig, run_audit
-    from spike_audit.pipelines.shard_audit import ShardAuditConfig, run_shard_audit
+    from spike_audit.pipelines.run.audit import run_audit
+    from spike_audit.pipelines.run.plan import RunConfig
+    from spike_audit.pipelines.shard_audit.audit import run_shard_audit
+    from spike_audit.pipelines.shard_audit.config import ShardAuditConfig
 
     corpus = BASE / f"corpus-{args.rows_per_shard}"
     if not corpus.exists():

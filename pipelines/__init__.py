@@ -1,2 +1,14 @@
-"""The plumbing of spike-audit: log readers, manifest builders, shard readers, Beam pipelines, the
-report writer and the command line. Imports :mod:`auditors` and :mod:`schemas`, never the reverse."""
+"""The plumbing of spike-audit, in layers that import one way (top to bottom; tests/test_layering.py):
+
+- ``cli/``: one thin module per command; ``docs``: regenerates the generated documentation;
+- ``demo``: the demo run and shard corpus (real text, planted anomalies);
+- ``run/`` (the spike audit) and ``shard_audit/`` (shards without a loss log): plan, Beam graph, outputs, state;
+- ``report/``: the two HTML pages, fed tables;
+- ``beam/``: read transform, CombineFn wrapper, the single sink, runner options, the DaskRunner shim, scoring glue;
+- ``builders/``: step manifests from trainers' own data-order files; ``manifest``: the join contract;
+- ``logs/`` (loss logs), ``shards/`` (shard readers), ``tokenizer``: the readers;
+- ``io`` (atomic writers) and ``errors`` (the one-line user error).
+
+May import: :mod:`spike_audit.auditors` and :mod:`spike_audit.schemas` (never the reverse); each module only
+its own package and the layers below it.
+"""

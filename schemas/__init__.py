@@ -7,6 +7,8 @@ build tables from it (:meth:`TableSpec.empty`, :meth:`TableSpec.from_pylist`), a
 Every table carries its name and version in the Arrow schema metadata (``spike_audit.table``,
 ``spike_audit.version``) and every field carries its documentation (``doc``), so a Parquet file
 written by the tool explains itself.
+
+May import: pyarrow and the standard library only; nothing else of spike-audit.
 """
 
 from __future__ import annotations

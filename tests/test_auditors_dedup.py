@@ -105,7 +105,7 @@ def _literal_docs(rows, eos):
 def test_row_and_document_hashes_match_the_reference_definition(rows, packed, seed, eos):
     # packed=True gives equal-length rows (the 2-D path); small alphabets make many documents, so both
     # document paths run (documents beginning their row reuse the row products, or all recomputed)
-    import spike_audit.auditors._util as u
+    import spike_audit.auditors.segment_hashes as u
 
     if packed:
         width = max(len(r) for r in rows) or 1

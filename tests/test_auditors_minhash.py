@@ -109,7 +109,7 @@ def test_short_rows_get_one_whole_row_shingle():
 
 def _literal_signature(row, ngram, k, seed):
     """The module docstring's definition, one row at a time, with Python ints."""
-    from spike_audit.auditors._util import fmix64_int, seed_key
+    from spike_audit.auditors.hashing import fmix64_int, seed_key
 
     m32 = 0xFFFFFFFF
 
@@ -188,7 +188,7 @@ def test_jaccard_estimates_are_unbiased_for_short_and_long_rows(length):
 
 
 def test_components_label_each_node_with_the_smallest_of_its_component():
-    from spike_audit.auditors.minhash import components
+    from spike_audit.auditors.components import components
 
     # a path 5-4-3-2 and a pair 0-7; 1 and 6 alone
     lo = np.array([4, 3, 2, 0])

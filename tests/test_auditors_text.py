@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from spike_audit.auditors import text as text_mod
+from spike_audit.auditors import text_repeats
 from spike_audit.auditors.base import TokenBatch
 from spike_audit.auditors.text import SIGNALS, TextStats, gopher_signals, text_row_signals
 
@@ -171,7 +171,7 @@ def test_hashes_only_filter_candidates(monkeypatch_candidates, texts):
 
 @pytest.fixture
 def monkeypatch_candidates(monkeypatch):
-    monkeypatch.setattr(text_mod, "_candidates", lambda key: np.arange(len(key)))
+    monkeypatch.setattr(text_repeats, "_candidates", lambda key: np.arange(len(key)))
 
 
 @settings(max_examples=60, deadline=None,
@@ -179,7 +179,7 @@ def monkeypatch_candidates(monkeypatch):
 @given(texts=batches)
 def test_dense_word_codes(monkeypatch, texts):
     """The path for batches too large for (document, word, word) int64 keys gives the same results."""
-    monkeypatch.setattr(text_mod, "_KEY_LIMIT", 0)
+    monkeypatch.setattr(text_repeats, "_KEY_LIMIT", 0)
     assert_same(text_row_signals(texts), ref_text_row_signals(texts), texts)
 
 
@@ -189,7 +189,7 @@ def test_dense_word_codes(monkeypatch, texts):
 def test_scan_in_small_windows(monkeypatch, texts, window):
     """The duplicate n-gram scan cut into windows of a few positions (long documents are) gives the
     same results: the state carried between windows is complete."""
-    monkeypatch.setattr(text_mod, "SCAN_WINDOW", window)
+    monkeypatch.setattr(text_repeats, "SCAN_WINDOW", window)
     assert_same(text_row_signals(texts), ref_text_row_signals(texts), texts)
 
 
@@ -202,7 +202,7 @@ def test_long_repetitive_documents(monkeypatch, window, ids, period, seed):
     """Long documents of a 4-word vocabulary plus a repeated block of every period: many
     overlapping repeats, long jump chains in the duplicate n-gram scan (also cut in windows)."""
     if window:
-        monkeypatch.setattr(text_mod, "SCAN_WINDOW", window)
+        monkeypatch.setattr(text_repeats, "SCAN_WINDOW", window)
     rng = np.random.default_rng(seed)
     vocab = ["a", "b", "ab", "ba"]
     block = [vocab[int(i)] for i in rng.integers(0, 4, period)]

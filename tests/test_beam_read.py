@@ -12,7 +12,7 @@ import pytest
 from apache_beam.testing.util import assert_that
 
 from spike_audit.pipelines.shards import read as shards_mod
-from spike_audit.pipelines.beam_read import ReadSlices, _ReadShardFn, split_back
+from spike_audit.pipelines.beam.read import ReadSlices, _ReadShardFn, split_back
 from spike_audit.pipelines.shards.read import read_slices
 from spike_audit.pipelines.shards.slices import coalesce
 
@@ -77,7 +77,7 @@ def test_each_shard_read_once_with_coalesced_ranges(root, monkeypatch):
         calls.append((shard, np.asarray(slices).tolist(), kw.get("unit")))
         return real(shard_root, shard, slices, **kw)
 
-    monkeypatch.setattr("spike_audit.pipelines.beam_read.read_slices", spy)
+    monkeypatch.setattr("spike_audit.pipelines.beam.read.read_slices", spy)
     fn = pickle.loads(pickle.dumps(_ReadShardFn(str(root), {})))  # picklable, no module state
     items = [(k, *v[1:4], v[4] if len(v) > 4 else None) for k, v in ELEMENTS if v[0] == "t.bin"]
     out = list(fn.process(("t.bin", items)))

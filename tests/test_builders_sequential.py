@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from spike_audit.pipelines.builders.sequential import build_sequential_manifest
-from spike_audit.pipelines.cli import main
+from spike_audit.pipelines.cli.main import main
 from spike_audit.pipelines.errors import UserError
 from spike_audit.pipelines.manifest import read_manifest
 from spike_audit.pipelines.shards.read import read_slices

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from spike_audit.pipelines.cli import main
+from spike_audit.pipelines.cli.main import main
 from spike_audit.pipelines.errors import UserError
 from spike_audit.pipelines.manifest import manifest_from_arrays, write_manifest
 from spike_audit.pipelines.tokenizer import decode_batch, load_tokenizer

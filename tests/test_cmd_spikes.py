@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from spike_audit.pipelines.cli import main
+from spike_audit.pipelines.cli.main import main
 from spike_audit.schemas import ALIGNED_SPIKES, LOSS_SERIES, SPIKES, validate
 
 FIX = Path(__file__).parent / "fixtures" / "logs"

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 from distributed import LocalCluster
 
-from spike_audit.pipelines.run import RunConfig, run_audit
+from spike_audit.pipelines.run.audit import run_audit
+from spike_audit.pipelines.run.plan import RunConfig
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -53,8 +54,8 @@ def test_dask_list_side_input_of_a_combine_has_each_element_once(cluster, tmp_pa
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from spike_audit.pipelines.beam_util import run_pipeline
-    from spike_audit.pipelines.run import beam_options
+    from spike_audit.pipelines.beam.runner import run_pipeline
+    from spike_audit.pipelines.beam.options import beam_options
 
     out = tmp_path / "rows.json"
     opts = PipelineOptions(beam_options(["--runner=DaskRunner", f"--dask_client_address={cluster.scheduler_address}"]))
@@ -74,7 +75,8 @@ def test_dask_list_side_input_of_a_combine_has_each_element_once(cluster, tmp_pa
 
 
 def test_shard_audit_on_dask_equals_the_direct_runner(corpus, cluster, tmp_path):
-    from spike_audit.pipelines.shard_audit import ShardAuditConfig, run_shard_audit
+    from spike_audit.pipelines.shard_audit.audit import run_shard_audit
+    from spike_audit.pipelines.shard_audit.config import ShardAuditConfig
 
     root, truth = corpus
 

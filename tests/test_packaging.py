@@ -59,7 +59,7 @@ def _console_script() -> str:
 
 
 def test_every_command_has_help_through_the_console_script():
-    from spike_audit.pipelines.cli import COMMANDS
+    from spike_audit.pipelines.cli.main import COMMANDS
 
     script = _console_script()
     assert script, "the spike-audit console script is not installed"

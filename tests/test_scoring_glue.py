@@ -2,7 +2,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from spike_audit.pipelines.scoring import entity_scores, sum_histograms, to_token_batch, unique_by_key
+from spike_audit.pipelines.beam.scoring import entity_scores, sum_histograms, to_token_batch, unique_by_key
 
 
 def test_unique_by_key_sorts_and_collapses_exact_duplicates():

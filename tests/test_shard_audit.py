@@ -10,9 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from spike_audit.pipelines.cli import main
+from spike_audit.pipelines.cli.main import main
 from spike_audit.pipelines.errors import UserError
-from spike_audit.pipelines.shard_audit import ShardAuditConfig, run_shard_audit
+from spike_audit.pipelines.shard_audit.audit import run_shard_audit
+from spike_audit.pipelines.shard_audit.config import ShardAuditConfig
 
 pytestmark = pytest.mark.slow
 

@@ -3,7 +3,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spike_audit.auditors.verdict import BottomK, VerdictConfig, judge, robust_center_scale
+from spike_audit.auditors.robust import robust_center_scale
+from spike_audit.auditors.sampling import BottomK
+from spike_audit.auditors.verdict import VerdictConfig, judge
 
 SIGNALS = [f"s{j}" for j in range(12)]
 
@@ -142,7 +144,7 @@ def test_bottomk_is_order_and_grouping_invariant(items, k, rnd):
 @given(st.lists(st.one_of(st.floats(-1e3, 1e3), st.sampled_from([0.0, 1.0, 2.0]), st.just(float("nan"))),
                 min_size=2, max_size=40))
 def test_fast_leave_one_out_equals_the_definition(values):
-    from spike_audit.auditors.verdict import loo_center_scale
+    from spike_audit.auditors.robust import loo_center_scale
 
     col = np.array(values, dtype=np.float64)[:, None]
     med, sig = loo_center_scale(col)

@@ -1,13 +1,17 @@
 """Step manifests from trainers' own data-order files.
 
-- :mod:`pipelines.builders.olmo`: OLMo / OLMo-core ``global_indices`` over token memmaps.
-- :mod:`pipelines.builders.megatron`: Megatron-LM ``GPTDataset`` index caches over ``.bin/.idx``.
-- :mod:`pipelines.builders.sequential`: sequential loaders (modded-nanogpt ``DistributedDataLoader``
+- :mod:`.olmo`: OLMo / OLMo-core ``global_indices`` over token memmaps.
+- :mod:`.megatron`: Megatron-LM ``GPTDataset`` index caches over ``.bin/.idx``.
+- :mod:`.sequential`: sequential loaders (modded-nanogpt ``DistributedDataLoader``
   as in its 2024-10 records; llm.c ``dataloader.h`` without shuffling).
 
 Each builder returns a ``STEP_MANIFEST`` table (write it with
-:func:`pipelines.manifest.write_manifest`) whose slices are exactly the tokens the trainer fed at
+:func:`spike_audit.pipelines.manifest.write_manifest`) whose slices are exactly the tokens the trainer fed at
 each step, including the extra target token where the trainer reads ``seq_len + 1`` tokens.
+``step_range`` turns a requested step range into global batch indices.
+
+May import: :mod:`spike_audit.pipelines.manifest`, the readers (``shards``), ``io``, ``errors`` and schemas;
+never Beam, a pipeline or the command line.
 """
 
 from spike_audit.pipelines.builders.megatron import build_megatron_manifest

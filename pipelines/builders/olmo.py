@@ -27,7 +27,7 @@ import logging
 import numpy as np
 import pyarrow as pa
 
-from spike_audit.pipelines.builders._common import batch_range
+from spike_audit.pipelines.builders.step_range import batch_range
 from spike_audit.pipelines.errors import UserError
 from spike_audit.pipelines.manifest import manifest_from_arrays
 from spike_audit.pipelines.shards.paths import _open, _size, resolve

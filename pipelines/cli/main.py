@@ -1,6 +1,6 @@
-"""The ``spike-audit`` command line.
+"""``spike-audit``: the parser, logging set-up and error handling shared by every command.
 
-Each subcommand lives in its own module ``pipelines/cmd_<name>.py`` exposing
+Each subcommand lives in its own module ``pipelines/cli/<name>.py`` exposing
 ``register(subparsers)``, which adds its parser and sets ``func`` (called with the parsed args and
 returning an exit code). Heavy imports (Beam) happen inside ``func`` so ``--help`` stays fast.
 A :class:`~pipelines.errors.UserError` or :class:`~schemas.SchemaError` is printed as one line on
@@ -31,9 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for name in COMMANDS:
         try:
-            module = importlib.import_module(f"spike_audit.pipelines.cmd_{name}")
+            module = importlib.import_module(f"spike_audit.pipelines.cli.{name}")
         except ModuleNotFoundError as err:  # a subcommand not built yet must not break the others
-            if err.name == f"spike_audit.pipelines.cmd_{name}":
+            if err.name == f"spike_audit.pipelines.cli.{name}":
                 continue
             raise
         module.register(sub)

@@ -1,4 +1,4 @@
-"""Beam glue shared by the pipelines: auditors as CombineFns, and the single runner-agnostic sink.
+"""The single runner-agnostic sink, and the driver's assembly of its parts into tables.
 
 Why one sink: on Beam's DaskRunner only one leaf of a pipeline is materialised (a pipeline with two
 or three independent sinks writes just one of them, measured here on Beam 2.77). Every pipeline in
@@ -7,43 +7,18 @@ name, flattened, grouped into a bounded number of parts per table, and written a
 into a staging directory through Beam's FileSystems (so it may be ``gs://`` or ``s3://``). The driver
 then assembles each table from its parts, conforms it to its schema, sorts it, and publishes it
 atomically (:func:`collect_tables`). Output tables are small by construction (per step, per shard,
-per flagged row); nothing data-sized is held on the driver.
-"""
+per flagged row); nothing data-sized is held on the driver."""
 
 from __future__ import annotations
 
 import hashlib
 import pickle
-from typing import Any, Iterable
-
+from typing import Iterable
 import apache_beam as beam
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
 from spike_audit.schemas import TableSpec
-
-
-class AuditorCombineFn(beam.CombineFn):
-    """Wraps any auditor (create/add/merge/result) unchanged as a Beam CombineFn.
-
-    Inputs are :class:`auditors.TokenBatch`. With ``output="accumulator"`` the combined accumulator
-    itself is emitted, so a later step can finish it against a baseline given as a side input."""
-
-    def __init__(self, auditor: Any, output: str = "result"):
-        self.auditor = auditor
-        self.output = output
-
-    def create_accumulator(self):
-        return self.auditor.create()
-
-    def add_input(self, acc, batch):
-        return self.auditor.add(acc, batch)
-
-    def merge_accumulators(self, accs):
-        return self.auditor.merge(list(accs))
-
-    def extract_output(self, acc):
-        return acc if self.output == "accumulator" else self.auditor.result(acc)
 
 
 def part_of(key: str, parts: int) -> int:
@@ -105,20 +80,3 @@ def collect_tables(staging: str, specs: Iterable[TableSpec]) -> dict[str, pa.Tab
                 rows.extend(pickle.loads(f.read()))
         out[spec.name] = spec.from_pylist(rows) if rows else spec.empty()
     return out
-
-
-
-
-def run_pipeline(build, options) -> None:
-    """Build a pipeline with ``build(p)``, run it and wait for it; then close any client the runner
-    opened (Beam's DaskRunner leaves its ``distributed.Client`` connected, which keeps trying to
-    reconnect once the cluster is gone)."""
-    p = beam.Pipeline(options=options)
-    build(p)
-    result = p.run()
-    try:
-        result.wait_until_finish()
-    finally:
-        client = getattr(result, "client", None)
-        if client is not None:
-            client.close()

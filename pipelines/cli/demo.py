@@ -7,9 +7,10 @@ from pathlib import Path
 
 
 def _demo(args) -> int:
-    from spike_audit.pipelines.cmd_run import print_summary
+    from spike_audit.pipelines.cli.run import print_summary
     from spike_audit.pipelines.demo import DemoConfig, make_demo
-    from spike_audit.pipelines.run import RunConfig, run_audit
+    from spike_audit.pipelines.run.audit import run_audit
+    from spike_audit.pipelines.run.plan import RunConfig
 
     root = Path(args.dir)
     truth = make_demo(root / "run", DemoConfig(seed=args.seed))

@@ -1,4 +1,4 @@
-"""Helpers shared by the builders."""
+"""The step range a builder is asked for, as a half-open range of global batch indices."""
 
 from __future__ import annotations
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 
 def _shards(args) -> int:
-    from spike_audit.pipelines.shard_audit import ShardAuditConfig, run_shard_audit
+    from spike_audit.pipelines.shard_audit.audit import run_shard_audit
+    from spike_audit.pipelines.shard_audit.config import ShardAuditConfig
 
     fields = ShardAuditConfig.__dataclass_fields__
     cfg = ShardAuditConfig(**{k: v for k, v in vars(args).items() if k in fields and k != "inputs"},

@@ -37,7 +37,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args):
-    from spike_audit.pipelines.run import RunConfig
+    from spike_audit.pipelines.run.plan import RunConfig
 
     fields = RunConfig.__dataclass_fields__
     return RunConfig(**{k: v for k, v in vars(args).items() if k in fields})
@@ -58,7 +58,7 @@ def print_summary(res) -> None:
 
 
 def _run(args) -> int:
-    from spike_audit.pipelines.run import run_audit
+    from spike_audit.pipelines.run.audit import run_audit
 
     res = run_audit(config_from_args(args), beam_args=args.extra)
     print_summary(res)

@@ -9,7 +9,7 @@ import pyarrow.compute as pc
 
 from spike_audit.auditors.base import TokenBatch
 from spike_audit.auditors.scales import to_scoring_scale
-from spike_audit.auditors.verdict import loo_z
+from spike_audit.auditors.robust import loo_z
 
 
 def to_token_batch(rb: pa.RecordBatch, tokens_col: str = "tokens", text_col: str = "text") -> TokenBatch:

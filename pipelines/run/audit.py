@@ -1,0 +1,96 @@
+"""``run_audit``: plan, run the graph, merge with state, publish the tables, skip list, quarantine, summary
+and report atomically."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+import numpy as np
+import pyarrow as pa
+
+from spike_audit.pipelines.errors import UserError
+from spike_audit.schemas import SPIKES
+from spike_audit.pipelines.beam.options import beam_options
+from spike_audit.pipelines.run.graph import build_pipeline
+from spike_audit.pipelines.run.outputs import OUTPUT_SPECS, control_false_alarms, quarantine, skip_list
+from spike_audit.pipelines.run.plan import RunConfig, plan_audit, read_loss_and_spikes
+from spike_audit.pipelines.run.state import load_state, merge_with_state, save_state
+
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    out: Path
+    tables: dict[str, pa.Table]
+    n_spikes: int
+    n_new_spikes: int
+    n_tokens: int
+    seconds: float
+
+
+def run_audit(cfg: RunConfig, beam_args: list[str] | None = None) -> RunResult:
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from spike_audit.pipelines.io import AtomicDir, write_json, write_table, write_text
+    from spike_audit.pipelines.report.run_page import render_run_report
+
+    t0 = time.time()
+    for path, what in ((cfg.log, "log"), (cfg.manifest, "manifest"), (cfg.shards, "shard root")):
+        if "://" not in path and not Path(path).exists():
+            raise UserError(f"{path}: {what} not found")
+    loss, report, spikes = read_loss_and_spikes(cfg)
+    state = load_state(cfg.state, cfg)
+    done = frozenset()
+    if state is not None:
+        done = frozenset(state["spikes_done"]) & frozenset(spikes.column("spike_id").to_pylist())
+    plan = plan_audit(cfg, loss, spikes, skip_spikes=done,
+                      fixed_controls=state["controls"] if state is not None else None)
+    new_ids = sorted(plan.windows)
+    log.info("%d spikes in the log, %d already audited, %d to audit", spikes.num_rows, len(done), len(new_ids))
+
+    staging_root = Path(tempfile.mkdtemp(prefix=".spike-audit-staging-", dir=Path(cfg.out).resolve().parent
+                                         if Path(cfg.out).resolve().parent.exists() else None))
+    try:
+        if new_ids:
+            opts = PipelineOptions(beam_options(beam_args))
+            log.info("running the audit pipeline (%s)", opts.get_all_options().get("runner") or "DirectRunner")
+            from spike_audit.pipelines.beam.runner import run_pipeline
+            from spike_audit.pipelines.beam.sink import collect_tables
+
+            run_pipeline(lambda p: build_pipeline(p, cfg, plan, str(staging_root)), opts)
+
+            new_tables = collect_tables(str(staging_root), OUTPUT_SPECS)
+        else:
+            new_tables = {spec.name: spec.empty() for spec in OUTPUT_SPECS}
+    finally:
+        shutil.rmtree(staging_root, ignore_errors=True)
+
+    tables = merge_with_state(state, new_tables, done)
+    bs = new_tables["batch_scores"]  # a step has a row per spike window holding it: count each step once
+    n_tokens = int(sum(dict(zip(bs.column("step").to_pylist(), bs.column("n_tokens").to_pylist())).values()))
+
+    with AtomicDir(cfg.out) as stage:
+        write_table(spikes, stage / "spikes.parquet", SPIKES)
+        write_table(loss, stage / "loss_series.parquet")
+        for spec in OUTPUT_SPECS:
+            write_table(tables[spec.name], stage / f"{spec.name}.parquet", spec)
+        write_json(skip_list(tables["verdicts"], tables["row_flags"]), stage / "skip_list.json")
+        write_json(quarantine(tables["verdicts"], tables["row_flags"]), stage / "quarantine.json")
+        write_text(render_run_report(loss, spikes, tables, cfg), stage / "report.html")
+        summary = {"log": report.__dict__ if hasattr(report, "__dict__") else str(report),
+                   "spikes": spikes.num_rows, "audited_now": len(new_ids), "from_state": len(done),
+                   "controls": len(plan.controls) if not done or new_ids else len(state["controls"]),
+                   "verdicts": {v: int(c) for v, c in zip(*np.unique(
+                       np.asarray(tables["verdicts"].column("verdict").to_pylist(), dtype=str), return_counts=True))},
+                   "control_calibration": control_false_alarms(tables["batch_scores"], cfg)}
+        write_json(summary, stage / "summary.json")
+    if cfg.state:
+        save_state(cfg, tables, plan, state)
+    dt = time.time() - t0
+    return RunResult(Path(cfg.out), tables, spikes.num_rows, len(new_ids), n_tokens, dt)

@@ -1,0 +1,194 @@
+"""The driver's plan: the run's configuration, then log -> spikes -> the steps to read (each spike's window and a
+seeded sample of control steps) and their manifest rows (Parquet predicate push-down), checked against the shards.
+
+Defaults (documented in the README): the window of a spike is ``[start_step - lookback, peak_step]``
+with ``lookback = 2`` (the loss at step s is measured on batch s, so a data-caused spike shows at the
+batch itself; the lookback covers a delayed reaction); controls are ``n_controls = 100`` steps drawn
+with ``seed`` from the logged steps at least ``guard = 20`` steps away from every spike."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from spike_audit.pipelines.errors import UserError
+from spike_audit.schemas import STEP_MANIFEST, validate
+
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    log: str
+    manifest: str
+    shards: str
+    out: str
+    log_format: str | None = None
+    metric: str = "train_loss"
+    method: str = "robust"
+    lookback: int = 2
+    n_controls: int = 100
+    guard: int = 20
+    seed: int = 0
+    alpha: float = 0.05
+    min_effect: float = 5.0
+    min_margin: float = 2.0
+    min_controls: int = 20
+    row_z: float = 6.0
+    max_row_flags: int = 64
+    tokens_col: str = "tokens"
+    text_col: str = "text"
+    tokenizer: str | None = None
+    eos_id: int | None = None
+    vocab_size: int | None = None
+    state: str | None = None
+    allow_missing_steps: bool = False
+    allow_overlap: bool = False
+
+
+@dataclass
+class Plan:
+    """What to audit: small, built on the driver."""
+
+    spikes: pa.Table
+    windows: dict[str, list[int]]  # spike_id -> window steps with data
+    controls: list[int]
+    spikes_of: dict[int, list[str]]  # window step -> spike ids
+    slices: list[tuple[int, tuple[str, int, int, str]]]
+    missing: dict[str, list[int]] = field(default_factory=dict)  # spike_id -> window steps without data
+
+
+def read_loss_and_spikes(cfg: RunConfig):
+    from spike_audit.auditors.spikes import DetectorConfig, detect_table
+    from spike_audit.pipelines.logs.read import read_log
+
+    loss, report = read_log(cfg.log, format=cfg.log_format)
+    log.info("log %s: %s format, %d values, %d malformed, %d replaced by a resume", cfg.log, report.format,
+             report.n_values, report.n_malformed, report.n_replaced)
+    metrics = set(loss.column("metric").to_pylist())
+    if cfg.metric not in metrics:
+        raise UserError(f"{cfg.log}: no {cfg.metric!r} values (metrics found: {', '.join(sorted(metrics)) or 'none'})")
+    spikes = detect_table(loss, DetectorConfig(method=cfg.method),
+                          metrics=tuple(m for m in (cfg.metric, "grad_norm") if m in metrics))
+    return loss, report, spikes
+
+
+def _manifest_steps_range(path: str) -> tuple[int, int]:
+    md = pq.ParquetFile(path).metadata
+    lo, hi = None, None
+    idx = md.schema.to_arrow_schema().get_field_index("step")
+    for rg in range(md.num_row_groups):
+        st = md.row_group(rg).column(idx).statistics
+        if st is None or not st.has_min_max:
+            t = pq.read_table(path, columns=["step"]).column("step")
+            return int(pc.min(t).as_py()), int(pc.max(t).as_py())
+        lo = st.min if lo is None else min(lo, st.min)
+        hi = st.max if hi is None else max(hi, st.max)
+    if lo is None:
+        raise UserError(f"{path}: the manifest has no rows")
+    return int(lo), int(hi)
+
+
+def read_manifest_steps(path: str, steps: list[int]) -> pa.Table:
+    """The manifest rows of ``steps`` only (predicate push-down on row-group statistics), in file
+    order; nothing manifest-sized is read on the driver."""
+    if not Path(path).exists() and "://" not in path:
+        raise UserError(f"{path}: manifest not found")
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise UserError(f"{path}: not a readable Parquet manifest ({err})") from None
+    validate(schema, STEP_MANIFEST, path)
+    wanted = pa.array(sorted(set(steps)), pa.int64())
+    table = pads.dataset(path, format="parquet").to_table(filter=pads.field("step").isin(wanted), use_threads=False)
+    table = STEP_MANIFEST.conform(table, path)
+    unit = pc.fill_null(table.column("unit"), "row")
+    return table.set_column(table.schema.get_field_index("unit"), STEP_MANIFEST.schema.field("unit"), unit)
+
+
+def manifest_row_numbers(path: str, steps: list[int]) -> np.ndarray:
+    """0-based row numbers in the manifest file of the rows :func:`read_manifest_steps` returns
+    (reads the step column: done only to name the row in an error message)."""
+    wanted = pa.array(sorted(set(steps)), pa.int64())
+    all_steps = pq.read_table(path, columns=["step"]).column("step")
+    return np.flatnonzero(np.asarray(pc.is_in(all_steps, value_set=wanted).to_numpy(zero_copy_only=False)))
+
+
+def plan_audit(cfg: RunConfig, loss: pa.Table, spikes: pa.Table, skip_spikes: frozenset = frozenset(),
+               fixed_controls: list[int] | None = None) -> Plan:
+    """Choose window and control steps and join them to the manifest."""
+    sel = loss.filter(pc.equal(loss.column("metric"), cfg.metric))
+    steps = np.asarray(sel.column("step"), dtype=np.int64)
+    values = np.asarray(sel.column("value"), dtype=np.float64)
+    lo, hi = _manifest_steps_range(cfg.manifest)
+
+    windows: dict[str, list[int]] = {}
+    spikes_of: dict[int, list[str]] = {}
+    busy = np.zeros(0, dtype=np.int64)
+    for sid, start, peak, end in zip(spikes.column("spike_id").to_pylist(), spikes.column("start_step").to_pylist(),
+                                     spikes.column("peak_step").to_pylist(), spikes.column("end_step").to_pylist()):
+        busy = np.concatenate([busy, np.arange(start - cfg.guard, (end if end is not None else peak) + cfg.guard + 1)])
+        if sid in skip_spikes:
+            continue
+        if not (lo <= peak <= hi) and not cfg.allow_missing_steps:
+            raise UserError(f"{cfg.manifest} covers steps {lo}..{hi} but {cfg.log} has a spike at step {peak} "
+                            f"({sid}): is this the manifest of that run? (--allow-missing-steps to judge such "
+                            f"spikes inconclusive)")
+        w = list(range(max(start - cfg.lookback, int(steps.min()) if len(steps) else start), peak + 1))
+        windows[sid] = w
+        for s in w:
+            spikes_of.setdefault(s, []).append(sid)
+
+    if fixed_controls is not None:
+        controls = [c for c in fixed_controls if c not in set(busy.tolist())]
+    else:
+        ok = np.isfinite(values) & ~np.isin(steps, busy) & (steps >= lo) & (steps <= hi)
+        candidates = np.unique(steps[ok])
+        rng = np.random.default_rng(cfg.seed)
+        take = min(len(candidates), cfg.n_controls)
+        controls = sorted(rng.choice(candidates, size=take, replace=False).tolist()) if take else []
+
+    wanted = sorted(set(spikes_of) | set(controls))
+    man = read_manifest_steps(cfg.manifest, wanted)
+    have = set(np.unique(np.asarray(man.column("step"))).tolist()) if man.num_rows else set()
+    missing = {sid: [s for s in w if s not in have] for sid, w in windows.items()}
+    windows = {sid: [s for s in w if s in have] for sid, w in windows.items()}
+    spikes_of = {s: ids for s, ids in spikes_of.items() if s in have}
+    n_ctrl_missing = sum(1 for c in controls if c not in have)
+    if n_ctrl_missing:
+        log.warning("%d of %d control steps have no manifest rows and are not used", n_ctrl_missing, len(controls))
+    controls = [c for c in controls if c in have]
+    units = man.column("unit").to_pylist()
+    slices = [
+        (int(s), (sh, int(a), int(b), u or "row"))
+        for s, sh, a, b, u in zip(man.column("step").to_pylist(), man.column("shard").to_pylist(),
+                                  man.column("row_start").to_pylist(), man.column("row_end").to_pylist(), units)
+    ]
+    _check_slices(cfg, man, wanted)
+    log.info("audit plan: %d spikes, %d window steps, %d control steps, %d manifest slices", len(windows),
+             len(spikes_of), len(controls), len(slices))
+    return Plan(spikes, windows, controls, spikes_of, slices, missing)
+
+
+def _check_slices(cfg: RunConfig, man: pa.Table, steps: list[int]) -> None:
+    """Fail before any work if a selected slice is malformed, overlaps another in its step, points at
+    a missing shard or past a shard's end (one line naming the manifest row and the shard)."""
+    from spike_audit.pipelines.manifest import check_ranges, check_shard_bounds
+
+    def check(row_ids):
+        check_ranges(man, cfg.manifest, row_ids, allow_overlap=cfg.allow_overlap)
+        check_shard_bounds(man, cfg.manifest, cfg.shards, row_ids, tokens_col=cfg.tokens_col,
+                           text_col=cfg.text_col)
+
+    try:
+        check(None)
+    except UserError:
+        check(manifest_row_numbers(cfg.manifest, steps))  # the same error, naming the row in the file
+        raise

@@ -1,0 +1,94 @@
+"""``run_shard_audit``: discover, check, run the graph, publish the tables, quarantine, summary and report
+atomically, and update the state."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+import pyarrow as pa
+
+from spike_audit.pipelines.errors import UserError
+from spike_audit.schemas import DUPLICATES, SHARD_SCORES
+from spike_audit.pipelines.shard_audit.config import ShardAuditConfig
+from spike_audit.pipelines.shard_audit.discover import check_shards, discover
+from spike_audit.pipelines.shard_audit.graph import build_pipeline
+from spike_audit.pipelines.shard_audit.outputs import excerpts, shard_quarantine
+from spike_audit.pipelines.shard_audit.state import _load_index, _old_parts, _save_state, _settings_key
+
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ShardAuditResult:
+    out: Path
+    tables: dict[str, pa.Table]
+    n_shards: int
+    n_scanned: int
+    n_tokens_scanned: int
+    bad: list[dict]
+    seconds: float
+
+
+def run_shard_audit(cfg: ShardAuditConfig, beam_args: list[str] | None = None) -> ShardAuditResult:
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from spike_audit.pipelines.beam.runner import run_pipeline
+    from spike_audit.pipelines.beam.sink import collect_tables
+    from spike_audit.pipelines.io import AtomicDir, write_json, write_table, write_text
+    from spike_audit.pipelines.report.shard_page import render_shard_report
+    from spike_audit.pipelines.beam.options import beam_options
+
+    t0 = time.time()
+    shards = discover(cfg.inputs, cfg.root)
+    index = _load_index(cfg.state)
+    if index and index.get("settings") != _settings_key(cfg):
+        log.warning("state in %s was made with other settings; auditing every shard again", cfg.state)
+        index = {}
+    stored = index.get("shards", {})
+    keep = frozenset((s.name, s.fingerprint) for s in shards
+                     if stored.get(s.name, {}).get("fingerprint") == s.fingerprint)
+    kept_names = {n for n, _ in keep}
+    new = [s for s in shards if s.name not in kept_names]
+    log.info("%d shards: %d unchanged since the last run, %d to read", len(shards), len(keep), len(new))
+    good, bad = check_shards(new, cfg)
+    if bad and not cfg.skip_bad:
+        first = bad[0]
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise UserError(f"{first['shard']}: {first['error']}{more}; --skip-bad audits the others and lists these")
+    for b in bad:
+        log.warning("skipping unreadable shard %s: %s", b["shard"], b["error"])
+    todo = [(s, n) for s, n, _ in good]
+    names = sorted(kept_names | {s.name for s, _ in todo})
+    if not names:
+        raise UserError("no readable shards to audit")
+    run_id = uuid.uuid4().hex[:12]
+    base = Path(cfg.out).resolve().parent
+    base.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".spike-audit-staging-", dir=base))
+    try:
+        opts = PipelineOptions(beam_options(beam_args))
+        old_parts = _old_parts(cfg.state, {stored[n]["run"] for n, _ in keep}) if cfg.state else {}
+        run_pipeline(lambda p: build_pipeline(p, cfg, todo, old_parts, keep, names, str(staging)), opts)
+        tables = collect_tables(str(staging), (SHARD_SCORES, DUPLICATES))
+        n_tokens = int(sum(r["n_tokens"] for r in tables["shard_scores"].to_pylist() if r["shard"] in
+                           {s.name for s, _ in todo}))
+        q = shard_quarantine(tables["shard_scores"], bad, cfg.quarantine_z)
+        with AtomicDir(cfg.out) as stage:
+            write_table(tables["shard_scores"], stage / "shard_scores.parquet", SHARD_SCORES)
+            write_table(tables["duplicates"], stage / "duplicates.parquet", DUPLICATES)
+            write_json(q, stage / "quarantine.json")
+            write_text(render_shard_report(tables, bad, cfg, excerpts(tables["shard_scores"], shards, cfg)),
+                       stage / "report.html")
+            write_json({"shards": len(names), "scanned": len(todo), "from_state": len(keep), "bad": bad,
+                        "tokens_scanned": n_tokens, "seconds": round(time.time() - t0, 3)}, stage / "summary.json")
+        if cfg.state:
+            _save_state(cfg, staging, run_id, names, {s.name: s.fingerprint for s in shards}, keep, stored)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return ShardAuditResult(Path(cfg.out), tables, len(names), len(todo), n_tokens, bad, time.time() - t0)

@@ -1,0 +1,118 @@
+"""The driver's small work: expand the inputs to shards, fingerprint them (path, size, modification time), and
+open each new or changed shard once to check it is readable and has a ``tokens`` or ``text`` column."""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import numpy as np
+
+from spike_audit.pipelines.errors import UserError
+from spike_audit.pipelines.shard_audit.config import Shard, ShardAuditConfig
+
+
+log = logging.getLogger(__name__)
+
+
+SHARD_SUFFIXES = (".parquet", ".pq", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".jsonl.zstd", ".ndjson", ".json.gz",
+                  ".arrow", ".npy", ".bin")
+
+
+def _is_hf_dir(path: str) -> bool:
+    return os.path.isdir(path) and (os.path.exists(os.path.join(path, "dataset_info.json"))
+                                    or os.path.exists(os.path.join(path, "state.json")))
+
+
+def _is_shard_file(path: str) -> bool:
+    return path.endswith(SHARD_SUFFIXES) and not os.path.basename(path).startswith(".")
+
+
+def discover(inputs: tuple[str, ...], root: str | None = None) -> list[Shard]:
+    """Expand paths, directories and globs (local, or any Beam FileSystems scheme) into shards."""
+    from apache_beam.io.filesystems import FileSystems
+
+    found: dict[str, tuple[int, float]] = {}
+    for inp in inputs:
+        if "://" in inp:
+            res = FileSystems.match([inp])[0].metadata_list
+            if not res:
+                raise UserError(f"{inp}: matches no file")
+            for m in res:
+                if _is_shard_file(m.path):
+                    found[m.path] = (m.size_in_bytes, float(m.last_updated_in_seconds or 0.0))
+            continue
+        paths = sorted(glob.glob(inp, recursive=True)) if glob.has_magic(inp) else [inp]
+        if not paths:
+            raise UserError(f"{inp}: matches no file")
+        for p in paths:
+            if not os.path.exists(p):
+                raise UserError(f"{p}: no such file or directory")
+            if _is_hf_dir(p):
+                found[os.path.abspath(p)] = _dir_stat(p)
+            elif os.path.isdir(p):
+                for dirpath, dirnames, filenames in os.walk(p):
+                    dirnames.sort()
+                    if _is_hf_dir(dirpath):
+                        found[os.path.abspath(dirpath)] = _dir_stat(dirpath)
+                        dirnames[:] = []
+                        continue
+                    for f in sorted(filenames):
+                        full = os.path.join(dirpath, f)
+                        if _is_shard_file(full):
+                            st = os.stat(full)
+                            found[os.path.abspath(full)] = (st.st_size, st.st_mtime)
+            else:
+                st = os.stat(p)
+                found[os.path.abspath(p)] = (st.st_size, st.st_mtime)
+    if not found:
+        raise UserError(f"no shards found in {', '.join(inputs)} (looked for {', '.join(SHARD_SUFFIXES)})")
+    paths = sorted(found)
+    if root is None:
+        root = os.path.commonpath([p for p in paths if "://" not in p]) if all("://" not in p for p in paths) else ""
+        if len(paths) == 1 or os.path.isfile(root):
+            root = os.path.dirname(root)
+    shards = []
+    for p in paths:
+        name = os.path.relpath(p, root) if root and "://" not in p else p
+        shards.append(Shard(name, p, found[p][0], found[p][1]))
+    return shards
+
+
+def _dir_stat(path: str) -> tuple[int, float]:
+    size, mtime = 0, 0.0
+    for dirpath, _, filenames in os.walk(path):
+        for f in filenames:
+            st = os.stat(os.path.join(dirpath, f))
+            size += st.st_size
+            mtime = max(mtime, st.st_mtime)
+    return size, mtime
+
+
+def check_shards(shards: list[Shard], cfg: ShardAuditConfig) -> tuple[list[tuple[Shard, int, str]], list[dict]]:
+    """Open each shard once: (shard, length, unit) for the good ones, and a list of the bad ones."""
+    from spike_audit.pipelines.shards.read import open_shard, read_slices
+
+    good, bad = [], []
+    for k, s in enumerate(shards):
+        try:
+            reader = open_shard(None, s.path, tokens_col=cfg.tokens_col, text_col=cfg.text_col, dtype=cfg.dtype)
+            unit = "row" if "row" in reader.units else "token"
+            close = getattr(reader, "close", None)
+            n = reader.length(unit)
+            if close:
+                close()
+            if unit == "token":
+                raise UserError("a flat token file has no rows: audit it through a manifest (spike-audit run) "
+                                "or convert it to Parquet/.npy rows")
+            if n:
+                read_slices(None, s.path, np.array([[0, 1]]), unit=unit, tokens_col=cfg.tokens_col,
+                            text_col=cfg.text_col, dtype=cfg.dtype)
+            good.append((s, n, unit))
+        except UserError as err:
+            bad.append({"shard": s.name, "error": str(err)})
+        except Exception as err:  # unreadable file: report it, do not crash on the first one
+            bad.append({"shard": s.name, "error": f"{type(err).__name__}: {err}".splitlines()[0]})
+        if (k + 1) % 100 == 0:
+            log.info("checked %d/%d shards", k + 1, len(shards))
+    return good, bad

@@ -1,0 +1,151 @@
+"""The shard audit's Beam graph (see the package docstring): row chunks, per-shard suite accumulators, the corpus
+baseline, row keys for the cross-shard duplicate joins, and the single sink."""
+
+from __future__ import annotations
+
+import logging
+import numpy as np
+import pyarrow as pa
+
+from spike_audit.pipelines.beam.scoring import (concat_parts, entity_scores, finish, make_suite, split_by_bucket,
+                                                suite_histogram, sum_histograms, to_token_batch, with_cross_dup)
+from spike_audit.pipelines.shard_audit.clusters import (cluster_pairs, duplicate_records, exact_groups,
+                                                        near_clusters, near_pairs)
+from spike_audit.pipelines.shard_audit.config import NODE_SHIFT, Shard, ShardAuditConfig
+from spike_audit.pipelines.shard_audit.state import _portable_keys, _reindex, all_fp, load_state_records
+
+
+log = logging.getLogger(__name__)
+
+
+class ReadChunk:
+    """(shard_name, path, start, end, n_rows) -> (shard_name, RecordBatch) with the shard's name in
+    `shard`; logs each shard as its last chunk is read (progress of long runs)."""
+
+    def __init__(self, tokens_col: str, text_col: str, dtype: str | None):
+        self.tokens_col, self.text_col, self.dtype = tokens_col, text_col, dtype
+
+    def __call__(self, item):
+        from spike_audit.pipelines.shards.read import read_slices
+
+        name, path, start, end, n = item
+        rb = read_slices(None, path, np.array([[start, end]], dtype=np.int64), unit="row",
+                         tokens_col=self.tokens_col, text_col=self.text_col, dtype=self.dtype)
+        rb = rb.set_column(rb.schema.get_field_index("shard"), "shard", pa.array([name] * rb.num_rows, pa.string()))
+        if end == n:
+            log.info("read shard %s (%d rows)", name, n)
+        else:
+            log.debug("read %s rows %d..%d of %d", name, start, end, n)
+        return name, rb
+
+
+def row_keys(name_rb, shard_index: dict, cfg_dict: dict) -> dict:
+    """Per chunk, vectorised: node ids, exact row hashes, LSH band keys and 8-bit MinHash sketches."""
+    from spike_audit.auditors.dedup import row_hashes
+    from spike_audit.auditors.minhash import band_keys, signatures
+
+    name, rb = name_rb
+    tb = to_token_batch(rb, cfg_dict["tokens_col"], cfg_dict["text_col"])
+    nodes = (np.int64(shard_index[name]) << NODE_SHIFT) | np.asarray(rb.column("row"), dtype=np.int64)
+    ne = tb.lengths > 0
+    h = row_hashes(tb, cfg_dict["seed"])
+    sig = signatures(tb, seed=cfg_dict["seed"])[ne]
+    return {"shard": name, "nodes": nodes, "hash": h, "ne_nodes": nodes[ne],
+            "bands": band_keys(sig, cfg_dict["threshold"], cfg_dict["seed"]), "sketch": (sig & 0xFF).astype(np.uint8)}
+
+
+def split_exact(rec: dict, buckets: int):
+    """Partition a chunk's (hash, node) pairs by hash bucket: one element per non-empty bucket."""
+    yield from split_by_bucket(rec["hash"], buckets, rec["hash"], rec["nodes"])
+
+
+def shard_seen_elsewhere(kv):
+    """One exact-hash bucket -> (shard index, rows whose hash another shard shares)."""
+    from spike_audit.auditors.dedup import seen_elsewhere
+
+    cols = concat_parts(kv[1])
+    if cols is None:
+        return
+    keys, counts = seen_elsewhere(cols[0], cols[1] >> NODE_SHIFT)
+    yield from zip(keys.tolist(), counts.tolist())
+
+
+def split_bands(rec: dict, buckets: int):
+    """Partition a chunk's (LSH band key, node, sketch) triples by band-key bucket."""
+    keys, nodes, sk = rec["bands"], rec["ne_nodes"], rec["sketch"]
+    if not len(nodes):
+        return
+    rows = np.repeat(np.arange(len(nodes)), keys.shape[1])
+    flat = keys.ravel()
+    yield from split_by_bucket(flat, buckets, flat, nodes[rows], sk[rows])
+
+
+def build_pipeline(p, cfg: ShardAuditConfig, todo: list[tuple[Shard, int]], old_parts: dict[str, list[str]],
+                   keep: frozenset, names: list[str], staging: str):
+    import apache_beam as beam
+    from apache_beam.pvalue import AsSingleton
+
+    from spike_audit.pipelines.beam.combine import AuditorCombineFn
+    from spike_audit.pipelines.beam.sink import WriteTables
+
+    cfg_dict = {"vocab_size": cfg.vocab_size, "eos_id": cfg.eos_id, "seed": cfg.seed, "threshold": cfg.threshold,
+                "tokens_col": cfg.tokens_col, "text_col": cfg.text_col}
+    shard_index = {n: i for i, n in enumerate(names)}
+    fp = {s.name: s.fingerprint for s, _ in todo}
+    chunks = [(s.name, s.path, a, min(a + cfg.batch_rows, n), n) for s, n in todo for a in range(0, n, cfg.batch_rows)]
+    tokens_col, text_col = cfg.tokens_col, cfg.text_col
+
+    batches = (p | "Chunks" >> beam.Create(chunks) | "Spread" >> beam.Reshuffle()
+               | "Read" >> beam.Map(ReadChunk(cfg.tokens_col, cfg.text_col, cfg.dtype)))
+    suite = make_suite(cfg_dict)
+    new_accs = (batches | "Tokens" >> beam.MapTuple(lambda k, rb: (k, to_token_batch(rb, tokens_col, text_col)))
+                | "AuditShards" >> beam.CombinePerKey(AuditorCombineFn(suite, output="accumulator")))
+    old_accs = (p | "OldAccParts" >> beam.Create(old_parts.get("accs", []))
+                | "LoadAccs" >> beam.FlatMap(load_state_records, keep)
+                | "AccKV" >> beam.Map(lambda r: (r["shard"], r["acc"])))
+    accs = (new_accs, old_accs) | "AllAccs" >> beam.Flatten()
+
+    # the corpus baseline: every shard's histogram; each shard is then scored leave-one-out
+    hist = (accs | "Hists" >> beam.Map(lambda kv: suite_histogram(kv[1]))
+            | "Baseline" >> beam.CombineGlobally(sum_histograms))
+    new_keys = batches | "RowKeys" >> beam.Map(row_keys, shard_index, cfg_dict)
+    old_keys = (p | "OldKeyParts" >> beam.Create(old_parts.get("keys", []))
+                | "LoadKeys" >> beam.FlatMap(load_state_records, keep)
+                | "Reindex" >> beam.Map(_reindex, shard_index))
+    keys = (new_keys, old_keys) | "AllKeys" >> beam.Flatten()
+    exact_buckets = (keys | "ExactBuckets" >> beam.FlatMap(split_exact, cfg.buckets)
+                     | "GroupExact" >> beam.GroupByKey())
+    seen = (exact_buckets | "SeenElsewhere" >> beam.FlatMap(shard_seen_elsewhere)
+            | "SumSeen" >> beam.CombinePerKey(sum)
+            | "SeenByName" >> beam.Map(lambda kv, nm: (nm[kv[0]], kv[1]), names))
+    finished = (accs | "Finish" >> beam.Map(finish, AsSingleton(hist), cfg_dict, frozenset(), True)
+                | "KeyFinished" >> beam.Map(lambda it: (it[0], it)))
+    scores = (({"scores": finished, "seen": seen} | "JoinSeen" >> beam.CoGroupByKey()
+               | "CrossDup" >> beam.FlatMap(with_cross_dup))
+              | "AllShards" >> beam.combiners.ToList()
+              | "Rank" >> beam.FlatMap(lambda items, fps: [("shard_scores", dict(r, fingerprint=fps.get(r["shard"])))
+                                                           for r in entity_scores(items, "shard")], all_fp(names, todo,
+                                                                                                          keep)))
+
+    exact = (exact_buckets
+             | "ExactGroups" >> beam.FlatMap(exact_groups)
+             | "ExactRecords" >> beam.FlatMap(lambda g, nm, mg: duplicate_records("exact", g, nm, mg), names,
+                                              cfg.max_group))
+    near = (keys | "BandBuckets" >> beam.FlatMap(split_bands, cfg.buckets)
+            | "GroupBands" >> beam.GroupByKey()
+            | "NearPairs" >> beam.FlatMap(near_pairs, cfg.threshold)
+            | "GroupPairs" >> beam.GroupByKey()
+            | "Components" >> beam.FlatMap(cluster_pairs, cfg.cc_iterations)
+            | "NearRecords" >> beam.FlatMap(near_clusters, names, cfg.max_group))
+
+    outputs = [scores, exact, near]
+    if cfg.state:
+        outputs += [
+            new_accs | "AccState" >> beam.Map(
+                lambda kv, fps: ("state_accs", {"shard": kv[0], "fingerprint": fps[kv[0]], "acc": kv[1]}), fp),
+            new_keys | "KeyState" >> beam.Map(
+                lambda r, fps: ("state_keys", dict(_portable_keys(r), fingerprint=fps[r["shard"]])), fp),
+        ]
+    n_parts = max(1, min(64, len(todo)))
+    (outputs | "AllOutputs" >> beam.Flatten()
+     | "Write" >> WriteTables(staging, parts={"state_accs": n_parts, "state_keys": n_parts, "duplicates": 4}))
