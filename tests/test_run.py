@@ -12,7 +12,9 @@ import pytest
 
 from spike_audit.pipelines.demo import INJECTIONS
 from spike_audit.pipelines.errors import UserError
-from spike_audit.pipelines.run import OUTPUT_SPECS, RunConfig, run_audit
+from spike_audit.pipelines.run.audit import run_audit
+from spike_audit.pipelines.run.outputs import OUTPUT_SPECS
+from spike_audit.pipelines.run.plan import RunConfig
 
 pytestmark = pytest.mark.slow
 
@@ -124,9 +126,12 @@ def test_skip_list_quarantine_and_report(audited):
 def test_rerun_is_byte_identical(audited):
     root, _, _ = audited
     run_audit(_cfg(root, "audit2"))
-    for name in TABLES:
-        a = (root / "audit" / f"{name}.parquet").read_bytes()
-        b = (root / "audit2" / f"{name}.parquet").read_bytes()
+    names = [f"{t}.parquet" for t in TABLES + ("loss_series",)]
+    names += ["skip_list.json", "quarantine.json", "summary.json", "report.html"]
+    assert sorted(p.name for p in (root / "audit").iterdir()) == sorted(names)
+    for name in names:  # every output, not only the tables: nothing in them depends on time or the out path
+        a = (root / "audit" / name).read_bytes()
+        b = (root / "audit2" / name).read_bytes()
         assert a == b, name
 
 
