@@ -1,0 +1,100 @@
+"""HF Trainer order: invariants here; exactness against torch (when installed) and against the real
+Trainer (fidelity tests, in the framework's own virtualenv)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from spike_audit.pipelines.builders.hf import hf_trainer_order, torch_randperm
+from spike_audit.pipelines.errors import UserError
+
+HFSTREAM_PY = os.environ.get("HFSTREAM_PY", "/work/venvs/hfstream/bin/python")
+FEED = Path(__file__).resolve().parents[1] / "benchmarks" / "fidelity" / "hf_feed.py"
+
+
+@given(st.integers(0, 300), st.integers(0, 2**40))
+@settings(max_examples=50, deadline=None)
+def test_randperm_is_a_permutation(n, seed):
+    p = torch_randperm(n, seed)
+    assert sorted(p.tolist()) == list(range(n))
+    assert (torch_randperm(n, seed) == p).all()
+
+
+def test_randperm_equals_torch_when_installed():
+    torch = pytest.importorskip("torch")
+    for n, seed in [(1, 0), (2, 5), (101, 42), (5000, 2**33 + 17)]:
+        g = torch.Generator()
+        g.manual_seed(seed)
+        assert (torch.randperm(n, generator=g).numpy() == torch_randperm(n, seed)).all()
+
+
+@given(n=st.integers(1, 120), bs=st.integers(1, 9), w=st.integers(1, 4), ga=st.integers(1, 4),
+       epochs=st.sampled_from([1.0, 2.0, 1.5]), drop=st.booleans())
+@settings(max_examples=80, deadline=None)
+def test_trainer_order_invariants(n, bs, w, ga, epochs, drop):
+    if drop and n < bs * w:
+        return
+    o = hf_trainer_order(n, seed=3, per_device_batch_size=bs, world_size=w, gradient_accumulation_steps=ga,
+                         num_train_epochs=epochs, drop_last=drop)
+    batch, rank, micro, row = o["batch"], o["rank"], o["micro"], o["row"]
+    assert ((row >= 0) & (row < n)).all() and (micro < ga).all() and (rank < w).all()
+    # every rank takes part in every step with the same number of micro-batches (even_batches)
+    for s in np.unique(batch):
+        per_rank = [len(np.unique(micro[(batch == s) & (rank == r)])) for r in range(w)]
+        assert len(set(per_rank)) == 1
+    if w == 1 and not drop and epochs == 1.0:
+        assert sorted(row.tolist()) == list(range(n))  # one epoch = each row once
+    steps = len(np.unique(batch))
+    len_dl = (n // bs if drop else -(-n // bs))
+    len_dl = len_dl // w if drop else -(-len_dl // w) if w > 1 else len_dl
+    assert steps == int(np.ceil(epochs * -(-len_dl // ga)))
+
+
+def test_data_seed_overrides_seed_and_epochs_differ():
+    a = hf_trainer_order(50, seed=1, data_seed=9, per_device_batch_size=5, num_train_epochs=2)
+    b = hf_trainer_order(50, seed=9, per_device_batch_size=5, num_train_epochs=2)
+    assert (a["row"] == b["row"]).all()
+    assert not (a["row"][:50] == a["row"][50:]).all()
+
+
+def test_refusals():
+    with pytest.raises(UserError, match="sampler 'length'"):
+        hf_trainer_order(10, sampler="length")
+    with pytest.raises(UserError, match="no batch"):
+        hf_trainer_order(3, per_device_batch_size=4, drop_last=True)
+
+
+def _run_feed(tmp_path, world, *args):
+    out = tmp_path / "feed"
+    if world == 1:
+        cmd = [HFSTREAM_PY, str(FEED), "--out", str(out), *args]
+    else:
+        cmd = [HFSTREAM_PY, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_addr",
+               "127.0.0.1", "--master_port", str(29600 + world), str(FEED), "--out", str(out), *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return dict(np.load(out / "feed.npz")), json.loads((out / "feed.json").read_text())
+
+
+@pytest.mark.fidelity
+@pytest.mark.skipif(not Path(HFSTREAM_PY).exists(), reason=f"no transformers virtualenv at {HFSTREAM_PY} "
+                    "(set HFSTREAM_PY to a python with transformers, accelerate, datasets and torch)")
+@pytest.mark.parametrize("world,args", [(1, ["--grad-accum", "3"]), (2, ["--rows", "37", "--batch-size", "5",
+                                                                         "--epochs", "3", "--data-seed", "99"])])
+def test_order_equals_the_real_trainer(tmp_path, world, args):
+    feed, meta = _run_feed(tmp_path, world, *args)
+    o = hf_trainer_order(meta["rows"], seed=meta["seed"], data_seed=meta["data_seed"],
+                         per_device_batch_size=meta["batch_size"], gradient_accumulation_steps=meta["grad_accum"],
+                         num_train_epochs=meta["epochs"], world_size=meta["world_size"], drop_last=meta["drop_last"])
+    key = lambda d: sorted(zip(d["batch"].tolist(), d["rank"].tolist(), d["micro"].tolist(), d["row"].tolist()))
+    assert key(o) == key(feed)
+    assert meta["logged_steps"][0] == 1  # trainer_state.json numbers optimizer steps from 1

@@ -1,0 +1,89 @@
+"""MDS reader: fixtures written by mosaicml-streaming 0.13's own MDSWriter (zstd, mixed encodings,
+several shards; a pickled column), plus a hand-built shard for the corrupt-file errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from spike_audit.pipelines.errors import UserError
+from spike_audit.pipelines.shards.mds import MDSReader, is_mds, read_mds_index
+
+FIX = Path(__file__).parent / "fixtures" / "mds"
+TRUTH = json.loads((FIX / "mixed_zstd_tokens.json").read_text())
+
+
+@pytest.mark.parametrize("col,dtype,shift", [("tokens", None, 0), ("j", None, 0), ("b", "int64", 0), ("u", None, 70000)])
+def test_every_token_encoding_gives_the_written_tokens(col, dtype, shift):
+    r = MDSReader(str(FIX / "mixed_zstd"), "mixed_zstd", tokens_col=col, dtype=dtype)
+    assert r.length() == len(TRUTH)
+    rows = np.array([[0, 24]])
+    got = r.read(rows).column("tokens").to_pylist()
+    assert got == [[t + shift for t in row] for row in TRUTH]
+
+
+def test_rows_in_request_order_across_shards_with_text():
+    r = MDSReader(str(FIX / "mixed_zstd"), "m")
+    assert len(r.shards) > 3
+    b = r.read(np.array([[20, 22], [3, 4], [11, 13]]))
+    assert b.column("row").to_pylist() == [20, 21, 3, 11, 12]
+    assert b.column("text").to_pylist() == [f"row {i} — ünï" for i in (20, 21, 3, 11, 12)]
+    assert b.column("tokens").to_pylist() == [TRUTH[i] for i in (20, 21, 3, 11, 12)]
+
+
+def test_one_shard_file_is_its_own_rows():
+    shards = read_mds_index(str(FIX / "mixed_zstd"))
+    second = Path(shards[1].zip)
+    r = MDSReader(str(second), second.name)
+    n0 = shards[0].samples
+    assert r.length() == shards[1].samples
+    assert r.read(np.array([[0, r.length()]])).column("tokens").to_pylist() == TRUTH[n0:n0 + shards[1].samples]
+    assert is_mds(str(second)) and is_mds(str(FIX / "mixed_zstd")) and not is_mds(str(FIX))
+
+
+def test_pickle_is_refused_never_unpickled():
+    r = MDSReader(str(FIX / "pickled"), "pickled")
+    with pytest.raises(UserError, match="pickled.*'pkl'.*never unpickles"):
+        r.read(np.array([[0, 1]]))
+    # the text column alone is fine
+    assert MDSReader(str(FIX / "pickled"), "p", tokens_col="none").read(np.array([[0, 3]])).column("text").to_pylist() == ["x"] * 3
+
+
+def test_bytes_tokens_need_a_dtype():
+    with pytest.raises(UserError, match="'bytes': pass the token dtype"):
+        MDSReader(str(FIX / "mixed_zstd"), "m", tokens_col="b").read(np.array([[0, 1]]))
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path):
+    d = tmp_path / "ds"
+    shutil.copytree(FIX / "mixed_zstd", d)
+    idx = json.loads((d / "index.json").read_text())
+    idx["shards"][0]["format"] = "json"
+    (d / "index.json").write_text(json.dumps(idx))
+    with pytest.raises(UserError, match="shard 0: format 'json' is not supported"):
+        MDSReader(str(d), "ds")
+    idx["shards"][0]["format"] = "mds"
+    idx["shards"][0]["compression"] = "br"
+    (d / "index.json").write_text(json.dumps(idx))
+    with pytest.raises(UserError, match="compression 'br' is not supported"):
+        MDSReader(str(d), "ds").read(np.array([[0, 1]]))
+    idx["version"] = 1
+    (d / "index.json").write_text(json.dumps(idx))
+    with pytest.raises(UserError, match="index version 1"):
+        MDSReader(str(d), "ds")
+    with pytest.raises(UserError, match="no index.json"):
+        MDSReader(str(tmp_path), "x")
+
+
+def test_stale_index_is_detected(tmp_path):
+    d = tmp_path / "p"
+    shutil.copytree(FIX / "pickled", d)
+    idx = json.loads((d / "index.json").read_text())
+    idx["shards"][0]["samples"] = 5
+    (d / "index.json").write_text(json.dumps(idx))
+    with pytest.raises(UserError, match="does not start with its sample count 5"):
+        MDSReader(str(d), "p", tokens_col="none").read(np.array([[0, 1]]))
