@@ -1,0 +1,181 @@
+"""The spike lab: does `spike-audit` give the right verdict, rows and shards on realistic runs?
+
+    python benchmarks/verdicts.py [--seeds 10] [--quick] [--out DIR] [--spike-audit PATH] [--jobs 2]
+                                  [--record NAME]
+
+Builds audited training runs from real text on this machine (Python sources and docs, Debian
+changelogs and copyright files, licences, man pages, installed packages' documentation; nothing
+de-duplicated), tokenized with a byte-level BPE trained offline. Every kind of anomaly in
+``spikelab/lab_plant.py`` is planted at doses of 16, 8, 4 and 2 rows of 16 over 1-6 consecutive
+steps, several events per run, plus normal (optimizer-like) spikes whose data is untouched; the
+loss log spikes at every planted step and holds a crash and resume. Each seed draws new data
+order, positions, rows, sizes and layout, and is the ``--seed`` of the audit (the control draw).
+
+The tool is driven only through its command line (``spike-audit run``, ``spike-audit shards``) and
+its documented output files, so the lab measures whatever version is installed. Prints one table
+(recall per kind and dose, false ``data`` on normal spikes, agreement across seeds, skip-list rows
+against the planted rows, shard ranks, quarantine, effect sizes, control false alarms) and writes
+it with every event's details to ``DIR/verdicts.json`` and ``DIR/verdicts.md`` (and to
+``benchmarks/results/verdicts-NAME.*`` with ``--record NAME``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE / "spikelab"))
+
+import lab_corpus  # noqa: E402
+import lab_eval  # noqa: E402
+import lab_run  # noqa: E402
+
+log = logging.getLogger("spikelab")
+
+
+def find_tool(given: str | None) -> str:
+    if given:
+        return given
+    cand = Path(sys.executable).parent / "spike-audit"
+    if cand.exists():
+        return str(cand)
+    found = shutil.which("spike-audit")
+    if not found:
+        sys.exit("spike-audit not found: install the package (pip install .) or pass --spike-audit PATH")
+    return found
+
+
+def call(cmd: list[str], logfile: Path) -> float:
+    t0 = time.perf_counter()
+    with open(logfile, "w") as f:
+        res = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if res.returncode != 0:
+        tail = logfile.read_text().strip().splitlines()[-5:]
+        raise RuntimeError(f"{' '.join(cmd[:2])} failed with exit code {res.returncode} (see {logfile}):\n"
+                           + "\n".join(tail))
+    return time.perf_counter() - t0
+
+
+def audit_run(tool: str, run_dir: Path, seed: int, with_shards: bool) -> dict:
+    truth = json.loads((run_dir / "truth.json").read_text())
+    audit = run_dir / "audit"
+    t_run = call([tool, "run", "--log", str(run_dir / truth["log"]), "--manifest", str(run_dir / "manifest.parquet"),
+                  "--shards", str(run_dir / "shards"), "--out", str(audit), "--seed", str(seed),
+                  "--eos-id", str(truth["eos_id"]), "--tokenizer", str(run_dir / "tokenizer.json")],
+                 run_dir / "audit.log")
+    t_shards = None
+    shard_audit = None
+    if with_shards:
+        shard_audit = run_dir / "shard-audit"
+        t_shards = call([tool, "shards", str(run_dir / "shards"), "--out", str(shard_audit),
+                         "--eos-id", str(truth["eos_id"]), "--seed", str(seed)], run_dir / "shard-audit.log")
+    res = lab_eval.score_run(run_dir, audit, shard_audit)
+    res["seconds"] = {"run": t_run, "shards": t_shards}
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", type=int, default=None, help="seeds (default 10; 2 with --quick)")
+    ap.add_argument("--quick", action="store_true", help="2 seeds, one small run each (about 2 minutes)")
+    ap.add_argument("--out", default="/tmp/spikelab", help="work directory: runs, audits, results")
+    ap.add_argument("--cache", default=None, help="token pool cache (default: OUT/cache)")
+    ap.add_argument("--spike-audit", dest="tool", default=None, help="the spike-audit executable")
+    ap.add_argument("--jobs", type=int, default=2, help="runs built and audited at once (2)")
+    ap.add_argument("--first-seed", type=int, default=0)
+    ap.add_argument("--record", default=None, help="also write benchmarks/results/verdicts-NAME.{json,md}")
+    ap.add_argument("--keep", action="store_true", help="keep the runs' shards after scoring them")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    n_seeds = args.seeds or (2 if args.quick else 10)
+    tool = find_tool(args.tool)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    version = subprocess.run([tool, "--help"], capture_output=True, text=True).returncode
+    if version != 0:
+        sys.exit(f"{tool} --help failed: is it the spike-audit executable?")
+
+    pool = lab_corpus.build_pool(Path(args.cache) if args.cache else out / "cache",
+                                 lab_corpus.QUICK_POOL if args.quick else lab_corpus.PoolConfig())
+    t_pool = time.perf_counter() - t0
+    designs = lab_run.design(args.quick)
+    tasks = [(seed, r) for seed in range(args.first_seed, args.first_seed + n_seeds) for r in range(len(designs))]
+    results: dict = {}
+    lock = threading.Lock()
+    done = [0]
+
+    def one(task):
+        seed, r = task
+        spec = lab_run.make_spec(seed, r, designs[r], args.quick)
+        run_dir = out / "runs" / spec.name
+        shutil.rmtree(run_dir, ignore_errors=True)
+        tb = time.perf_counter()
+        lab_run.build_run(pool, spec, run_dir)
+        t_build = time.perf_counter() - tb
+        res = audit_run(tool, run_dir, seed, with_shards=(r == seed % len(designs)))
+        res["seconds"]["build"] = t_build
+        if not args.keep:
+            shutil.rmtree(run_dir / "shards", ignore_errors=True)
+        with lock:
+            done[0] += 1
+            log.info("[%d/%d] %s: build %.0f s, run %.0f s%s; %d/%d data events judged data", done[0], len(tasks),
+                     spec.name, t_build, res["seconds"]["run"],
+                     f", shards {res['seconds']['shards']:.0f} s" if res["seconds"]["shards"] else "",
+                     sum(e["verdict"] == "data" for e in res["events"] if e["kind"] != "optimizer"),
+                     sum(e["kind"] != "optimizer" for e in res["events"]))
+        return task, res
+
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as ex:
+        for task, res in ex.map(one, tasks):
+            results[task] = res
+    runs = [results[t] for t in tasks]
+    pooled = lab_eval.pool_scores(runs, n_seeds)
+    wall = time.perf_counter() - t0
+    sizes = sorted({(r["spec"]["steps"], r["spec"]["rows_per_step"], r["spec"]["seq_len"], r["spec"]["layout"])
+                    for r in runs})
+    meta = {
+        "command": "python benchmarks/verdicts.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "tool": tool, "seeds": n_seeds, "runs": len(runs), "quick": args.quick,
+        "corpus": lab_corpus.describe(pool), "pool": pool.dir.name,
+        "seconds": {"total": wall, "pool": t_pool,
+                    "build": sum(r["seconds"]["build"] for r in runs),
+                    "run": sum(r["seconds"]["run"] for r in runs),
+                    "shards": sum(r["seconds"]["shards"] or 0 for r in runs)},
+        "load_average": os.getloadavg()[0], "cores": os.cpu_count(),
+        "tokens": sum(r["tokens"] for r in runs),
+    }
+    meta["footer"] = (
+        f"{n_seeds} seeds, {len(runs)} runs ({', '.join(f'{a}x{b}x{c} {d}' for a, b, c, d in sizes[:6])}"
+        f"{' ...' if len(sizes) > 6 else ''}; steps x rows x seq), {meta['tokens'] / 1e6:.1f}M tokens; "
+        f"{sum(len(r['events']) for r in runs)} planted events; wall {wall:.0f} s (tool: run {meta['seconds']['run']:.0f} s, "
+        f"shards {meta['seconds']['shards']:.0f} s, summed over {args.jobs} jobs), load {meta['load_average']:.1f} on "
+        f"{meta['cores']} cores")
+    table = lab_eval.render(pooled, meta)
+    print(table)
+    doc = {"meta": meta, "table": pooled, "runs": runs}
+    (out / "verdicts.json").write_text(json.dumps(doc, indent=1, default=str))
+    (out / "verdicts.md").write_text(table)
+    if args.record:
+        dest = HERE / "results"
+        dest.mkdir(exist_ok=True)
+        (dest / f"verdicts-{args.record}.json").write_text(json.dumps(doc, indent=1, default=str))
+        (dest / f"verdicts-{args.record}.md").write_text(f"`{meta['command']}`\n\n" + table)
+    log.info("results in %s/verdicts.{json,md}", out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
