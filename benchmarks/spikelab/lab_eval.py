@@ -344,7 +344,7 @@ def render(pooled: dict, meta: dict) -> str:
         f"planted steps in steps_to_skip {s['planted_steps_skipped']}/{s['planted_steps']}, clean steps in it "
         f"{s['clean_steps_skipped']}",
         f"- `spike-audit shards`: planted shards with >= 5% planted rows in the top 5% (among clean shards) "
-        f"{sh['in_top_5pct']}/{sh['planted_ge_5pct']} (most clean shards above a planted one: {sh["worst_clean_above"]}); "
+        f"{sh['in_top_5pct']}/{sh['planted_ge_5pct']} (most clean shards above a planted one: {sh['worst_clean_above']}); "
         f"clean shards quarantined {sh['clean_quarantined']}/{sh['n_clean']} ({sh['audits']} audits)",
         f"- `spike-audit run` quarantine: {rq['clean_shards']} clean shards listed ({rq['clean_single_row']} for a "
         f"single row) of {rq['shards']} listed",
