@@ -78,8 +78,8 @@ OLMO_CASES = [
     olmo_case("1 rank, uint16, 1 epoch, batch in tokens", {"epochs": 1}, {}),
     olmo_case("1 rank, uint16, 2 epochs (per-epoch indices)", {"epochs": 2}, {}),
     olmo_case("4 ranks, micro-batch 1, 2 epochs", {"epochs": 2, "world-size": 4, "micro-batch-instances": 1}, {}),
-    olmo_case("4 ranks, micro-batch 2, uint32, 2 epochs", {"epochs": 2, "world-size": 4, "micro-batch-instances": 1,
-                                                           "dtype": "uint32", "global-batch-instances": 8}, {}),
+    olmo_case("4 ranks, micro-batch 2, uint32, 2 epochs", {"epochs": 2, "world-size": 4, "micro-batch-instances": 2,
+                                                           "dtype": "uint32", "global-batch-instances": 16}, {}),
     olmo_case("1 rank, uint32, 2 epochs", {"epochs": 2, "dtype": "uint32"}, {}),
     olmo_case("2 loader workers, 2 epochs", {"epochs": 2, "num-workers": 2}, {}),
     olmo_case("max_target_sequence_length 64", {"epochs": 2, "max-target-sequence-length": 64}, {}),
@@ -94,9 +94,14 @@ def run_olmo(case: dict, work: Path) -> dict:
     for k, v in case["feed_args"].items():
         args += [f"--{k}", str(v)]
     t0 = time.time()
-    r = _run([VENVS["olmocore"], str(FEEDS / "olmo_feed.py"), "--out", str(d), *args])
+    world = int(case["feed_args"].get("world-size", 1))
+    launch = [VENVS["olmocore"]] if world == 1 else [
+        VENVS["olmocore"], "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_addr",
+        "127.0.0.1", "--master_port", "29561"]
+    r = _run([*launch, str(FEEDS / "olmo_feed.py"), "--out", str(d), *args])
     if r.returncode:
-        return {"error": "feed failed: " + r.stderr.strip().splitlines()[-1]}
+        err = [ln for ln in r.stderr.strip().splitlines() if "Error" in ln] or r.stderr.strip().splitlines()[-1:]
+        return {"error": "feed failed: " + err[-1]}
     meta = json.loads((d / "feed.json").read_text())
     man = str(d / "manifest.parquet")
     cmd = _olmo_manifest(meta, man, **case["manifest"])

@@ -27,7 +27,7 @@ def _feed_sequences(feed) -> list[np.ndarray]:
 def _imports():
     try:
         from spike_audit.pipelines.manifest import load_manifest_table
-        from spike_audit.pipelines.shards import read_slices
+        from spike_audit.pipelines.shards.read import read_slices
     except ImportError:  # before the namespace refactor
         from pipelines.manifest import load_manifest_table
         from pipelines.shards import read_slices

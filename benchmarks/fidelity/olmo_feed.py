@@ -118,7 +118,16 @@ def run_case(args) -> None:
             return None
 
     batches_per_epoch = None
-    for rank in range(args.world_size):
+    env_world = int(os.environ.get("WORLD_SIZE", "1"))
+    if env_world > 1:  # started by torch.distributed.run: one process per data-parallel rank (gloo, CPU)
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
+        my_ranks = [dist.get_rank()]
+        args.world_size = env_world
+    else:
+        my_ranks = list(range(args.world_size))
+    for rank in my_ranks:
         dataset = ds_cfg.build()
         dl_cfg = NumpyDataLoaderConfig(global_batch_size=gbs_tokens, seed=args.seed, num_workers=args.num_workers,
                                        work_dir=str(out / "work"))
@@ -130,7 +139,7 @@ def run_case(args) -> None:
         loader = NumpyDataLoaderBase.wrap_numpy_dataset(
             dataset, global_batch_size=gbs_tokens, collator=DataCollator(pad_token_id=1, vocab_size=vocab),
             work_dir=str(out / "work"), seed=args.seed, dp_world_size=args.world_size, dp_rank=rank,
-            fs_local_rank=0, num_workers=args.num_workers, target_device_type="cpu")
+            fs_local_rank=rank if env_world > 1 else 0, num_workers=args.num_workers, target_device_type="cpu")
         del dl_cfg
         batches_per_epoch = loader.total_batches
         trainer = TrainerConfig(save_folder=str(out / f"save-rank{rank}"), work_dir=str(out / "work"),
@@ -139,6 +148,25 @@ def run_case(args) -> None:
                                 cancel_check_interval=1000).build(Recorder(rank), loader)
         trainer.fit()
 
+    if env_world > 1:
+        part = out / f"records-rank{my_ranks[0]}.npz"
+        np.savez(part, step=np.array([r["step"] for r in records], np.int64),
+                 epoch=np.array([r["epoch"] for r in records], np.int64),
+                 rank=np.array([r["rank"] for r in records], np.int64),
+                 micro=np.array([r["micro"] for r in records], np.int64),
+                 pos=np.array([r["pos"] for r in records], np.int64),
+                 index=np.array([r["index"] for r in records], np.int64),
+                 tokens=np.stack([r["tokens"] for r in records]))
+        dist.barrier()
+        if my_ranks[0] != 0:
+            dist.destroy_process_group()
+            return
+        records = []
+        for r in range(env_world):
+            q = dict(np.load(out / f"records-rank{r}.npz"))
+            for i in range(len(q["step"])):
+                records.append({k: (q[k][i] if k == "tokens" else int(q[k][i])) for k in q})
+        dist.destroy_process_group()
     work = out / "work"
     indices_files = sorted(str(p) for p in work.glob("global_indices*.npy"))
     n = len(records)

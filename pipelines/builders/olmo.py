@@ -23,6 +23,9 @@ inside the instance, so no extra token is read).
 from __future__ import annotations
 
 import logging
+import os
+import random
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -110,3 +113,127 @@ def build_olmo_manifest(global_indices, paths: list[str], *, seq_len: int, globa
     shard = pa.array(np.asarray(paths, dtype=object)[f], pa.string())
     return manifest_from_arrays(first_step + pos // global_batch_size, shard, local * seq_len, (local + 1) * seq_len,
                                 "token", rank, micro)
+
+
+_EPOCH_RE = re.compile(r"(?:^|_)epoch(\d+)(?:_|\.|$)")
+_SIZE_RE = re.compile(r"(?:^|_)dataset_size(\d+)(?:_|\.|$)")
+_CHUNK_RE = re.compile(r"(?:^|_)chunk(\d+)(?:_|\.|$)")
+
+
+def permute_sources(paths: list[str], seed: int) -> list[str]:
+    """OLMo-core's ``source_permutation_seed``: ``random.Random(seed).shuffle`` of the path order."""
+    order = list(range(len(paths)))
+    random.Random(seed).shuffle(order)
+    return [paths[i] for i in order]
+
+
+def build_olmo_core_manifest(indices_files: list, paths: list[str], *, seq_len: int,
+                             global_batch_size: int | None = None, global_batch_tokens: int | None = None,
+                             dtype="uint16", max_target_sequence_length: int | None = None,
+                             source_permutation_seed: int | None = None, epoch: int | None = None,
+                             shard_root: str | None = None, first_step: int = 1,
+                             steps: tuple[int, int] | None = None, world_size: int | None = None,
+                             micro_batch_size: int | None = None, micro_batch_tokens: int | None = None,
+                             file_sizes: list[int] | None = None) -> pa.Table:
+    """STEP_MANIFEST of an OLMo-core (``NumpyFSLDataset`` + ``NumpyFSLDataLoader``) run over one or
+    more epochs, each with its own global indices file (``global_indices_..._epochN_..._v1.npy``).
+
+    OLMo-core's batch size is in tokens (``global_batch_tokens``; ``global_batch_size`` is instances,
+    give one). ``paths`` are the data files in config order (after glob expansion); with
+    ``source_permutation_seed`` they are permuted as OLMo-core does. ``max_target_sequence_length``
+    changes how many instances each file holds (``size // (itemsize * mtsl) * (mtsl // seq_len)``).
+    The trainer's step before epoch ``e`` is ``(e - 1) * batches_per_epoch`` (FSL epochs all have
+    ``instances // instances_per_batch`` batches); ``first_step`` is the step of epoch 1's first batch.
+    The epoch of a file comes from its name (OLMo-core's ``epochN`` field) or ``epoch`` (one file).
+    The name's ``dataset_size`` and ``chunk`` fields are checked against the settings.
+    """
+    if (global_batch_size is None) == (global_batch_tokens is None):
+        raise UserError("give the global batch size once: in tokens (OLMo-core's global_batch_size) or in instances")
+    if seq_len <= 0:
+        raise UserError(f"seq_len must be positive, got {seq_len}")
+    if global_batch_tokens is not None:
+        if global_batch_tokens <= 0 or global_batch_tokens % seq_len:
+            raise UserError(f"global batch of {global_batch_tokens} tokens is not a positive multiple of "
+                            f"seq_len {seq_len}")
+        global_batch_size = global_batch_tokens // seq_len
+    if micro_batch_tokens is not None:
+        if micro_batch_size is not None:
+            raise UserError("give the micro-batch size once: in tokens or in instances")
+        if micro_batch_tokens <= 0 or micro_batch_tokens % seq_len:
+            raise UserError(f"micro-batch of {micro_batch_tokens} tokens is not a positive multiple of seq_len {seq_len}")
+        micro_batch_size = micro_batch_tokens // seq_len
+    mtsl = max_target_sequence_length
+    if mtsl is not None and (mtsl < seq_len or mtsl % seq_len):
+        raise UserError(f"max_target_sequence_length {mtsl} is not a multiple of seq_len {seq_len}")
+    if not paths:
+        raise UserError("no data files given")
+    if source_permutation_seed is not None:
+        paths = permute_sources(list(paths), source_permutation_seed)
+        if file_sizes is not None:
+            file_sizes = permute_sources(list(file_sizes), source_permutation_seed)
+    if mtsl is not None and mtsl != seq_len:
+        blocks = instance_counts(shard_root, paths, mtsl, dtype, file_sizes)
+        sizes = list(blocks * (mtsl * np.dtype(dtype).itemsize))  # same instance counts, whole blocks only
+    else:
+        sizes = list(file_sizes) if file_sizes is not None else None
+    counts = instance_counts(shard_root, paths, seq_len, dtype, sizes)
+    n_inst = int(counts.sum())
+    per_epoch = n_inst // global_batch_size
+    if per_epoch == 0:
+        hint = (" (is that the size in tokens? pass it as the batch size in tokens)"
+                if global_batch_tokens is None and global_batch_size % seq_len == 0 else "")
+        raise UserError(f"a global batch of {global_batch_size} instances is larger than the {n_inst} instances of "
+                        f"the data files (seq_len {seq_len}, dtype {np.dtype(dtype).name}){hint}")
+    files = [indices_files] if isinstance(indices_files, (str, np.ndarray)) else list(indices_files)
+    if not files:
+        raise UserError("no global indices file given")
+    epochs = []
+    for k, gi in enumerate(files):
+        name = os.path.basename(str(gi)) if not isinstance(gi, np.ndarray) else ""
+        m = _EPOCH_RE.search(name)
+        if m:
+            e = int(m.group(1))
+            if epoch is not None and len(files) == 1 and e != epoch:
+                raise UserError(f"{name}: the file name says epoch {e}, --epoch says {epoch}")
+        elif epoch is not None and len(files) == 1:
+            e = epoch
+        elif len(files) == 1:
+            e = 1
+        else:
+            raise UserError(f"{gi}: cannot tell which epoch this indices file is for (OLMo-core names them "
+                            f"..._epochN_...); pass one file with its epoch")
+        if e < 1:
+            raise UserError(f"{gi}: epoch {e}: OLMo-core numbers epochs from 1")
+        m = _SIZE_RE.search(name)
+        if m and int(m.group(1)) != n_inst:
+            raise UserError(f"{name}: written for a dataset of {int(m.group(1))} instances, but these settings give "
+                            f"{n_inst} (check the data files, seq_len, dtype and max_target_sequence_length)")
+        m = _CHUNK_RE.search(name)
+        chunk = (mtsl // seq_len) if mtsl else 1
+        if m and int(m.group(1)) != chunk:
+            raise UserError(f"{name}: written with chunk {int(m.group(1))} (max_target_sequence_length / seq_len); "
+                            f"these settings give {chunk}: pass the run's max_target_sequence_length")
+        if not m and chunk > 1 and name.startswith("global_indices"):
+            raise UserError(f"{name}: has no chunk field, so the run had no max_target_sequence_length above seq_len")
+        epochs.append((e, gi))
+    seen = [e for e, _ in epochs]
+    if len(set(seen)) != len(seen):
+        raise UserError(f"two global indices files are for the same epoch ({sorted(seen)})")
+    tables = []
+    for e, gi in sorted(epochs, key=lambda t: t[0]):
+        step0 = first_step + (e - 1) * per_epoch
+        if steps is not None and (steps[1] < step0 or steps[0] > step0 + per_epoch - 1):
+            continue
+        indices = gi if isinstance(gi, np.ndarray) else load_global_indices(gi)
+        if len(indices) < per_epoch * global_batch_size:
+            raise UserError(f"{gi}: {len(indices)} indices are fewer than the {per_epoch} batches of "
+                            f"{global_batch_size} instances of an epoch")
+        tables.append(build_olmo_manifest(np.asarray(indices[:per_epoch * global_batch_size]), paths,
+                                          seq_len=seq_len, global_batch_size=global_batch_size, dtype=dtype,
+                                          shard_root=shard_root, first_step=step0, steps=steps,
+                                          world_size=world_size, micro_batch_size=micro_batch_size,
+                                          file_sizes=sizes))
+    if not tables:
+        raise UserError(f"steps {steps[0]}..{steps[1]} are outside the epochs given "
+                        f"({per_epoch} steps an epoch from step {first_step})")
+    return pa.concat_tables(tables)

@@ -48,14 +48,26 @@ def register(subparsers) -> None:
     sub.required = True
 
     o = sub.add_parser("olmo", help="OLMo / OLMo-core global_indices over token memmaps")
-    o.add_argument("--global-indices", required=True, help="global_indices.npy (raw uint32 memmap or .npy)")
+    o.add_argument("--global-indices", required=True, nargs="+",
+                   help="global indices file(s): OLMo's global_indices.npy, or OLMo-core's per-epoch "
+                   "global_indices_..._epochN_..._v1.npy (several epochs: give each; the epoch is read from the name)")
     o.add_argument("--data-files", nargs="*", help="token memmap files in config order (relative to --shards)")
     o.add_argument("--data-list", help="text file listing the data files, one per line, in config order")
     o.add_argument("--seq-len", type=int, required=True, help="sequence length (tokens per instance)")
-    o.add_argument("--global-batch-size", type=int, required=True, help="global batch size in instances")
+    g = o.add_mutually_exclusive_group(required=True)
+    g.add_argument("--global-batch-tokens", type=int, help="global batch size in tokens (OLMo-core's global_batch_size)")
+    g.add_argument("--global-batch-size", type=int, help="global batch size in instances (OLMo's global_train_batch_size)")
     o.add_argument("--dtype", default="uint16", help="token dtype of the memmaps (uint16 or uint32)")
+    o.add_argument("--max-target-sequence-length", type=int, default=None,
+                   help="OLMo-core's max_target_sequence_length (changes the instances of each file)")
+    o.add_argument("--source-permutation-seed", type=int, default=None,
+                   help="OLMo-core's source_permutation_seed (data files permuted as it does; give them in config order)")
+    o.add_argument("--epoch", type=int, default=None, help="epoch of a single indices file whose name does not say it")
     o.add_argument("--world-size", type=int, default=None, help="data-parallel world size (records ranks)")
-    o.add_argument("--micro-batch-size", type=int, default=None, help="device micro-batch size in instances")
+    mb = o.add_mutually_exclusive_group()
+    mb.add_argument("--micro-batch-size", type=int, default=None, help="device micro-batch size in instances")
+    mb.add_argument("--micro-batch-tokens", type=int, default=None,
+                    help="device micro-batch size in tokens (OLMo-core's rank_microbatch_size)")
     _common(o)
     o.set_defaults(func=run)
 
@@ -104,12 +116,16 @@ def run(args) -> int:
     steps = _steps(args.steps)
     allow_overlap = False
     if args.trainer == "olmo":
-        from spike_audit.pipelines.builders.olmo import build_olmo_manifest
+        from spike_audit.pipelines.builders.olmo import build_olmo_core_manifest
 
-        table = build_olmo_manifest(args.global_indices, _data_files(args), seq_len=args.seq_len,
-                                    global_batch_size=args.global_batch_size, dtype=args.dtype,
-                                    shard_root=args.shards, first_step=args.first_step, steps=steps,
-                                    world_size=args.world_size, micro_batch_size=args.micro_batch_size)
+        table = build_olmo_core_manifest(args.global_indices, _data_files(args), seq_len=args.seq_len,
+                                         global_batch_size=args.global_batch_size,
+                                         global_batch_tokens=args.global_batch_tokens, dtype=args.dtype,
+                                         max_target_sequence_length=args.max_target_sequence_length,
+                                         source_permutation_seed=args.source_permutation_seed, epoch=args.epoch,
+                                         shard_root=args.shards, first_step=args.first_step, steps=steps,
+                                         world_size=args.world_size, micro_batch_size=args.micro_batch_size,
+                                         micro_batch_tokens=args.micro_batch_tokens)
         dtype = args.dtype
     elif args.trainer == "megatron":
         from spike_audit.pipelines.builders.megatron import build_megatron_manifest, load_cache
