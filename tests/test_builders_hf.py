@@ -98,3 +98,25 @@ def test_order_equals_the_real_trainer(tmp_path, world, args):
     key = lambda d: sorted(zip(d["batch"].tolist(), d["rank"].tolist(), d["micro"].tolist(), d["row"].tolist()))
     assert key(o) == key(feed)
     assert meta["logged_steps"][0] == 1  # trainer_state.json numbers optimizer steps from 1
+
+
+def test_cli_manifest_hf_over_a_datasets_directory(tmp_path, capsys):
+    datasets = pytest.importorskip("datasets")
+    from spike_audit.pipelines.cli.main import main
+    from spike_audit.pipelines.manifest import read_manifest
+
+    ds = datasets.Dataset.from_dict({"tokens": [[i, i + 1] for i in range(23)]})
+    ds.save_to_disk(str(tmp_path / "train"))
+    out = tmp_path / "m.parquet"
+    rc = main(["manifest", "hf", "--data", "train", "--shards", str(tmp_path), "--per-device-train-batch-size", "4",
+               "--gradient-accumulation-steps", "2", "--num-train-epochs", "2", "--seed", "5", "--out", str(out),
+               "--check"])
+    assert rc == 0
+    t = read_manifest(str(out), str(tmp_path), allow_overlap=True)
+    o = hf_trainer_order(23, seed=5, per_device_batch_size=4, gradient_accumulation_steps=2, num_train_epochs=2)
+    assert sorted(zip(t.column("step").to_pylist(), t.column("row_start").to_pylist())) == sorted(
+        zip((o["batch"] + 1).tolist(), o["row"].tolist()))
+    rc = main(["manifest", "hf", "--data", "train", "--shards", str(tmp_path), "--per-device-train-batch-size", "4",
+               "--group-by-length", "--out", str(tmp_path / "x.parquet")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].count("\n") == 0 and "--group-by-length" in err[-1]

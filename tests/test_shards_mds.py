@@ -87,3 +87,12 @@ def test_stale_index_is_detected(tmp_path):
     (d / "index.json").write_text(json.dumps(idx))
     with pytest.raises(UserError, match="does not start with its sample count 5"):
         MDSReader(str(d), "p", tokens_col="none").read(np.array([[0, 1]]))
+
+
+def test_open_shard_and_the_cli_read_mds(tmp_path):
+    from spike_audit.pipelines.shards.read import read_slices, shard_format, shard_length
+
+    assert shard_format(str(FIX / "mixed_zstd")) == "mds"
+    assert shard_length(str(FIX), "mixed_zstd") == len(TRUTH)
+    b = read_slices(str(FIX), "mixed_zstd", np.array([[5, 7]]))
+    assert b.column("tokens").to_pylist() == TRUTH[5:7]

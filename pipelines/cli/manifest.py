@@ -3,6 +3,7 @@ data-order files (see :mod:`pipelines.builders`)."""
 
 from __future__ import annotations
 
+import argparse
 import glob
 import logging
 import os
@@ -82,6 +83,22 @@ def register(subparsers) -> None:
     _common(m, "root the --data path is relative to")
     m.set_defaults(func=run)
 
+    h = sub.add_parser("hf", help="Hugging Face Trainer (RandomSampler seeding, ranks, gradient accumulation, epochs)")
+    h.add_argument("--data", required=True, help="the training dataset as a shard (datasets directory, Parquet, ...)")
+    h.add_argument("--seed", type=int, default=42, help="TrainingArguments.seed (default 42)")
+    h.add_argument("--data-seed", type=int, default=None, help="TrainingArguments.data_seed (overrides --seed for the order)")
+    h.add_argument("--per-device-train-batch-size", type=int, required=True)
+    h.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    h.add_argument("--world-size", type=int, default=1, help="number of processes (default 1)")
+    h.add_argument("--num-train-epochs", type=float, default=3.0, help="TrainingArguments.num_train_epochs (default 3)")
+    h.add_argument("--max-steps", type=int, default=-1, help="TrainingArguments.max_steps (default -1: from epochs)")
+    h.add_argument("--dataloader-drop-last", action="store_true")
+    h.add_argument("--sampler", choices=("trainer", "distributed"), default="trainer",
+                   help="trainer: transformers Trainer + accelerate (default); distributed: torch DistributedSampler")
+    h.add_argument("--group-by-length", action="store_true", help=argparse.SUPPRESS)
+    _common(h, "root the --data path is relative to")
+    h.set_defaults(func=run)
+
     s = sub.add_parser("sequential", help="modded-nanogpt (2024-10) / llm.c sequential .bin loaders")
     s.add_argument("--data-files", nargs="*", help="shard files or glob patterns, relative to --shards (sorted)")
     s.add_argument("--data-list", help="text file listing the shard files")
@@ -127,6 +144,20 @@ def run(args) -> int:
                                          world_size=args.world_size, micro_batch_size=args.micro_batch_size,
                                          micro_batch_tokens=args.micro_batch_tokens)
         dtype = args.dtype
+    elif args.trainer == "hf":
+        from spike_audit.pipelines.builders.hf import build_hf_manifest
+        from spike_audit.pipelines.shards.read import shard_length
+
+        if args.group_by_length:
+            raise UserError("--group-by-length (LengthGroupedSampler) is not supported")
+        table = build_hf_manifest(args.data, shard_length(args.shards, args.data), first_step=args.first_step,
+                                  steps=steps, seed=args.seed, data_seed=args.data_seed,
+                                  per_device_batch_size=args.per_device_train_batch_size,
+                                  world_size=args.world_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
+                                  num_train_epochs=args.num_train_epochs, max_steps=args.max_steps,
+                                  drop_last=args.dataloader_drop_last, sampler=args.sampler)
+        dtype = None
+        allow_overlap = True  # epochs' tails and even_batches fills repeat rows within a step
     elif args.trainer == "megatron":
         from spike_audit.pipelines.builders.megatron import build_megatron_manifest, load_cache
 

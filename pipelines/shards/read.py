@@ -21,6 +21,10 @@ def shard_format(path: str) -> str:
     """``parquet`` | ``jsonl`` | ``hf`` | ``npy`` | ``bin`` | ``megatron`` from the shard's name."""
     p = str(path).rstrip("/")
     low = p.lower()
+    from spike_audit.pipelines.shards.mds import is_mds
+
+    if is_mds(p):
+        return "mds"
     if low.endswith((".parquet", ".pq")):
         return "parquet"
     for suf in _JSONL_SUFFIXES:
@@ -64,6 +68,10 @@ def open_shard(shard_root: str | None, shard: str, *, tokens_col: str = "tokens"
         return HFReader(path, shard, tokens_col, text_col)
     if fmt == "megatron":
         return MegatronReader(path, shard)
+    if fmt == "mds":
+        from spike_audit.pipelines.shards.mds import MDSReader
+
+        return MDSReader(path, shard, tokens_col, text_col, dtype)
     if fmt == "npy":
         shape, fortran, dt, offset = _read_npy_header(path)
         if fortran and len(shape) > 1:
