@@ -145,7 +145,7 @@ def make_demo(dest: str | Path, cfg: DemoConfig = DemoConfig()) -> dict:
     encoded = tok.encode_batch(docs)
     ids = [e.ids[: cfg.max_tokens] for e in encoded]
     texts = [tok.decode(i) for i in ids]  # the text the model actually saw (truncated)
-    manifest = {"step": [], "shard": [], "row_start": [], "row_end": []}
+    manifest = {"step": [], "shard": [], "row_start": [], "row_end": [], "batch_pos": []}
     shard_names = []
     for k, start in enumerate(range(0, n_rows, cfg.rows_per_shard)):
         end = min(start + cfg.rows_per_shard, n_rows)
@@ -165,6 +165,7 @@ def make_demo(dest: str | Path, cfg: DemoConfig = DemoConfig()) -> dict:
             manifest["shard"].append(f"train-{k:05d}.parquet")
             manifest["row_start"].append(g0 - k * cfg.rows_per_shard)
             manifest["row_end"].append(stop - k * cfg.rows_per_shard)
+            manifest["batch_pos"].append(g0 - (step - 1) * cfg.rows_per_step)
             g0 = stop
     write_table(STEP_MANIFEST.from_arrays(manifest), dest / "manifest.parquet", STEP_MANIFEST)
 

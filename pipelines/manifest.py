@@ -77,6 +77,12 @@ def check_ranges(table: pa.Table, source: str, row_ids: np.ndarray | None = None
         shard = table.column("shard")[int(i)].as_py()
         raise UserError(f"{source}: row {ids[i]}: slice [{start[i]}, {end[i]}) of shard '{shard}' is empty or "
                         f"negative, expected 0 <= row_start < row_end")
+    if "batch_pos" in table.column_names and table.column("batch_pos").null_count < n:
+        pos = np.asarray(pc.fill_null(table.column("batch_pos"), 0).to_numpy(zero_copy_only=False), np.int64)
+        bad = np.flatnonzero(pos < 0)
+        if len(bad):
+            raise UserError(f"{source}: row {ids[bad[0]]}: batch_pos {pos[bad[0]]} is negative, expected a position "
+                            f"in the step's global batch (or null)")
     if allow_overlap:
         return
     # Overlaps within (step, shard, unit): sort by start, compare each slice with the running end.
@@ -170,8 +176,11 @@ def write_manifest(table: pa.Table, path) -> Path:
     return write_table(table, path, STEP_MANIFEST)
 
 
-def manifest_from_arrays(step, shard, row_start, row_end, unit="row", rank=None, micro_batch=None) -> pa.Table:
-    """Build a STEP_MANIFEST table from column arrays (scalars broadcast), unsorted."""
+def manifest_from_arrays(step, shard, row_start, row_end, unit="row", rank=None, micro_batch=None, batch_pos=None,
+                         seq_piece=None) -> pa.Table:
+    """Build a STEP_MANIFEST table from column arrays (scalars broadcast), unsorted. ``batch_pos``: each
+    slice's position in its step's global batch, where the builder knows the trainer's order (see the
+    schema); ``seq_piece``: the slice's order within a sequence made of several slices."""
     n = len(step)
     cols = {
         "step": np.asarray(step, np.int64),
@@ -184,4 +193,8 @@ def manifest_from_arrays(step, shard, row_start, row_end, unit="row", rank=None,
         cols["rank"] = np.asarray(rank, np.int32)
     if micro_batch is not None:
         cols["micro_batch"] = np.asarray(micro_batch, np.int32)
+    if batch_pos is not None:
+        cols["batch_pos"] = np.asarray(batch_pos, np.int64)
+    if seq_piece is not None:
+        cols["seq_piece"] = np.asarray(seq_piece, np.int32)
     return STEP_MANIFEST.from_arrays(cols, sort=False)

@@ -70,11 +70,13 @@ ALIGNED_SPIKES = TableSpec(
 
 STEP_MANIFEST = TableSpec(
     name="step_manifest",
-    version=1,
+    version=2,
     doc="What each optimizer step consumed: one row per contiguous slice of one shard. With `unit` = "
     "`row` the slice counts rows of a row-oriented shard (Parquet, JSONL, HF dataset, 2-D .npy, a "
     "Megatron document); with `unit` = `token` it counts token offsets into a flat token file "
-    "(raw .bin / 1-D .npy memmap, Megatron .bin). Each slice becomes one sequence when read.",
+    "(raw .bin / 1-D .npy memmap, Megatron .bin). Each slice becomes one sequence when read. "
+    "Version 2 adds where each sequence sat in its step's global batch (`batch_pos`, `seq_piece`), so a "
+    "per-position quantity (a per-row loss) joins to the data; version 1 files read with them null.",
     fields=(
         F("step", pa.int64(), "Optimizer step that consumed the slice, numbered as in the loss log."),
         F("shard", pa.string(), "Shard path relative to the shard root (or absolute / URL)."),
@@ -83,6 +85,15 @@ STEP_MANIFEST = TableSpec(
         F("unit", pa.string(), "`row` (default when null) or `token`.", nullable=True),
         F("rank", pa.int32(), "Data-parallel rank that read the slice, if known.", nullable=True),
         F("micro_batch", pa.int32(), "Micro-batch (gradient accumulation) index, if known.", nullable=True),
+        F("batch_pos", pa.int64(), "0-based position of the slice's (first) sequence in the step's global batch, "
+          "where the trainer's order is known: the index a per-row loss of the whole global batch has, "
+          "micro-batch-major then rank (Megatron's sampler order; OLMo's global batch order). A `row` slice of "
+          "k rows holds positions batch_pos .. batch_pos + k - 1; a `token` slice is one sequence, or one piece "
+          "of one (the slices of a sequence share its batch_pos, see `seq_piece`). Builders that know the "
+          "order fill it for every slice (all or none); null when unknown.", nullable=True),
+        F("seq_piece", pa.int32(), "0-based order of the slice within its sequence when a sequence is made of "
+          "several `token` slices (a Megatron sample that crosses documents); null or 0 otherwise.",
+          nullable=True),
     ),
     sort_keys=("step", "rank", "micro_batch", "shard", "row_start"),
 )

@@ -234,3 +234,25 @@ def test_cli_and_cache_discovery(run, tmp_path):
     assert t.num_rows > 0 and set(t.column("unit").to_pylist()) == {"token"}
     with pytest.raises(UserError, match="Megatron index cache not found"):
         find_cache(str(root / "cache" / "nope"))
+
+
+def test_batch_positions_join_the_pieces_of_each_sample(run):
+    """The slices at (step, batch_pos), in seq_piece order, are exactly the sample Megatron feeds at that
+    position of the global batch."""
+    root, base, gpt = run
+    gbs = 8
+    doc, sample, shuffle = load_cache(base)
+    t = build_megatron_manifest("data/corpus_text_document.bin", doc, sample, shuffle, global_batch_size=gbs,
+                                shard_root=str(root), consumed_samples=3, micro_batch_size=2, data_parallel_size=2)
+    toks = read_slices(str(root), "data/corpus_text_document.bin",
+                       np.stack([t.column("row_start").to_numpy(), t.column("row_end").to_numpy()], 1),
+                       unit="token").column("tokens").to_pylist()
+    step, pos, piece = (t.column(c).to_numpy() for c in ("step", "batch_pos", "seq_piece"))
+    seqs: dict = {}
+    for i in np.lexsort((piece, pos, step)):
+        seqs.setdefault((int(step[i]), int(pos[i])), []).extend(toks[i])
+    assert len(seqs) == (len(shuffle) - 3) // gbs * gbs
+    for (s, p), got in list(seqs.items())[::7]:
+        assert got == gpt._query_document_sample_shuffle_indices(3 + (s - 1) * gbs + p).tolist(), (s, p)
+    np.testing.assert_array_equal(t.column("micro_batch").to_numpy(), pos // 4)
+    assert (piece > 0).any()  # samples that cross documents

@@ -164,3 +164,19 @@ def test_cli(run, tmp_path, capsys):
     assert rc == 0
     t = read_manifest(out, str(root))
     assert t.num_rows == (sum((SEQ * 10 + 5, SEQ * 7, SEQ * 13 + 3)) // SEQ // 4) * 4
+
+
+def test_batch_positions_are_the_global_batch_order(run):
+    """batch_pos p of step s is instance global_indices[(s - 1) * gbs + p]; rank p % world."""
+    root, names = run
+    world, gbs = 2, 6
+    table = build_olmo_manifest(root / "global_indices.npy", names, seq_len=SEQ, global_batch_size=gbs,
+                                shard_root=str(root), world_size=world, micro_batch_size=1)
+    ds = MemMapDataset(*[str(root / n) for n in names], chunk_size=SEQ, memmap_dtype=np.uint16)
+    gi = np.memmap(root / "global_indices.npy", dtype=np.uint32, mode="r")
+    step, pos = table.column("step").to_numpy(), table.column("batch_pos").to_numpy()
+    assert sorted(zip(step.tolist(), pos.tolist())) == [(s, p) for s in range(1, len(gi) // gbs + 1) for p in range(gbs)]
+    np.testing.assert_array_equal(table.column("rank").to_numpy(), pos % world)
+    for i in range(0, table.num_rows, 5):
+        want = ds[int(gi[(step[i] - 1) * gbs + pos[i]])]
+        assert _read(root, table, i).tolist() == want.tolist()

@@ -211,3 +211,21 @@ def test_variants_differ_where_the_loaders_differ(shards):
     b = build_sequential_manifest(files, variant="llm.c", **kw)
     assert a.column("step").to_pylist() == b.column("step").to_pylist()
     assert a.column("row_start").to_pylist() != b.column("row_start").to_pylist()
+
+
+def test_batch_positions_are_micro_step_major_then_rank(shards):
+    B, T, world, accum = 2, 4, 3, 2
+    files = sorted(os.path.relpath(p, shards) for p in glob.glob(str(shards / "fineweb10B" / "*.bin")))
+    t = build_sequential_manifest(files, batch_size=B, seq_len=T, world_size=world, num_steps=7, grad_accum=accum,
+                                  shard_root=str(shards))
+    step, pos = t.column("step").to_numpy(), t.column("batch_pos").to_numpy()
+    rank, micro = t.column("rank").to_numpy(), t.column("micro_batch").to_numpy()
+    for s in range(1, 8):
+        assert sorted(pos[step == s].tolist()) == list(range(B * world * accum))
+    np.testing.assert_array_equal(pos // B % world, rank)
+    np.testing.assert_array_equal(pos // (B * world), micro)
+    # within one rank's micro-batch, positions follow the window order (sequence b starts at start + b * T)
+    for s, r, m in {(int(a), int(b), int(c)) for a, b, c in zip(step, rank, micro)}:
+        sel = (step == s) & (rank == r) & (micro == m)
+        starts = t.column("row_start").to_numpy()[sel]
+        assert np.argsort(pos[sel]).tolist() == np.argsort(starts).tolist()

@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from spike_audit.pipelines.errors import UserError
-from spike_audit.pipelines.manifest import manifest_from_arrays, read_manifest, write_manifest
+from spike_audit.pipelines.manifest import (check_ranges, load_manifest_table, manifest_from_arrays, read_manifest,
+                                            write_manifest)
 from spike_audit.schemas import STEP_MANIFEST, SchemaError
 
 
@@ -104,3 +105,16 @@ def test_contract_violations(tmp_path, root):
         read_manifest(tmp_path / "m.parquet", str(root))
     with pytest.raises(UserError, match="nope.parquet: manifest not found"):
         read_manifest(tmp_path / "nope.parquet", str(root))
+
+
+def test_batch_positions_are_optional_and_never_negative(tmp_path):
+    """A version-1 manifest (no batch_pos) reads with null positions; a negative one is an error."""
+    import pyarrow.parquet as pq
+
+    v1 = pa.table({"step": [1, 1], "shard": ["a.parquet", "a.parquet"], "row_start": [0, 4], "row_end": [4, 8]})
+    pq.write_table(v1, tmp_path / "v1.parquet")
+    t = load_manifest_table(tmp_path / "v1.parquet")
+    assert t.column("batch_pos").null_count == 2
+    bad = manifest_from_arrays([1], "a.parquet", [0], [4], batch_pos=[-1])
+    with pytest.raises(UserError, match="row 0: batch_pos -1 is negative"):
+        check_ranges(bad, "m.parquet")

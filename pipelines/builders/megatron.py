@@ -17,7 +17,8 @@ cached arrays without rebuilding them:
   ``[consumed + (i - first_step) * gbs, consumed + (i - first_step + 1) * gbs)`` (no batch-size
   ramp-up). With ``micro_batch_size`` and ``data_parallel_size`` the
   ``MegatronPretrainingSampler`` split is recorded: position ``p`` of the global batch is
-  micro-batch ``p // (mbs * dp)`` on rank ``(p % (mbs * dp)) // mbs``.
+  micro-batch ``p // (mbs * dp)`` on rank ``(p % (mbs * dp)) // mbs``. Every slice records ``p`` as its
+  ``batch_pos`` and its document order within the sample as ``seq_piece``.
 
 Each document piece becomes one ``unit='token'`` slice into the ``.bin``:
 ``[pointer / itemsize + start, pointer / itemsize + end)``; empty pieces are dropped.
@@ -132,5 +133,6 @@ def build_megatron_manifest(data: str, document_index, sample_index, shuffle_ind
                             f"parallel size ({micro_batch_size} x {data_parallel_size})")
         micro = in_batch // per_micro
         rank = (in_batch % per_micro) // micro_batch_size
+    piece = (np.arange(len(owner)) - first_piece[owner])[keep]  # document order within the sample
     return manifest_from_arrays(first_step + p // global_batch_size, bin_name, (base + start)[keep],
-                                (base + end)[keep], "token", rank, micro)
+                                (base + end)[keep], "token", rank, micro, batch_pos=in_batch, seq_piece=piece)

@@ -14,7 +14,8 @@ The trainers' data order, as this builder reproduces it:
 - Ranks (optional, ``world_size``): OLMo's ``IterableDataset`` takes ``indices[rank::world_size]``
   and OLMo-core's data loader ``batch[:, dp_rank::dp_world_size]``: either way position ``p`` of a
   global batch goes to rank ``p % world_size``, which then splits its ``gbs / world_size``
-  instances into micro-batches of ``micro_batch_size`` in order.
+  instances into micro-batches of ``micro_batch_size`` in order. Position ``p`` is the slice's
+  ``batch_pos``.
 
 Slices are ``unit='token'`` ranges of exactly ``seq_len`` tokens (OLMo shifts inputs/labels
 inside the instance, so no extra token is read).
@@ -112,7 +113,7 @@ def build_olmo_manifest(global_indices, paths: list[str], *, seq_len: int, globa
             micro = (in_batch // world_size) // micro_batch_size
     shard = pa.array(np.asarray(paths, dtype=object)[f], pa.string())
     return manifest_from_arrays(first_step + pos // global_batch_size, shard, local * seq_len, (local + 1) * seq_len,
-                                "token", rank, micro)
+                                "token", rank, micro, batch_pos=in_batch)
 
 
 _EPOCH_RE = re.compile(r"(?:^|_)epoch(\d+)(?:_|\.|$)")

@@ -19,7 +19,8 @@ Steps: both training loops fetch ``grad_accum`` batches per optimizer step and l
 ``step + 1``, so batch ``g`` (0-based, per rank) belongs to step ``first_step + g // grad_accum``
 (``first_step = 1``), micro-batch ``g % grad_accum``. Each rank's window is split the way the model
 sees it, into ``B`` sequences of ``T + 1`` tokens (``x = buf[:-1].view(B, T)``, ``y = buf[1:]``):
-sequence ``b`` is ``[start + b * T, start + (b + 1) * T + 1)``.
+sequence ``b`` is ``[start + b * T, start + (b + 1) * T + 1)``. Its ``batch_pos`` in the step's global batch is
+``(micro_batch * world_size + rank) * B + b`` (micro-step major, then rank, as Megatron's sampler orders a batch).
 
 nanoGPT's own ``get_batch`` samples random offsets with ``torch.randint`` and llm.c's shuffling
 uses its own mt19937 stream: neither is reproduced here.
@@ -112,4 +113,7 @@ def build_sequential_manifest(paths: list[str], *, batch_size: int, seq_len: int
     rep = lambda a: np.repeat(a, batch_size)  # noqa: E731
     seq_start = rep(start) + b * seq_len
     names = pa.array(np.asarray(paths, dtype=object)[rep(shard)], pa.string())
-    return manifest_from_arrays(rep(step), names, seq_start, seq_start + seq_len + 1, "token", rep(rank), rep(micro))
+    # position in the global batch: micro-step major, then rank, then the sequence in the rank's batch
+    pos = (rep(micro) * world_size + rep(rank)) * batch_size + b
+    return manifest_from_arrays(rep(step), names, seq_start, seq_start + seq_len + 1, "token", rep(rank), rep(micro),
+                                batch_pos=pos)
