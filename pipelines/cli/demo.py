@@ -7,11 +7,13 @@ from pathlib import Path
 
 
 def _demo(args) -> int:
+    from spike_audit.pipelines.beam.options import beam_options
     from spike_audit.pipelines.cli.run import print_summary
     from spike_audit.pipelines.demo import DemoConfig, make_demo
     from spike_audit.pipelines.run.audit import run_audit
     from spike_audit.pipelines.run.plan import RunConfig
 
+    beam_options(args.extra)  # a misspelled option fails before the demo run is built
     root = Path(args.dir)
     truth = make_demo(root / "run", DemoConfig(seed=args.seed))
     print(f"demo run written to {root / 'run'}: {truth['steps']} steps, {truth['tokens']:,} tokens; planted: "

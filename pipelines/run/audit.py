@@ -41,6 +41,7 @@ def run_audit(cfg: RunConfig, beam_args: list[str] | None = None) -> RunResult:
     from spike_audit.pipelines.report.run_page import render_run_report
 
     t0 = time.time()
+    flags = beam_options(beam_args)  # first: a misspelled option fails before any work
     for path, what in ((cfg.log, "log"), (cfg.manifest, "manifest"), (cfg.shards, "shard root")):
         if "://" not in path and not Path(path).exists():
             raise UserError(f"{path}: {what} not found")
@@ -58,8 +59,8 @@ def run_audit(cfg: RunConfig, beam_args: list[str] | None = None) -> RunResult:
                                          if Path(cfg.out).resolve().parent.exists() else None))
     try:
         if new_ids:
-            opts = PipelineOptions(beam_options(beam_args))
-            log.info("running the audit pipeline (%s)", opts.get_all_options().get("runner") or "DirectRunner")
+            opts = PipelineOptions(flags)
+            log.info("running the audit pipeline (%s)", opts.get_all_options().get("runner"))
             from spike_audit.pipelines.beam.runner import run_pipeline
             from spike_audit.pipelines.beam.sink import collect_tables
 

@@ -45,6 +45,7 @@ def run_shard_audit(cfg: ShardAuditConfig, beam_args: list[str] | None = None) -
     from spike_audit.pipelines.beam.options import beam_options
 
     t0 = time.time()
+    flags = beam_options(beam_args)  # first: a misspelled option fails before any work
     shards = discover(cfg.inputs, cfg.root)
     index = _load_index(cfg.state)
     if index and index.get("settings") != _settings_key(cfg):
@@ -72,7 +73,7 @@ def run_shard_audit(cfg: ShardAuditConfig, beam_args: list[str] | None = None) -
     base.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".spike-audit-staging-", dir=base))
     try:
-        opts = PipelineOptions(beam_options(beam_args))
+        opts = PipelineOptions(flags)
         old_parts = _old_parts(cfg.state, {stored[n]["run"] for n, _ in keep}) if cfg.state else {}
         run_pipeline(lambda p: build_pipeline(p, cfg, todo, old_parts, keep, names, str(staging)), opts)
         tables = collect_tables(str(staging), (SHARD_SCORES, DUPLICATES))
