@@ -120,3 +120,32 @@ def test_cli_manifest_hf_over_a_datasets_directory(tmp_path, capsys):
                "--group-by-length", "--out", str(tmp_path / "x.parquet")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].count("\n") == 0 and "--group-by-length" in err[-1]
+
+
+@pytest.mark.parametrize("flags,named", [
+    (["--use-seedable-sampler", "false"], "use_seedable_sampler=False"),
+    (["--split-batches"], "split_batches=True"),
+    (["--dispatch-batches"], "dispatch_batches=True"),
+    (["--even-batches", "false"], "even_batches=False"),
+    (["--iterable-dataset"], "an iterable training dataset"),
+])
+def test_cli_refuses_unsupported_accelerate_settings(tmp_path, capsys, flags, named):
+    """Each setting whose order is not reproduced: exit 2, one line naming it, no manifest written
+    (checked before the data is even opened: the --data here does not exist)."""
+    from spike_audit.pipelines.cli.main import main
+
+    out = tmp_path / "m.parquet"
+    rc = main(["manifest", "hf", "--data", "missing", "--shards", str(tmp_path), "--per-device-train-batch-size",
+               "4", *flags, "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and named in err[0] and "not supported" in err[0]
+    assert not out.exists()
+
+
+def test_order_refuses_unsupported_settings_by_name():
+    with pytest.raises(UserError, match="split_batches=True is not supported"):
+        hf_trainer_order(10, split_batches=True)
+    with pytest.raises(UserError, match="use_seedable_sampler=False"):
+        hf_trainer_order(10, use_seedable_sampler=False)
+    # the defaults are the supported values
+    assert len(hf_trainer_order(10, per_device_batch_size=2, use_seedable_sampler=True, even_batches=True)["row"])

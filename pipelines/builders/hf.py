@@ -31,9 +31,10 @@ its head to a multiple of ``world_size`` (or truncated with ``drop_last``), rank
 ``[r::world_size]``, then batches of ``per_device_batch_size`` per rank (``DataLoader`` without
 ``drop_last`` keeps a short last batch).
 
-Unsupported (refused by name): ``group_by_length`` (``LengthGroupedSampler``),
+Unsupported (refused by name with a one-line error; the CLI has a flag for each so a user who
+states the setting is told): ``group_by_length`` (``LengthGroupedSampler``),
 ``use_seedable_sampler=False`` (an unseeded generator), ``split_batches``, ``dispatch_batches``,
-iterable datasets, ``n >= 2**32 / 20`` rows (torch switches to 64-bit draws).
+``even_batches=False``, iterable datasets, ``n >= 2**32 / 20`` rows (torch switches to 64-bit draws).
 """
 
 from __future__ import annotations
@@ -125,10 +126,36 @@ def _distributed(order: np.ndarray, world: int, drop_last: bool) -> list[np.ndar
     return [order[r:total:world] for r in range(world)]
 
 
+#: settings whose order is not reproduced, with the value that is: (setting, supported value, why)
+UNSUPPORTED = {
+    "use_seedable_sampler": (True, "accelerate then keeps torch's RandomSampler with an unseeded generator: "
+                                   "the order is not reproducible from the seed"),
+    "split_batches": (False, "accelerate then splits each global batch across ranks instead of dealing batches"),
+    "dispatch_batches": (False, "rank 0 then iterates the data and dispatches slices of its batches"),
+    "even_batches": (True, "accelerate then gives ranks unequal numbers of batches"),
+    "iterable": (False, "an IterableDataset's order comes from the dataset's own iterator, not a sampler"),
+}
+
+
+def refuse_unsupported(**settings) -> None:
+    """One-line :class:`UserError` naming the first setting in ``settings`` whose order is not reproduced."""
+    for name, value in settings.items():
+        ok, why = UNSUPPORTED[name]
+        if value is not None and bool(value) != ok:
+            label = "an iterable training dataset" if name == "iterable" else f"{name}={bool(value)}"
+            raise UserError(f"{label} is not supported: {why}")
+
+
 def hf_trainer_order(n_rows: int, *, seed: int = 42, data_seed: int | None = None, per_device_batch_size: int = 8,
                      world_size: int = 1, gradient_accumulation_steps: int = 1, num_train_epochs: float = 3.0,
-                     max_steps: int = -1, drop_last: bool = False, sampler: str = "trainer"):
-    """Per fed row: (0-based global batch, rank, micro-batch within the step, dataset row)."""
+                     max_steps: int = -1, drop_last: bool = False, sampler: str = "trainer",
+                     use_seedable_sampler: bool = True, split_batches: bool = False, dispatch_batches: bool = False,
+                     even_batches: bool = True, iterable: bool = False):
+    """Per fed row: (0-based global batch, rank, micro-batch within the step, dataset row). The accelerate
+    settings (``use_seedable_sampler`` ... ``iterable``) are checked: any but the Trainer's defaults for a
+    map-style dataset is refused with a one-line error naming it."""
+    refuse_unsupported(iterable=iterable, use_seedable_sampler=use_seedable_sampler, split_batches=split_batches,
+                       dispatch_batches=dispatch_batches, even_batches=even_batches)
     if n_rows <= 0:
         raise UserError("the dataset has no rows")
     if per_device_batch_size <= 0 or world_size <= 0 or gradient_accumulation_steps <= 0:

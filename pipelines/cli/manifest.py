@@ -3,7 +3,6 @@ data-order files (see :mod:`pipelines.builders`)."""
 
 from __future__ import annotations
 
-import argparse
 import glob
 import logging
 import os
@@ -95,7 +94,16 @@ def register(subparsers) -> None:
     h.add_argument("--dataloader-drop-last", action="store_true")
     h.add_argument("--sampler", choices=("trainer", "distributed"), default="trainer",
                    help="trainer: transformers Trainer + accelerate (default); distributed: torch DistributedSampler")
-    h.add_argument("--group-by-length", action="store_true", help=argparse.SUPPRESS)
+    h.add_argument("--group-by-length", action="store_true", help="TrainingArguments.group_by_length (refused)")
+    tf = ("true", "false")
+    h.add_argument("--use-seedable-sampler", choices=tf, default="true",
+                   help="accelerator_config.use_seedable_sampler (default true; false is refused)")
+    h.add_argument("--even-batches", choices=tf, default="true",
+                   help="accelerator_config.even_batches (default true; false is refused)")
+    h.add_argument("--split-batches", action="store_true", help="accelerator_config.split_batches (refused)")
+    h.add_argument("--dispatch-batches", action="store_true", help="accelerator_config.dispatch_batches (refused)")
+    h.add_argument("--iterable-dataset", action="store_true",
+                   help="the training dataset is an IterableDataset, e.g. datasets streaming=True (refused)")
     _common(h, "root the --data path is relative to")
     h.set_defaults(func=run)
 
@@ -148,14 +156,20 @@ def run(args) -> int:
         from spike_audit.pipelines.builders.hf import build_hf_manifest
         from spike_audit.pipelines.shards.read import shard_length
 
+        from spike_audit.pipelines.builders.hf import refuse_unsupported
+
         if args.group_by_length:
             raise UserError("--group-by-length (LengthGroupedSampler) is not supported")
+        hf_settings = dict(iterable=args.iterable_dataset, use_seedable_sampler=args.use_seedable_sampler == "true",
+                           split_batches=args.split_batches, dispatch_batches=args.dispatch_batches,
+                           even_batches=args.even_batches == "true")
+        refuse_unsupported(**hf_settings)  # before the data is opened
         table = build_hf_manifest(args.data, shard_length(args.shards, args.data), first_step=args.first_step,
                                   steps=steps, seed=args.seed, data_seed=args.data_seed,
                                   per_device_batch_size=args.per_device_train_batch_size,
                                   world_size=args.world_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
                                   num_train_epochs=args.num_train_epochs, max_steps=args.max_steps,
-                                  drop_last=args.dataloader_drop_last, sampler=args.sampler)
+                                  drop_last=args.dataloader_drop_last, sampler=args.sampler, **hf_settings)
         dtype = None
         allow_overlap = True  # epochs' tails and even_batches fills repeat rows within a step
     elif args.trainer == "megatron":
