@@ -152,10 +152,39 @@ ROW_FLAGS = TableSpec(
     sort_keys=("spike_id", "step", "shard", "row"),
 )
 
+VERDICT_MODEL_FIELDS = (
+    F("model_verdict", pa.string(), "Model-based verdict from per-row losses (`run --row-losses`): `data` (a few "
+      "rows carry the batch's excess loss), `not_data` (the loss rose on all rows alike, or did not rise: the "
+      "optimizer or the model's state), `inconclusive`; null without per-row losses.", nullable=True),
+    F("model_reason", pa.string(), "One-sentence explanation of the model-based verdict.", nullable=True),
+    F("model_step", pa.int64(), "Window step the model-based verdict judges: the first whose per-row losses rose "
+      "(else the one with the largest excess).", nullable=True),
+    F("model_baseline", pa.string(), "What the window's per-row losses were compared with: `preceding:N` (the N "
+      "steps before the window) or `controls:N` (the control steps).", nullable=True),
+    F("excess_loss", pa.float64(), "Mean row loss at `model_step` minus the baseline batch loss (median of the "
+      "baseline steps' mean row losses).", nullable=True),
+    F("excess_z", pa.float64(), "`excess_loss` in robust sigmas of the baseline steps' batch losses.", nullable=True),
+    F("flagged_share", pa.float64(), "Share of the excess loss the signal-flagged rows carry: sum of their loss "
+      "over the baseline / the batch's.", nullable=True),
+    F("flagged_share_lo", pa.float64(), "Lower end of the 95% bootstrap interval of `flagged_share`.", nullable=True),
+    F("flagged_share_hi", pa.float64(), "Upper end of the 95% bootstrap interval of `flagged_share`.", nullable=True),
+    F("breadth", pa.float64(), "Rise of the typical row (interquartile mean) / rise of the mean row: about 1 when "
+      "the loss rose on all rows alike, about 0 when a few rows carry it.", nullable=True),
+    F("breadth_lo", pa.float64(), "Lower end of the 95% bootstrap interval of `breadth`.", nullable=True),
+    F("breadth_hi", pa.float64(), "Upper end of the 95% bootstrap interval of `breadth`.", nullable=True),
+    F("outlier_share", pa.float64(), "Share of the excess loss the loss-outlier rows carry.", nullable=True),
+    F("n_loss_outliers", pa.int64(), "Rows at `model_step` whose loss is an outlier against the baseline rows.",
+      nullable=True),
+    F("flag_precision", pa.float64(), "Signal-flagged rows that are loss outliers / flagged rows.", nullable=True),
+    F("flag_recall", pa.float64(), "Loss outliers that are signal-flagged / loss outliers.", nullable=True),
+)
+
 VERDICTS = TableSpec(
     name="verdicts",
-    version=1,
-    doc="The falsifiable answer per spike: is the data it consumed unusual compared with normal steps?",
+    version=2,
+    doc="The falsifiable answer per spike: is the data it consumed unusual compared with normal steps? "
+    "Version 2 adds the model-based verdict from per-row losses (`model_*` and the attribution columns; null "
+    "without `--row-losses`).",
     fields=(
         F("spike_id", pa.string(), "Spike id (see `spikes`)."),
         F("run", pa.string(), "Run."),
@@ -177,7 +206,7 @@ VERDICTS = TableSpec(
         F("n_controls", pa.int64(), "Number of control steps compared against."),
         F("n_window_steps", pa.int64(), "Steps in the spike window that had data."),
         F("reason", pa.string(), "One-sentence explanation of the verdict."),
-    ),
+    ) + VERDICT_MODEL_FIELDS,
     sort_keys=("run", "peak_step", "spike_id"),
 )
 
@@ -196,5 +225,46 @@ DUPLICATES = TableSpec(
     sort_keys=("kind", "cluster_id", "shard", "row"),
 )
 
+ROW_LOSSES = TableSpec(
+    name="row_losses",
+    version=1,
+    doc="Per-row (per-sequence) training losses of some steps: what `spike-audit run --row-losses` reads and "
+    "`spike-audit replay` writes. Each row names its sequence by batch position (`step`, `position`; needs a "
+    "manifest with `batch_pos`) or by data identity (`step`, `shard`, `row`).",
+    fields=(
+        F("step", pa.int64(), "Optimizer step whose batch held the sequence, numbered as in the loss log."),
+        F("position", pa.int64(), "0-based position of the sequence in the step's global batch (the manifest's "
+          "`batch_pos`); null when the row is keyed by `shard` and `row`.", nullable=True),
+        F("shard", pa.string(), "Shard of the sequence (its first slice), as the manifest names it.", nullable=True),
+        F("row", pa.int64(), "Row index (`unit` = `row`) or token offset where the sequence starts (`unit` = "
+          "`token`), as in the manifest.", nullable=True),
+        F("loss", pa.float64(), "Mean next-token loss over the sequence (nats); NaN (or null) when not available."),
+        F("n_tokens", pa.int64(), "Tokens the loss averages over (predicted tokens), if known.", nullable=True),
+    ),
+    sort_keys=("step", "position", "shard", "row"),
+)
+
+LOSS_ROWS = TableSpec(
+    name="loss_rows",
+    version=1,
+    doc="Per-row losses behind each model-based verdict: the rows of every spike's window steps and of the "
+    "baseline steps they were compared with, with their standing against the baseline.",
+    fields=(
+        F("spike_id", pa.string(), "Spike (see `spikes`)."),
+        F("step", pa.int64(), "Step."),
+        F("role", pa.string(), "`window` (a step of the spike window) or `baseline` (a step the window is "
+          "compared with: a step just before the window, or a control step)."),
+        F("position", pa.int64(), "Position in the step's batch (the manifest's `batch_pos`, or the order the "
+          "manifest lists the step's sequences when it records none)."),
+        F("shard", pa.string(), "Shard of the sequence (its first slice)."),
+        F("row", pa.int64(), "Row index or token offset of the sequence (its first slice)."),
+        F("loss", pa.float64(), "The sequence's loss (NaN where none was given)."),
+        F("z", pa.float64(), "Loss in robust sigmas above the baseline's typical row (NaN without a loss)."),
+        F("flagged", pa.bool_(), "The data signals flag the row (`row_flags`)."),
+        F("outlier", pa.bool_(), "A loss outlier: z above the outlier threshold."),
+    ),
+    sort_keys=("spike_id", "step", "position"),
+)
+
 TABLES = (LOSS_SERIES, SPIKES, ALIGNED_SPIKES, STEP_MANIFEST, BATCH_SCORES, SHARD_SCORES, ROW_FLAGS, VERDICTS,
-          DUPLICATES)
+          DUPLICATES, ROW_LOSSES, LOSS_ROWS)

@@ -1,5 +1,5 @@
 """The command line: one thin module per command (``spikes``, ``batch``, ``run``, ``shards``, ``demo``,
-``manifest``): parse the arguments, call the library, print. ``main`` (in :mod:`.main`) builds the parser
+``manifest``, ``replay``): parse the arguments, call the library, print. ``main`` (in :mod:`.main`) builds the parser
 from them and turns a user's mistake into a one-line error with exit code 2.
 
 May import anything below it: the pipelines (``run``, ``shard_audit``), the demo, readers, builders, io,

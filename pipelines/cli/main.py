@@ -17,7 +17,7 @@ import sys
 from spike_audit.pipelines.errors import UserError
 from spike_audit.schemas import SchemaError
 
-COMMANDS = ("spikes", "batch", "run", "shards", "demo", "manifest")
+COMMANDS = ("spikes", "batch", "run", "shards", "demo", "manifest", "replay")
 
 
 def build_parser() -> argparse.ArgumentParser:

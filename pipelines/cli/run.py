@@ -33,7 +33,16 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-overlap", action="store_true",
                    help="accept slices of one shard that overlap within a step (Megatron epochs can do that)")
     p.add_argument("--allow-missing-steps", action="store_true",
-                   help="judge spikes outside the manifest inconclusive instead of failing")
+                   help="judge spikes outside the manifest (or without per-row losses) inconclusive instead of failing")
+    p.add_argument("--row-losses", help="per-row losses (Parquet, JSONL or a [steps, batch] .npy): adds the "
+                   "model-based verdict (loss attribution) beside the data verdict")
+    p.add_argument("--row-losses-first-step", type=int, default=1,
+                   help="step of row 0 of a --row-losses .npy (default 1)")
+    p.add_argument("--loss-baseline", choices=("auto", "preceding", "controls"), default="auto",
+                   help="what the window's per-row losses are compared with (auto: the steps before the window "
+                   "when the file has them, else the control steps)")
+    p.add_argument("--replay-pack", help="also write the window and control rows, in batch order, to this "
+                   "directory (Parquet + flat token .npy + README) for replaying from a checkpoint")
 
 
 def config_from_args(args):
@@ -52,7 +61,8 @@ def print_summary(res) -> None:
     for r in v.sort_by([("peak_step", "ascending")]).to_pylist():
         p = f"p={r['p_value']:.3g}" if r["p_value"] is not None else ""
         shards = ",".join(r["top_shards"][:2])
-        print(f"  {r['spike_id']:<36} {r['verdict']:<13} {p:<10} {r['top_signal'] or '':<22} {shards}")
+        model = f"  model: {r['model_verdict']}" if r.get("model_verdict") else ""
+        print(f"  {r['spike_id']:<36} {r['verdict']:<13} {p:<10} {r['top_signal'] or '':<22} {shards}{model}")
     n = len(pc.unique(v.column("verdict"))) if v.num_rows else 0
     log.debug("%d distinct verdicts", n)
 

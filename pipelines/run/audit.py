@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from spike_audit.pipelines.errors import UserError
-from spike_audit.schemas import SPIKES
+from spike_audit.schemas import LOSS_ROWS, SPIKES
 from spike_audit.pipelines.beam.options import beam_options
 from spike_audit.pipelines.run.graph import build_pipeline
 from spike_audit.pipelines.run.outputs import OUTPUT_SPECS, control_false_alarms, quarantine, skip_list
@@ -73,6 +73,12 @@ def run_audit(cfg: RunConfig, beam_args: list[str] | None = None) -> RunResult:
         shutil.rmtree(staging_root, ignore_errors=True)
 
     tables = merge_with_state(state, new_tables, done)
+    loss_rows, loss_summary = None, None
+    if cfg.row_losses and new_ids:
+        from spike_audit.pipelines.run.model_verdict import model_verdicts
+
+        tables["verdicts"], loss_rows, loss_summary = model_verdicts(cfg, plan, tables["verdicts"],
+                                                                     tables["row_flags"])
     bs = new_tables["batch_scores"]  # a step has a row per spike window holding it: count each step once
     n_tokens = int(sum(dict(zip(bs.column("step").to_pylist(), bs.column("n_tokens").to_pylist())).values()))
 
@@ -83,15 +89,24 @@ def run_audit(cfg: RunConfig, beam_args: list[str] | None = None) -> RunResult:
             write_table(tables[spec.name], stage / f"{spec.name}.parquet", spec)
         write_json(skip_list(tables["verdicts"], tables["row_flags"]), stage / "skip_list.json")
         write_json(quarantine(tables["verdicts"], tables["row_flags"]), stage / "quarantine.json")
-        write_text(render_run_report(loss, spikes, tables, cfg), stage / "report.html")
+        if loss_rows is not None:
+            write_table(loss_rows, stage / "loss_rows.parquet", LOSS_ROWS)
+        write_text(render_run_report(loss, spikes, dict(tables, loss_rows=loss_rows) if loss_rows is not None
+                                     else tables, cfg), stage / "report.html")
         summary = {"log": report.__dict__ if hasattr(report, "__dict__") else str(report),
                    "spikes": spikes.num_rows, "audited_now": len(new_ids), "from_state": len(done),
                    "controls": len(plan.controls) if not done or new_ids else len(state["controls"]),
                    "verdicts": {v: int(c) for v, c in zip(*np.unique(
                        np.asarray(tables["verdicts"].column("verdict").to_pylist(), dtype=str), return_counts=True))},
                    "control_calibration": control_false_alarms(tables["batch_scores"], cfg)}
+        if loss_summary is not None:
+            summary["row_losses"] = loss_summary
         write_json(summary, stage / "summary.json")
     if cfg.state:
         save_state(cfg, tables, plan, state)
+    if cfg.replay_pack:
+        from spike_audit.pipelines.run.replay_pack import write_plan_pack
+
+        write_plan_pack(cfg, plan)
     dt = time.time() - t0
     return RunResult(Path(cfg.out), tables, spikes.num_rows, len(new_ids), n_tokens, dt)

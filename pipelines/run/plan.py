@@ -51,6 +51,10 @@ class RunConfig:
     state: str | None = None
     allow_missing_steps: bool = False
     allow_overlap: bool = False
+    row_losses: str | None = None  # per-row losses: the model-based verdict (run.model_verdict)
+    row_losses_first_step: int = 1  # step of row 0 of a [steps, batch] .npy
+    loss_baseline: str = "auto"  # auto | preceding | controls
+    replay_pack: str | None = None  # write the window and control rows here (run.replay_pack)
 
 
 @dataclass

@@ -22,8 +22,11 @@ log = logging.getLogger(__name__)
 
 def _inputs_fingerprint(cfg: RunConfig) -> str:
     d = asdict(cfg)
-    for k in ("log", "out", "state"):
+    for k in ("log", "out", "state", "replay_pack"):
         d.pop(k, None)
+    for k in ("row_losses", "row_losses_first_step", "loss_baseline"):  # unset: as before they existed
+        if d.get("row_losses") is None:
+            d.pop(k, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
