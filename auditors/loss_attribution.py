@@ -7,8 +7,8 @@ prediction with the model itself. For one spike, with per-row losses ``L_i`` of 
 baseline steps (the steps just before the window, or the control steps):
 
 * **Baseline.** ``b = median over baseline steps of the step's mean row loss`` (the batch loss the
-  step would have logged) and ``b_med = median over baseline steps of the step's median row loss``
-  (the typical row). Both are robust to one odd baseline step.
+  step would have logged) and ``b_mid = median over baseline steps of the step's interquartile mean
+  row loss`` (the typical row). Both are robust to one odd baseline step.
 * **Excess** of a window step: ``E = mean_i L_i - b`` (the rise of its batch loss), and ``excess_z
   = E / sigma`` with ``sigma`` the robust sigma of the baseline steps' mean losses. A window step
   *rose* when ``excess_z >= rise_z``. The model's verdict is judged at the first window step that
@@ -17,18 +17,19 @@ baseline steps (the steps just before the window, or the control steps):
 * **Flagged share**: ``S = sum_{i in F} (L_i - b) / sum_i (L_i - b)``, the part of the batch's
   excess the signal-flagged rows ``F`` carry (it can exceed 1 when the other rows sit below the
   baseline). ``S`` of ``F`` and of its complement add up to 1.
-* **Breadth**: ``(median_i L_i - b_med) / E``, how much of the excess is a shift of the typical row.
-  About 1 when the loss rose on all rows alike (a multiplicative rise gives ``median / mean``, still
-  near 1); about 0 when a few rows carry it (the median row did not move).
-* **Loss outliers**: rows whose loss lies more than ``outlier_z`` robust sigmas above ``b_med``,
-  sigma being the robust sigma of the baseline steps' rows around their own step's median (so a
-  slow drift between baseline steps does not widen it). ``outlier_share`` is the excess they carry;
+* **Breadth**: ``(midmean_i L_i - b_mid) / E``, how much of the excess is a rise of the typical row
+  (the interquartile mean, unmoved while fewer than a quarter of the rows rise). About 1 when the
+  loss rose on all rows alike (a multiplicative rise gives ``midmean / mean``, still near 1); about 0
+  when a few rows carry it.
+* **Loss outliers**: rows whose loss lies more than ``outlier_z`` robust sigmas above ``b_mid``,
+  sigma being the robust sigma of the baseline steps' rows around their own step's interquartile
+  mean (so a slow drift between baseline steps does not widen it). ``outlier_share`` is the excess they carry;
   **precision** = flagged rows that are outliers / flagged rows, **recall** = flagged outliers /
   outliers.
 * **Intervals**: a percentile bootstrap (``n_boot`` replicates, seeded by ``(seed, step)``, so the
   result is deterministic): window rows are resampled with replacement (flagged and unflagged rows
   separately for ``S``, so the number of flagged rows stays fixed) and baseline steps are resampled
-  as whole steps for ``b`` and ``b_med``. Rows are put in a canonical order (flag, loss) first, so
+  as whole steps for ``b`` and ``b_mid``. Rows are put in a canonical order (flag, loss) first, so
   the result does not depend on the order the rows came in.
 * **Model verdict.** ``inconclusive`` without losses at the window or with fewer than
   ``min_baseline_steps`` baseline steps. ``not_data`` when no window step rose (the model finds
@@ -87,7 +88,7 @@ class StepAttribution:
     precision: float
     recall: float
     outliers: np.ndarray = field(repr=False)  # indices (into the step's rows) of loss outliers, by loss desc
-    z: np.ndarray = field(repr=False)  # every row's loss in robust sigmas above b_med (NaN for NaN losses)
+    z: np.ndarray = field(repr=False)  # every row's loss in robust sigmas above b_mid (NaN for NaN losses)
 
 
 @dataclass
@@ -96,7 +97,7 @@ class Attribution:
     reason: str
     step: int | None
     baseline: float
-    baseline_median: float
+    baseline_typical: float  # b_mid: the typical baseline row (median of the steps' interquartile means)
     baseline_sigma: float
     n_baseline_steps: int
     steps: list[StepAttribution]
@@ -135,7 +136,7 @@ def midmean(x: np.ndarray, axis: int = -1) -> np.ndarray:
 
 def baseline_stats(baseline_losses: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, float]:
     """Per baseline step: mean and interquartile mean of the row losses (NaN ignored; steps without
-    a finite loss dropped), and the robust sigma of rows around their own step's median."""
+    a finite loss dropped), and the robust sigma of rows around their own step's interquartile mean."""
     means, meds, resid = [], [], []
     for arr in baseline_losses:
         a = np.asarray(arr, dtype=np.float64)
@@ -170,7 +171,7 @@ def step_attribution(step: int, losses: np.ndarray, flagged: np.ndarray, base_me
     L, F, idx_ok = L[order], F[order], idx_ok[order]
     n, k = len(L), int(np.count_nonzero(F))
     b = float(np.median(base_means)) if len(base_means) else _nan()
-    b_med = float(np.median(base_meds)) if len(base_meds) else _nan()
+    b_mid = float(np.median(base_meds)) if len(base_meds) else _nan()
     _, sig_means = robust_center_scale(base_means) if len(base_means) else (None, np.nan)
     sig_means = float(sig_means)
     if n == 0 or not np.isfinite(b):
@@ -181,8 +182,8 @@ def step_attribution(step: int, losses: np.ndarray, flagged: np.ndarray, base_me
     e = L - b
     total = float(e.sum())
     share = float(_ratio(e[F].sum(), total)) if k else 0.0
-    breadth = float(_ratio(midmean(L) - b_med, E))
-    z = (L - b_med) / row_sigma if np.isfinite(row_sigma) and row_sigma > 0 else np.full(n, np.nan)
+    breadth = float(_ratio(midmean(L) - b_mid, E))
+    z = (L - b_mid) / row_sigma if np.isfinite(row_sigma) and row_sigma > 0 else np.full(n, np.nan)
     z_all[idx_ok] = z
     out = z > config.outlier_z
     n_out = int(np.count_nonzero(out))
@@ -201,10 +202,10 @@ def step_attribution(step: int, losses: np.ndarray, flagged: np.ndarray, base_me
         B = min(config.boot_block, config.n_boot - start)
         bi = rng.integers(0, nb, size=(B, nb))
         b_s = np.median(base_means[bi], axis=1)
-        bmed_s = np.median(base_meds[bi], axis=1)
+        bmid_s = np.median(base_meds[bi], axis=1)
         ri = rng.integers(0, n, size=(B, n))
         Ls = L[ri]
-        breadth_s.append(_ratio(midmean(Ls, axis=1) - bmed_s, Ls.mean(axis=1) - b_s))
+        breadth_s.append(_ratio(midmean(Ls, axis=1) - bmid_s, Ls.mean(axis=1) - b_s))
         if k:
             sf = Lf[rng.integers(0, k, size=(B, k))].sum(axis=1) - k * b_s
             su = (Lu[rng.integers(0, n - k, size=(B, n - k))].sum(axis=1) if n > k else 0.0) - (n - k) * b_s

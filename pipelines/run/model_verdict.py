@@ -143,7 +143,7 @@ def _loss_rows(index: BatchIndex, loss: np.ndarray, row_flags: pa.Table, results
     parts = []
     for sid, (a, base_steps, _) in sorted(results.items()):
         flags = flag_units(index, row_flags, sid)
-        sigma, mid = a.baseline_sigma, a.baseline_median
+        sigma, mid = a.baseline_sigma, a.baseline_typical
         for role, steps in (("window", [s for s in windows[sid]]), ("baseline", base_steps)):
             for s in steps:
                 u = index.units_of(s)
