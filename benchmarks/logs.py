@@ -1,25 +1,30 @@
-"""Benchmark: parse and spike-detect 1M-line training logs.
+"""Benchmark: parse and spike-detect 1M-line training logs: speed and peak memory, beside a plain read.
 
-    python benchmarks/logs.py [--lines 1000000] [--repeat 3]
+    python benchmarks/logs.py [--lines 1000000] [--repeat 3] [--formats modded-nanogpt,megatron,jsonl,modded-zst]
 
-Writes a modded-nanogpt-style log and a Megatron-LM log (rank prefixes, interleaved unrelated lines)
-into a temporary directory, then times ``read_log`` and ``detect_table`` (best of ``--repeat``).
+Writes a modded-nanogpt-style log, a Megatron-LM log (rank prefixes, interleaved unrelated lines), a W&B-style JSONL
+history and a zstd-compressed modded-nanogpt log into a temporary directory. Each measurement runs in a fresh child
+process so its peak memory is its own: ``plain`` reads the file line by line and counts the lines (Python's
+``for line in open(f, 'rb')``, and ``zstandard``'s stream reader for ``.zst``), ``read_log`` parses it into the
+``LOSS_SERIES`` table. Reported: best-of-``repeat`` time, lines/s, MB/s, and the peak resident memory the call
+added over the process after its imports (``VmHWM`` minus the RSS before the call), also as a multiple of the
+file size. Then ``detect_table`` on the parsed table (best of ``repeat``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from spike_audit.auditors.spikes import DetectorConfig, detect_table  # noqa: E402
-from spike_audit.pipelines.logs.read import read_log  # noqa: E402
 
 
 def _loss(n: int, seed: int) -> np.ndarray:
@@ -58,6 +63,74 @@ def write_megatron(path: Path, n: int) -> None:
             fh.write("".join(parts))
 
 
+def write_jsonl(path: Path, n: int) -> None:
+    v = _loss(n, 3)
+    with open(path, "w") as fh:
+        for start in range(0, n, 100_000):
+            fh.write("".join(
+                f'{{"_step": {i}, "train/loss": {v[i]:.5f}, "train/grad_norm": {0.5 + v[i] / 10:.4f}, '
+                f'"lr": 0.0003, "_runtime": {i * 0.1:.1f}, "_timestamp": {1.7e9 + i:.1f}}}\n'
+                for i in range(start, min(n, start + 100_000))))
+
+
+def write_modded_zst(path: Path, n: int) -> None:
+    import zstandard
+
+    tmp = path.with_suffix(".plain")
+    write_modded(tmp, n)
+    with open(tmp, "rb") as src, open(path, "wb") as dst:
+        zstandard.ZstdCompressor(level=3).copy_stream(src, dst)
+    tmp.unlink()
+
+
+WRITERS = {"modded-nanogpt": (write_modded, ".log"), "megatron": (write_megatron, ".log"),
+           "jsonl": (write_jsonl, ".jsonl"), "modded-zst": (write_modded_zst, ".log.zst")}
+
+
+_CHILD = textwrap.dedent("""
+    import json, re, resource, sys, time
+    path, mode, repeat = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    if mode == "read_log":
+        from spike_audit.pipelines.logs.read import read_log
+    else:
+        import zstandard
+    def rss_kb():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize() // 1024
+    base = rss_kb()
+    best, out = float("inf"), {}
+    for _ in range(repeat):
+        t = time.perf_counter()
+        if mode == "read_log":
+            table, rep = read_log(path)
+            out = {"lines": rep.n_lines, "values": table.num_rows, "metrics": rep.metrics}
+        else:
+            n = 0
+            if path.endswith(".zst"):
+                with open(path, "rb") as fh, zstandard.ZstdDecompressor().stream_reader(fh) as r:
+                    import io
+                    for _line in io.BufferedReader(r):
+                        n += 1
+            else:
+                with open(path, "rb") as fh:
+                    for _line in fh:
+                        n += 1
+            out = {"lines": n}
+        best = min(best, time.perf_counter() - t)
+        table = rep = None
+    with open("/proc/self/status") as f:  # VmHWM: this process image's peak (ru_maxrss survives exec)
+        peak = int(re.search(r"VmHWM:\s*(\d+)", f.read()).group(1))
+    out.update(seconds=best, peak_mb=max(0, peak - base) / 1024)
+    print(json.dumps(out))
+""")
+
+
+def measure(path: Path, mode: str, repeat: int) -> dict:
+    res = subprocess.run([sys.executable, "-c", _CHILD, str(path), mode, str(repeat)], capture_output=True,
+                         text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 def best_of(fn, repeat: int) -> tuple[float, object]:
     best, out = float("inf"), None
     for _ in range(repeat):
@@ -71,18 +144,28 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lines", type=int, default=1_000_000)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--formats", default=",".join(WRITERS))
     args = ap.parse_args(argv)
+    from spike_audit.auditors.spikes import DetectorConfig, detect_table
+    from spike_audit.pipelines.logs.read import read_log
+
     with tempfile.TemporaryDirectory() as tmp:
-        for name, writer in (("modded-nanogpt", write_modded), ("megatron", write_megatron)):
-            path = Path(tmp) / f"{name}.log"
+        for name in args.formats.split(","):
+            writer, suffix = WRITERS[name]
+            path = Path(tmp) / f"{name}{suffix}"
             writer(path, args.lines)
-            size = path.stat().st_size
-            t_parse, (table, report) = best_of(lambda: read_log(path), args.repeat)
+            size = path.stat().st_size / 1e6
+            for mode in ("plain", "read_log"):
+                m = measure(path, mode, args.repeat)
+                extra = f", {m['values']:>9,d} values" if "values" in m else ""
+                print(f"{name:15s} {mode:9s} {m['lines']:>9,d} lines ({size:6.1f} MB){extra}: "
+                      f"{m['seconds']:6.3f}s ({m['lines'] / m['seconds'] / 1e6:5.2f} M lines/s, "
+                      f"{size / m['seconds']:6.1f} MB/s), peak +{m['peak_mb']:7.1f} MB "
+                      f"({m['peak_mb'] / size:4.1f}x the file)", flush=True)
+            table, report = read_log(path)
             t_det, spikes = best_of(lambda: detect_table(table, DetectorConfig()), args.repeat)
-            print(f"{name:15s} {report.n_lines:>9,d} lines ({size / 1e6:6.1f} MB), {table.num_rows:>9,d} values: "
-                  f"parse {t_parse:6.3f}s ({report.n_lines / t_parse / 1e6:5.2f} M lines/s, "
-                  f"{size / t_parse / 1e6:6.1f} MB/s); detect (robust, {', '.join(report.metrics)}) "
-                  f"{t_det:6.3f}s ({table.num_rows / t_det / 1e6:5.2f} M values/s), {spikes.num_rows} events")
+            print(f"{name:15s} detect    (robust, {', '.join(report.metrics)}) {t_det:6.3f}s "
+                  f"({table.num_rows / t_det / 1e6:5.2f} M values/s), {spikes.num_rows} events", flush=True)
     return 0
 
 

@@ -4,8 +4,8 @@ Modules: ``read`` (``read_log``, the entry point), ``sniff`` (format detection),
 golden values, HF trainer state), ``stdout`` (trainers' console output), ``tensorboard`` (event files),
 ``restarts`` (the restart rule), ``lines`` (what they share).
 
-May import: :mod:`spike_audit.pipelines.errors`, :mod:`spike_audit.schemas`; never Beam, auditors or another
-pipelines package.
+May import: :mod:`spike_audit.pipelines.errors`, :mod:`spike_audit.pipelines.files`, :mod:`spike_audit.schemas`;
+never Beam, auditors or another pipelines package.
 
 Supported formats (``FORMATS``; auto-detected from the content unless ``format=`` is given):
 
@@ -29,13 +29,25 @@ to join steps to data), or the log's own key for other scalars (golden values).
 
 Rules every reader shares:
 
-* Text is read whole (``.gz`` and ``.zst`` are decompressed transparently) and parsed with a few
-  vectorised Arrow regex passes over all lines (``pyarrow.compute.extract_regex``), not a Python loop
-  per line (JSONL falls back to ``json.loads`` per line only when Arrow's JSON reader rejects the file).
-* A line that carries the format's *marker* (e.g. ``step:`` at the start for modded-nanogpt) but does
-  not parse is *malformed*: counted, its line number reported, and with ``strict=True`` the first one
-  raises ``UserError("path:LINE: expected ..., got ...")``. Lines without the marker are *ignored*
-  (counted, not errors). NaN / inf values are kept as logged.
+* Text is streamed in chunks of whole lines (``lines.CHUNK_BYTES``, 4 MiB) and each chunk is parsed with a few
+  vectorised Arrow regex passes (``pyarrow.compute.extract_regex``), not a Python loop per line; values accumulate
+  as numpy arrays (memory grows with the number of values, not with the file). JSONL chunks go through Arrow's JSON
+  reader (``json.loads`` per line only in a chunk Arrow rejects); only the candidate step/loss/grad-norm keys are
+  kept, and the keys are chosen at the end from every key seen.
+* Input bytes (:mod:`spike_audit.pipelines.files`): regular files only (a FIFO, a device or a socket is refused at
+  once); ``.gz`` / ``.zst`` content is decompressed as a stream that reads every member / frame, and a truncated or
+  corrupt stream is an error, never a silent prefix. A UTF-8 BOM is dropped (UTF-16/32 logs with a BOM are
+  transcoded); line ends are universal (``\\n``, ``\\r\\n``, a lone ``\\r``; line numbers count those); bytes that
+  are not UTF-8 become U+FFFD; a line longer than 64 MiB or a JSON document larger than 512 MiB is refused.
+* A line that carries the format's *marker* (e.g. ``step:`` at the start for modded-nanogpt) but does not parse
+  is *malformed*: counted, its line number reported, and with ``strict=True`` the first one raises
+  ``UserError("path:LINE: expected ..., got ...")``. Markers admit any step text, so ``step:-3`` or ``step:abc``
+  is malformed, not ignored. Lines without the marker are *ignored* (counted, not errors). NaN / inf values are
+  kept as logged (a number beyond float64, like ``1e999``, is inf).
+* Steps are non-negative integers that fit int64 (up to 18 digits in text; in JSON an integral float is exact only
+  up to 2^53, so a larger float step is malformed): never wrapped, never able to discard earlier values.
+* A last line without a newline that ends in a digit (or ``.``, ``e``, ``+``, ``-``) may have been cut mid-number
+  by a killed writer: its values are malformed, not accepted.
 * Restarts: within one (run, metric), a value survives only if no later line logs a step ``<=`` its
   step. So a repeated step is replaced by the later value, and a step going back (a resume from an
   earlier checkpoint) replaces every earlier value at steps ``>=`` the resume point. The number of

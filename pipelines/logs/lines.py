@@ -4,12 +4,14 @@ formats parse with."""
 
 from __future__ import annotations
 
-import gzip
+import codecs
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from spike_audit.pipelines.errors import UserError
 
 
 FORMATS: tuple[str, ...] = (
@@ -84,59 +86,203 @@ class _Parsed:
     text_lines: pa.Array | None = None  # for error messages
 
 
-def _read_bytes(path: Path) -> bytes:
-    data = path.read_bytes()
-    if data[:2] == b"\x1f\x8b":
-        return gzip.decompress(data)
-    if data[:4] == b"\x28\xb5\x2f\xfd":
-        import zstandard
+CHUNK_BYTES = 4 << 20  # text parsed per chunk: memory is bounded by a few chunks, whatever the log's size
 
-        return zstandard.ZstdDecompressor().decompressobj().decompress(data)
+
+MAX_LINE_BYTES = 64 << 20  # a longer "line" is not a training log (or is /dev/zero-like garbage)
+
+
+MAX_DOCUMENT_BYTES = 512 << 20  # JSON documents (golden values, trainer_state.json) are parsed whole
+
+
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def _text_decoder(head: bytes):
+    """(bytes to skip, an incremental decoder to UTF-8 or None) from a stream's first bytes (its BOM, if any).
+    UTF-16 / UTF-32 logs (e.g. PowerShell's ``>``) are transcoded; a UTF-8 BOM is dropped."""
+    if head.startswith(_UTF8_BOM):
+        return 3, None
+    if head.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):
+        return 0, codecs.getincrementaldecoder("utf-32")("replace")
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return 0, codecs.getincrementaldecoder("utf-16")("replace")
+    return 0, None
+
+
+def _utf8(data: bytes) -> bytes:
+    """``data`` if it is valid UTF-8, else with each invalid sequence replaced by U+FFFD (never a failure)."""
+    try:
+        _whole(data).validate(full=True)
+        return data
+    except pa.ArrowInvalid:
+        return data.decode("utf-8", errors="replace").encode("utf-8")
+
+
+def _whole(data: bytes) -> pa.Array:
+    return pa.LargeStringArray.from_buffers(1, pa.py_buffer(np.array([0, len(data)], dtype=np.int64)),
+                                            pa.py_buffer(data))
+
+
+def _newlines(data: bytes) -> bytes:
+    """Universal newlines: ``\\r\\n`` and a lone ``\\r`` become ``\\n``."""
+    if b"\r" in data:
+        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
     return data
 
 
+def decode_text(data: bytes) -> bytes:
+    """A whole document's bytes as UTF-8 text: BOM dropped (UTF-16/32 transcoded), invalid bytes replaced."""
+    skip, dec = _text_decoder(data[:4])
+    if dec is not None:
+        return dec.decode(data, final=True).encode("utf-8")
+    return _utf8(data[skip:])
+
+
+@dataclass
+class TextChunk:
+    """Whole lines of a log: ``lines`` (Arrow large_string), their text ``data`` (UTF-8, joined by ``\\n``,
+    no trailing newline) and the 1-based number of the first one."""
+
+    lines: pa.Array
+    data: bytes
+    first_line: int
+
+
+class TextStream:
+    """A log's lines in chunks of about ``chunk_bytes``, in bounded memory: decompressed (every .gz member
+    and .zst frame; truncated or corrupt streams are errors), BOM dropped (UTF-16/32 transcoded), universal
+    newlines (``\\n``, ``\\r\\n``, ``\\r``), invalid UTF-8 replaced by U+FFFD, lines longer than
+    ``MAX_LINE_BYTES`` refused. After iterating: ``n_lines``, ``terminated`` (the last line ended with a
+    newline) and ``last_line`` (its text)."""
+
+    def __init__(self, path, chunk_bytes: int | None = None):
+        self.path = path
+        self.chunk_bytes = chunk_bytes or CHUNK_BYTES
+        self.n_lines = 0
+        self.terminated = True
+        self.last_line = ""
+
+    def _blocks(self, f):
+        head = f.read(self.chunk_bytes)
+        skip, dec = _text_decoder(head)
+        block = head[skip:]
+        while block:
+            yield dec.decode(block).encode("utf-8") if dec is not None else block
+            block = f.read(self.chunk_bytes)
+        if dec is not None:
+            tail = dec.decode(b"", final=True).encode("utf-8")
+            if tail:
+                yield tail
+
+    def _chunk(self, text: bytes) -> TextChunk:
+        text = _utf8(text)
+        lines = pc.split_pattern(_whole(text), "\n").flatten()
+        chunk = TextChunk(lines, text, self.n_lines + 1)
+        self.n_lines += len(lines)
+        return chunk
+
+    def __iter__(self):
+        from spike_audit.pipelines.files import open_decompressed
+
+        carry = b""
+        with open_decompressed(self.path, "log") as f:
+            for block in self._blocks(f):
+                buf = carry + block if carry else block
+                tail = b""
+                if buf.endswith(b"\r"):  # may be the first half of a \r\n split across blocks
+                    buf, tail = buf[:-1], b"\r"
+                buf = _newlines(buf)
+                nl = buf.rfind(b"\n")
+                if nl < 0:
+                    carry = buf + tail
+                    if len(carry) > MAX_LINE_BYTES:
+                        raise UserError(f"{self.path}:{self.n_lines + 1}: a line longer than "
+                                        f"{MAX_LINE_BYTES >> 20} MiB; expected a text log")
+                    continue
+                carry = buf[nl + 1:] + tail
+                chunk = self._chunk(buf[:nl])
+                self.last_line = chunk.lines[-1].as_py()
+                yield chunk
+        if carry:
+            self.terminated = carry.endswith(b"\r")
+            chunk = self._chunk(carry[:-1] if self.terminated else carry)
+            self.last_line = chunk.lines[-1].as_py()
+            yield chunk
+
+
+def read_document(path, what: str = "JSON document") -> bytes:
+    """A whole (small) document's text, decompressed and decoded (see :func:`decode_text`), at most
+    ``MAX_DOCUMENT_BYTES``."""
+    from spike_audit.pipelines.files import open_decompressed
+
+    with open_decompressed(path, what) as f:
+        data = f.read(MAX_DOCUMENT_BYTES + 1)
+    if len(data) > MAX_DOCUMENT_BYTES:
+        raise UserError(f"{path}: larger than {MAX_DOCUMENT_BYTES >> 20} MiB; expected a {what}")
+    return decode_text(data)
+
+
+def read_head(path, n: int = 1 << 22) -> bytes:
+    """The first ``n`` decompressed bytes of a file (format sniffing)."""
+    from spike_audit.pipelines.files import open_decompressed
+
+    with open_decompressed(path, "log") as f:
+        return f.read(n)
+
+
 def _split_lines(data: bytes | str) -> pa.Array:
-    """All lines of a text as one Arrow string array, without a Python object per line."""
+    """All lines of a (small) text as one Arrow string array, without a Python object per line."""
     if isinstance(data, str):
         data = data.encode("utf-8")
-    else:
-        try:
-            data.decode("utf-8")
-        except UnicodeDecodeError:
-            data = data.decode("utf-8", errors="replace").encode("utf-8")
+    data = _newlines(_utf8(data))
     if data.endswith(b"\n"):
         data = data[:-1]
     if not data:
         return pa.array([], pa.large_string())
-    whole = pa.LargeStringArray.from_buffers(
-        1, pa.py_buffer(np.array([0, len(data)], dtype=np.int64)), pa.py_buffer(data))
-    lines = pc.split_pattern(whole, "\n").flatten()
-    if b"\r" in data:
-        lines = pc.utf8_rtrim(lines, "\r")
-    return lines
+    return pc.split_pattern(_whole(data), "\n").flatten()
+
+
+def _bools(arr) -> np.ndarray:
+    """A boolean Arrow array as a numpy bool array (nulls are False), without pyarrow's pandas-backed path."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if arr.null_count:
+        arr = pc.fill_null(arr, False)
+    if len(arr) == 0:
+        return np.zeros(0, bool)
+    bits = np.frombuffer(arr.buffers()[1], np.uint8)
+    return np.unpackbits(bits, bitorder="little")[arr.offset:arr.offset + len(arr)].astype(bool)
 
 
 def _np(arr) -> np.ndarray:
+    """A numeric Arrow array as numpy: a zero-copy (read-only) view when possible."""
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
+    if arr.null_count == 0 and (pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type)):
+        return arr.to_numpy(zero_copy_only=True)
+    if pa.types.is_boolean(arr.type):
+        return _bools(arr)
     return arr.to_numpy(zero_copy_only=False)
 
 
 def _match(lines: pa.Array, regex: str) -> np.ndarray:
-    return _np(pc.match_substring_regex(lines, regex)).astype(bool, copy=False)
+    return _bools(pc.match_substring_regex(lines, regex))
 
 
 def _floats(strings: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """Parse number strings; returns (values with NaN where invalid, ok mask). Nulls are not ok."""
-    ok = _np(pc.fill_null(pc.match_substring_regex(strings, _NUMBER), False)).astype(bool, copy=False)
-    clean = pc.if_else(pa.array(ok), strings, pa.scalar(None, strings.type))
+    ok_arr = pc.fill_null(pc.match_substring_regex(strings, _NUMBER), False)
+    ok = _bools(ok_arr)
+    clean = pc.if_else(ok_arr, strings, pa.scalar(None, strings.type))
     vals = _np(pc.cast(clean, pa.float64())).astype(np.float64)
     return vals, ok
 
 
 def _ints(strings: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    ok = _np(pc.fill_null(pc.match_substring_regex(strings, r"^\d{1,18}$"), False)).astype(bool, copy=False)
-    clean = pc.if_else(pa.array(ok), strings, pa.scalar("0", strings.type))
+    ok_arr = pc.fill_null(pc.match_substring_regex(strings, r"^\d{1,18}$"), False)  # < 2^63: never wraps
+    ok = _bools(ok_arr)
+    clean = pc.if_else(ok_arr, strings, pa.scalar("0", strings.type))
     return _np(pc.cast(clean, pa.int64())).astype(np.int64), ok
 
 
@@ -162,7 +308,7 @@ def _parse_kind_lines(lines, marker, pattern, kinds, expected, extra=None):
     further values on the same line (a present but unparsable one makes the line malformed)."""
     sub, nums, n_ignored = _subset(lines, marker)
     m = pc.extract_regex(sub, pattern)
-    matched = _np(pc.is_valid(m)).astype(bool)
+    matched = _bools(pc.is_valid(m))
     steps, ok_s = _ints(pc.fill_null(_group(m, "step"), ""))
     vals, ok_v = _floats(pc.fill_null(_group(m, "value"), ""))
     good = matched & ok_s & ok_v
@@ -175,12 +321,12 @@ def _parse_kind_lines(lines, marker, pattern, kinds, expected, extra=None):
     extras = {}
     for metric, regex in (extra or {}).items():
         e = pc.extract_regex(sub, regex)
-        present = _np(pc.is_valid(e)).astype(bool)
+        present = _bools(pc.is_valid(e))
         ev, eok = _floats(pc.fill_null(_group(e, "v"), ""))
         good &= ~present | eok
         extras[metric] = (present, ev)
     for k, metric in kinds.items():
-        sel = good & _np(pc.equal(kind, k)).astype(bool) if kind is not None else good
+        sel = good & _bools(pc.equal(kind, k)) if kind is not None else good
         series.append(_mk(metric, steps, vals, nums, totals, sel))
     for metric, (present, ev) in extras.items():
         series.append(_mk(metric, steps, ev, nums, totals, good & present))
@@ -192,4 +338,10 @@ def _mk(metric, steps, vals, nums, totals, sel) -> _Series:
 
 
 def _const(value: str, n: int) -> pa.Array:
-    return pa.DictionaryArray.from_arrays(np.zeros(n, np.int32), pa.array([value], pa.string())).cast(pa.string())
+    """``n`` copies of one string as a plain string array, built from buffers (no Python object per row)."""
+    b = value.encode("utf-8")
+    if n * len(b) >= 2 ** 31:
+        return pa.DictionaryArray.from_arrays(np.zeros(n, np.int32), pa.array([value], pa.large_string())).cast(
+            pa.large_string())
+    offsets = np.arange(n + 1, dtype=np.int32) * len(b)
+    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(b * n))

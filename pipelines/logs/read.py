@@ -10,13 +10,13 @@ import pyarrow as pa
 
 from spike_audit.pipelines.errors import UserError
 from spike_audit.schemas import LOSS_SERIES
-from spike_audit.pipelines.logs.lines import (FORMATS, LogReport, MAX_MALFORMED_REPORTED, _const, _np, _read_bytes,
-                                              _split_lines)
+from spike_audit.pipelines.logs.lines import (FORMATS, LogReport, MAX_MALFORMED_REPORTED, TextStream, _Parsed,
+                                              _Series, _const, _np, read_document)
 from spike_audit.pipelines.logs.restarts import _resolve_restarts
 from spike_audit.pipelines.logs.sniff import _strip_compression, detect_format
 from spike_audit.pipelines.logs.stdout import (_parse_llmc, _parse_megatron, _parse_modded, _parse_nanogpt,
                                                _parse_olmo, _parse_pattern, _parse_torchtitan)
-from spike_audit.pipelines.logs.structured import _parse_csv, _parse_golden, _parse_hf, _parse_jsonl
+from spike_audit.pipelines.logs.structured import _CsvParser, _JsonlParser, _parse_golden, _parse_hf
 from spike_audit.pipelines.logs.tensorboard import _parse_tensorboard
 
 
@@ -25,18 +25,148 @@ log = logging.getLogger(__name__)
 
 _TEXT = {"modded-nanogpt": _parse_modded, "llmc": _parse_llmc, "nanogpt": _parse_nanogpt,
          "torchtitan": _parse_torchtitan, "megatron": _parse_megatron, "olmo": _parse_olmo,
-         "pattern": _parse_pattern, "jsonl": _parse_jsonl}
+         "pattern": _parse_pattern}
 
 
-_RAW = {"csv": _parse_csv, "megatron-golden": _parse_golden, "hf-trainer-state": _parse_hf}
+_STREAMED = {"jsonl": _JsonlParser, "csv": _CsvParser}
+
+
+_RAW = {"megatron-golden": _parse_golden, "hf-trainer-state": _parse_hf}
+
+
+# The last characters of a line that may have been cut inside a number.
+_NUMBERISH = frozenset("0123456789.eE+-")
+
+
+class _LineParser:
+    """A line-local parser run chunk by chunk; ``state`` carries what a format needs across chunks."""
+
+    def __init__(self, fn, **kw):
+        self.fn, self.kw, self.state = fn, kw, {}
+
+    def feed(self, chunk) -> _Parsed:
+        return self.fn(chunk.lines, raw=chunk.data, state=self.state, **self.kw)
+
+    def finish(self) -> _Parsed | None:
+        return None
+
+
+class _Collector:
+    """Chunk results -> one ``_Parsed``: per-metric numpy pieces (no per-line Python objects), malformed line
+    numbers, counts."""
+
+    def __init__(self):
+        self.parts: dict[str, list[_Series]] = {}
+        self.malformed: list[np.ndarray] = []
+        self.n_ignored = 0
+        self.expected = ""
+
+    def add(self, parsed: _Parsed | None, offset: int = 0) -> None:
+        if parsed is None:
+            return
+        self.expected = parsed.expected or self.expected
+        self.n_ignored += int(parsed.n_ignored)
+        if len(parsed.malformed):
+            self.malformed.append(np.asarray(parsed.malformed, np.int64) + offset)
+        for s in parsed.series:
+            lines = None if s.lines is None else np.asarray(s.lines, np.int64) + offset
+            totals = s.totals
+            if totals is not None and len(totals) and (totals == totals[0]).all():
+                totals = np.broadcast_to(np.int64(totals[0]), len(totals))  # one planned total: no memory
+            self.parts.setdefault(s.metric, []).append(_Series(s.metric, s.steps, s.values, lines, totals))
+
+    @property
+    def first_malformed(self) -> int | None:
+        return int(min(m.min() for m in self.malformed)) if self.malformed else None
+
+    def drop_line(self, line: int) -> bool:
+        """Remove the values of one line (an unterminated last line cut mid-number); True if it had any."""
+        hit = False
+        for metric, pieces in self.parts.items():
+            for i, s in enumerate(pieces):
+                if s.lines is None:
+                    continue
+                sel = s.lines != line
+                if not sel.all():
+                    hit = True
+                    pieces[i] = _Series(s.metric, s.steps[sel], s.values[sel], s.lines[sel],
+                                        None if s.totals is None else s.totals[sel])
+        if hit:
+            self.malformed.append(np.array([line], np.int64))
+        return hit
+
+    def finish(self, n_lines: int) -> _Parsed:
+        series = []
+        for metric in list(self.parts):
+            pieces = self.parts.pop(metric)  # freed as it is concatenated
+            has_lines = all(p.lines is not None for p in pieces)
+            totals = None
+            if all(p.totals is not None for p in pieces):
+                firsts = {int(p.totals[0]) for p in pieces if len(p.totals)}
+                if all(p.totals.strides == (0,) for p in pieces if len(p.totals)) and len(firsts) <= 1:
+                    totals = np.broadcast_to(np.int64(firsts.pop() if firsts else -1), sum(len(p.totals) for p in pieces))
+                else:
+                    totals = np.concatenate([np.asarray(p.totals) for p in pieces])
+            series.append(_Series(
+                metric,
+                np.concatenate([p.steps for p in pieces]).astype(np.int64, copy=False),
+                np.concatenate([p.values for p in pieces]).astype(np.float64, copy=False),
+                np.concatenate([p.lines for p in pieces]) if has_lines else None,
+                totals))
+            del pieces
+        malformed = np.concatenate(self.malformed) if self.malformed else np.zeros(0, np.int64)
+        return _Parsed(series, malformed, self.expected, self.n_ignored, n_lines, None)
+
+
+def _cat(arrays: list[np.ndarray]) -> np.ndarray:
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+
+def _line_text(path, lineno: int) -> str:
+    """The text of one line of a log (error messages only: streams the log up to that line)."""
+    for chunk in TextStream(path):
+        k = lineno - chunk.first_line
+        if 0 <= k < len(chunk.lines):
+            return chunk.lines[k].as_py()
+    return ""
+
+
+def _strict_error(path, line: int, expected: str, cut: bool) -> UserError:
+    got = _line_text(path, line)
+    if cut:
+        return UserError(f"{path}:{line}: expected a complete last line, got {got[:120]!r} (the log ends without a "
+                         f"newline right after a number: cut mid-value?)")
+    return UserError(f"{path}:{line}: expected {expected}, got {got[:120]!r}")
+
+
+def _parse_text(path: Path, fmt: str, strict: bool, kw: dict) -> tuple[_Parsed, int | None]:
+    """Stream a text log chunk by chunk. Returns the parse and the number of a cut last line (or None)."""
+    parser = _STREAMED[fmt](**kw) if fmt in _STREAMED else _LineParser(_TEXT[fmt], **kw)
+    stream = TextStream(path)
+    coll = _Collector()
+    for chunk in stream:
+        coll.add(parser.feed(chunk), chunk.first_line - 1)
+        if strict and coll.malformed and fmt not in _STREAMED:
+            first = coll.first_malformed
+            raise _strict_error(path, first, coll.expected, False)
+    coll.add(parser.finish())
+    cut = None
+    if (not stream.terminated and stream.last_line.rstrip(" \t")[-1:] in _NUMBERISH
+            and stream.last_line.strip() and coll.drop_line(stream.n_lines)):
+        cut = stream.n_lines
+    return coll.finish(stream.n_lines), cut
 
 
 def read_log(path, *, format=None, run=None, metric=None, step_key=None, value_key=None, pattern=None,
              tag=None, strict=False) -> tuple[pa.Table, LogReport]:
     """Read one training log into a ``LOSS_SERIES`` table (conforming to the schema) and a report."""
+    from spike_audit.pipelines.files import check_regular
+
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file or directory")
+    if not path.is_dir():
+        check_regular(path, "log")
     if pattern and not format:
         format = "pattern"
     fmt = format or detect_format(path)
@@ -44,64 +174,74 @@ def read_log(path, *, format=None, run=None, metric=None, step_key=None, value_k
         raise UserError(f"unknown log format {fmt!r}; expected one of {', '.join(FORMATS)}")
     run = run or (path.name if path.is_dir() else Path(_strip_compression(path.name)).stem)
     kw = dict(path=path, step_key=step_key, value_key=value_key, metric=metric, pattern=pattern, tag=tag)
+    cut = None
     if fmt == "tensorboard":
         parsed = _parse_tensorboard(path, **{k: v for k, v in kw.items() if k != "path"})
     elif path.is_dir():
         raise UserError(f"{path}: is a directory (only --format tensorboard reads directories)")
+    elif fmt in _RAW:
+        parsed = _RAW[fmt](read_document(path), **kw)
     else:
-        raw = _read_bytes(path)
-        if fmt in _RAW:
-            parsed = _RAW[fmt](raw, **kw)
-        else:
-            lines = _split_lines(raw)
-            parsed = _TEXT[fmt](lines, raw=raw, **kw)
+        parsed, cut = _parse_text(path, fmt, strict, kw)
     malformed = np.unique(parsed.malformed.astype(np.int64))
     if strict and len(malformed):
         ln = int(malformed[0])
-        got = ""
-        if parsed.text_lines is not None and 0 < ln <= len(parsed.text_lines):
-            got = parsed.text_lines[ln - 1].as_py()
-        where = f"{path}:{ln}" if parsed.text_lines is not None else f"{path}: record {ln}"
-        raise UserError(f"{where}: expected {parsed.expected}, got {got[:120]!r}")
+        if fmt in _TEXT or fmt in _STREAMED:
+            raise _strict_error(path, ln, parsed.expected, ln == cut)
+        raise UserError(f"{path}: record {ln}: expected {parsed.expected}")
 
     # runs: a change of the planned total (k/N) inside one file separates runs
-    all_totals = [s.totals for s in parsed.series if s.totals is not None and len(s.totals)]
+    all_totals = [np.unique(s.totals[:1]) if s.totals.strides == (0,) else np.unique(s.totals)
+                  for s in parsed.series if s.totals is not None and len(s.totals)]
     distinct = np.unique(np.concatenate(all_totals)) if all_totals else np.array([], np.int64)
     multi = len(distinct[distinct >= 0]) > 1
-    cols = {"run": [], "metric": [], "step": [], "value": [], "source_line": []}
+    expected, n_lines, n_ignored = parsed.expected, parsed.n_lines, parsed.n_ignored
+    groups: list[tuple[str, str, np.ndarray, np.ndarray, np.ndarray | None]] = []
     n_replaced = 0
-    for s in parsed.series:
+    while parsed.series:
+        s = parsed.series.pop(0)  # each series' arrays are freed once its groups are built
         if not len(s.steps):
             continue
-        groups = [(run, np.ones(len(s.steps), bool))]
+        parts = [(run, None)]
         if multi and s.totals is not None:
-            groups = [(f"{run}@{t}" if t >= 0 else run, s.totals == t) for t in np.unique(s.totals)]
-        for rname, sel in groups:
-            steps = s.steps[sel]
+            parts = [(f"{run}@{t}" if t >= 0 else run, s.totals == t) for t in np.unique(s.totals)]
+        for rname, sel in parts:
+            steps = s.steps if sel is None else s.steps[sel]
             keep = _resolve_restarts(steps)
-            n_replaced += int((~keep).sum())
-            k = len(steps[keep])
-            cols["run"].append(_const(rname, k))
-            cols["metric"].append(_const(s.metric, k))
-            cols["step"].append(pa.array(steps[keep], pa.int64()))
-            cols["value"].append(pa.array(s.values[sel][keep], pa.float64()))
-            cols["source_line"].append(pa.array(s.lines[sel][keep], pa.int64()) if s.lines is not None
-                                       else pa.nulls(k, pa.int64()))
-    if not cols["step"] or sum(len(a) for a in cols["step"]) == 0:
+            n_replaced += int(len(keep) - keep.sum())
+            values = s.values if sel is None else s.values[sel]
+            lines = None if s.lines is None else (s.lines if sel is None else s.lines[sel])
+            if not keep.all():
+                steps, values, lines = steps[keep], values[keep], None if lines is None else lines[keep]
+            groups.append((rname, s.metric, steps, values, lines))
+    parsed = None  # the parse's arrays are no longer needed
+    if sum(len(g[2]) for g in groups) == 0:
         extra = f"; {len(malformed)} malformed (first at line {malformed[0]})" if len(malformed) else ""
-        raise UserError(f"{path}: no usable steps found for format {fmt} (expected {parsed.expected}){extra}")
+        raise UserError(f"{path}: no usable steps found for format {fmt} (expected {expected}){extra}")
+    # Sorted as LOSS_SERIES.sort_keys without a table sort: groups by (run, metric) (Python's str order is
+    # UTF-8 byte order), and within a group the restart rule leaves steps strictly increasing.
+    groups = [g for g in groups if len(g[2])]
+    groups.sort(key=lambda g: (g[0], g[1]))
+    keys = [(g[0], g[1]) for g in groups]
+    n = [len(g[2]) for g in groups]
     table = pa.Table.from_arrays(
-        [pa.chunked_array(cols[n], type=t) for n, t in
-         (("run", pa.string()), ("metric", pa.string()), ("step", pa.int64()), ("value", pa.float64()),
-          ("source_line", pa.int64()))],
+        [pa.chunked_array([_const(g[0], k) for g, k in zip(groups, n)], pa.string()),
+         pa.chunked_array([_const(g[1], k) for g, k in zip(groups, n)], pa.string()),
+         pa.array(_cat([g[2] for g in groups]), pa.int64()),
+         pa.array(_cat([g[3] for g in groups]), pa.float64()),
+         pa.chunked_array([pa.array(g[4], pa.int64()) if g[4] is not None else pa.nulls(k, pa.int64())
+                           for g, k in zip(groups, n)], pa.int64())],
         names=["run", "metric", "step", "value", "source_line"])
-    table = LOSS_SERIES.sorted(LOSS_SERIES.conform(table, source=str(path)))
+    groups = None
+    table = LOSS_SERIES.conform(table, source=str(path))
+    if len(set(keys)) != len(keys):  # the same (run, metric) twice: not expected, but sort to be exact
+        table = LOSS_SERIES.sorted(table)
     report = LogReport(
-        path=str(path), format=fmt, run=run, n_lines=int(parsed.n_lines), n_values=table.num_rows,
+        path=str(path), format=fmt, run=run, n_lines=int(n_lines), n_values=table.num_rows,
         n_malformed=len(malformed), malformed_lines=[int(x) for x in malformed[:MAX_MALFORMED_REPORTED]],
-        n_ignored=int(parsed.n_ignored), n_replaced=n_replaced,
-        metrics=sorted(set(_np(table.column("metric")).tolist())),
-        runs=sorted(set(_np(table.column("run")).tolist())),
+        n_ignored=int(n_ignored), n_replaced=n_replaced,
+        metrics=sorted({m for _r, m in keys}),
+        runs=sorted({r for r, _m in keys}),
     )
     if len(malformed):
         log.warning("%s: %d malformed lines (first: %s)", path, len(malformed), report.malformed_lines[:5])

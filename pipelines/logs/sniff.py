@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from spike_audit.pipelines.errors import UserError
-from spike_audit.pipelines.logs.lines import FORMATS, _ANSI, _read_bytes
+from spike_audit.pipelines.logs.lines import FORMATS, _ANSI, _text_decoder, read_head
 
 
 _SNIFF = (  # (format, regex over a line) in priority order for ties
@@ -38,13 +38,11 @@ def detect_format(path) -> str:
     name = _strip_compression(path.name).lower()
     if "tfevents" in name:
         return "tensorboard"
-    with open(path, "rb") as fh:
-        head = fh.read(1 << 22)
-    if head[:2] == b"\x1f\x8b" or head[:4] == b"\x28\xb5\x2f\xfd":
-        head = _read_bytes(path)[: 1 << 22]
-    if len(head) >= 12 and b"\x00" in head[:64]:
+    head = read_head(path, 1 << 22)
+    skip, dec = _text_decoder(head[:4])
+    if dec is None and len(head) >= 12 and b"\x00" in head[:64]:
         return "tensorboard"  # binary: TFRecord framing starts with a little-endian uint64 length
-    text = head.decode("utf-8", errors="replace")
+    text = (dec.decode(head) if dec is not None else head[skip:].decode("utf-8", errors="replace"))
     if "\x1b" in text:
         text = re.sub(_ANSI, "", text)
     stripped = text.lstrip()

@@ -9,13 +9,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from spike_audit.pipelines.errors import UserError
-from spike_audit.pipelines.logs.lines import (_ANSI, _Parsed, _Series, _blank, _floats, _group, _ints, _match, _mk,
+from spike_audit.pipelines.logs.lines import (_ANSI, _Parsed, _Series, _blank, _bools, _floats, _group, _ints, _match, _mk,
                                               _np, _parse_kind_lines, _subset)
 
 
 def _parse_modded(lines, **_):
     return _parse_kind_lines(
-        lines, r"^step:\d",
+        lines, r"^step:",
         r"^step:(?P<step>\d+)/(?P<total>\d+) (?P<kind>train_loss|val_loss):(?P<value>[^\s]+)",
         {"train_loss": "train_loss", "val_loss": "val_loss"},
         "'step:<int>/<int> train_loss:<float>' (or val_loss)")
@@ -23,7 +23,7 @@ def _parse_modded(lines, **_):
 
 def _parse_llmc(lines, **_):
     return _parse_kind_lines(
-        lines, r"^s:\d",
+        lines, r"^s:\S",
         r"^s:(?P<step>\d+) (?P<kind>trl|tel):(?P<value>[^\s]+)",
         {"trl": "train_loss", "tel": "val_loss"},
         "'s:<int> trl:<float> lr:<float> norm:<float>' or 's:<int> tel:<float>'",
@@ -31,12 +31,12 @@ def _parse_llmc(lines, **_):
 
 
 def _parse_nanogpt(lines, **_):
-    a = _parse_kind_lines(lines, r"^iter \d", r"^iter (?P<step>\d+): loss (?P<value>[^,\s]+)",
+    a = _parse_kind_lines(lines, r"^iter (?:[-+]?\d|\S+: loss)", r"^iter (?P<step>\d+): loss (?P<value>[^,\s]+)",
                           {"": "train_loss"}, "'iter <int>: loss <float>, time ...'")
-    b = _parse_kind_lines(lines, r"^step \d+: train loss",
+    b = _parse_kind_lines(lines, r"^step \S+: train loss",
                           r"^step (?P<step>\d+): train loss [^,\s]+, val loss (?P<value>[^,\s]+)",
                           {"": "val_loss"}, "'step <int>: train loss <float>, val loss <float>'")
-    both = _match(lines, r"^iter \d|^step \d+: train loss")
+    both = _match(lines, r"^iter (?:[-+]?\d|\S+: loss)|^step \S+: train loss")
     blank = _blank(lines)
     n_ignored = int((~both & ~blank).sum())
     return _Parsed(a.series + b.series, np.sort(np.concatenate([a.malformed, b.malformed])), a.expected,
@@ -47,18 +47,18 @@ def _parse_torchtitan(lines, **_):
     if _match(lines, "\x1b").any():
         lines = pc.replace_substring_regex(lines, _ANSI, "")
     return _parse_kind_lines(
-        lines, r"\bstep:\s*\d+\s+loss",
+        lines, r"\bstep:\s*\S+\s+loss",
         r"\bstep:\s*(?P<step>\d+)\s+loss:\s*(?P<value>[^\s]+)",
         {"": "train_loss"}, "'step: <int>  loss: <float> ...'",
         extra={"grad_norm": r"\bgrad_norm:\s*(?P<v>[^\s]*)"})
 
 
 def _parse_megatron(lines, **_):
-    marker = r"\biteration\s+\d+\s*/\s*\d+"
+    marker = r"\biteration\s+[-+]?[\w.]+\s*/\s*[-+]?\d+"
     sub, nums, n_ignored = _subset(lines, marker)
     head = pc.extract_regex(sub, r"\biteration\s+(?P<step>\d+)\s*/\s*(?P<total>\d+)\s*\|")
-    good = _np(pc.is_valid(head)).astype(bool)
-    good &= _np(pc.ends_with(pc.utf8_rtrim_whitespace(sub), "|")).astype(bool)  # else truncated
+    good = _bools(pc.is_valid(head))
+    good &= _bools(pc.ends_with(pc.utf8_rtrim_whitespace(sub), "|"))  # else truncated
     steps, ok_s = _ints(pc.fill_null(_group(head, "step"), ""))
     totals, ok_t = _ints(pc.fill_null(_group(head, "total"), ""))
     good &= ok_s & ok_t
@@ -68,7 +68,7 @@ def _parse_megatron(lines, **_):
     got = {}
     for metric, regex in fields.items():
         e = pc.extract_regex(sub, regex)
-        present = _np(pc.is_valid(e)).astype(bool)
+        present = _bools(pc.is_valid(e))
         v, ok = _floats(pc.fill_null(_group(e, "v"), ""))
         good &= ~present | ok
         got[metric] = (present, v)
@@ -77,11 +77,14 @@ def _parse_megatron(lines, **_):
                    n_ignored, len(lines), lines)
 
 
-def _parse_olmo(lines, **_):
+def _parse_olmo(lines, state=None, **_):
+    """Metric lines belong to the ``[step=N/M]`` header at or before them; ``state['olmo_header']`` carries the
+    last header (step, total) into the next chunk."""
+    state = {} if state is None else state
     header_re = r"\[step=(?P<step>\d+)/(?P<total>[^,\]]+)"
     metric_res = {"train_loss": r"train/(?:CE loss|CrossEntropyLoss)=(?P<v>[^\s,]*)",
                   "grad_norm": r"optim/total grad norm=(?P<v>[^\s,]*)"}
-    is_head = _match(lines, r"\[step=\d")
+    is_head = _match(lines, r"\[step=")
     is_metric = _match(lines, "|".join(r.split("=")[0] + "=" for r in metric_res.values()))
     blank = _blank(lines)
     n_ignored = int((~is_head & ~is_metric & ~blank).sum())
@@ -91,15 +94,22 @@ def _parse_olmo(lines, **_):
     htot, tok = _ints(pc.fill_null(_group(h, "total"), ""))
     bad = [hidx[~hok] + 1]
     hidx, hsteps, htot = hidx[hok], hsteps[hok], np.where(tok, htot, -1)[hok]
+    carried = state.get("olmo_header")
+    # a virtual header at position -1: the last one of the previous chunk (if any)
+    hidx = np.concatenate([[-1], hidx])
+    hsteps = np.concatenate([[carried[0] if carried else 0], hsteps]).astype(np.int64)
+    htot = np.concatenate([[carried[1] if carried else -1], htot]).astype(np.int64)
+    if len(hidx) > 1:
+        state["olmo_header"] = (int(hsteps[-1]), int(htot[-1]))
     midx = np.flatnonzero(is_metric)
     owner = np.searchsorted(hidx, midx, side="right") - 1  # the header at or before each metric line
-    orphan = owner < 0
+    orphan = (owner == 0) if carried is None else np.zeros(len(midx), bool)
     bad.append(midx[orphan] + 1)
     sub = lines.take(pa.array(midx))
     series = []
     for metric, regex in metric_res.items():
         e = pc.extract_regex(sub, regex)
-        present = _np(pc.is_valid(e)).astype(bool)
+        present = _bools(pc.is_valid(e))
         v, ok = _floats(pc.fill_null(_group(e, "v"), ""))
         bad.append(midx[present & ~ok & ~orphan] + 1)
         sel = present & ok & ~orphan
@@ -124,7 +134,7 @@ def _parse_pattern(lines, pattern=None, metric=None, **_):
         py = [rx.search(s) for s in lines.to_pylist()]
         m = pa.array([None if x is None else {"step": x.group("step"), "value": x.group("value")} for x in py],
                      pa.struct([("step", pa.string()), ("value", pa.string())]))
-    matched = _np(pc.is_valid(m)).astype(bool)
+    matched = _bools(pc.is_valid(m))
     idx = np.flatnonzero(matched)
     m = m.take(pa.array(idx))
     steps, ok_s = _ints(pc.utf8_trim_whitespace(pc.fill_null(_group(m, "step"), "")))

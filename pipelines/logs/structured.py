@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from spike_audit.pipelines.errors import UserError
-from spike_audit.pipelines.logs.lines import _Parsed, _Series, _floats, _np, _split_lines
+from spike_audit.pipelines.logs.lines import _Parsed, _Series, _bools, _floats, _np
 
 
 STEP_KEYS = ("step", "_step", "iteration", "global_step", "iter", "trainer/global_step", "train/step")
@@ -68,146 +69,278 @@ def _kv_metrics(columns, step_key, value_key, metric, path):
     return step, wanted
 
 
-def _parse_jsonl(lines, path=None, step_key=None, value_key=None, metric=None, raw=None, **_):
-    first = _np(pc.utf8_slice_codeunits(pc.utf8_ltrim_whitespace(lines), 0, 1))
-    is_obj = first == "{"
-    blank = first == ""
-    n_ignored = int((~is_obj & ~blank).sum())
-    idx = np.flatnonzero(is_obj)
-    table = None
-    if len(idx) == len(lines):  # fast path: every line is an object (Arrow's reader: no NaN literals)
+MAX_STEP_FROM_FLOAT = 2 ** 53  # a step written as a float is exact only up to 2^53
+_INT64_MAX = 2 ** 63 - 1
+_EXPECTED_JSONL = '{"step": <int>, "loss": <float>} (step a non-negative integer)'
+_MAX_KEYS_LISTED = 4096
+_MAX_GRAD_LIKE = 8  # keys kept because they look like a grad norm (the first seen; the alphabetically first wins)
+_GRAD_RE = re.compile(r"grad(?:ient)?[_ ]?norm")
+_ALL_KEYS = frozenset(STEP_KEYS + LOSS_KEYS + GRAD_KEYS + VAL_KEYS)
+
+
+def _base(key: str) -> str:
+    name = str(key)
+    return (name.split(" - ", 1)[1] if " - " in name else name).lower()
+
+
+def _float_steps(f: np.ndarray, present: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(int64 steps, ok): ok where ``f`` is a non-negative integral float no larger than 2^53."""
+    with np.errstate(invalid="ignore"):
+        ok = present & np.isfinite(f) & (f >= 0) & (f <= MAX_STEP_FROM_FLOAT) & (np.round(f) == f)
+    return np.where(ok, f, 0).astype(np.int64), ok
+
+
+class _KeyColumn:
+    """One candidate key's values over the parsed JSONL rows, in pieces (numpy only)."""
+
+    def __init__(self):
+        self.pieces: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def add(self, row0, present, fval, fok, ival, iok):
+        self.pieces.append((row0, present, fval, fok, ival, iok))
+
+    def full(self, n: int):
+        present, fok, iok = np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool)
+        fval, ival = np.full(n, np.nan), np.zeros(n, np.int64)
+        for row0, p, fv, fo, iv, io in self.pieces:
+            sl = slice(row0, row0 + len(p))
+            present[sl], fval[sl], fok[sl], ival[sl], iok[sl] = p, fv, fo, iv, io
+        return present, fval, fok, ival, iok
+
+
+def _py_value(v) -> tuple[bool, float, bool, int, bool]:
+    """(present, float value, value ok, int step, step ok) of one JSON value."""
+    if v is None:
+        return False, np.nan, False, 0, False
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        return True, np.nan, False, 0, False
+    if isinstance(v, int):
         try:
-            import pyarrow.json as pj
-
-            table = pj.read_json(io.BytesIO(raw), pj.ReadOptions(block_size=1 << 24))
-            if table.num_rows != len(lines):
-                table = None
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            table = None
-    bad = []
-    if table is not None:
-        step, wanted = _kv_metrics(table.column_names, step_key, value_key, metric, path)
-        scol = table.column(step)
-        if not (pa.types.is_integer(scol.type) or pa.types.is_floating(scol.type)):
-            table = None
-    if table is not None:
-        s = _np(pc.fill_null(pc.cast(scol, pa.float64()), np.nan)).astype(np.float64)
-        s_ok = np.isfinite(s) & (s == np.round(s)) & (s >= 0)
-        cols = {}
-        for name, key in wanted.items():
-            col = table.column(key)
-            if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type) or pa.types.is_null(col.type)):
-                table = None
-                break
-            present = _np(pc.is_valid(col)).astype(bool)
-            cols[name] = (present, _np(pc.fill_null(pc.cast(col, pa.float64()), np.nan)).astype(np.float64))
-    if table is not None:
-        nums = idx + 1
-        any_val = np.zeros(len(idx), bool)
-        for present, _v in cols.values():
-            any_val |= present
-        bad_rows = any_val & ~s_ok
-        steps = np.where(s_ok, s, 0).astype(np.int64)
-        series = [_Series(n, steps[p & s_ok], v[p & s_ok], nums[p & s_ok]) for n, (p, v) in cols.items()]
-        n_ignored += int((~any_val).sum())
-        return _Parsed(series, nums[bad_rows], '{"step": <int>, "loss": <float>}', n_ignored, len(lines), lines)
-    # slow path: one json.loads per object line
-    rows = []
-    texts = lines.take(pa.array(idx)).to_pylist()
-    keys: dict = {}
-    for i, t in zip(idx, texts):
-        try:
-            obj = json.loads(t)
-        except ValueError:
-            bad.append(i + 1)
-            continue
-        if not isinstance(obj, dict):
-            bad.append(i + 1)
-            continue
-        rows.append((i + 1, obj))
-        if len(keys) < 4096:
-            for k in obj:
-                keys.setdefault(k, None)
-    if not rows:
-        return _Parsed([], np.array(bad, np.int64), '{"step": <int>, "loss": <float>}', n_ignored, len(lines), lines)
-    step, wanted = _kv_metrics(list(keys), step_key, value_key, metric, path)
-    acc = {n: ([], [], []) for n in wanted}
-    for ln, obj in rows:
-        s = obj.get(step)
-        vals = {n: obj.get(k) for n, k in wanted.items()}
-        if all(v is None for v in vals.values()):
-            n_ignored += 1
-            continue
-        try:
-            if isinstance(s, bool) or s is None:
-                raise ValueError
-            fs = float(s)
-            if not fs.is_integer() or fs < 0:
-                raise ValueError
-            parsed = {n: float(v) for n, v in vals.items() if v is not None and not isinstance(v, bool)}
-            if len(parsed) != sum(v is not None for v in vals.values()):
-                raise ValueError
-        except (TypeError, ValueError):
-            bad.append(ln)
-            continue
-        for n, v in parsed.items():
-            acc[n][0].append(int(fs))
-            acc[n][1].append(v)
-            acc[n][2].append(ln)
-    series = [_Series(n, np.array(a, np.int64), np.array(b, np.float64), np.array(c, np.int64))
-              for n, (a, b, c) in acc.items()]
-    return _Parsed(series, np.array(sorted(bad), np.int64), '{"step": <int>, "loss": <float>}',
-                   n_ignored, len(lines), lines)
-
-
-def _parse_csv(raw: bytes, path, step_key=None, value_key=None, metric=None, **_):
-    import pyarrow.csv as pcsv
-
-    bad = []
-
-    def on_invalid(row):
-        bad.append(row.number if row.number is not None else -1)
-        return "skip"
-
-    text_lines = _split_lines(raw)
+            f = float(v)
+        except OverflowError:  # an integer beyond float64: it overflowed
+            f = math.inf if v > 0 else -math.inf
+        return True, f, True, (v if 0 <= v <= _INT64_MAX else 0), 0 <= v <= _INT64_MAX
     try:
-        first = pcsv.read_csv(io.BytesIO(raw.split(b"\n", 1)[0] + b"\n")).column_names
-        table = pcsv.read_csv(
-            io.BytesIO(raw),
-            parse_options=pcsv.ParseOptions(invalid_row_handler=on_invalid),
-            read_options=pcsv.ReadOptions(use_threads=False),  # so invalid rows know their line number
-            convert_options=pcsv.ConvertOptions(column_types={c: pa.string() for c in first},
-                                                strings_can_be_null=True, null_values=[""]),
-        )
-    except pa.ArrowInvalid as err:
-        raise UserError(f"{path}: not a readable CSV file: {str(err).splitlines()[0]}") from None
-    step, wanted = _kv_metrics(table.column_names, step_key, value_key, metric, path)
-    # each row's source line, assuming one physical line per row (no quoted newlines)
-    nonblank = np.flatnonzero(_np(pc.utf8_length(pc.utf8_trim_whitespace(text_lines))) > 0) + 1
-    nums = np.setdiff1d(nonblank[1:], np.array(bad, np.int64))
-    if len(nums) != table.num_rows:
-        nums = np.arange(table.num_rows, dtype=np.int64) + 2
-    col = pc.utf8_trim_whitespace(table.column(step).combine_chunks())
-    s, s_ok = _floats(pc.fill_null(col, ""))
-    s_present = _np(pc.is_valid(col)).astype(bool)
-    s_ok &= np.isfinite(s) & (np.round(s) == s) & (s >= 0)
-    series = []
-    any_val = np.zeros(table.num_rows, bool)
-    malformed = np.zeros(table.num_rows, bool)
-    for name, key in wanted.items():
-        c = pc.utf8_trim_whitespace(table.column(key).combine_chunks())
-        present = _np(pc.is_valid(c)).astype(bool)
-        v, ok = _floats(pc.fill_null(c, ""))
-        any_val |= present
-        malformed |= present & ~ok
-        sel = present & ok & s_ok
-        series.append(_Series(name, np.where(s_ok, s, 0).astype(np.int64)[sel], v[sel], nums[sel]))
-    malformed |= any_val & ~s_ok
-    malformed &= s_present | any_val
-    n_ignored = int((~any_val).sum())
-    allbad = np.sort(np.concatenate([np.array(bad, np.int64), nums[malformed]]))
-    return _Parsed(series, allbad, "'<step>,<value>,...' with an integer step and a number value",
-                   n_ignored, len(text_lines), text_lines)
+        f = float(v)
+    except (ValueError, OverflowError):
+        return True, np.nan, False, 0, False
+    ok = math.isfinite(f) and f.is_integer() and 0 <= f <= MAX_STEP_FROM_FLOAT
+    return True, f, True, int(f) if ok else 0, ok
+
+
+class _JsonlParser:
+    """JSONL, streamed: each chunk's object lines are parsed (Arrow's JSON reader, or ``json.loads`` per line
+    when it rejects the chunk: NaN literals, mixed types, a broken line) and only the candidate keys' values are
+    kept, as numpy arrays; the step and value keys are chosen at the end from every key seen."""
+
+    def __init__(self, path=None, step_key=None, value_key=None, metric=None, **_):
+        self.path, self.step_key, self.value_key, self.metric = path, step_key, value_key, metric
+        self.keys: dict[str, None] = {}
+        self.cols: dict[str, _KeyColumn] = {}
+        self.row_lines: list[np.ndarray] = []
+        self.n_rows = 0
+        self._cand: dict[str, bool] = {}
+        self._grad_like = 0
+
+    def _is_candidate(self, key: str) -> bool:
+        c = self._cand.get(key)
+        if c is None:
+            base = _base(key)
+            c = key in (self.step_key, self.value_key) or base in _ALL_KEYS
+            if not c and _GRAD_RE.search(base) and not base.endswith(("__min", "__max")) and (
+                    self._grad_like < _MAX_GRAD_LIKE):
+                self._grad_like += 1
+                c = True
+            self._cand[key] = c
+            if c or len(self.keys) < _MAX_KEYS_LISTED:
+                self.keys.setdefault(key, None)
+        return c
+
+    def _arrow(self, table: pa.Table) -> dict | None:
+        """Candidate columns of an Arrow-parsed chunk, or None if one has a type only the slow path handles."""
+        out = {}
+        for key in table.column_names:
+            if not self._is_candidate(key):
+                continue
+            col = table.column(key).combine_chunks()
+            t = col.type
+            n = len(col)
+            if pa.types.is_null(t):
+                z = np.zeros(n, bool)
+                out[key] = (z, np.full(n, np.nan), z, np.zeros(n, np.int64), z)
+                continue
+            if not (pa.types.is_integer(t) or pa.types.is_floating(t)):
+                return None
+            present = _bools(pc.is_valid(col))
+            fval = _np(pc.fill_null(pc.cast(col, pa.float64()), np.nan)).astype(np.float64)
+            if pa.types.is_integer(t):
+                ival = _np(pc.fill_null(pc.cast(col, pa.int64(), safe=False), 0)).astype(np.int64)
+                iok = present & (ival >= 0)
+                if pa.types.is_unsigned_integer(t):
+                    iok &= fval <= _INT64_MAX
+                ival = np.where(iok, ival, 0)
+            else:
+                ival, iok = _float_steps(fval, present)
+            out[key] = (present, fval, present.copy(), ival, iok)
+        return out
+
+    def _python(self, texts: list[str], nums: np.ndarray) -> tuple[dict, np.ndarray, list[int]]:
+        """Slow path: json.loads per line. Returns (candidate columns, kept row positions, malformed lines)."""
+        objs, keep, bad = [], [], []
+        for i, t in enumerate(texts):
+            try:
+                obj = json.loads(t)
+            except (ValueError, RecursionError):
+                bad.append(int(nums[i]))
+                continue
+            if not isinstance(obj, dict):
+                bad.append(int(nums[i]))
+                continue
+            objs.append(obj)
+            keep.append(i)
+            for k in obj:
+                self._is_candidate(k)
+        cols = {}
+        cands = [k for k, c in self._cand.items() if c]
+        for key in cands:
+            vals = [_py_value(o.get(key)) for o in objs]
+            if not any(v[0] for v in vals):
+                continue
+            cols[key] = (np.fromiter((v[0] for v in vals), bool, len(vals)),
+                         np.fromiter((v[1] for v in vals), np.float64, len(vals)),
+                         np.fromiter((v[2] for v in vals), bool, len(vals)),
+                         np.fromiter((v[3] for v in vals), np.int64, len(vals)),
+                         np.fromiter((v[4] for v in vals), bool, len(vals)))
+        return cols, np.asarray(keep, np.int64), bad
+
+    def feed(self, chunk) -> _Parsed:
+        lines = chunk.lines
+        first = pc.utf8_slice_codeunits(pc.utf8_ltrim_whitespace(lines), 0, 1)
+        is_obj = _bools(pc.equal(first, "{"))
+        blank = _bools(pc.equal(first, ""))
+        n_ignored = int((~is_obj & ~blank).sum())
+        idx = np.flatnonzero(is_obj)
+        nums = idx + 1  # chunk-relative line numbers
+        cols, keep, bad = None, None, []
+        if len(idx):
+            data = chunk.data if len(idx) == len(lines) else pc.binary_join(
+                pa.ListArray.from_arrays(pa.array([0, len(idx)], pa.int32()), lines.take(pa.array(idx))),
+                pa.scalar("\n", lines.type))[0].as_buffer().to_pybytes()
+            try:
+                import pyarrow.json as pj
+
+                table = pj.read_json(io.BytesIO(data), pj.ReadOptions(block_size=max(1 << 20, len(data) + 1)))
+                if table.num_rows == len(idx):
+                    cols, keep = self._arrow(table), np.arange(len(idx))
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                cols = None
+            if cols is None:
+                cols, keep, bad = self._python(lines.take(pa.array(idx)).to_pylist(), nums)
+        if keep is not None and len(keep):
+            for key, (p, fv, fo, iv, iok) in cols.items():
+                self.cols.setdefault(key, _KeyColumn()).add(self.n_rows, p, fv, fo, iv, iok)
+            self.row_lines.append(nums[keep] + chunk.first_line - 1)
+            self.n_rows += len(keep)
+        return _Parsed([], np.asarray(bad, np.int64), _EXPECTED_JSONL, n_ignored, len(lines))
+
+    def finish(self) -> _Parsed:
+        if not self.n_rows:
+            return _Parsed([], np.zeros(0, np.int64), _EXPECTED_JSONL, 0, 0)
+        step, wanted = _kv_metrics(list(self.keys), self.step_key, self.value_key, self.metric, self.path)
+        n = self.n_rows
+        lines = np.concatenate(self.row_lines)
+        empty = _KeyColumn()
+        _sp, _sf, _sfo, steps, s_ok = self.cols.get(step, empty).full(n)
+        vals = {name: self.cols.get(key, empty).full(n)[:3] for name, key in wanted.items()}
+        any_val = np.zeros(n, bool)
+        bad_val = np.zeros(n, bool)
+        for present, _v, ok in vals.values():
+            any_val |= present
+            bad_val |= present & ~ok
+        bad = any_val & (~s_ok | bad_val)
+        series = [_Series(name, steps[sel], v[sel], lines[sel])
+                  for name, (present, v, ok) in vals.items() for sel in [present & ok & ~bad]]
+        return _Parsed(series, lines[bad], _EXPECTED_JSONL, int((~any_val).sum()), 0)
+
+
+class _CsvParser:
+    """CSV (W&B export), streamed: the header (the first non-blank line) picks the step and value columns; each
+    chunk is parsed with the header in front, only those columns, as strings. Rows are assumed to be one
+    physical line each (W&B exports have no quoted newlines) for their line numbers."""
+
+    expected = "'<step>,<value>,...' with an integer step and a number value"
+
+    def __init__(self, path=None, step_key=None, value_key=None, metric=None, **_):
+        self.path, self.step_key, self.value_key, self.metric = path, step_key, value_key, metric
+        self.header: bytes | None = None
+
+    def _read(self, data: bytes, columns: list[str], bad: list):
+        import pyarrow.csv as pcsv
+
+        def on_invalid(row):
+            bad.append(row.number if row.number is not None else -1)
+            return "skip"
+
+        try:
+            return pcsv.read_csv(
+                io.BytesIO(data),
+                parse_options=pcsv.ParseOptions(invalid_row_handler=on_invalid),
+                read_options=pcsv.ReadOptions(use_threads=False, block_size=max(1 << 20, len(data) + 1)),
+                convert_options=pcsv.ConvertOptions(column_types={c: pa.string() for c in columns},
+                                                    include_columns=columns, strings_can_be_null=True,
+                                                    null_values=[""]))
+        except pa.ArrowInvalid as err:
+            raise UserError(f"{self.path}: not a readable CSV file: {str(err).splitlines()[0]}") from None
+
+    def feed(self, chunk) -> _Parsed:
+        import pyarrow.csv as pcsv
+
+        lines = chunk.lines
+        nonblank = np.flatnonzero(_np(pc.utf8_length(pc.utf8_trim_whitespace(lines))) > 0) + 1  # chunk-relative
+        if self.header is None:
+            if not len(nonblank):
+                return _Parsed([], np.zeros(0, np.int64), self.expected, 0, len(lines))
+            h = int(nonblank[0])
+            self.header = lines[h - 1].as_py().encode("utf-8")
+            try:
+                names = pcsv.read_csv(io.BytesIO(self.header + b"\n")).column_names
+            except pa.ArrowInvalid as err:
+                raise UserError(f"{self.path}:{h}: not a readable CSV header: {str(err).splitlines()[0]}") from None
+            self.step, self.wanted = _kv_metrics(names, self.step_key, self.value_key, self.metric, self.path)
+            self.columns = list(dict.fromkeys([self.step, *self.wanted.values()]))
+            data, shift, nonblank = chunk.data, 0, nonblank[1:]  # blank lines before the header are skipped
+        else:
+            data, shift = self.header + b"\n" + chunk.data, 1
+        if not len(nonblank):  # nothing but the header (or blank lines) in this chunk
+            return _Parsed([], np.zeros(0, np.int64), self.expected, 0, len(lines))
+        bad: list[int] = []
+        table = self._read(data, self.columns, bad)
+        bad = np.asarray(bad, np.int64) - shift
+        nums = np.setdiff1d(nonblank, bad)
+        if len(nums) != table.num_rows:
+            nums = np.arange(table.num_rows, dtype=np.int64) + (1 if shift else 2)
+        col = pc.utf8_trim_whitespace(table.column(self.step).combine_chunks())
+        s, s_ok = _floats(pc.fill_null(col, ""))
+        s_present = _bools(pc.is_valid(col))
+        steps, s_ok = _float_steps(s, s_ok)
+        series = []
+        any_val = np.zeros(table.num_rows, bool)
+        malformed = np.zeros(table.num_rows, bool)
+        for name, key in self.wanted.items():
+            c = pc.utf8_trim_whitespace(table.column(key).combine_chunks())
+            present = _bools(pc.is_valid(c))
+            v, ok = _floats(pc.fill_null(c, ""))
+            any_val |= present
+            malformed |= present & ~ok
+            sel = present & ok & s_ok
+            series.append(_Series(name, steps[sel], v[sel], nums[sel]))
+        malformed |= any_val & ~s_ok
+        malformed &= s_present | any_val
+        allbad = np.sort(np.concatenate([bad, nums[malformed]]))
+        return _Parsed(series, allbad, self.expected, int((~any_val).sum()), len(lines))
+
+    def finish(self) -> None:
+        return None
 
 
 def _as_float(v) -> float | None:
@@ -215,8 +348,16 @@ def _as_float(v) -> float | None:
         return None
     try:
         return float(v)
+    except OverflowError:  # an integer beyond float64
+        return math.inf if v > 0 else -math.inf
     except (TypeError, ValueError):
         return None
+
+
+def _as_step(v) -> int | None:
+    """A JSON step: a non-negative integer that fits int64 (or an integral float <= 2^53), else None."""
+    present, _f, _fok, step, ok = _py_value(v)
+    return step if present and ok else None
 
 
 _GOLDEN_NAMES = {"lm loss": "train_loss", "grad norm": "grad_norm", "grad-norm": "grad_norm",
@@ -226,7 +367,7 @@ _GOLDEN_NAMES = {"lm loss": "train_loss", "grad norm": "grad_norm", "grad-norm":
 def _parse_golden(raw: bytes, path, **_):
     try:
         doc = json.loads(raw)
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:
         raise UserError(f"{path}: expected a golden-values JSON document, got invalid JSON ({err})") from None
     if not isinstance(doc, dict):
         raise UserError(f"{path}: expected a JSON object of metrics, got {type(doc).__name__}")
@@ -239,9 +380,8 @@ def _parse_golden(raw: bytes, path, **_):
         for k, v in spec["values"].items():
             n += 1
             fv = _as_float(v)
-            try:
-                sk = int(k)
-            except ValueError:
+            sk = int(k) if re.fullmatch(r"\d{1,18}", str(k).strip()) else None  # < 2^63: never wraps
+            if sk is None:
                 fv = None
             if fv is None:
                 bad.append(n)
@@ -262,12 +402,13 @@ def _parse_hf(raw: bytes, path, **_):
         hist = doc["log_history"]
         if not isinstance(hist, list):
             raise TypeError
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         raise UserError(f"{path}: expected a trainer_state.json with a 'log_history' list") from None
     acc = {m: ([], []) for m in _HF_NAMES.values()}
     bad, ignored = [], 0
     for i, row in enumerate(hist):
-        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+        step = _as_step(row.get("step")) if isinstance(row, dict) and isinstance(row.get("step"), int) else None
+        if step is None:
             bad.append(i + 1)
             continue
         used = False
@@ -277,10 +418,11 @@ def _parse_hf(raw: bytes, path, **_):
                 if fv is None:
                     bad.append(i + 1)
                     continue
-                acc[m][0].append(row["step"])
+                acc[m][0].append(step)
                 acc[m][1].append(fv)
                 used = True
         ignored += not used
     series = [_Series(m, np.array(s, np.int64), np.array(v, np.float64)) for m, (s, v) in acc.items() if s]
-    return _Parsed(series, np.array(sorted(set(bad)), np.int64), "log_history entries with an int 'step'",
+    return _Parsed(series, np.array(sorted(set(bad)), np.int64),
+                   "log_history entries with a non-negative integer 'step'",
                    ignored, raw.count(b"\n") + 1)

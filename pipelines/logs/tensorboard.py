@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import re
 import struct
+from array import array
 from pathlib import Path
 import numpy as np
 
 from spike_audit.pipelines.errors import UserError
-from spike_audit.pipelines.logs.lines import _Parsed, _Series, _read_bytes
+from spike_audit.pipelines.logs.lines import _Parsed, _Series
 from spike_audit.pipelines.logs.structured import GRAD_KEYS, LOSS_KEYS, VAL_KEYS, _pick
 
 
@@ -22,6 +23,8 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
         if not b & 0x80:
             return result, pos
         shift += 7
+        if shift > 63:
+            raise ValueError("varint longer than 64 bits")
 
 
 def _fields(buf: bytes):
@@ -75,69 +78,110 @@ def _tensor_scalar(buf: bytes) -> float | None:
     return float(vals[0]) if len(vals) == 1 else None
 
 
-def _tb_records(data: bytes):
-    """Yield (record_number, event_bytes); a truncated tail yields (n, None)."""
-    pos, n, i = 0, len(data), 0
-    while pos < n:
+MAX_RECORD_BYTES = 256 << 20  # a longer TFRecord is a corrupt length field, not an event
+
+
+def _read_exact(f, n: int) -> bytes:
+    """``n`` bytes (fewer only at the end of the stream), read in bounded pieces."""
+    parts, got = [], 0
+    while got < n:
+        b = f.read(min(n - got, 16 << 20))
+        if not b:
+            break
+        parts.append(b)
+        got += len(b)
+    return b"".join(parts)
+
+
+def _tb_records(f):
+    """Yield (record_number, event_bytes) from a TFRecord stream; a truncated or impossible record yields
+    (n, None) and ends the file (its framing cannot be trusted past that point)."""
+    i = 0
+    while True:
+        head = _read_exact(f, 12)
+        if not head:
+            return
         i += 1
-        if pos + 12 > n:
+        if len(head) < 12:
             yield i, None
             return
-        (length,) = struct.unpack_from("<Q", data, pos)
-        start = pos + 12
-        if start + length + 4 > n:
+        (length,) = struct.unpack_from("<Q", head, 0)
+        if length > MAX_RECORD_BYTES:
             yield i, None
             return
-        yield i, data[start:start + length]
-        pos = start + length + 4
+        body = _read_exact(f, length + 4)
+        if len(body) < length + 4:
+            yield i, None
+            return
+        yield i, body[:length]
 
 
 def _tb_files(path: Path) -> list[Path]:
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and "tfevents" in p.name)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and "tfevents" in p.name)  # regular files only
         if not files:
             raise UserError(f"{path}: no TensorBoard event files (*tfevents*) in this directory")
         return files
     return [path]
 
 
+def _event_scalars(rec: bytes):
+    """(step, [(tag, value)]) of one Event, or (None, None) when it has no summary. ValueError if malformed."""
+    step, summary = 0, None
+    for fno, wt, v in _fields(rec):
+        if fno == 2:
+            if wt != 0:
+                raise ValueError("step is not a varint")
+            if v >= 1 << 63:
+                raise ValueError("negative step")
+            step = v
+        elif fno == 5:
+            if wt != 2:
+                raise ValueError("summary is not a message")
+            summary = v
+    if summary is None:
+        return None, None
+    out = []
+    for fno, wt, v in _fields(summary):
+        if fno != 1 or wt != 2:
+            continue
+        t, val = None, None
+        for vf, vwt, vv in _fields(v):
+            if vf == 1 and vwt == 2:
+                t = vv.decode("utf-8", "replace")
+            elif vf == 2 and vwt == 5:
+                val = struct.unpack("<f", vv)[0]
+            elif vf == 8 and vwt == 2:
+                val = _tensor_scalar(vv)
+        if t is not None and val is not None:
+            out.append((t, val))
+    return step, out
+
+
 def _parse_tensorboard(path: Path, tag=None, metric=None, **_):
-    scalars: dict[str, tuple[list, list]] = {}
+    from spike_audit.pipelines.files import open_decompressed
+
+    scalars: dict[str, tuple[array, array]] = {}  # compact per-tag columns, no Python object per value
     bad, n_records, ignored = [], 0, 0
     for f in _tb_files(path):
-        data = _read_bytes(f)
-        for i, rec in _tb_records(data):
-            n_records += 1
-            if rec is None:
-                bad.append(n_records)
-                continue
-            try:
-                step, summary = 0, None
-                for fno, _wt, v in _fields(rec):
-                    if fno == 2:
-                        step = v
-                    elif fno == 5:
-                        summary = v
-                if summary is None:
+        with open_decompressed(f, "TensorBoard event file") as fh:
+            for _i, rec in _tb_records(fh):
+                n_records += 1
+                if rec is None:
+                    bad.append(n_records)
+                    continue
+                try:
+                    step, pairs = _event_scalars(rec)
+                except (ValueError, IndexError, TypeError, struct.error):
+                    bad.append(n_records)
+                    continue
+                if pairs is None:
                     ignored += 1
                     continue
-                for fno, _wt, v in _fields(summary):
-                    if fno != 1:
-                        continue
-                    t, val = None, None
-                    for vf, vwt, vv in _fields(v):
-                        if vf == 1:
-                            t = vv.decode("utf-8", "replace")
-                        elif vf == 2 and vwt == 5:
-                            val = struct.unpack("<f", vv)[0]
-                        elif vf == 8:
-                            val = _tensor_scalar(vv)
-                    if t is not None and val is not None:
-                        s, vals = scalars.setdefault(t, ([], []))
-                        s.append(step if step < 1 << 63 else step - (1 << 64))
-                        vals.append(val)
-            except (ValueError, IndexError, struct.error):
-                bad.append(n_records)
+                for t, val in pairs:
+                    s, vals = scalars.setdefault(t, (array("q"), array("d")))
+                    s.append(step)
+                    vals.append(val)
     tags = sorted(scalars)
     chosen = {}
     if tag:
@@ -158,6 +202,6 @@ def _parse_tensorboard(path: Path, tag=None, metric=None, **_):
         if not chosen:
             raise UserError(f"{path}: no scalar tag containing 'loss' (tags: {', '.join(tags[:30]) or 'none'}); "
                             f"use --tag")
-    series = [_Series(m, np.array(scalars[t][0], np.int64), np.array(scalars[t][1], np.float64))
+    series = [_Series(m, np.frombuffer(scalars[t][0], np.int64).copy(), np.frombuffer(scalars[t][1], np.float64).copy())
               for m, t in chosen.items()]
     return _Parsed(series, np.array(bad, np.int64), "a complete TFRecord event", ignored, n_records)
