@@ -19,7 +19,7 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from spike_audit.pipelines.cli import main
+from spike_audit.pipelines.cli.main import main
 from spike_audit.pipelines.errors import UserError
 from spike_audit.pipelines.logs import lines as lines_mod
 from spike_audit.pipelines.logs.read import read_log
