@@ -23,20 +23,22 @@ baseline steps (the steps just before the window, or the control steps):
   when a few rows carry it.
 * **Loss outliers**: rows whose loss lies more than ``outlier_z`` robust sigmas above ``b_mid``,
   sigma being the robust sigma of the baseline steps' rows around their own step's interquartile
-  mean (so a slow drift between baseline steps does not widen it). ``outlier_share`` is the excess they carry;
-  **precision** = flagged rows that are outliers / flagged rows, **recall** = flagged outliers /
+  mean (so a slow drift between baseline steps does not widen it). ``outlier_share`` is the excess
+  they carry (with an interval like ``S``'s); **precision** = flagged rows that are outliers / flagged rows, **recall** = flagged outliers /
   outliers.
 * **Intervals**: a percentile bootstrap (``n_boot`` replicates, seeded by ``(seed, step)``, so the
   result is deterministic): window rows are resampled with replacement (flagged and unflagged rows
-  separately for ``S``, so the number of flagged rows stays fixed) and baseline steps are resampled
+  separately for ``S``, outliers and the rest for ``outlier_share``, so the group sizes stay fixed) and baseline steps are resampled
   as whole steps for ``b`` and ``b_mid``. Rows are put in a canonical order (flag, loss) first, so
   the result does not depend on the order the rows came in.
 * **Model verdict.** ``inconclusive`` without losses at the window or with fewer than
   ``min_baseline_steps`` baseline steps. ``not_data`` when no window step rose (the model finds
   these batches normal: replayed from a checkpoint before the spike, a data-caused spike shows up
   again; one caused by the optimizer or the model's state does not). At the step that rose:
-  ``data`` when the breadth interval lies below ``split`` (a few rows carry the excess), or when
-  the flagged rows carry it (the lower end of ``S`` >= ``split`` and above their share of the rows);
+  ``data`` when a few rows carry the excess: the loss outliers are at most ``split`` of the rows,
+  carry at least ``split`` of the excess (the lower end of its interval) and the breadth is below
+  ``split``, or the whole breadth interval lies below ``split``; or when the flagged rows carry it
+  (the lower end of ``S`` >= ``split`` and above their share of the rows);
   ``not_data`` when the breadth interval lies above ``split`` (the loss rose on all rows alike:
   look at the optimizer or the model's state); ``inconclusive`` otherwise.
 
@@ -84,6 +86,7 @@ class StepAttribution:
     breadth: float
     breadth_ci: tuple[float, float]
     outlier_share: float
+    outlier_share_ci: tuple[float, float]
     n_outliers: int
     precision: float
     recall: float
@@ -176,7 +179,8 @@ def step_attribution(step: int, losses: np.ndarray, flagged: np.ndarray, base_me
     sig_means = float(sig_means)
     if n == 0 or not np.isfinite(b):
         return StepAttribution(step, len(losses), n_nan, k, _nan(), _nan(), _nan(), _nan(), (_nan(), _nan()), _nan(),
-                               (_nan(), _nan()), _nan(), 0, _nan(), _nan(), np.zeros(0, np.int64), z_all)
+                               (_nan(), _nan()), _nan(), (_nan(), _nan()), 0, _nan(), _nan(), np.zeros(0, np.int64),
+                               z_all)
     mean = float(L.mean())
     E = mean - b
     e = L - b
@@ -196,8 +200,16 @@ def step_attribution(step: int, losses: np.ndarray, flagged: np.ndarray, base_me
     # bootstrap, in blocks of replicates (memory: block x rows)
     rng = np.random.default_rng([int(config.seed) & 0xFFFFFFFF, int(step) & 0xFFFFFFFF, 0x5A17])
     nb = len(base_means)
-    share_s, breadth_s = [], []
+    share_s, breadth_s, out_s = [], [], []
     Lf, Lu = L[F], L[~F]
+    Lo, Lr = L[out], L[~out]
+
+    def stratified(a, rest, B, b_s):  # share of the excess carried by stratum a, its size held fixed
+        ka, kr = len(a), len(rest)
+        sa = a[rng.integers(0, ka, size=(B, ka))].sum(axis=1) - ka * b_s
+        sr = (rest[rng.integers(0, kr, size=(B, kr))].sum(axis=1) if kr else 0.0) - kr * b_s
+        return _ratio(sa, sa + sr)
+
     for start in range(0, config.n_boot, config.boot_block):
         B = min(config.boot_block, config.n_boot - start)
         bi = rng.integers(0, nb, size=(B, nb))
@@ -207,14 +219,15 @@ def step_attribution(step: int, losses: np.ndarray, flagged: np.ndarray, base_me
         Ls = L[ri]
         breadth_s.append(_ratio(midmean(Ls, axis=1) - bmid_s, Ls.mean(axis=1) - b_s))
         if k:
-            sf = Lf[rng.integers(0, k, size=(B, k))].sum(axis=1) - k * b_s
-            su = (Lu[rng.integers(0, n - k, size=(B, n - k))].sum(axis=1) if n > k else 0.0) - (n - k) * b_s
-            share_s.append(_ratio(sf, sf + su))
+            share_s.append(stratified(Lf, Lu, B, b_s))
+        if n_out:
+            out_s.append(stratified(Lo, Lr, B, b_s))
     share_ci = _ci(np.concatenate(share_s), config.level) if k else (0.0, 0.0)
+    out_ci = _ci(np.concatenate(out_s), config.level) if n_out else (0.0, 0.0)
     breadth_ci = _ci(np.concatenate(breadth_s), config.level)
     return StepAttribution(step, len(losses), n_nan, k, mean, E, float(E / sig_means) if sig_means > 0 else _nan(),
-                           share, share_ci, breadth, breadth_ci, outlier_share, n_out, precision, recall, out_idx,
-                           z_all)
+                           share, share_ci, breadth, breadth_ci, outlier_share, out_ci, n_out, precision, recall,
+                           out_idx, z_all)
 
 
 def _pct(x: float) -> str:
@@ -251,34 +264,43 @@ def attribute(window_steps: Sequence[int], window_losses: Sequence[np.ndarray], 
     if not rose:
         top = max(steps, key=lambda s: (s.excess_z if np.isfinite(s.excess_z) else -np.inf, -s.step))
         return Attribution("not_data", f"no window step's per-row losses rose above {base_txt}: largest excess "
-                           f"{top.excess:+.3g} at step {top.step} ({top.excess_z:+.1f} sigma < {config.rise_z:g}); "
+                           f"{top.excess:+.3g} at step {top.step} ({top.excess_z:+.2f} sigma < {config.rise_z:g}); "
                            f"the model finds these batches normal", top.step, b, bm, row_sigma, nb, steps)
     s = rose[0]
-    frac_flagged = s.n_flagged / max(1, s.n_rows - s.n_nan)
+    n_ok = max(1, s.n_rows - s.n_nan)
+    frac_flagged = s.n_flagged / n_ok
     lo_b, hi_b = s.breadth_ci
     lo_s = s.flagged_share_ci[0]
+    lo_o = s.outlier_share_ci[0]
     pr = (f"; flagged rows vs loss outliers: precision {_pct(s.precision)}, recall {_pct(s.recall)} "
           f"({s.n_outliers} outliers)")
     head = (f"step {s.step}: batch loss {s.mean_loss:.4g}, {s.excess:+.3g} over {base_txt}, {s.excess_z:+.1f} sigma")
-    flag_txt = (f"the {s.n_flagged} flagged rows carry {_pct(s.flagged_share)} {_interval(s.flagged_share_ci)} of it"
-                if s.n_flagged else "no row at this step is flagged by the signals")
-    if (np.isfinite(hi_b) and hi_b < config.split) or (s.n_flagged and np.isfinite(lo_s) and lo_s >= config.split
-                                                        and lo_s > frac_flagged):
+    breadth_txt = f"breadth {s.breadth:.2f} [{lo_b:.2f}, {hi_b:.2f}]"
+    flag_txt = (f"the {s.n_flagged} flagged rows ({_pct(frac_flagged)} of the batch) carry {_pct(s.flagged_share)} "
+                f"{_interval(s.flagged_share_ci)} of it" if s.n_flagged else "no row at this step is flagged by the "
+                "signals")
+    out_txt = (f"{s.n_outliers} loss outliers ({_pct(s.n_outliers / n_ok)} of the batch) carry "
+               f"{_pct(s.outlier_share)} {_interval(s.outlier_share_ci)} of it")
+    few_outliers = (0 < s.n_outliers <= config.split * n_ok and np.isfinite(lo_o) and lo_o >= config.split
+                    and np.isfinite(s.breadth) and s.breadth < config.split)
+    narrow = np.isfinite(hi_b) and hi_b < config.split
+    on_flags = bool(s.n_flagged) and np.isfinite(lo_s) and lo_s >= config.split and lo_s > frac_flagged
+    if few_outliers or narrow or on_flags:
         verdict = "data"
-        why = (f"a few rows carry the excess (breadth {s.breadth:.2f} [{lo_b:.2f}, {hi_b:.2f}]; "
-               f"{s.n_outliers} loss outliers carry {_pct(s.outlier_share)})")
-        if s.n_flagged and lo_s >= config.split:
-            why += f"; {flag_txt}"
-        elif s.n_flagged:
-            why += f"; {flag_txt}: the excess sits mostly on rows the signals did not flag"
+        if few_outliers or narrow:
+            why = f"a few rows carry the excess: {out_txt} ({breadth_txt})"
+            if s.n_flagged and on_flags:
+                why += f"; {flag_txt}"
+            elif s.n_flagged:
+                why += f"; {flag_txt}: the excess sits mostly on rows the signals did not flag"
+            else:
+                why += "; none of them is flagged by the signals"
         else:
-            why += "; none of them is flagged by the signals"
+            why = f"{flag_txt}, more than their part of the rows ({breadth_txt})"
     elif np.isfinite(lo_b) and lo_b > config.split:
         verdict = "not_data"
-        why = (f"the loss rose on all rows alike (breadth {s.breadth:.2f} [{lo_b:.2f}, {hi_b:.2f}]); {flag_txt}: "
-               f"look at the optimizer or the model's state")
+        why = f"the loss rose on all rows alike ({breadth_txt}); {flag_txt}: look at the optimizer or the model's state"
     else:
         verdict = "inconclusive"
-        why = (f"breadth {s.breadth:.2f} [{lo_b:.2f}, {hi_b:.2f}] does not separate a few rows from all rows; "
-               f"{flag_txt}")
+        why = f"{breadth_txt} does not separate a few rows from all rows; {out_txt}; {flag_txt}"
     return Attribution(verdict, f"{head}; {why}{pr}", s.step, b, bm, row_sigma, nb, steps)

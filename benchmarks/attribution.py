@@ -128,7 +128,7 @@ def train(dest: Path, flat, order, steps: int, batch: int, seq_len: int, vocab: 
         if step == ckpt_step:
             model.save_pretrained(dest / f"ckpt-{step}")
         if step % 50 == 0:
-            log.info("train: step %d/%d loss %.3f (%.1f s)", step, steps, float(loss), time.time() - t0)
+            log.info("train: step %d/%d loss %.3f (%.1f s)", step, steps, float(loss.detach()), time.time() - t0)
     (dest / "train.jsonl").write_text("\n".join(lines) + "\n")
     np.save(dest / "row_losses.npy", row_losses)
     return time.time() - t0
@@ -141,28 +141,36 @@ def _fmt_ci(x, ci):
     return f"{x:.2f} [{lo:.2f}, {hi:.2f}]" if lo is not None and np.isfinite(lo) else f"{x:.2f}"
 
 
-def report(title: str, verdicts, loss_rows, truth: dict, batch: int):
+def report(title: str, verdicts, loss_rows, truth: dict):
+    """One line per audited event; which planted rows the model's loss outliers are."""
     print(f"\n{title}")
-    print(f"| spike (peak) | planted | data verdict | model verdict | model step | excess (sigma) | "
-          f"flagged share [95%] | breadth [95%] | outliers | planted rows among outliers | flag P / R |")
-    print("|---|---|---|---|---:|---:|---|---|---:|---|---|")
-    for v in sorted(verdicts, key=lambda v: v["peak_step"]):
+    print("| event | planted | data verdict | model verdict | judged step | excess (sigma) | flagged share [95%] | "
+          "breadth [95%] | loss outliers: planted / others | outlier share [95%] | flag P / R |")
+    print("|---|---|---|---|---:|---:|---|---|---|---|---|")
+    for v in sorted(verdicts, key=lambda v: (v["peak_step"], v["spike_id"])):
         peak = v["peak_step"]
         planted = next(((int(s), t) for s, t in truth.items() if 0 <= peak - int(s) <= 3), None)
         kind = planted[1]["kind"] if planted else "-"
         ms = v.get("model_step")
-        carriers = ""
-        if ms is not None and planted is not None:
-            mine = [r for r in loss_rows if r["spike_id"] == v["spike_id"] and r["step"] == ms and r["outlier"]]
-            got = {r["position"] for r in mine}
-            want = set(planted[1]["positions"]) if int(planted[0]) == ms else set()
-            carriers = (f"{len(got & want)}/{len(want)} planted, {len(got - want)} others" if want
-                        else f"{len(got)} outliers (no rows planted at step {ms})")
-        print(f"| {v['spike_id'].split('/')[-1]} | {kind} | {v['verdict']} | {v.get('model_verdict')} | {ms} | "
-              f"{_num(v.get('excess_z'))} | {_fmt_ci(v.get('flagged_share'), (v.get('flagged_share_lo'), v.get('flagged_share_hi')))} | "
-              f"{_fmt_ci(v.get('breadth'), (v.get('breadth_lo'), v.get('breadth_hi')))} | {v.get('n_loss_outliers')} | "
-              f"{carriers} | {_num(v.get('flag_precision'), '{:.2f}')} / {_num(v.get('flag_recall'), '{:.2f}')} |")
-    for v in sorted(verdicts, key=lambda v: v["peak_step"]):
+        carriers = "n/a"
+        if ms is not None:
+            got = {r["position"] for r in loss_rows
+                   if r["spike_id"] == v["spike_id"] and r["step"] == ms and r["role"] == "window" and r["outlier"]}
+            want = set(planted[1]["positions"]) if planted is not None and planted[0] == ms else set()
+            carriers = f"{len(got & want)}/{len(want)} / {len(got - want)}"
+        event = "/".join(v["spike_id"].split("/")[1:])
+        print(f"| {event} | {kind} | {v['verdict']} | {v.get('model_verdict')} | {ms} | {_num(v.get('excess_z'))} | "
+              f"{_fmt_ci(v.get('flagged_share'), (v.get('flagged_share_lo'), v.get('flagged_share_hi')))} | "
+              f"{_fmt_ci(v.get('breadth'), (v.get('breadth_lo'), v.get('breadth_hi')))} | {carriers} | "
+              f"{_fmt_ci(v.get('outlier_share'), (v.get('outlier_share_lo'), v.get('outlier_share_hi')))} | "
+              f"{_num(v.get('flag_precision'), '{:.2f}')} / {_num(v.get('flag_recall'), '{:.2f}')} |")
+    audited = {int(s) for s, t in truth.items()
+               if any(0 <= v["peak_step"] - int(s) <= 3 for v in verdicts)}
+    missed = [f"{t['kind']} (step {s})" for s, t in sorted(truth.items(), key=lambda kv: int(kv[0]))
+              if int(s) not in audited]
+    if missed:
+        print(f"planted but not detected as a spike (so not audited): {', '.join(missed)}")
+    for v in sorted(verdicts, key=lambda v: (v["peak_step"], v["spike_id"])):
         print(f"  {v['spike_id']}: model: {v.get('model_reason')}")
 
 
@@ -182,6 +190,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--controls", type=int, default=60)
+    ap.add_argument("--reuse", action="store_true", help="keep the corpus, training and checkpoint already in --dir; "
+                    "only audit (and replay) again")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
@@ -195,13 +205,18 @@ def main(argv=None) -> int:
     from spike_audit.pipelines.run.plan import RunConfig
 
     dest = Path(args.dir)
-    t0 = time.time()
-    flat, order, truth = build_corpus(dest, args.steps, args.batch, args.seq_len, args.vocab, args.seed,
-                                      args.rows_per_plant)
-    t_corpus = time.time() - t0
     ckpt = min(PLANTS) - 20
-    t_train = train(dest, flat, order, args.steps, args.batch, args.seq_len, args.vocab, args.seed, args.lr, ckpt,
-                    args.threads)
+    t0 = time.time()
+    if args.reuse and (dest / "row_losses.npy").exists() and (dest / f"ckpt-{ckpt}").exists():
+        truth = {k: v for k, v in json.loads((dest / "truth.json").read_text()).items()}
+        t_corpus = t_train = float("nan")
+    else:
+        flat, order, truth = build_corpus(dest, args.steps, args.batch, args.seq_len, args.vocab, args.seed,
+                                          args.rows_per_plant)
+        truth = {str(k): v for k, v in truth.items()}
+        t_corpus = time.time() - t0
+        t_train = train(dest, flat, order, args.steps, args.batch, args.seq_len, args.vocab, args.seed, args.lr,
+                        ckpt, args.threads)
     man = build_olmo_manifest(str(dest / "global_indices.npy"), ["train.bin"], seq_len=args.seq_len,
                               global_batch_size=args.batch, dtype="uint16", shard_root=str(dest / "data"))
     write_manifest(man, dest / "manifest.parquet")
@@ -221,13 +236,13 @@ def main(argv=None) -> int:
     print(f"\nrun: {args.steps} steps x {args.batch} sequences x {args.seq_len} tokens "
           f"({args.steps * args.batch * args.seq_len:,} tokens), GPT-2 2x128, vocab {args.vocab}; planted: "
           + ", ".join(f"{k} at step {s}" for s, k in sorted(PLANTS.items()) if s <= args.steps))
-    print(f"times: corpus {t_corpus:.0f} s, training {t_train:.0f} s ({args.threads} thread), audit with logged "
+    print(f"times: corpus {t_corpus:.0f} s, training {t_train:.0f} s ({args.threads} thread; nan: reused), audit with logged "
           f"losses {t_logged:.0f} s, replay of {rep['sequences']} sequences from ckpt-{ckpt} {t_replay:.0f} s")
     for title, res, sub in (("trainer-logged per-row losses (baseline: preceding steps)", logged, "audit-logged"),
                             (f"replayed from the step-{ckpt} checkpoint (baseline: control steps)", replayed,
                              "audit-replayed")):
         rows = pq.read_table(dest / sub / "loss_rows.parquet").to_pylist()
-        report(title, res.tables["verdicts"].to_pylist(), rows, truth, args.batch)
+        report(title, res.tables["verdicts"].to_pylist(), rows, truth)
     return 0
 
 

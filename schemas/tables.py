@@ -173,6 +173,8 @@ VERDICT_MODEL_FIELDS = (
     F("breadth_lo", pa.float64(), "Lower end of the 95% bootstrap interval of `breadth`.", nullable=True),
     F("breadth_hi", pa.float64(), "Upper end of the 95% bootstrap interval of `breadth`.", nullable=True),
     F("outlier_share", pa.float64(), "Share of the excess loss the loss-outlier rows carry.", nullable=True),
+    F("outlier_share_lo", pa.float64(), "Lower end of the 95% bootstrap interval of `outlier_share`.", nullable=True),
+    F("outlier_share_hi", pa.float64(), "Upper end of the 95% bootstrap interval of `outlier_share`.", nullable=True),
     F("n_loss_outliers", pa.int64(), "Rows at `model_step` whose loss is an outlier against the baseline rows.",
       nullable=True),
     F("flag_precision", pa.float64(), "Signal-flagged rows that are loss outliers / flagged rows.", nullable=True),

@@ -54,6 +54,24 @@ def test_a_rise_on_every_row_is_not_data(seed, kind):
     assert a.chosen.flagged_share < 0.1
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_the_model_names_the_carriers_when_the_signals_miss_them(seed):
+    """A quarter of the rows far above the rest, none of them flagged: still data, carried by the
+    loss outliers, and the reason says the signals missed them."""
+    rng = np.random.default_rng(seed)
+    base = _baseline(rng, n=32, scale=0.8)
+    w = rng.normal(3.0, 0.8, 32)
+    hot = rng.choice(32, size=8, replace=False)
+    w[hot] += 5.0
+    flags = np.zeros(32, bool)
+    flags[[i for i in range(32) if i not in hot][0]] = True  # the signals flagged some other row
+    a = attribute([40], [w], [flags], base, CFG)
+    assert a.verdict == "data", a.reason
+    assert set(a.chosen.outliers.tolist()) == set(hot.tolist())
+    assert a.chosen.outlier_share_ci[0] >= 0.5 and a.chosen.precision == 0.0
+    assert "did not flag" in a.reason
+
+
 def test_an_unremarkable_window_is_not_data_with_no_rise():
     rng = np.random.default_rng(0)
     base = _baseline(rng)

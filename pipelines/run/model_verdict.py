@@ -130,7 +130,8 @@ def _with_model_columns(verdicts: pa.Table, results) -> pa.Table:
             r.update(excess_loss=_f(s.excess), excess_z=_f(s.excess_z), flagged_share=_f(s.flagged_share),
                      flagged_share_lo=_f(s.flagged_share_ci[0]), flagged_share_hi=_f(s.flagged_share_ci[1]),
                      breadth=_f(s.breadth), breadth_lo=_f(s.breadth_ci[0]), breadth_hi=_f(s.breadth_ci[1]),
-                     outlier_share=_f(s.outlier_share), n_loss_outliers=int(s.n_outliers),
+                     outlier_share=_f(s.outlier_share), outlier_share_lo=_f(s.outlier_share_ci[0]),
+                     outlier_share_hi=_f(s.outlier_share_ci[1]), n_loss_outliers=int(s.n_outliers),
                      flag_precision=_f(s.precision), flag_recall=_f(s.recall))
     from spike_audit.schemas import VERDICTS
 
