@@ -55,32 +55,35 @@ def find_tool(given: str | None) -> str:
     return found
 
 
-def call(cmd: list[str], logfile: Path) -> float:
+def call(cmd: list[str], logfile: Path) -> tuple[float, float]:
+    """Run one tool command; (wall seconds, CPU seconds of the process and its children)."""
     t0 = time.perf_counter()
     with open(logfile, "w") as f:
-        res = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
-    if res.returncode != 0:
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+        _, status, ru = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode != 0:
         tail = logfile.read_text().strip().splitlines()[-5:]
-        raise RuntimeError(f"{' '.join(cmd[:2])} failed with exit code {res.returncode} (see {logfile}):\n"
+        raise RuntimeError(f"{' '.join(cmd[:2])} failed with exit code {p.returncode} (see {logfile}):\n"
                            + "\n".join(tail))
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, ru.ru_utime + ru.ru_stime
 
 
 def audit_run(tool: str, run_dir: Path, seed: int, with_shards: bool) -> dict:
     truth = json.loads((run_dir / "truth.json").read_text())
     audit = run_dir / "audit"
-    t_run = call([tool, "run", "--log", str(run_dir / truth["log"]), "--manifest", str(run_dir / "manifest.parquet"),
+    t_run, c_run = call([tool, "run", "--log", str(run_dir / truth["log"]), "--manifest", str(run_dir / "manifest.parquet"),
                   "--shards", str(run_dir / "shards"), "--out", str(audit), "--seed", str(seed),
                   "--eos-id", str(truth["eos_id"]), "--tokenizer", str(run_dir / "tokenizer.json")],
                  run_dir / "audit.log")
-    t_shards = None
+    t_shards = c_shards = None
     shard_audit = None
     if with_shards:
         shard_audit = run_dir / "shard-audit"
-        t_shards = call([tool, "shards", str(run_dir / "shards"), "--out", str(shard_audit),
+        t_shards, c_shards = call([tool, "shards", str(run_dir / "shards"), "--out", str(shard_audit),
                          "--eos-id", str(truth["eos_id"]), "--seed", str(seed)], run_dir / "shard-audit.log")
     res = lab_eval.score_run(run_dir, audit, shard_audit)
-    res["seconds"] = {"run": t_run, "shards": t_shards}
+    res["seconds"] = {"run": t_run, "shards": t_shards, "run_cpu": c_run, "shards_cpu": c_shards}
     return res
 
 
@@ -95,6 +98,8 @@ def main(argv=None) -> int:
     ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--record", default=None, help="also write benchmarks/results/verdicts-NAME.{json,md}")
     ap.add_argument("--keep", action="store_true", help="keep the runs' shards after scoring them")
+    ap.add_argument("--rescore", action="store_true",
+                    help="score the audits already in OUT/runs again (no build, no tool run)")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -108,24 +113,31 @@ def main(argv=None) -> int:
     if version != 0:
         sys.exit(f"{tool} --help failed: is it the spike-audit executable?")
 
-    pool = lab_corpus.build_pool(Path(args.cache) if args.cache else out / "cache",
-                                 lab_corpus.QUICK_POOL if args.quick else lab_corpus.PoolConfig())
+    cache = Path(args.cache) if args.cache else out / "cache"
+    pool_cfg = lab_corpus.QUICK_POOL if args.quick else lab_corpus.PoolConfig()
+    pool_cached = (cache / f"pool-{pool_cfg.key()}" / "pool.json").exists()
+    pool = lab_corpus.build_pool(cache, pool_cfg)
     t_pool = time.perf_counter() - t0
-    designs = lab_run.design(args.quick)
-    tasks = [(seed, r) for seed in range(args.first_seed, args.first_seed + n_seeds) for r in range(len(designs))]
+    n_runs = len(lab_run.design(args.quick))
+    tasks = [(seed, r) for seed in range(args.first_seed, args.first_seed + n_seeds) for r in range(n_runs)]
     results: dict = {}
     lock = threading.Lock()
     done = [0]
 
     def one(task):
         seed, r = task
-        spec = lab_run.make_spec(seed, r, designs[r], args.quick)
+        spec = lab_run.make_spec(seed, r, lab_run.design(args.quick, seed)[r], args.quick)
         run_dir = out / "runs" / spec.name
+        if args.rescore:
+            sa = run_dir / "shard-audit"
+            res = lab_eval.score_run(run_dir, run_dir / "audit", sa if sa.exists() else None)
+            res["seconds"] = {"build": 0.0, "run": 0.0, "shards": None, "run_cpu": 0.0, "shards_cpu": None}
+            return task, res
         shutil.rmtree(run_dir, ignore_errors=True)
         tb = time.perf_counter()
         lab_run.build_run(pool, spec, run_dir)
         t_build = time.perf_counter() - tb
-        res = audit_run(tool, run_dir, seed, with_shards=(r == seed % len(designs)))
+        res = audit_run(tool, run_dir, seed, with_shards=(r == seed % n_runs))
         res["seconds"]["build"] = t_build
         if not args.keep:
             shutil.rmtree(run_dir / "shards", ignore_errors=True)
@@ -153,16 +165,21 @@ def main(argv=None) -> int:
         "seconds": {"total": wall, "pool": t_pool,
                     "build": sum(r["seconds"]["build"] for r in runs),
                     "run": sum(r["seconds"]["run"] for r in runs),
-                    "shards": sum(r["seconds"]["shards"] or 0 for r in runs)},
+                    "shards": sum(r["seconds"]["shards"] or 0 for r in runs),
+                    "run_cpu": sum(r["seconds"]["run_cpu"] for r in runs),
+                    "shards_cpu": sum(r["seconds"]["shards_cpu"] or 0 for r in runs),
+                    "lab_cpu": time.process_time()},
         "load_average": os.getloadavg()[0], "cores": os.cpu_count(),
         "tokens": sum(r["tokens"] for r in runs),
     }
     meta["footer"] = (
         f"{n_seeds} seeds, {len(runs)} runs ({', '.join(f'{a}x{b}x{c} {d}' for a, b, c, d in sizes[:6])}"
         f"{' ...' if len(sizes) > 6 else ''}; steps x rows x seq), {meta['tokens'] / 1e6:.1f}M tokens; "
-        f"{sum(len(r['events']) for r in runs)} planted events; wall {wall:.0f} s (tool: run {meta['seconds']['run']:.0f} s, "
-        f"shards {meta['seconds']['shards']:.0f} s, summed over {args.jobs} jobs), load {meta['load_average']:.1f} on "
-        f"{meta['cores']} cores")
+        f"{sum(len(r['events']) for r in runs)} planted events; wall {wall:.0f} s with {args.jobs} jobs, load "
+        f"{meta['load_average']:.1f} on {meta['cores']} cores; CPU: tool run {meta['seconds']['run_cpu']:.0f} s, "
+        f"tool shards {meta['seconds']['shards_cpu']:.0f} s, lab {meta['seconds']['lab_cpu']:.0f} s "
+        f"(token pool {'cached' if pool_cached else 'built'}: {t_pool:.0f} s wall)"
+        + ("; rescored from the audits in OUT/runs" if args.rescore else ""))
     table = lab_eval.render(pooled, meta)
     print(table)
     doc = {"meta": meta, "table": pooled, "runs": runs}

@@ -155,6 +155,21 @@ def gather_documents(cfg: PoolConfig) -> tuple[list[str], list[str], list[str]]:
             texts.append(t); sources.append(source); names.append(str(files[int(i)]))
             got += len(t); n += 1
         log.info("corpus: %-13s %5d documents, %6.1f MB (of %d files)", source, n, got / 1e6, len(files))
+    # a machine without some of these (no man pages, no /usr/share/doc): the rest from the stdlib
+    deficit = sum(b for _, b in cfg.budget) - sum(map(len, texts))
+    if deficit > 0.1 * sum(b for _, b in cfg.budget):
+        used = set(names)
+        extra = 0
+        for p in _files("stdlib"):
+            if extra >= deficit:
+                break
+            if str(p) in used:
+                continue
+            t = _read(p)
+            if t is not None:
+                texts.append(t); sources.append("stdlib"); names.append(str(p))
+                extra += len(t)
+        log.info("corpus: %.1f MB more from the stdlib (other sources are small on this machine)", extra / 1e6)
     return texts, sources, names
 
 

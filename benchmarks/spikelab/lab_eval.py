@@ -135,7 +135,9 @@ def score_run(run_dir: Path, audit: Path, shard_audit: Path | None) -> dict:
             "steps": e["steps"], "verdict": v, "entries": [{"spike_id": s, "verdict": spikes[s]["verdict"],
                                                             "top_signal": spikes[s]["top_signal"],
                                                             "effect": spikes[s]["effect"], "margin": spikes[s]["margin"],
+                                                            "top_step": spikes[s]["top_step"],
                                                             "reason": spikes[s]["reason"]} for s in sids],
+            "grounded": v == "data" and any(spikes[s]["top_step"] in set(e["steps"]) for s in sids),
             "any_data": any(x == "data" for x in vs),
             "steps_in_window": len(set(e["steps"]) & win), "planted_rows": len(rows),
             "rows_skipped": len(rows & all_skip),
@@ -233,7 +235,7 @@ def pool_scores(runs: list[dict], seeds: int) -> dict:
         kinds[kind] = {"doses": by_dose, "drop_below_095": drop if drop else
                        (f"none down to {min(tested)}/16" if tested else None),
                        "missed": sum(e["verdict"] == "missed" for e in evs), "n": len(evs),
-                       "verdicts": dict(verdicts),
+                       "verdicts": dict(verdicts), "grounded": sum(e["grounded"] for e in evs),
                        "skip_precision": (skp / sk) if sk else None, "skip_recall": skipped / prow if prow else None,
                        "steps_in_window": (sum(e["steps_in_window"] for e in evs) / sum(e["n_steps"] for e in evs))
                        if evs else None,
@@ -259,7 +261,12 @@ def pool_scores(runs: list[dict], seeds: int) -> dict:
     return {
         "seeds": seeds,
         "kinds": kinds,
+        "by_duration": {str(d): {"data": sum(e["verdict"] == "data" for e in data_ev if e["n_steps"] == d),
+                                 "inconclusive": sum(e["verdict"] == "inconclusive" for e in data_ev if e["n_steps"] == d),
+                                 "n": sum(e["n_steps"] == d for e in data_ev)}
+                        for d in sorted({e["n_steps"] for e in data_ev})},
         "all_data_kinds": {"data": sum(e["verdict"] == "data" for e in data_ev), "n": len(data_ev),
+                           "grounded": sum(e["grounded"] for e in data_ev),
                            "missed": sum(e["verdict"] == "missed" for e in data_ev),
                            "mixed": sum(e["verdict"] == "mixed" for e in data_ev),
                            "at_dose_ge_4": _recall([e for e in data_ev if e["dose"] >= 4])},
@@ -313,18 +320,25 @@ def _f(x, nd=2):
 def render(pooled: dict, meta: dict) -> str:
     """The one table (markdown), with the run-level figures under it."""
     head = "| kind | " + " | ".join(f"{d}/16" for d in DOSES) + \
-        " | < 0.95 from | missed | seed agreement | skip precision | skip recall | window covers |"
-    lines = [head, "|" + "---|" * (len(DOSES) + 7)]
+        " | < 0.95 from | data at a planted step | not_data / inconcl. / mixed | missed | seed agreement |" \
+        " skip precision | skip recall | window covers |"
+    lines = [head, "|" + "---|" * (len(DOSES) + 9)]
     for kind, k in pooled["kinds"].items():
         cells = []
         for d in DOSES:
             c = k["doses"].get(f"{d}/16")
             cells.append(f"{c['data']}/{c['n']}" if c else "-")
-        lines.append(f"| {kind} | " + " | ".join(cells) + f" | {k['drop_below_095'] or '-'} | {k['missed']}/{k['n']} | "
+        vc = k["verdicts"]
+        n_data = vc.get("data", 0)
+        lines.append(f"| {kind} | " + " | ".join(cells) + f" | {k['drop_below_095'] or '-'} | "
+                     f"{k['grounded']}/{n_data} | {vc.get('not_data', 0)} / {vc.get('inconclusive', 0)} / "
+                     f"{vc.get('mixed', 0)} | {k['missed']}/{k['n']} | "
                      f"{_f(k['agreement'])} | {_f(k['skip_precision'])} | {_f(k['skip_recall'])} | "
                      f"{_f(k['steps_in_window'])} |")
     o = pooled["optimizer"]
-    lines.append(f"| optimizer (normal data): false `data` | {o['false_data']}/{o['detected']} | | | | | "
+    ov = o["verdicts"]
+    lines.append(f"| optimizer (normal data): false `data` | {o['false_data']}/{o['detected']} | | | | | | "
+                 f"{ov.get('not_data', 0)} / {ov.get('inconclusive', 0)} / {ov.get('mixed', 0)} | "
                  f"{o['n'] - o['detected']}/{o['n']} | {_f(o['agreement'])} | | | |")
     a = pooled["all_data_kinds"]
     k4, n4 = a["at_dose_ge_4"]
@@ -332,8 +346,11 @@ def render(pooled: dict, meta: dict) -> str:
     fa = pooled["control_false_alarms"]
     out = "\n".join(lines) + "\n\n"
     out += "\n".join([
-        f"- data kinds: {a['data']}/{a['n']} events judged `data` ({k4}/{n4} at doses >= 4/16); {a['missed']} not "
-        f"detected as spikes; {a['mixed']} with contradicting entries (loss vs grad norm)",
+        f"- data kinds: {a['data']}/{a['n']} events judged `data` ({k4}/{n4} at doses >= 4/16), {a['grounded']} of them "
+        f"with the top step at a planted step; {a['missed']} not detected as spikes; {a['mixed']} with contradicting "
+        f"entries (loss vs grad norm)",
+        "- by planted duration (steps: data/inconclusive/n): " + ", ".join(
+            f"{d}: {c['data']}/{c['inconclusive']}/{c['n']}" for d, c in pooled["by_duration"].items()),
         f"- normal (optimizer) spikes: false `data` {o['false_data']}/{o['detected']} = "
         f"{_f(o['false_data_rate'], 3)} (verdicts {o['verdicts']})",
         f"- verdict agreement across seeds: mean share of seeds giving an event design's modal verdict "
