@@ -7,6 +7,8 @@
 - ``beam/``: read transform, CombineFn wrapper, the single sink, runner options, the DaskRunner shim, scoring glue;
 - ``builders/``: step manifests from trainers' own data-order files; ``manifest``: the join contract;
 - ``logs/`` (loss logs), ``shards/`` (shard readers), ``tokenizer``: the readers;
+- ``outdir`` (output and state directories: marker, lock, versions, one atomic swap) and ``records`` (records
+  as data on disk, never pickles);
 - ``io`` (atomic writers) and ``errors`` (the one-line user error).
 
 May import: :mod:`spike_audit.auditors` and :mod:`spike_audit.schemas` (never the reverse); each module only

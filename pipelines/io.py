@@ -1,9 +1,8 @@
 """Atomic, deterministic writers. A failed run leaves no half-written table.
 
 Every output goes to a temporary file in the destination directory and is renamed into place
-(``os.replace`` is atomic on POSIX within one file system). A whole output directory can be staged
-with :class:`AtomicDir`: files are written into ``DIR.tmp-XXXX`` and the directory is swapped in at
-the end, so readers never see a mix of old and new tables.
+(``os.replace`` is atomic on POSIX within one file system). Whole output directories are published in one
+atomic step by :mod:`spike_audit.pipelines.outdir`.
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -81,44 +79,3 @@ def _json_default(o):
     if isinstance(o, np.ndarray):
         return o.tolist()
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-class AtomicDir:
-    """Stage a whole output directory and swap it in on success::
-
-        with AtomicDir(out) as stage:
-            write_table(t, stage / "spikes.parquet", SPIKES)
-        # out/ now holds exactly the new files; on an exception out/ is untouched.
-
-    Files already in ``out`` that this run does not write are kept only if ``keep`` names them
-    (e.g. a state directory living inside ``out``).
-    """
-
-    def __init__(self, dest: str | os.PathLike, keep: tuple[str, ...] = ()):
-        self.dest = Path(dest)
-        self.keep = keep
-        self.stage: Path | None = None
-
-    def __enter__(self) -> Path:
-        self.dest.parent.mkdir(parents=True, exist_ok=True)
-        self.stage = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.tmp-", dir=self.dest.parent))
-        return self.stage
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        assert self.stage is not None
-        if exc_type is not None:
-            shutil.rmtree(self.stage, ignore_errors=True)
-            return False
-        if self.dest.exists():
-            for name in self.keep:
-                src = self.dest / name
-                if src.exists() and not (self.stage / name).exists():
-                    os.replace(src, self.stage / name)
-            old = self.dest.with_name(f".{self.dest.name}.old-{os.getpid()}")
-            os.replace(self.dest, old)
-            os.replace(self.stage, self.dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.stage, self.dest)
-        log.info("wrote %s", self.dest)
-        return False

@@ -45,8 +45,9 @@ def test_out_dir_writes_valid_tables(tmp_path, capsys):
     aligned = pq.read_table(out / "aligned_spikes.parquet")
     validate(aligned, ALIGNED_SPIKES)
     assert {919, 947} <= set(aligned.column("step").to_pylist())
-    assert sorted(p.name for p in out.iterdir()) == ["aligned_spikes.parquet", "loss_series.parquet",
-                                                     "spikes.parquet"]
+    # the files a user reads (the dot entries are the output's marker, lock and current version)
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "aligned_spikes.parquet", "loss_series.parquet", "spikes.parquet"]
 
 
 def test_pattern_metric_and_same_stem(tmp_path, capsys):

@@ -1,7 +1,7 @@
 import pyarrow as pa
 import pytest
 
-from spike_audit.pipelines.io import AtomicDir, write_table, write_text
+from spike_audit.pipelines.io import write_table, write_text
 from spike_audit.schemas import STEP_MANIFEST
 
 
@@ -35,17 +35,3 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert dest.read_text() == "old"
     assert [x.name for x in tmp_path.iterdir()] == ["out.txt"]
-
-
-def test_atomic_dir_swaps_on_success_and_keeps_the_old_one_on_failure(tmp_path):
-    out = tmp_path / "out"
-    with AtomicDir(out) as stage:
-        write_text("1", stage / "a.txt")
-    assert (out / "a.txt").read_text() == "1"
-    with pytest.raises(Boom):
-        with AtomicDir(out) as stage:
-            write_text("2", stage / "a.txt")
-            write_text("half", stage / "b.txt")
-            raise Boom()
-    assert sorted(p.name for p in out.iterdir()) == ["a.txt"] and (out / "a.txt").read_text() == "1"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -1,7 +1,7 @@
 """The layout's import rules (README, Layout): imports run one way, top to bottom,
 
     cli -> demo -> run / shard_audit -> report -> beam -> builders -> manifest -> logs / shards / tokenizer
-        -> files -> io / errors -> auditors -> schemas
+        -> outdir / records -> files -> io / errors -> auditors -> schemas
 
 a module may import its own package (its unit below) or any unit in a lower layer, never a unit in its own
 layer or above; the report is fed tables and imports only auditors, schemas, io and errors; auditors and
@@ -28,6 +28,7 @@ LAYERS: list[tuple[str, ...]] = [
     (f"{P}.builders",),
     (f"{P}.manifest",),
     (f"{P}.logs", f"{P}.shards", f"{P}.tokenizer"),
+    (f"{P}.outdir", f"{P}.records"),
     (f"{P}.files",),
     (f"{P}.io", f"{P}.errors"),
     (P,),  # the package docstring

@@ -2,19 +2,52 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import re
+
 import apache_beam as beam
 
+from spike_audit.pipelines.errors import UserError
 
-def run_pipeline(build, options) -> None:
+_WRAPPED_OS_ERROR = re.compile(r"(?:OSError|PermissionError|FileNotFoundError): \[Errno (\d+)\] ([^\[]*)")
+
+
+def run_pipeline(build, options, where: str = "pipeline") -> None:
     """Build a pipeline with ``build(p)``, run it and wait for it; then close any client the runner
     opened (Beam's DaskRunner leaves its ``distributed.Client`` connected, which keeps trying to
-    reconnect once the cluster is gone)."""
+    reconnect once the cluster is gone). A full disk or a denied permission inside a step (which runners
+    re-raise wrapped in their own error) becomes a one-line :class:`UserError` naming ``where``."""
     p = beam.Pipeline(options=options)
     build(p)
-    result = p.run()
     try:
-        result.wait_until_finish()
-    finally:
-        client = getattr(result, "client", None)
-        if client is not None:
-            client.close()
+        result = p.run()
+        try:
+            result.wait_until_finish()
+        finally:
+            client = getattr(result, "client", None)
+            if client is not None:
+                client.close()
+    except UserError:
+        raise
+    except Exception as err:
+        found = _os_error_in(err)
+        if found is None:
+            raise
+        code, text = found
+        what = "no space left on device" if code == errno.ENOSPC else text.strip().rstrip(":")
+        raise UserError(f"{where}: a pipeline step failed: {what} (the previous output is intact)") from None
+
+
+def _os_error_in(err: BaseException):
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno is not None:
+            text = err.strerror or os.strerror(err.errno)
+            return err.errno, f"{text}: {err.filename}" if err.filename else text
+        m = _WRAPPED_OS_ERROR.search(str(err))
+        if m:
+            return int(m.group(1)), m.group(2)
+        err = err.__cause__ or err.__context__
+    return None

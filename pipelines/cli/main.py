@@ -15,6 +15,7 @@ import logging
 import sys
 
 from spike_audit.pipelines.errors import UserError
+from spike_audit.pipelines.outdir import Terminated
 from spike_audit.schemas import SchemaError
 
 COMMANDS = ("spikes", "batch", "run", "shards", "demo", "manifest", "replay")
@@ -46,6 +47,9 @@ def setup_logging(verbose: int, quiet: bool) -> None:
     if verbose < 2:
         # Beam is chatty at INFO; keep our own progress lines readable.
         logging.getLogger("apache_beam").setLevel(logging.WARNING)
+        # A user's mistake found inside a pipeline step is re-raised to us and printed as one line; Beam would
+        # also log it with its traceback first.
+        logging.getLogger("apache_beam.runners.common").setLevel(logging.CRITICAL)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,8 +65,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spike-audit {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("spike-audit: interrupted", file=sys.stderr)
+        print(f"spike-audit {args.command}: interrupted (the previous output is intact)", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"spike-audit {args.command}: terminated (SIGTERM; the previous output is intact)", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ def register(subparsers) -> None:
     p.add_argument("--strict", action="store_true", help="fail on the first malformed line")
     p.add_argument("--align-tolerance", type=int, default=0, metavar="N",
                    help="peaks within N steps count as the same step across runs (default 0)")
-    p.add_argument("--out", type=Path, metavar="DIR", help="write spikes.parquet (and loss_series, aligned) here")
+    p.add_argument("--out", metavar="DIR", help="write spikes.parquet (and loss_series, aligned) here")
     p.add_argument("--json", action="store_true", help="print a JSON document instead of tables")
     p.set_defaults(func=run)
 
@@ -121,11 +121,20 @@ def run(args) -> int:
         aligned = align(spikes, tolerance=args.align_tolerance, min_runs=2, metric=metrics[0])
 
     if args.out:
-        write_table(loss, args.out / "loss_series.parquet", LOSS_SERIES)
-        write_table(spikes, args.out / "spikes.parquet", SPIKES)
-        if aligned is not None:
-            write_table(aligned, args.out / "aligned_spikes.parquet", ALIGNED_SPIKES)
-        log.info("wrote %s", args.out)
+        from spike_audit.pipelines.outdir import OutDir, os_error
+
+        with OutDir(args.out, "spikes", [("log", p) for p in args.logs]) as out:
+            files = out.stage() / "files"
+            try:
+                files.mkdir()
+                write_table(loss, files / "loss_series.parquet", LOSS_SERIES)
+                write_table(spikes, files / "spikes.parquet", SPIKES)
+                if aligned is not None:
+                    write_table(aligned, files / "aligned_spikes.parquet", ALIGNED_SPIKES)
+            except OSError as err:
+                raise os_error(args.out, err, "cannot write the new output (the previous output is intact)") \
+                    from None
+            out.publish(files)
 
     spike_rows = spikes.to_pylist()
     if args.json:

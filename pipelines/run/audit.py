@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,17 +33,43 @@ class RunResult:
     seconds: float
 
 
-def run_audit(cfg: RunConfig, beam_args: list[str] | None = None) -> RunResult:
-    from apache_beam.options.pipeline_options import PipelineOptions
+def run_inputs(cfg: RunConfig) -> list[tuple[str, str]]:
+    return [("log", cfg.log), ("manifest", cfg.manifest), ("shard root", cfg.shards), ("tokenizer", cfg.tokenizer),
+            ("row losses", cfg.row_losses)]
 
-    from spike_audit.pipelines.io import AtomicDir, write_json, write_table, write_text
-    from spike_audit.pipelines.report.run_page import render_run_report
+
+def run_audit(cfg: RunConfig, beam_args: list[str] | None = None) -> RunResult:
+    """The spike audit. ``--out`` (and ``--state``) are checked, created, marked and locked first; the new
+    output is published in one atomic step (:mod:`spike_audit.pipelines.outdir`), so a failure, a kill or a
+    signal leaves the previous output complete."""
+    from contextlib import ExitStack
+
+    from spike_audit.pipelines.outdir import OutDir, check_apart
 
     t0 = time.time()
     flags = beam_options(beam_args)  # first: a misspelled option fails before any work
     for path, what in ((cfg.log, "log"), (cfg.manifest, "manifest"), (cfg.shards, "shard root")):
         if "://" not in path and not Path(path).exists():
             raise UserError(f"{path}: {what} not found")
+    inputs = run_inputs(cfg)
+    if cfg.replay_pack:
+        check_apart(cfg.replay_pack, inputs + [("output directory", cfg.out), ("state directory", cfg.state)],
+                    flag="--replay-pack")
+    with ExitStack() as stack:
+        out = stack.enter_context(OutDir(cfg.out, "run", inputs + [("state directory", cfg.state)]))
+        st = None
+        if cfg.state:
+            st = stack.enter_context(OutDir(cfg.state, "run-state", inputs + [("output directory", cfg.out)],
+                                            flag="--state"))
+        return _audit(cfg, flags, out, st, t0)
+
+
+def _audit(cfg: RunConfig, flags: list[str], out, st, t0: float) -> RunResult:
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from spike_audit.pipelines.io import write_json, write_table, write_text
+    from spike_audit.pipelines.report.run_page import render_run_report
+
     loss, report, spikes = read_loss_and_spikes(cfg)
     state = load_state(cfg.state, cfg)
     done = frozenset()
@@ -55,22 +80,19 @@ def run_audit(cfg: RunConfig, beam_args: list[str] | None = None) -> RunResult:
     new_ids = sorted(plan.windows)
     log.info("%d spikes in the log, %d already audited, %d to audit", spikes.num_rows, len(done), len(new_ids))
 
-    staging_root = Path(tempfile.mkdtemp(prefix=".spike-audit-staging-", dir=Path(cfg.out).resolve().parent
-                                         if Path(cfg.out).resolve().parent.exists() else None))
-    try:
-        if new_ids:
-            opts = PipelineOptions(flags)
-            log.info("running the audit pipeline (%s)", opts.get_all_options().get("runner"))
-            from spike_audit.pipelines.beam.runner import run_pipeline
-            from spike_audit.pipelines.beam.sink import collect_tables
+    stage = out.stage()
+    if new_ids:
+        opts = PipelineOptions(flags)
+        log.info("running the audit pipeline (%s)", opts.get_all_options().get("runner"))
+        from spike_audit.pipelines.beam.runner import run_pipeline
+        from spike_audit.pipelines.beam.sink import collect_tables
 
-            run_pipeline(lambda p: build_pipeline(p, cfg, plan, str(staging_root)), opts)
-
-            new_tables = collect_tables(str(staging_root), OUTPUT_SPECS)
-        else:
-            new_tables = {spec.name: spec.empty() for spec in OUTPUT_SPECS}
-    finally:
-        shutil.rmtree(staging_root, ignore_errors=True)
+        parts = stage / "parts"
+        run_pipeline(lambda p: build_pipeline(p, cfg, plan, str(parts)), opts, where=cfg.out)
+        new_tables = collect_tables(str(parts), OUTPUT_SPECS)
+        shutil.rmtree(parts, ignore_errors=True)
+    else:
+        new_tables = {spec.name: spec.empty() for spec in OUTPUT_SPECS}
 
     tables = merge_with_state(state, new_tables, done)
     loss_rows, loss_summary = None, None
@@ -82,17 +104,19 @@ def run_audit(cfg: RunConfig, beam_args: list[str] | None = None) -> RunResult:
     bs = new_tables["batch_scores"]  # a step has a row per spike window holding it: count each step once
     n_tokens = int(sum(dict(zip(bs.column("step").to_pylist(), bs.column("n_tokens").to_pylist())).values()))
 
-    with AtomicDir(cfg.out) as stage:
-        write_table(spikes, stage / "spikes.parquet", SPIKES)
-        write_table(loss, stage / "loss_series.parquet")
+    files = stage / "files"
+    try:
+        files.mkdir()
+        write_table(spikes, files / "spikes.parquet", SPIKES)
+        write_table(loss, files / "loss_series.parquet")
         for spec in OUTPUT_SPECS:
-            write_table(tables[spec.name], stage / f"{spec.name}.parquet", spec)
-        write_json(skip_list(tables["verdicts"], tables["row_flags"]), stage / "skip_list.json")
-        write_json(quarantine(tables["verdicts"], tables["row_flags"]), stage / "quarantine.json")
+            write_table(tables[spec.name], files / f"{spec.name}.parquet", spec)
+        write_json(skip_list(tables["verdicts"], tables["row_flags"]), files / "skip_list.json")
+        write_json(quarantine(tables["verdicts"], tables["row_flags"]), files / "quarantine.json")
         if loss_rows is not None:
-            write_table(loss_rows, stage / "loss_rows.parquet", LOSS_ROWS)
+            write_table(loss_rows, files / "loss_rows.parquet", LOSS_ROWS)
         write_text(render_run_report(loss, spikes, dict(tables, loss_rows=loss_rows) if loss_rows is not None
-                                     else tables, cfg), stage / "report.html")
+                                     else tables, cfg), files / "report.html")
         summary = {"log": report.__dict__ if hasattr(report, "__dict__") else str(report),
                    "spikes": spikes.num_rows, "audited_now": len(new_ids), "from_state": len(done),
                    "controls": len(plan.controls) if not done or new_ids else len(state["controls"]),
@@ -101,9 +125,14 @@ def run_audit(cfg: RunConfig, beam_args: list[str] | None = None) -> RunResult:
                    "control_calibration": control_false_alarms(tables["batch_scores"], cfg)}
         if loss_summary is not None:
             summary["row_losses"] = loss_summary
-        write_json(summary, stage / "summary.json")
-    if cfg.state:
-        save_state(cfg, tables, plan, state)
+        write_json(summary, files / "summary.json")
+    except OSError as err:
+        from spike_audit.pipelines.outdir import os_error
+
+        raise os_error(cfg.out, err, "cannot write the new output (the previous output is intact)") from None
+    out.publish(files)
+    if st is not None:
+        save_state(st, cfg, tables, plan, state)
     if cfg.replay_pack:
         from spike_audit.pipelines.run.replay_pack import write_plan_pack
 

@@ -30,20 +30,48 @@ def _inputs_fingerprint(cfg: RunConfig) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
+STATE_VERSION = 1
+
+
 def load_state(state_dir: str | None, cfg: RunConfig) -> dict | None:
+    """The state a rerun starts from, validated: ``state.json`` (version, fingerprint, controls, audited
+    spikes) and one Parquet table per output, each conformed to its schema. A corrupt or foreign state is a
+    one-line error naming the file; state made with other settings is ignored with a warning."""
+    from spike_audit.pipelines.errors import UserError
+    from spike_audit.schemas import SchemaError
+
     if not state_dir:
         return None
     p = Path(state_dir) / "state.json"
     if not p.exists():
         return None
-    st = json.loads(p.read_text())
+    try:
+        st = json.loads(p.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"{p}: not a spike-audit run state ({' '.join(str(err).split())})") from None
+    except OSError as err:
+        raise UserError(f"{p}: cannot read the run state ({err.strerror or err})") from None
+    if not isinstance(st, dict) or st.get("version") != STATE_VERSION:
+        got = st.get("version") if isinstance(st, dict) else type(st).__name__
+        raise UserError(f"{p}: run state version {got!r}, expected {STATE_VERSION}")
+    if not (isinstance(st.get("fingerprint"), str) and isinstance(st.get("controls"), list)
+            and all(type(c) is int for c in st["controls"]) and isinstance(st.get("spikes_done"), list)
+            and all(isinstance(x, str) for x in st["spikes_done"])):
+        raise UserError(f"{p}: expected fingerprint (string), controls (integer steps) and spikes_done (strings)")
     if st.get("fingerprint") != _inputs_fingerprint(cfg):
         log.warning("state in %s was made with other settings or inputs; auditing everything again", state_dir)
         return None
     tables = {}
     for spec in OUTPUT_SPECS:
         f = Path(state_dir) / f"{spec.name}.parquet"
-        tables[spec.name] = pq.read_table(f) if f.exists() else spec.empty()
+        if not f.exists():
+            raise UserError(f"{f}: missing from the run state (state.json lists audited spikes)")
+        try:
+            tables[spec.name] = spec.conform(pq.read_table(f), source=str(f))
+        except SchemaError:
+            raise
+        except (OSError, pa.ArrowException) as err:
+            raise UserError(f"{f}: not a readable {spec.name} table ({' '.join(str(err).split())[:300]})") from None
     st["tables"] = tables
     return st
 
@@ -71,12 +99,20 @@ def merge_with_state(state, new_tables, done):
     return out
 
 
-def save_state(cfg: RunConfig, tables, plan: Plan, state) -> None:
-    from spike_audit.pipelines.io import AtomicDir, write_json, write_table
+def save_state(st_dir, cfg: RunConfig, tables, plan: Plan, state) -> None:
+    """Publish the new state as one version of the (locked) state directory: one atomic step."""
+    from spike_audit.pipelines.io import write_json, write_table
+    from spike_audit.pipelines.outdir import os_error
 
     controls = state["controls"] if state is not None else plan.controls
-    with AtomicDir(cfg.state) as stage:
+    files = st_dir.stage() / "files"
+    try:
+        files.mkdir()
         for spec in OUTPUT_SPECS:
-            write_table(tables[spec.name], stage / f"{spec.name}.parquet", spec)
-        write_json({"fingerprint": _inputs_fingerprint(cfg), "controls": sorted(controls),
-                    "spikes_done": sorted(tables["verdicts"].column("spike_id").to_pylist())}, stage / "state.json")
+            write_table(tables[spec.name], files / f"{spec.name}.parquet", spec)
+        write_json({"version": STATE_VERSION, "fingerprint": _inputs_fingerprint(cfg),
+                    "controls": sorted(int(c) for c in controls),
+                    "spikes_done": sorted(tables["verdicts"].column("spike_id").to_pylist())}, files / "state.json")
+    except OSError as err:
+        raise os_error(cfg.state, err, "cannot write the new state (the previous state is intact)") from None
+    st_dir.publish(files)

@@ -3,9 +3,8 @@ atomically, and update the state."""
 
 from __future__ import annotations
 
+import glob
 import logging
-import shutil
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -36,17 +35,39 @@ class ShardAuditResult:
 
 
 def run_shard_audit(cfg: ShardAuditConfig, beam_args: list[str] | None = None) -> ShardAuditResult:
+    """The shard audit. ``--out`` and ``--state`` are checked against every input, created, marked and
+    locked first; the new output is published in one atomic step (:mod:`spike_audit.pipelines.outdir`)."""
+    from contextlib import ExitStack
+
+    from spike_audit.pipelines.beam.options import beam_options
+    from spike_audit.pipelines.outdir import OutDir, check_apart
+
+    t0 = time.time()
+    flags = beam_options(beam_args)  # first: a misspelled option fails before any work
+    given = [("input", i) for i in cfg.inputs if not glob.has_magic(i)] + [("shard root", cfg.root)]
+    check_apart(cfg.out, given + [("state directory", cfg.state)])
+    if cfg.state:
+        check_apart(cfg.state, given + [("output directory", cfg.out)], flag="--state")
+    shards = discover(cfg.inputs, cfg.root)
+    found = [("shard", s.path) for s in shards]
+    with ExitStack() as stack:
+        out = stack.enter_context(OutDir(cfg.out, "shards", given + found + [("state directory", cfg.state)]))
+        st = None
+        if cfg.state:
+            st = stack.enter_context(OutDir(cfg.state, "shards-state", given + found + [("output directory", cfg.out)],
+                                            flag="--state"))
+        return _audit(cfg, flags, shards, out, st, t0)
+
+
+def _audit(cfg: ShardAuditConfig, flags, shards, out, st, t0: float) -> ShardAuditResult:
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from spike_audit.pipelines.beam.runner import run_pipeline
     from spike_audit.pipelines.beam.sink import collect_tables
-    from spike_audit.pipelines.io import AtomicDir, write_json, write_table, write_text
+    from spike_audit.pipelines.io import write_json, write_table, write_text
+    from spike_audit.pipelines.outdir import os_error
     from spike_audit.pipelines.report.shard_page import render_shard_report
-    from spike_audit.pipelines.beam.options import beam_options
 
-    t0 = time.time()
-    flags = beam_options(beam_args)  # first: a misspelled option fails before any work
-    shards = discover(cfg.inputs, cfg.root)
     index = _load_index(cfg.state)
     if index and index.get("settings") != _settings_key(cfg):
         log.warning("state in %s was made with other settings; auditing every shard again", cfg.state)
@@ -69,27 +90,32 @@ def run_shard_audit(cfg: ShardAuditConfig, beam_args: list[str] | None = None) -
     if not names:
         raise UserError("no readable shards to audit")
     run_id = uuid.uuid4().hex[:12]
-    base = Path(cfg.out).resolve().parent
-    base.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".spike-audit-staging-", dir=base))
+    stage = out.stage()
+    parts = stage / "parts"
+    state_stage = st.stage() if st is not None else None  # state parts land in the state's own file system
+    opts = PipelineOptions(flags)
+    old_parts = _old_parts(cfg.state, {stored[n]["run"] for n, _ in keep}) if cfg.state else {}
+    roots = {k: str(state_stage) for k in ("state_accs", "state_keys")} if state_stage is not None else {}
+    run_pipeline(lambda p: build_pipeline(p, cfg, todo, old_parts, keep, names, str(parts), roots), opts,
+                 where=cfg.out)
+    tables = collect_tables(str(parts), (SHARD_SCORES, DUPLICATES))
+    n_tokens = int(sum(r["n_tokens"] for r in tables["shard_scores"].to_pylist() if r["shard"] in
+                       {s.name for s, _ in todo}))
+    q = shard_quarantine(tables["shard_scores"], bad, cfg.quarantine_z)
+    files = stage / "files"
     try:
-        opts = PipelineOptions(flags)
-        old_parts = _old_parts(cfg.state, {stored[n]["run"] for n, _ in keep}) if cfg.state else {}
-        run_pipeline(lambda p: build_pipeline(p, cfg, todo, old_parts, keep, names, str(staging)), opts)
-        tables = collect_tables(str(staging), (SHARD_SCORES, DUPLICATES))
-        n_tokens = int(sum(r["n_tokens"] for r in tables["shard_scores"].to_pylist() if r["shard"] in
-                           {s.name for s, _ in todo}))
-        q = shard_quarantine(tables["shard_scores"], bad, cfg.quarantine_z)
-        with AtomicDir(cfg.out) as stage:
-            write_table(tables["shard_scores"], stage / "shard_scores.parquet", SHARD_SCORES)
-            write_table(tables["duplicates"], stage / "duplicates.parquet", DUPLICATES)
-            write_json(q, stage / "quarantine.json")
-            write_text(render_shard_report(tables, bad, cfg, excerpts(tables["shard_scores"], shards, cfg)),
-                       stage / "report.html")
-            write_json({"shards": len(names), "scanned": len(todo), "from_state": len(keep), "bad": bad,
-                        "tokens_scanned": n_tokens, "seconds": round(time.time() - t0, 3)}, stage / "summary.json")
-        if cfg.state:
-            _save_state(cfg, staging, run_id, names, {s.name: s.fingerprint for s in shards}, keep, stored)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        files.mkdir()
+        write_table(tables["shard_scores"], files / "shard_scores.parquet", SHARD_SCORES)
+        write_table(tables["duplicates"], files / "duplicates.parquet", DUPLICATES)
+        write_json(q, files / "quarantine.json")
+        write_text(render_shard_report(tables, bad, cfg, excerpts(tables["shard_scores"], shards, cfg)),
+                   files / "report.html")
+        # no timings here: the outputs of identical inputs are byte-identical (the command prints the time)
+        write_json({"shards": len(names), "scanned": len(todo), "from_state": len(keep), "bad": bad,
+                    "tokens_scanned": n_tokens}, files / "summary.json")
+    except OSError as err:
+        raise os_error(cfg.out, err, "cannot write the new output (the previous output is intact)") from None
+    out.publish(files)
+    if st is not None:
+        _save_state(cfg, state_stage, run_id, names, {s.name: s.fingerprint for s in shards}, keep, stored)
     return ShardAuditResult(Path(cfg.out), tables, len(names), len(todo), n_tokens, bad, time.time() - t0)

@@ -81,7 +81,7 @@ def split_bands(rec: dict, buckets: int):
 
 
 def build_pipeline(p, cfg: ShardAuditConfig, todo: list[tuple[Shard, int]], old_parts: dict[str, list[str]],
-                   keep: frozenset, names: list[str], staging: str):
+                   keep: frozenset, names: list[str], staging: str, roots: dict[str, str] | None = None):
     import apache_beam as beam
     from apache_beam.pvalue import AsSingleton
 
@@ -148,4 +148,5 @@ def build_pipeline(p, cfg: ShardAuditConfig, todo: list[tuple[Shard, int]], old_
         ]
     n_parts = max(1, min(64, len(todo)))
     (outputs | "AllOutputs" >> beam.Flatten()
-     | "Write" >> WriteTables(staging, parts={"state_accs": n_parts, "state_keys": n_parts, "duplicates": 4}))
+     | "Write" >> WriteTables(staging, parts={"state_accs": n_parts, "state_keys": n_parts, "duplicates": 4},
+                              roots=roots))

@@ -6,8 +6,9 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import logging
 import os
-import pickle
+import re
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -17,12 +18,25 @@ from spike_audit.pipelines.errors import UserError
 from spike_audit.pipelines.shard_audit.config import NODE_SHIFT, ShardAuditConfig
 
 
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 2  # 1: part files were pickles (never read: such a state is audited again)
+KINDS = ("state_accs", "state_keys")
+_RUN_ID = re.compile(r"^[0-9a-f]{12}$")
+
+
 def load_state_records(path: str, keep: frozenset):
-    """Part file of an earlier run -> its records whose (shard, fingerprint) is still current."""
+    """Part file of an earlier run -> its records whose (shard, fingerprint) is still current. Part files are
+    data (:mod:`spike_audit.pipelines.records`), validated as they are read; nothing is unpickled."""
     from apache_beam.io.filesystems import FileSystems
 
+    from spike_audit.pipelines import records as rec_io
+
+    kind = os.path.basename(os.path.dirname(path))
     with FileSystems.open(path) as f:
-        for rec in pickle.loads(f.read()):
+        for rec in rec_io.from_bytes(f.read(), path, kind if kind in KINDS else None):
+            if not isinstance(rec, dict) or not {"shard", "fingerprint"} <= rec.keys():
+                raise UserError(f"{path}: not a shard-audit state record (expected shard, fingerprint, ...)")
             if (rec["shard"], rec["fingerprint"]) in keep:
                 yield rec
 
@@ -57,9 +71,27 @@ def _load_index(state: str | None) -> dict:
     if not p.exists():
         return {}
     try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as err:
+        index = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{p}: not a spike-audit state index ({err})") from None
+    except OSError as err:
+        raise UserError(f"{p}: cannot read the state index ({err.strerror or err})") from None
+    if not isinstance(index, dict) or "version" not in index:
+        raise UserError(f"{p}: not a spike-audit shard-audit state index (expected a JSON object with a version)")
+    if index["version"] == 1:
+        log.warning("%s: state written by an older spike-audit (pickled parts, never read); auditing every shard "
+                    "again", p)
+        return {}
+    if index["version"] != STATE_VERSION:
+        raise UserError(f"{p}: state version {index['version']!r}, expected {STATE_VERSION}")
+    shards = index.get("shards")
+    if not isinstance(index.get("settings"), str) or not isinstance(shards, dict):
+        raise UserError(f"{p}: expected 'settings' (string) and 'shards' (object)")
+    for name, e in shards.items():
+        if not (isinstance(e, dict) and isinstance(e.get("fingerprint"), str) and isinstance(e.get("run"), str)
+                and _RUN_ID.match(e["run"])):
+            raise UserError(f"{p}: shard {name!r}: expected {{'fingerprint': str, 'run': 12 hex digits}}, got {e!r}"[:300])
+    return index
 
 
 def _settings_key(cfg: ShardAuditConfig) -> str:
@@ -70,25 +102,45 @@ def _settings_key(cfg: ShardAuditConfig) -> str:
 
 
 def _old_parts(state: str, run_ids: set[str]) -> dict[str, list[str]]:
+    """The part files of the runs still referenced, each validated (format, version, kind, schema) on the
+    driver before the pipeline reads it."""
+    from spike_audit.pipelines import records as rec_io
+
     out = {"accs": [], "keys": []}
     for rid in sorted(run_ids):
         for kind in ("accs", "keys"):
-            out[kind] += sorted(glob.glob(os.path.join(state, "runs", rid, f"state_{kind}", "part-*.pkl")))
+            if not os.path.isdir(os.path.join(state, "runs", rid)):
+                raise UserError(f"{os.path.join(state, 'runs', rid)}: missing from the state directory (the state "
+                                "index refers to it)")
+            d = os.path.join(state, "runs", rid, f"state_{kind}")
+            parts = sorted(glob.glob(os.path.join(glob.escape(d), f"part-*{rec_io.SUFFIX}")))
+            for p in parts:
+                rec_io.check_file(p, f"state_{kind}")
+            out[kind] += parts
     return out
 
 
 def _save_state(cfg, staging: Path, run_id: str, names, fingerprints, keep, stored) -> None:
+    """The new run's part files (written by the pipeline into the state directory's own staging) are renamed
+    into ``runs/RUN``, then ``state.json`` is replaced atomically (the commit), then runs no shard refers to
+    are removed: a kill at any point leaves a consistent state."""
     from spike_audit.pipelines.io import write_json
+    from spike_audit.pipelines.outdir import os_error
 
     state = Path(cfg.state)
     run_dir = state / "runs" / run_id
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for kind in ("state_accs", "state_keys"):
-        if (staging / kind).exists():
-            os.replace(staging / kind, run_dir / kind)  # a rename: no data passes through the driver
-    kept = {n for n, _ in keep}
-    shards = {n: {"fingerprint": fingerprints[n], "run": stored[n]["run"] if n in kept else run_id} for n in names}
-    write_json({"version": 1, "settings": _settings_key(cfg), "shards": shards}, state / "state.json")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for kind in KINDS:
+            if (staging / kind).exists():
+                os.replace(staging / kind, run_dir / kind)  # a rename: no data passes through the driver
+        kept = {n for n, _ in keep}
+        shards = {n: {"fingerprint": fingerprints[n], "run": stored[n]["run"] if n in kept else run_id}
+                  for n in names}
+        write_json({"version": STATE_VERSION, "settings": _settings_key(cfg), "shards": shards},
+                   state / "state.json")
+    except OSError as err:
+        raise os_error(cfg.state, err, "cannot write the new state (the previous state is intact)") from None
     live = {v["run"] for v in shards.values()}
     for d in (state / "runs").iterdir():
         if d.name not in live:

@@ -1,0 +1,279 @@
+"""`--out` and `--state` through the command line: never destroy an input or a foreign directory, one-line errors
+(exit 2) for concurrent runs, full disks and denied permissions with the previous output intact, staging cleaned on
+SIGTERM/SIGINT, a mount point as --out, byte-identical reruns."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from spike_audit.pipelines.cli.main import main
+from spike_audit.pipelines.outdir import OutDir
+
+
+def _tree_digest(path: Path) -> dict:
+    """Every file under ``path`` (following the output's links) -> sha256: what "intact" means (the lock file
+    holds the pid of the last run that took it)."""
+    out = {}
+    for p in sorted(path.rglob("*")):
+        if p.is_file() and p.name != ".spike-audit.lock":
+            out[str(p.relative_to(path))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def _visible(out: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if not p.name.startswith(".")}
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    from spike_audit.pipelines.demo import make_shard_corpus
+
+    root = tmp_path_factory.mktemp("small")
+    make_shard_corpus(root / "shards", n_clean=6, rows_per_shard=40)
+    return root
+
+
+def _shards(small, out, *extra):
+    return ["-q", "shards", str(small / "shards"), "--out", str(out), *extra]
+
+
+def _one_line_error(capsys, *needles):
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, (n, err)
+    return err
+
+
+# -- refusals -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("where, said", [
+    ("shards", "is the same path as the input"),
+    (".", "a directory containing the input"),
+    ("shards/shard-00001.parquet", "inside the input"),
+    ("shards/audit", "inside the input"),
+])
+def test_shards_out_on_an_input_is_refused_and_the_input_kept(small, capsys, where, said):
+    before = _tree_digest(small)
+    assert main(_shards(small, small / where)) == 2
+    _one_line_error(capsys, said)
+    assert _tree_digest(small) == before
+
+
+def test_shards_state_on_an_input_or_the_out_is_refused(small, tmp_path, capsys):
+    before = _tree_digest(small)
+    assert main(_shards(small, tmp_path / "o", "--state", str(small / "shards"))) == 2
+    _one_line_error(capsys, "--state is the same path as the input")
+    assert main(_shards(small, tmp_path / "o", "--state", str(tmp_path / "o"))) == 2
+    _one_line_error(capsys, "the same path as the state directory")
+    assert main(_shards(small, tmp_path / "o", "--state", str(tmp_path / "o" / "st"))) == 2
+    _one_line_error(capsys, "a directory containing the state directory")
+    assert _tree_digest(small) == before and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("where, said", [
+    ("run/shards", "is the same path as the shard root"),
+    ("run", "a directory containing the log"),
+    ("run/train.log", "is the same path as the log"),
+    ("run/manifest.parquet", "is the same path as the manifest"),
+    ("run/shards/audit", "inside the shard root"),
+])
+def test_run_out_on_an_input_is_refused_and_the_input_kept(demo, capsys, where, said):
+    root, _ = demo
+    run = root / "run"
+    before = _tree_digest(run)
+    argv = ["-q", "run", "--log", str(run / "train.log"), "--manifest", str(run / "manifest.parquet"),
+            "--shards", str(run / "shards"), "--out", str(root / where)]
+    assert main(argv) == 2
+    _one_line_error(capsys, said)
+    assert _tree_digest(run) == before
+
+
+def test_run_state_on_an_input_or_the_out_is_refused(demo, tmp_path, capsys):
+    root, _ = demo
+    run = root / "run"
+    base = ["-q", "run", "--log", str(run / "train.log"), "--manifest", str(run / "manifest.parquet"),
+            "--shards", str(run / "shards"), "--out", str(tmp_path / "out")]
+    assert main(base + ["--state", str(run / "shards" / "state")]) == 2
+    _one_line_error(capsys, "--state is inside the shard root")
+    assert main(base + ["--state", str(tmp_path / "out")]) == 2
+    _one_line_error(capsys, "is the same path as the state directory")
+    assert not (tmp_path / "out").exists() and not (run / "shards" / "state").exists()
+
+
+def test_a_foreign_directory_or_a_file_as_out_is_refused(small, tmp_path, capsys):
+    d = tmp_path / "mine"
+    d.mkdir()
+    (d / "thesis.tex").write_text("years of work")
+    assert main(_shards(small, d)) == 2
+    _one_line_error(capsys, "is not empty and is not a spike-audit output", str(d))
+    assert sorted(os.listdir(d)) == ["thesis.tex"]
+    f = tmp_path / "file.txt"
+    f.write_text("x")
+    assert main(_shards(small, f)) == 2
+    _one_line_error(capsys, "exists and is not a directory")
+    assert f.read_text() == "x"
+
+
+def test_a_foreign_state_directory_is_refused(small, tmp_path, capsys):
+    st = tmp_path / "st"
+    st.mkdir()
+    (st / "state.json").write_text('{"something": "else"}')
+    assert main(_shards(small, tmp_path / "o", "--state", str(st))) == 2
+    _one_line_error(capsys, "is not a spike-audit state directory")
+    assert sorted(os.listdir(st)) == ["state.json"]
+
+
+def test_out_s3_url_is_refused_and_no_local_folder_is_made(small, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(_shards(small, "s3://bucket/audit")) == 2
+    _one_line_error(capsys, "s3://bucket/audit: --out must be a local directory")
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- concurrency ----------------------------------------------------------------------------------------------
+
+def test_two_runs_on_one_out_or_state_get_a_one_line_error(small, tmp_path, capsys):
+    out = tmp_path / "o"
+    with OutDir(out, "shards"):  # another run holds the output
+        assert main(_shards(small, out)) == 2
+        _one_line_error(capsys, "another spike-audit run", "is writing this --out directory")
+    st = tmp_path / "st"
+    with OutDir(st, "shards-state", flag="--state"):
+        assert main(_shards(small, tmp_path / "o2", "--state", str(st))) == 2
+        _one_line_error(capsys, "is writing this --state directory")
+
+
+# -- reruns ---------------------------------------------------------------------------------------------------
+
+def test_shards_reruns_are_byte_identical_and_state_reruns_differ_only_in_the_scan_counts(small, tmp_path, capsys):
+    """Identical inputs and settings give byte-identical files, every one of them (summary.json has no timings).
+    From state, every table, the quarantine and the report are byte-identical to a full run; summary.json differs
+    only in what was read now (scanned, from_state, tokens_scanned)."""
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    st = str(tmp_path / "st")
+    assert main(_shards(small, a, "--state", st)) == 0
+    assert main(_shards(small, b)) == 0
+    assert main(_shards(small, c, "--state", st)) == 0
+    va, vb, vc = _visible(a), _visible(b), _visible(c)
+    assert sorted(va) == ["duplicates.parquet", "quarantine.json", "report.html", "shard_scores.parquet",
+                          "summary.json"]
+    assert va == vb
+    assert {k: v for k, v in vc.items() if k != "summary.json"} == {k: v for k, v in va.items() if k != "summary.json"}
+    sa, sc = json.loads(va["summary.json"]), json.loads(vc["summary.json"])
+    assert "seconds" not in sa
+    assert {k for k in sa if sa[k] != sc[k]} == {"scanned", "from_state", "tokens_scanned"}
+    assert sc["scanned"] == 0 and sc["from_state"] == sa["scanned"]
+    # rerunning into the same --out replaces it: still one version, same bytes
+    assert main(_shards(small, a)) == 0
+    assert _visible(a) == vb and len([e for e in os.listdir(a) if e.startswith(".v-")]) == 1
+
+
+# -- disk full, permissions, mount points -------------------------------------------------------------------
+
+def test_disk_full_is_a_one_line_error_and_the_previous_output_stays(small, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "o"
+    assert main(_shards(small, out)) == 0
+    before = _tree_digest(out)
+    import pyarrow.parquet as pq
+
+    real = pq.write_table
+
+    def full(table, where, *a, **k):
+        real(table, where, *a, **k)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pq, "write_table", full)
+    assert main(_shards(small, out)) == 2
+    _one_line_error(capsys, "no space left on device", "the previous output is intact")
+    monkeypatch.undo()
+    assert _tree_digest(out) == before
+    assert not [e for e in os.listdir(out) if e.startswith(".staging-")]
+
+
+def test_permission_denied_on_out_is_a_one_line_error(small, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "o"
+    assert main(_shards(small, out)) == 0
+    before = _tree_digest(out)
+    if os.geteuid() != 0:
+        os.chmod(out, 0o555)
+    else:  # root ignores mode bits: deny what a non-root user would be denied
+        real = Path.mkdir
+
+        def denied(self, *a, **k):
+            if self.parent == out:
+                raise PermissionError(errno.EACCES, "Permission denied", str(self))
+            return real(self, *a, **k)
+
+        monkeypatch.setattr(Path, "mkdir", denied)
+    try:
+        assert main(_shards(small, out)) == 2
+    finally:
+        os.chmod(out, 0o755)
+    _one_line_error(capsys, str(out), "Permission denied")
+    monkeypatch.undo()
+    assert _tree_digest(out) == before
+
+
+def _mount_tmpfs(where: Path, size: str) -> bool:
+    where.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        return False
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True)
+    return r.returncode == 0
+
+
+def test_out_on_a_mount_point_and_a_real_full_disk(small, tmp_path, capsys):
+    mnt = tmp_path / "mnt"
+    if not _mount_tmpfs(mnt, "4m"):
+        pytest.skip("cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN)")
+    try:
+        assert main(_shards(small, mnt)) == 0  # the mount point itself is --out: never renamed
+        assert main(_shards(small, mnt)) == 0
+        before = _tree_digest(mnt)
+        assert os.path.ismount(mnt)
+        st = os.statvfs(mnt)
+        with open(mnt / "filler", "wb") as f:  # leave a few KiB: the next output cannot fit
+            f.write(b"\0" * max(0, st.f_bavail * st.f_frsize - 8192))
+        assert main(_shards(small, mnt)) == 2
+        _one_line_error(capsys, "no space left on device")
+        (mnt / "filler").unlink()
+        assert _tree_digest(mnt) == before
+        assert not [e for e in os.listdir(mnt) if e.startswith(".staging-")]
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+# -- signals --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_cleans_staging_and_keeps_the_previous_output(small, tmp_path, sig, code):
+    out = tmp_path / "o"
+    assert main(_shards(small, out)) == 0
+    before = _tree_digest(out)
+    cmd = [sys.executable, "-m", "spike_audit.pipelines.cli", *_shards(small, out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    deadline = time.time() + 120
+    while not [e for e in os.listdir(out) if e.startswith(".staging-")]:
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it staged anything"
+        time.sleep(0.01)
+    time.sleep(0.3)  # inside the pipeline
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal arrived (machine too fast for this probe)")
+    assert proc.returncode == code, err
+    lines = [ln for ln in err.strip().splitlines() if "apitools" not in ln]
+    assert len(lines) == 1 and ("terminated" in lines[0] or "interrupted" in lines[0]), err
+    assert not [e for e in os.listdir(out) if e.startswith(".staging-")]
+    assert _tree_digest(out) == before
