@@ -277,3 +277,90 @@ def test_a_signal_cleans_staging_and_keeps_the_previous_output(small, tmp_path, 
     assert len(lines) == 1 and ("terminated" in lines[0] or "interrupted" in lines[0]), err
     assert not [e for e in os.listdir(out) if e.startswith(".staging-")]
     assert _tree_digest(out) == before
+
+
+# -- exit codes for schedulers --------------------------------------------------------------------------------
+
+def test_shards_fail_on_quarantine_exits_3_and_still_writes(small, tmp_path, capsys):
+    assert main(_shards(small, tmp_path / "a")) == 0
+    capsys.readouterr()
+    assert main(_shards(small, tmp_path / "b", "--fail-on", "quarantine")) == 3
+    err = capsys.readouterr().err
+    assert "exit 3 (--fail-on quarantine): 4 shard(s) quarantined" in err
+    assert _visible(tmp_path / "a") == _visible(tmp_path / "b")
+
+
+# -- state is data ------------------------------------------------------------------------------------------
+
+
+def _evil_pickle(flag: Path) -> bytes:
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {flag}",))
+
+    return pickle.dumps([Evil()])
+
+
+def test_a_planted_pickle_in_shards_state_is_never_run(small, tmp_path, capsys):
+    st = tmp_path / "st"
+    assert main(_shards(small, tmp_path / "o", "--state", str(st))) == 0
+    (run,) = (st / "runs").iterdir()
+    flag = tmp_path / "PWNED"
+    # a pickle beside the parts, and one in the place of a part
+    (run / "state_accs" / "part-00000.pkl").write_bytes(_evil_pickle(flag))
+    assert main(_shards(small, tmp_path / "o", "--state", str(st))) == 0
+    assert not flag.exists()
+    part = sorted((run / "state_keys").iterdir())[0]
+    part.write_bytes(_evil_pickle(flag))
+    capsys.readouterr()
+    assert main(_shards(small, tmp_path / "o", "--state", str(st))) == 2
+    _one_line_error(capsys, str(part), "not a readable spike-audit records file")
+    assert not flag.exists()
+
+
+def test_old_pickled_or_corrupt_shards_state_is_refused_or_redone(small, tmp_path, capsys):
+    st = tmp_path / "st"
+    assert main(_shards(small, tmp_path / "o", "--state", str(st))) == 0
+    index = json.loads((st / "state.json").read_text())
+    (st / "state.json").write_text("{not json")
+    capsys.readouterr()
+    assert main(_shards(small, tmp_path / "o", "--state", str(st))) == 2
+    _one_line_error(capsys, "state.json: not a spike-audit state index")
+    bad = dict(index, shards={"x.parquet": {"fingerprint": "f", "run": "../../etc"}})
+    (st / "state.json").write_text(json.dumps(bad))
+    assert main(_shards(small, tmp_path / "o", "--state", str(st))) == 2
+    _one_line_error(capsys, "expected {'fingerprint': str, 'run': 12 hex digits}")
+    (st / "state.json").write_text(json.dumps(dict(index, version=1)))  # the pickle era: audited again
+    assert main(_shards(small, tmp_path / "o", "--state", str(st))) == 0
+    assert "10 read now, 0 from state" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_run_fail_on_data_and_a_corrupt_run_state(demo, tmp_path, capsys):
+    root, _ = demo
+    run = root / "run"
+    out, st = tmp_path / "out", tmp_path / "state"
+    argv = ["-q", "run", "--log", str(run / "train.log"), "--manifest", str(run / "manifest.parquet"),
+            "--shards", str(run / "shards"), "--out", str(out), "--state", str(st)]
+    assert main(argv + ["--fail-on", "data"]) == 3  # the demo's planted spikes are judged data
+    assert "spike(s) judged data" in capsys.readouterr().err
+    before = _tree_digest(out)
+    good = (st / "state.json").read_text()
+    for name, content, said in [
+        ("state.json", "{broken", "state.json: not a spike-audit run state"),
+        ("state.json", json.dumps(dict(json.loads(good), version=7)), "run state version 7, expected 1"),
+        ("state.json", json.dumps(dict(json.loads(good), controls="all")), "expected fingerprint (string), controls"),
+        ("verdicts.parquet", "PAR1 garbage", "verdicts.parquet: not a readable verdicts table"),
+    ]:
+        target = st / ".current" / name
+        keep = target.read_bytes()
+        target.write_bytes(content.encode())
+        assert main(argv) == 2, name
+        _one_line_error(capsys, said)
+        target.write_bytes(keep)
+        assert _tree_digest(out) == before
+    capsys.readouterr()
+    assert main(argv) == 0  # the repaired state: nothing new to audit
+    assert "(0 audited now)" in capsys.readouterr().out

@@ -7,12 +7,14 @@ import logging
 
 log = logging.getLogger(__name__)
 
+EXIT_FOUND = 3  # --fail-on: the audit ran and found what the user asked to be told about
+
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log", required=True, help="the run's loss log (any supported format)")
     p.add_argument("--manifest", required=True, help="step manifest (Parquet, schemas: step_manifest)")
     p.add_argument("--shards", required=True, help="shard root the manifest's shard paths are relative to")
-    p.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    p.add_argument("--out", required=True, help="output directory (replaced in one atomic step; refused if it is not a spike-audit output or overlaps an input)")
     p.add_argument("--format", dest="log_format", help="log format (default: detected)")
     p.add_argument("--metric", default="train_loss", help="loss metric to audit (default: train_loss)")
     p.add_argument("--method", default="robust", choices=("robust", "olmo", "metaseq"), help="spike detector")
@@ -43,6 +45,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    "when the file has them, else the control steps)")
     p.add_argument("--replay-pack", help="also write the window and control rows, in batch order, to this "
                    "directory (Parquet + flat token .npy + README) for replaying from a checkpoint")
+    p.add_argument("--fail-on", action="append", choices=("data", "quarantine"), default=[],
+                   help=f"exit {EXIT_FOUND} (for schedulers) when a spike is judged data / a shard is quarantined; "
+                        "the outputs are written either way")
 
 
 def config_from_args(args):
@@ -72,6 +77,28 @@ def _run(args) -> int:
 
     res = run_audit(config_from_args(args), beam_args=args.extra)
     print_summary(res)
+    return found_code(args, res)
+
+
+def found_code(args, res) -> int:
+    """``--fail-on``: exit 3 when the audit found data verdicts or quarantined shards (0 otherwise)."""
+    import sys
+
+    from spike_audit.pipelines.run.outputs import quarantine
+
+    v = res.tables["verdicts"]
+    found = []
+    if "data" in args.fail_on:
+        n = sum(x == "data" for x in v.column("verdict").to_pylist())
+        if n:
+            found.append(f"{n} spike(s) judged data")
+    if "quarantine" in args.fail_on:
+        n = len(quarantine(v, res.tables["row_flags"])["shards"])
+        if n:
+            found.append(f"{n} shard(s) quarantined")
+    if found:
+        print(f"spike-audit {args.command}: exit {EXIT_FOUND} (--fail-on): {'; '.join(found)}", file=sys.stderr)
+        return EXIT_FOUND
     return 0
 
 

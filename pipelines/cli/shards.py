@@ -22,6 +22,16 @@ def _shards(args) -> int:
         print(f" {mark}{r['rank']:>4}  {r['shard']:<40} {score:>8}  {r['reason']}")
     for b in res.bad:
         print(f"  unreadable: {b['shard']}: {b['error']}")
+    if args.fail_on:
+        import sys
+
+        from spike_audit.pipelines.cli.run import EXIT_FOUND
+
+        n = sum(r["anomaly_score"] >= cfg.quarantine_z for r in scores) + len(res.bad)
+        if n:
+            print(f"spike-audit shards: exit {EXIT_FOUND} (--fail-on quarantine): {n} shard(s) quarantined "
+                  "(unreadable ones included)", file=sys.stderr)
+            return EXIT_FOUND
     return 0
 
 
@@ -31,7 +41,7 @@ def register(sub) -> None:
                                    "clusters spanning shards, and write a quarantine list. Any other --option is "
                                    "passed to Beam (e.g. --runner).")
     p.add_argument("inputs", nargs="+", help="shard files, directories or globs (local or gs://, s3:// ...)")
-    p.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    p.add_argument("--out", required=True, help="output directory (replaced in one atomic step; refused if it is not a spike-audit output or overlaps an input)")
     p.add_argument("--root", help="shard names are relative to this (default: the inputs' common directory)")
     p.add_argument("--state", help="state directory: a rerun reads only new or changed shards")
     p.add_argument("--skip-bad", action="store_true", help="continue without unreadable shards (they are listed)")
@@ -43,4 +53,7 @@ def register(sub) -> None:
     p.add_argument("--threshold", type=float, default=0.8, help="Jaccard threshold of near duplicates (0.8)")
     p.add_argument("--eos-id", type=int, help="end-of-document token id")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fail-on", choices=("quarantine",), action="append", default=[],
+                   help="exit 3 (for schedulers) when a shard is quarantined (unreadable ones listed by --skip-bad "
+                        "included); the outputs are written either way")
     p.set_defaults(func=_shards, accepts_extra=True)
