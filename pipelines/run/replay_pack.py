@@ -160,7 +160,8 @@ def write_replay_pack(dest: str, index: BatchIndex, shard_root: str | None, wind
     ``dest`` (replaced atomically). Returns a summary."""
     import pyarrow.parquet as pq
 
-    from spike_audit.pipelines.io import AtomicDir, write_text
+    from spike_audit.pipelines.io import write_text
+    from spike_audit.pipelines.outdir import OutDir
 
     spikes_of: dict[int, list[str]] = {}
     for sid, w in windows.items():
@@ -173,7 +174,9 @@ def write_replay_pack(dest: str, index: BatchIndex, shard_root: str | None, wind
     t0 = time.time()
     n_rows = n_tokens = 0
     max_id = 0
-    with AtomicDir(dest) as stage:
+    with OutDir(dest, "replay-pack", flag="--replay-pack") as pack:  # checked, locked, one atomic swap
+        stage = pack.stage() / "files"
+        stage.mkdir()
         raw_path = stage / ".tokens.int64"
         writer = pq.ParquetWriter(stage / "rows.parquet", PACK_SCHEMA, compression="zstd")
         try:
@@ -221,6 +224,7 @@ def write_replay_pack(dest: str, index: BatchIndex, shard_root: str | None, wind
         raw_path.unlink()
         write_text(_pack_readme(len(steps), n_rows, n_tokens, np.dtype(dt).name, index.known_positions, windows,
                                 sorted(ctrl & set(steps))), stage / "README.md")
+        pack.publish(stage)
     return {"dir": str(Path(dest)), "steps": len(steps), "sequences": n_rows, "tokens": n_tokens,
             "dtype": np.dtype(dt).name}
 
