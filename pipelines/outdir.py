@@ -98,6 +98,27 @@ def check_apart(path: str, inputs, flag: str = "--out") -> None:
                             f"(choose a {flag} outside the inputs)")
 
 
+def check_file_output(path: str, inputs, table: str, flag: str = "--out") -> None:
+    """Refuse writing the single table file ``path`` (e.g. a step manifest) over anything but an earlier
+    spike-audit ``table`` file: a URL, a directory, an input, or an existing file of another kind."""
+    if is_url(path):
+        raise UserError(f"{path}: {flag} must be a local file path (a URL is never turned into a local folder)")
+    check_apart(path, inputs, flag)
+    if os.path.isdir(path):
+        raise UserError(f"{path}: {flag} is a directory, expected the path of a {table} file")
+    if os.path.lexists(path):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            meta = pq.read_schema(path).metadata or {}
+        except (OSError, pa.ArrowException):
+            meta = {}
+        if meta.get(b"spike_audit.table") != table.encode():
+            raise UserError(f"{path}: {flag} exists and is not a spike-audit {table} file; refusing to replace it "
+                            "(remove it or choose another path)")
+
+
 def _install_sigterm() -> None:
     if threading.current_thread() is not threading.main_thread():
         return

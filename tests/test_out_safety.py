@@ -364,3 +364,33 @@ def test_run_fail_on_data_and_a_corrupt_run_state(demo, tmp_path, capsys):
     capsys.readouterr()
     assert main(argv) == 0  # the repaired state: nothing new to audit
     assert "(0 audited now)" in capsys.readouterr().out
+
+
+# -- manifest --out (a single file) ---------------------------------------------------------------------------
+
+def test_manifest_out_never_replaces_an_input_or_a_foreign_file(tmp_path, capsys, monkeypatch):
+    import numpy as np
+
+    monkeypatch.chdir(tmp_path)
+    header = np.zeros(256, np.int32)
+    header[:3] = (20240520, 1, 5000)
+    data = tmp_path / "tok_000.bin"
+    data.write_bytes(header.tobytes() + np.arange(5000, dtype=np.uint16).tobytes())
+    keep = data.read_bytes()
+    base = ["-q", "manifest", "sequential", "--shards", str(tmp_path), "--data-files", "tok_*.bin", "-B", "2",
+            "-T", "32", "--num-steps", "3", "--out"]
+    assert main(base + [str(data)]) == 2
+    _one_line_error(capsys, "is the same path as the data file")
+    assert data.read_bytes() == keep
+    notes = tmp_path / "notes.parquet"
+    notes.write_bytes(b"my own file")
+    assert main(base + [str(notes)]) == 2
+    _one_line_error(capsys, "exists and is not a spike-audit step_manifest file")
+    assert notes.read_bytes() == b"my own file"
+    assert main(base + [str(tmp_path / "sub")]) == 0 and main(base + [str(tmp_path / "sub")]) == 0  # replaces its own
+    (tmp_path / "d").mkdir()
+    assert main(base + [str(tmp_path / "d")]) == 2
+    _one_line_error(capsys, "is a directory")
+    assert main(base + ["s3://bucket/m.parquet"]) == 2
+    _one_line_error(capsys, "must be a local file path")
+    assert not (tmp_path / "s3:").exists()

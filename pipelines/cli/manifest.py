@@ -135,6 +135,23 @@ def _expand_globs(root: str | None, patterns: list[str]) -> list[str]:
     return out
 
 
+def _check_out(args, table) -> None:
+    """--out never replaces an input (a data file the manifest names, the trainer's index files) or a file that
+    is not a step manifest."""
+    import pyarrow.compute as pc
+
+    from spike_audit.pipelines.outdir import check_file_output
+    from spike_audit.pipelines.shards.paths import resolve
+
+    inputs = [("data file", resolve(args.shards, s)) for s in pc.unique(table.column("shard")).to_pylist()]
+    for flag in ("global_indices", "data_list", "cache", "data"):
+        v = getattr(args, flag, None)
+        for x in (v if isinstance(v, list) else [v] if v else []):
+            inputs.append((f"--{flag.replace('_', '-')} file", x if flag != "data" else resolve(args.shards, x)))
+    inputs += [("data file", i[1][: -len(".bin")] + ".idx") for i in list(inputs) if i[1].endswith(".bin")]
+    check_file_output(args.out, inputs, "step_manifest")
+
+
 def run(args) -> int:
     from spike_audit.pipelines.manifest import read_manifest, write_manifest
 
@@ -195,6 +212,7 @@ def run(args) -> int:
                                           grad_accum=args.grad_accum, variant=args.variant, shard_root=args.shards,
                                           first_step=args.first_step, dtype=args.dtype)
         dtype = args.dtype
+    _check_out(args, table)
     write_manifest(table, args.out)
     steps_col = table.column("step").to_numpy()
     log.info("wrote %s: %d slices, steps %d..%d", args.out, table.num_rows,
