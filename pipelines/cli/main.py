@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
 def setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else (logging.INFO if verbose < 2 else logging.DEBUG)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for h in logging.getLogger().handlers:  # Beam's import-time note about BigQuery clients this tool never uses
+        h.addFilter(lambda r: not str(r.msg).startswith("apitools not found"))
     if verbose < 2:
         # Beam is chatty at INFO; keep our own progress lines readable.
         logging.getLogger("apache_beam").setLevel(logging.WARNING)
