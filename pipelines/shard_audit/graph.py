@@ -9,8 +9,9 @@ import pyarrow as pa
 
 from spike_audit.pipelines.beam.scoring import (concat_parts, entity_scores, finish, make_suite, split_by_bucket,
                                                 suite_histogram, sum_histograms, to_token_batch, with_cross_dup)
-from spike_audit.pipelines.shard_audit.clusters import (cluster_pairs, duplicate_records, exact_groups,
-                                                        near_clusters, near_pairs)
+from spike_audit.pipelines.shard_audit.clusters import (attach_sketches, band_candidates, cluster_pairs,
+                                                        duplicate_records, exact_groups, near_clusters, near_pairs,
+                                                        split_sketches)
 from spike_audit.pipelines.shard_audit.config import NODE_SHIFT, Shard, ShardAuditConfig
 from spike_audit.pipelines.shard_audit.state import _portable_keys, _reindex, all_fp, load_state_records
 
@@ -71,13 +72,14 @@ def shard_seen_elsewhere(kv):
 
 
 def split_bands(rec: dict, buckets: int):
-    """Partition a chunk's (LSH band key, node, sketch) triples by band-key bucket."""
-    keys, nodes, sk = rec["bands"], rec["ne_nodes"], rec["sketch"]
+    """Partition a chunk's (LSH band key, node) pairs by band-key bucket (sketches travel separately, once per
+    row, and only candidates' sketches reach the verification: row-sized state stays a few arrays per bucket)."""
+    keys, nodes = rec["bands"], rec["ne_nodes"]
     if not len(nodes):
         return
     rows = np.repeat(np.arange(len(nodes)), keys.shape[1])
     flat = keys.ravel()
-    yield from split_by_bucket(flat, buckets, flat, nodes[rows], sk[rows])
+    yield from split_by_bucket(flat, buckets, flat, nodes[rows])
 
 
 def build_pipeline(p, cfg: ShardAuditConfig, todo: list[tuple[Shard, int]], old_parts: dict[str, list[str]],
@@ -131,8 +133,13 @@ def build_pipeline(p, cfg: ShardAuditConfig, todo: list[tuple[Shard, int]], old_
              | "ExactGroups" >> beam.FlatMap(exact_groups)
              | "ExactRecords" >> beam.FlatMap(lambda g, nm, mg: duplicate_records("exact", g, nm, mg), names,
                                               cfg.max_group))
-    near = (keys | "BandBuckets" >> beam.FlatMap(split_bands, cfg.buckets)
-            | "GroupBands" >> beam.GroupByKey()
+    wanted = (keys | "BandBuckets" >> beam.FlatMap(split_bands, cfg.buckets)
+              | "GroupBands" >> beam.GroupByKey()
+              | "Candidates" >> beam.FlatMap(band_candidates, cfg.buckets))
+    sketches = keys | "SketchBuckets" >> beam.FlatMap(split_sketches, cfg.buckets)
+    near = ({"want": wanted, "have": sketches} | "JoinSketches" >> beam.CoGroupByKey()
+            | "AttachSketches" >> beam.FlatMap(attach_sketches)
+            | "GroupCandidates" >> beam.GroupByKey()
             | "NearPairs" >> beam.FlatMap(near_pairs, cfg.threshold)
             | "GroupPairs" >> beam.GroupByKey()
             | "Components" >> beam.FlatMap(cluster_pairs, cfg.cc_iterations)
