@@ -20,8 +20,9 @@ one of those processes (not their sum). Measured, per size, row length and colum
 
 * plain pyarrow read of the same files and columns (the floor);
 * ``spike-audit shards`` in-process, and with ``--direct_running_mode=multi_processing --direct_num_workers=2``;
-* datatrove 1 task: ParquetReader -> GopherRepetitionFilter -> GopherQualityFilter -> MinhashDedupSignature
-  (with-text corpora only; on the smallest size, capped at ``--peer-tokens`` tokens: it runs at ~0.1M tokens/s);
+* datatrove 1 task: ParquetReader -> GopherRepetitionFilter -> GopherQualityFilter -> MinhashDedupSignature,
+  words split on whitespace (its English word tokenizer needs spaCy), filters dropping documents before the
+  signatures as datatrove does (with-text corpora only; on the smallest size, capped at ``--peer-tokens`` tokens: it runs at ~0.1M tokens/s);
 * dolma's repetition tagger if the ``dolma`` package imports (it is not installed by ``[bench]``).
 
 Then ``spike-audit run`` on demo runs of growing length with the same 8 planted spikes (``DemoConfig(steps=N)``),
@@ -192,10 +193,17 @@ from datatrove.pipeline.readers import ParquetReader
 from datatrove.pipeline.filters import GopherRepetitionFilter, GopherQualityFilter
 from datatrove.pipeline.dedup import MinhashDedupSignature
 from datatrove.pipeline.dedup.minhash import MinhashConfig
+from datatrove.utils.hashing import HashConfig
+from datatrove.utils.word_tokenizers import WordTokenizer
+class Whitespace(WordTokenizer):  # datatrove's English tokenizer needs spaCy; ours splits on whitespace too
+    def word_tokenize(self, text, **kw): return text.split()
+    def sent_tokenize(self, text, **kw): return [text]
+    def span_tokenize(self, text, **kw): return [(0, len(text))]
 src, out, limit = sys.argv[1], sys.argv[2], int(sys.argv[3])
+ws = Whitespace()
 pipe = [ParquetReader(src, glob_pattern='*.parquet', text_key='text', limit=limit),
-        GopherRepetitionFilter(), GopherQualityFilter(),
-        MinhashDedupSignature(output_folder=out + '/sigs', config=MinhashConfig())]
+        GopherRepetitionFilter(language=ws), GopherQualityFilter(language=ws),
+        MinhashDedupSignature(output_folder=out + '/sigs', config=MinhashConfig(hash_config=HashConfig(hash_fc="sha1")), language=ws)]  # its xxhash path fails on str here
 LocalPipelineExecutor(pipeline=pipe, tasks=1, workers=1, logging_dir=out + '/logs').run()
 """
 
