@@ -73,6 +73,7 @@ def tokenize(docs: list[str]):
     trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<eos>"], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(docs, trainer)
+    tokenize.tokenizer = tok  # saved next to the corpus: the decode row measures it
     ids = [e.ids for e in tok.encode_batch(docs)]
     return ids, lambda rows: tok.decode_batch(rows, skip_special_tokens=False), \
         f"byte-level BPE (tokenizers {__import__('tokenizers').__version__}, vocab {VOCAB}, trained on the corpus)"
@@ -109,6 +110,8 @@ def build(cache: Path) -> tuple[Path, str]:
     tokens = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=pa.uint16()))
     table = pa.table({"tokens": tokens, "text": pa.array(text, type=pa.large_string())})
     pq.write_table(table, path, row_group_size=512)
+    if getattr(tokenize, "tokenizer", None) is not None:
+        tokenize.tokenizer.save(str(cache / "tokenizer.json"))
     desc_path.write_text(desc)
     print(f"built {path} ({n_rows} rows, {len(flat):,} tokens) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return path, desc
@@ -199,9 +202,21 @@ def main(argv=None):
 
     t_text = timed(lambda: run_auditor(TextStats(), batches), repeat=3)
     row("text (TextStats: Gopher, chars, zlib)", n_tok, t_text)
-    raw = [t.encode("utf-8") for b in batches for t in b.text]
+    raw = [t.encode("utf-8") for b in batches for t in b.text.to_pylist()]
     t_zlib = timed(lambda: [zlib.compress(r, 6) for r in raw], repeat=3)
     row("  of which zlib level 6, one call per row", n_tok, t_zlib, f"{t_zlib.cpu / t_text.cpu:.0%} of text")
+    # decoding token-only shards with the run's tokenizer (what run / shards --tokenizer add before the
+    # text signals): pipelines.tokenizer.decode_tokens over whole Arrow batches (decode_batch, 2 Rayon threads)
+    tok_path = args.cache / "tokenizer.json"
+    if tok_path.exists():
+        from spike_audit.pipelines.tokenizer import decode_tokens, load_tokenizer
+
+        tok = load_tokenizer(tok_path)
+        cols = [b.column("tokens") for b in pq.read_table(path, columns=["tokens"]).slice(
+            0, args.rows or None).to_batches(max_chunksize=512)]
+        t_dec = timed(lambda: [decode_tokens(tok, c) for c in cols], repeat=3)
+        row("decode tokens -> text (decode_tokens)", n_tok, t_dec,
+            f"{t_dec.wall / t_text.wall:.2f}x the text auditor's wall time; 2 threads")
     sub = read(path, args.peer_rows)
     sub_tok = sum(b.n_tokens for b in sub)
     t_text_sub = timed(lambda: run_auditor(TextStats(), sub), repeat=3)
@@ -284,7 +299,7 @@ def main(argv=None):
             def span_tokenize(self, text, **kw):
                 return [(0, len(text))]
 
-        texts = [t for b in sub for t in b.text]
+        texts = [t for b in sub for t in b.text.to_pylist()]
         f = GopherRepetitionFilter(language=Whitespace())
         docs = [Document(text=t, id=str(i)) for i, t in enumerate(texts)]
         t_dt = timed(lambda: [f.filter(d) for d in docs], repeat=1)

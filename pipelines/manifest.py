@@ -115,8 +115,9 @@ def check_ranges(table: pa.Table, source: str, row_ids: np.ndarray | None = None
 
 
 def check_shard_bounds(table: pa.Table, source: str, shard_root: str | None, row_ids: np.ndarray | None = None,
-                 *, dtype=None, tokens_col: str = "tokens", text_col: str = "text") -> dict:
-    """Every shard exists and no slice is past its end. Returns ``{(shard, unit): length}``."""
+                 *, dtype=None, tokens_col: str = "tokens", text_col: str = "text", rows=None) -> dict:
+    """Every shard exists and no slice is past its end. Returns ``{(shard, unit): length}``. ``rows``: the
+    row definition of flat token files (:class:`pipelines.shards.rows.RowDef`)."""
     n = table.num_rows
     lengths: dict = {}
     if n == 0:
@@ -135,7 +136,7 @@ def check_shard_bounds(table: pa.Table, source: str, shard_root: str | None, row
         shard, unit = names[k // 2], UNITS[k % 2]
         first = int(np.flatnonzero(key == k)[0])
         try:
-            reader = open_shard(shard_root, shard, tokens_col=tokens_col, text_col=text_col, dtype=dtype)
+            reader = open_shard(shard_root, shard, tokens_col=tokens_col, text_col=text_col, dtype=dtype, rows=rows)
             try:
                 limit[k] = reader.length(unit)
             finally:
@@ -153,7 +154,7 @@ def check_shard_bounds(table: pa.Table, source: str, shard_root: str | None, row
 
 
 def read_manifest(path, shard_root: str | None = None, check_shards: bool = True, *, dtype=None,
-                  allow_overlap: bool = False) -> pa.Table:
+                  allow_overlap: bool = False, rows=None) -> pa.Table:
     """Read, validate and check a step manifest. Returns the table (STEP_MANIFEST schema, file order,
     ``unit`` filled with ``'row'`` where null). ``dtype`` is the token dtype of raw token files.
     ``allow_overlap`` accepts overlapping slices within a step (see :func:`check_ranges`)."""
@@ -161,7 +162,7 @@ def read_manifest(path, shard_root: str | None = None, check_shards: bool = True
     src = _name(path)
     check_ranges(table, src, allow_overlap=allow_overlap)
     if check_shards:
-        check_shard_bounds(table, src, shard_root, dtype=dtype)
+        check_shard_bounds(table, src, shard_root, dtype=dtype, rows=manifest_rows(path, rows))
     return table
 
 
@@ -198,3 +199,29 @@ def manifest_from_arrays(step, shard, row_start, row_end, unit="row", rank=None,
     if seq_piece is not None:
         cols["seq_piece"] = np.asarray(seq_piece, np.int32)
     return STEP_MANIFEST.from_arrays(cols, sort=False)
+
+
+#: Parquet schema metadata key of the manifest's run description (a JSON object); its ``flat_rows`` entry
+#: is the row definition of the flat token files its ``unit='row'`` slices address (``RowDef.to_meta``)
+MANIFEST_META_KEY = b"spike_audit.manifest"
+
+
+def manifest_rows(path, given=None):
+    """The row definition to read a manifest's flat token files with: ``given`` (from a command's flags) or
+    the one the manifest records (``flat_rows``); both must agree when both are known."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from spike_audit.pipelines.shards.rows import RowDef, agree
+
+    try:
+        raw = (pq.read_schema(str(path)).metadata or {}).get(MANIFEST_META_KEY)
+    except (pa.ArrowInvalid, OSError):
+        return given
+    try:
+        meta = json.loads(raw) if raw else {}
+    except ValueError:
+        meta = {}
+    recorded = RowDef.from_meta(meta.get("flat_rows") if isinstance(meta, dict) else None, _name(path))
+    return agree(given, recorded, _name(path))

@@ -97,10 +97,50 @@ class _ReadShardFn(beam.DoFn):
                 yield key_list[k_sorted[a]], out.take(pa.array(np.arange(lo, hi)))
 
 
+def fill_text(rb: pa.RecordBatch, tok, source: str = "") -> pa.RecordBatch:
+    """``rb`` (:data:`SLICES_SCHEMA`) with the ``text`` of its token-only rows decoded by ``tok`` (rows that
+    have text keep it), in one batch decode."""
+    import pyarrow.compute as pc
+
+    from spike_audit.pipelines.tokenizer import decode_tokens
+
+    text, tokens = rb.column("text"), rb.column("tokens")
+    need = pc.and_(pc.is_null(text), pc.is_valid(tokens))
+    n_need = pc.sum(need).as_py() or 0
+    if not n_need:
+        return rb
+    decoded = decode_tokens(tok, pc.filter(tokens, need), source=source)
+    new_text = pc.replace_with_mask(text, need, decoded)
+    return rb.set_column(rb.schema.get_field_index("text"), rb.schema.field("text"), new_text)
+
+
+class DecodeText(beam.DoFn):
+    """``(key, RecordBatch)`` -> the same with the text of token-only rows decoded by the run's tokenizer
+    (``Tokenizer.decode_batch``, one call per batch), so the text signals apply to token-only shards. The
+    tokenizer is loaded once per DoFn instance (``setup``); only its path is pickled."""
+
+    def __init__(self, tokenizer_path: str):
+        super().__init__()
+        self.tokenizer_path = tokenizer_path
+        self._tok = None
+
+    def setup(self):
+        from spike_audit.pipelines.tokenizer import load_tokenizer
+
+        self._tok = load_tokenizer(self.tokenizer_path)
+
+    def process(self, kv):
+        if self._tok is None:
+            self.setup()
+        key, rb = kv
+        shard = rb.column("shard")[0].as_py() if rb.num_rows else ""
+        yield key, fill_text(rb, self._tok, source=shard)
+
+
 class ReadSlices(beam.PTransform):
     """``(key, (shard, row_start, row_end, unit[, order]))`` -> ``(key, pa.RecordBatch)`` of exactly those
     rows, one batch per (key, shard, unit). ``reader_opts`` go to :func:`pipelines.shards.read_slices`
-    (``tokens_col``, ``text_col``, ``dtype``)."""
+    (``tokens_col``, ``text_col``, ``dtype``, ``rows``)."""
 
     def __init__(self, shard_root: str | None, **reader_opts):
         super().__init__()

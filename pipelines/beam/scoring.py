@@ -17,7 +17,13 @@ def to_token_batch(rb: pa.RecordBatch, tokens_col: str = "tokens", text_col: str
     vectorised (no Python object per row).
 
     Text-only rows (no tokens at all in the batch) are audited as UTF-8 bytes, so duplication,
-    repetition and distribution signals still apply to text shards."""
+    repetition and distribution signals still apply to text shards. A reader batch names its columns
+    ``tokens`` / ``text`` whatever the shard's columns were called (``tokens_col`` / ``text_col``)."""
+    names = rb.schema.names
+    if tokens_col not in names and "tokens" in names:
+        tokens_col = "tokens"
+    if text_col not in names and "text" in names:
+        text_col = "text"
     tb = TokenBatch.from_arrow(rb, tokens=tokens_col, text=text_col)
     shard = None
     if "shard" in rb.schema.names:
@@ -41,7 +47,7 @@ def make_suite(cfg: dict, baseline_hist=None):
     if baseline_hist is not None and int(np.sum(baseline_hist)) <= 0:
         baseline_hist = None
     return Suite(vocab_size=cfg.get("vocab_size"), baseline_hist=baseline_hist, eos_id=cfg.get("eos_id"),
-                 seed=cfg.get("seed", 0), threshold=cfg.get("threshold", 0.8))
+                 pad_id=cfg.get("pad_id"), seed=cfg.get("seed", 0), threshold=cfg.get("threshold", 0.8))
 
 
 def suite_histogram(acc: dict) -> np.ndarray:

@@ -28,7 +28,9 @@ def register(subparsers) -> None:
     p.add_argument("--manifest", required=True, help="step manifest (Parquet, step_manifest schema)")
     p.add_argument("--shards", default=None, help="root the manifest's shard paths are relative to")
     p.add_argument("--step", required=True, type=int, help="optimizer step, numbered as in the manifest")
-    p.add_argument("--tokenizer", default=None, help="Hugging Face tokenizer.json to decode token ids")
+    from spike_audit.pipelines.cli.tokens import add_token_arguments
+
+    add_token_arguments(p, "the run's tokenizer (tokenizer.json or a directory holding one) to decode token ids")
     p.add_argument("--max-chars", type=int, default=200, help="excerpt length per sequence (default 200)")
     p.add_argument("--limit", type=int, default=20,
                    help="sequences shown per slice (default 20; 0 = all); counts always cover all")
@@ -49,9 +51,11 @@ def _excerpt(s: str, n: int) -> str:
 
 def step_report(manifest: str, shard_root: str | None, step: int, *, tokenizer: str | None = None,
                 max_chars: int = 200, limit: int = 20, tokens_col: str = "tokens", text_col: str = "text",
-                dtype=None, allow_overlap: bool = False) -> dict:
-    """What ``step`` consumed, as a JSON-able dict (the ``--json`` output)."""
-    from spike_audit.pipelines.manifest import (_name, check_ranges, check_shard_bounds, load_manifest_table, step_rows)
+                dtype=None, allow_overlap: bool = False, rows=None) -> dict:
+    """What ``step`` consumed, as a JSON-able dict (the ``--json`` output). ``rows``: the row definition of
+    flat token files (checked against the one the manifest records)."""
+    from spike_audit.pipelines.manifest import (_name, check_ranges, check_shard_bounds, load_manifest_table,
+                                                manifest_rows, step_rows)
     from spike_audit.pipelines.shards.read import read_slices
 
     table = load_manifest_table(manifest)
@@ -62,8 +66,10 @@ def step_report(manifest: str, shard_root: str | None, step: int, *, tokenizer: 
         have = f"steps {steps.min()}..{steps.max()}" if len(steps) else "no rows"
         raise UserError(f"{src}: step {step} is not in the manifest ({have})")
     sub = table.take(ids)
+    row_def = manifest_rows(manifest, rows)
     check_ranges(sub, src, ids, allow_overlap=allow_overlap)
-    check_shard_bounds(sub, src, shard_root, ids, dtype=dtype, tokens_col=tokens_col, text_col=text_col)
+    check_shard_bounds(sub, src, shard_root, ids, dtype=dtype, tokens_col=tokens_col, text_col=text_col,
+                       rows=row_def)
     tok = None
     if tokenizer:
         from spike_audit.pipelines.tokenizer import load_tokenizer
@@ -79,7 +85,7 @@ def step_report(manifest: str, shard_root: str | None, step: int, *, tokenizer: 
     for s_name, u in sorted({(a, b) for a, b in zip(shard, unit)}):
         sel = np.flatnonzero((shard == s_name) & (unit == u))
         batch = read_slices(shard_root, s_name, np.stack([start[sel], end[sel]], axis=1), unit=u,
-                            tokens_col=tokens_col, text_col=text_col, dtype=dtype)
+                            tokens_col=tokens_col, text_col=text_col, dtype=dtype, rows=row_def)
         per = (end[sel] - start[sel]) if u == "row" else np.ones(len(sel), np.int64)
         off = np.concatenate([[0], np.cumsum(per)])
         tokens = batch.column("tokens")
@@ -123,7 +129,7 @@ def step_report(manifest: str, shard_root: str | None, step: int, *, tokenizer: 
     return {
         "manifest": str(manifest), "step": step, "n_slices": len(out),
         "n_sequences": sum(s["n_sequences"] for s in out), "n_tokens": sum(s["n_tokens"] for s in out),
-        "n_shards": len(set(shard)), "slices": out,
+        "n_shards": len(set(shard)), "flat_rows": row_def.to_meta() if row_def is not None else None, "slices": out,
     }
 
 
@@ -144,9 +150,12 @@ def format_report(rep: dict) -> str:
 
 
 def run(args) -> int:
+    from spike_audit.pipelines.cli.tokens import resolve_tokens
+
+    rows, _, _ = resolve_tokens(args.tokenizer, args.eos_id, args.pad_id, args.rows, args.seq_len)
     rep = step_report(args.manifest, args.shards, args.step, tokenizer=args.tokenizer, max_chars=args.max_chars,
                       limit=args.limit, tokens_col=args.tokens_col, text_col=args.text_col, dtype=args.dtype,
-                      allow_overlap=args.allow_overlap)
+                      allow_overlap=args.allow_overlap, rows=rows)
     if args.json:
         json.dump(rep, sys.stdout, indent=2, ensure_ascii=False)
         sys.stdout.write("\n")

@@ -29,8 +29,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--row-z", type=float, default=6.0, help="per-row |z| that flags a row (6)")
     p.add_argument("--tokens-column", dest="tokens_col", default="tokens")
     p.add_argument("--text-column", dest="text_col", default="text")
-    p.add_argument("--tokenizer", help="tokenizer.json to decode excerpts of token-only shards")
-    p.add_argument("--eos-id", type=int, help="end-of-document token id (document-level signals)")
+    from spike_audit.pipelines.cli.tokens import add_token_arguments
+
+    add_token_arguments(p, "the run's tokenizer (tokenizer.json or a directory holding one): token-only shards "
+                           "are decoded with it for the text signals and excerpts; EOS / pad ids from it")
     p.add_argument("--state", help="state directory: a rerun audits only spikes not audited before")
     p.add_argument("--allow-overlap", action="store_true",
                    help="accept slices of one shard that overlap within a step (Megatron epochs can do that)")

@@ -51,7 +51,10 @@ def register(sub) -> None:
     p.add_argument("--batch-rows", type=int, default=4096, help="rows read per chunk (4096)")
     p.add_argument("--quarantine-z", type=float, default=8.0, help="anomaly score that quarantines a shard (8)")
     p.add_argument("--threshold", type=float, default=0.8, help="Jaccard threshold of near duplicates (0.8)")
-    p.add_argument("--eos-id", type=int, help="end-of-document token id")
+    from spike_audit.pipelines.cli.tokens import add_token_arguments
+
+    add_token_arguments(p, "the corpus's tokenizer (tokenizer.json or a directory holding one): token-only shards "
+                           "are decoded with it for the text signals; EOS / pad ids from it")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fail-on", choices=("quarantine",), action="append", default=[],
                    help="exit 3 (for schedulers) when a shard is quarantined (unreadable ones listed by --skip-bad "

@@ -16,7 +16,7 @@ from spike_audit.schemas import LOSS_ROWS, SPIKES
 from spike_audit.pipelines.beam.options import beam_options
 from spike_audit.pipelines.run.graph import build_pipeline
 from spike_audit.pipelines.run.outputs import OUTPUT_SPECS, control_false_alarms, quarantine, skip_list
-from spike_audit.pipelines.run.plan import RunConfig, plan_audit, read_loss_and_spikes
+from spike_audit.pipelines.run.plan import RunConfig, plan_audit, read_loss_and_spikes, resolve_tokens, token_summary
 from spike_audit.pipelines.run.state import load_state, merge_with_state, save_state
 
 
@@ -51,6 +51,7 @@ def run_audit(cfg: RunConfig, beam_args: list[str] | None = None) -> RunResult:
     for path, what in ((cfg.log, "log"), (cfg.manifest, "manifest"), (cfg.shards, "shard root")):
         if "://" not in path and not Path(path).exists():
             raise UserError(f"{path}: {what} not found")
+    cfg = resolve_tokens(cfg)
     inputs = run_inputs(cfg)
     if cfg.replay_pack:
         check_apart(cfg.replay_pack, inputs + [("output directory", cfg.out), ("state directory", cfg.state)],
@@ -122,7 +123,8 @@ def _audit(cfg: RunConfig, flags: list[str], out, st, t0: float) -> RunResult:
                    "controls": len(plan.controls) if not done or new_ids else len(state["controls"]),
                    "verdicts": {v: int(c) for v, c in zip(*np.unique(
                        np.asarray(tables["verdicts"].column("verdict").to_pylist(), dtype=str), return_counts=True))},
-                   "control_calibration": control_false_alarms(tables["batch_scores"], cfg)}
+                   "control_calibration": control_false_alarms(tables["batch_scores"], cfg),
+                   "tokens": token_summary(cfg)}
         if loss_summary is not None:
             summary["row_losses"] = loss_summary
         write_json(summary, files / "summary.json")

@@ -104,9 +104,9 @@ class FlagRows(beam.DoFn):
 
     def _tokenizer(self):
         if self.tokenizer_path and self._tok is None:
-            from tokenizers import Tokenizer
+            from spike_audit.pipelines.tokenizer import load_tokenizer
 
-            self._tok = Tokenizer.from_file(self.tokenizer_path)
+            self._tok = load_tokenizer(self.tokenizer_path)
         return self._tok
 
     def process(self, kv, base):
@@ -196,11 +196,11 @@ def build_pipeline(p, cfg: RunConfig, plan: Plan, staging: str):
     from apache_beam.pvalue import AsSingleton
 
     from spike_audit.auditors.tokens import Histogram
-    from spike_audit.pipelines.beam.read import ReadSlices
+    from spike_audit.pipelines.beam.read import DecodeText, ReadSlices
     from spike_audit.pipelines.beam.combine import AuditorCombineFn
     from spike_audit.pipelines.beam.sink import WriteTables
 
-    cfg_dict = {"vocab_size": cfg.vocab_size, "eos_id": cfg.eos_id, "seed": cfg.seed}
+    cfg_dict = {"vocab_size": cfg.vocab_size, "eos_id": cfg.eos_id, "pad_id": cfg.pad_id, "seed": cfg.seed}
     control_set = frozenset(plan.controls)
     spikes_of = {int(k): list(v) for k, v in plan.spikes_of.items()}
     tokens_col, text_col = cfg.tokens_col, cfg.text_col
@@ -212,7 +212,9 @@ def build_pipeline(p, cfg: RunConfig, plan: Plan, staging: str):
         return to_token_batch(rb, tokens_col, text_col)
 
     batches = (p | "Slices" >> beam.Create(plan.slices)
-               | "Read" >> ReadSlices(cfg.shards, tokens_col=tokens_col, text_col=text_col))
+               | "Read" >> ReadSlices(cfg.shards, tokens_col=tokens_col, text_col=text_col, rows=cfg.flat_rows))
+    if cfg.tokenizer:  # text signals for token-only shards: decode with the run's tokenizer
+        batches = batches | "Decode" >> beam.ParDo(DecodeText(cfg.tokenizer))
     controls = batches | "IsControl" >> beam.Filter(lambda kv, cs: kv[0] in cs, control_set)
     windows = batches | "IsWindow" >> beam.Filter(lambda kv, so: kv[0] in so, spikes_of)
 

@@ -18,6 +18,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from spike_audit.pipelines.errors import UserError
+from spike_audit.pipelines.shards.rows import RowDef
 from spike_audit.schemas import STEP_MANIFEST, validate
 
 
@@ -47,6 +48,11 @@ class RunConfig:
     text_col: str = "text"
     tokenizer: str | None = None
     eos_id: int | None = None
+    pad_id: int | None = None
+    rows: str | None = None  # row definition of flat token files: windows / documents / idx (shards.rows)
+    seq_len: int | None = None
+    flat_rows: RowDef | None = None  # resolved by resolve_tokens (flags, the tokenizer's EOS, the manifest)
+    tokenizer_special: tuple | None = None  # what the tokenizer says: (key, value) pairs, for the outputs
     vocab_size: int | None = None
     state: str | None = None
     allow_missing_steps: bool = False
@@ -67,6 +73,29 @@ class Plan:
     spikes_of: dict[int, list[str]]  # window step -> spike ids
     slices: list[tuple[int, tuple[str, int, int, str]]]
     missing: dict[str, list[int]] = field(default_factory=dict)  # spike_id -> window steps without data
+
+
+def resolve_tokens(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with the EOS / pad ids taken from the tokenizer where not given and the row definition of
+    flat token files resolved (the flags' and the manifest's must agree)."""
+    from dataclasses import replace
+
+    from spike_audit.pipelines.manifest import manifest_rows
+    from spike_audit.pipelines.shards.rows import row_def
+    from spike_audit.pipelines.tokenizer import resolve_special
+
+    eos, pad, special = resolve_special(cfg.tokenizer, cfg.eos_id, cfg.pad_id)
+    rows = manifest_rows(cfg.manifest, cfg.flat_rows or row_def(cfg.rows, cfg.seq_len, eos))
+    return replace(cfg, eos_id=eos, pad_id=pad, flat_rows=rows,
+                   tokenizer_special=tuple(sorted(special.items())) if special else None)
+
+
+def token_summary(cfg: RunConfig) -> dict:
+    """How token ids were read and interpreted (``summary.json``): row definition, EOS / pad, tokenizer."""
+    return {"flat_rows": cfg.flat_rows.to_meta() if cfg.flat_rows is not None else None, "eos_id": cfg.eos_id,
+            "pad_id": cfg.pad_id, "tokenizer": cfg.tokenizer,
+            "tokenizer_special_tokens": dict(cfg.tokenizer_special) if cfg.tokenizer_special else None,
+            "text_decoded_from_tokens": bool(cfg.tokenizer)}
 
 
 def read_loss_and_spikes(cfg: RunConfig):
@@ -189,7 +218,7 @@ def _check_slices(cfg: RunConfig, man: pa.Table, steps: list[int]) -> None:
     def check(row_ids):
         check_ranges(man, cfg.manifest, row_ids, allow_overlap=cfg.allow_overlap)
         check_shard_bounds(man, cfg.manifest, cfg.shards, row_ids, tokens_col=cfg.tokens_col,
-                           text_col=cfg.text_col)
+                           text_col=cfg.text_col, rows=cfg.flat_rows)
 
     try:
         check(None)

@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from spike_audit.pipelines.errors import UserError
 from spike_audit.schemas import DUPLICATES, SHARD_SCORES
-from spike_audit.pipelines.shard_audit.config import ShardAuditConfig
+from spike_audit.pipelines.shard_audit.config import ShardAuditConfig, resolve_tokens, token_summary
 from spike_audit.pipelines.shard_audit.discover import check_shards, discover
 from spike_audit.pipelines.shard_audit.graph import build_pipeline
 from spike_audit.pipelines.shard_audit.outputs import excerpts, shard_quarantine
@@ -44,6 +44,7 @@ def run_shard_audit(cfg: ShardAuditConfig, beam_args: list[str] | None = None) -
 
     t0 = time.time()
     flags = beam_options(beam_args)  # first: a misspelled option fails before any work
+    cfg = resolve_tokens(cfg)
     given = [("input", i) for i in cfg.inputs if not glob.has_magic(i)] + [("shard root", cfg.root)]
     check_apart(cfg.out, given + [("state directory", cfg.state)])
     if cfg.state:
@@ -85,7 +86,7 @@ def _audit(cfg: ShardAuditConfig, flags, shards, out, st, t0: float) -> ShardAud
         raise UserError(f"{first['shard']}: {first['error']}{more}; --skip-bad audits the others and lists these")
     for b in bad:
         log.warning("skipping unreadable shard %s: %s", b["shard"], b["error"])
-    todo = [(s, n) for s, n, _ in good]
+    todo = [(s, n) for s, n, _ in good]  # n None: EOS-delimited documents, counted by the pipeline
     names = sorted(kept_names | {s.name for s, _ in todo})
     if not names:
         raise UserError("no readable shards to audit")
@@ -112,7 +113,7 @@ def _audit(cfg: ShardAuditConfig, flags, shards, out, st, t0: float) -> ShardAud
                    files / "report.html")
         # no timings here: the outputs of identical inputs are byte-identical (the command prints the time)
         write_json({"shards": len(names), "scanned": len(todo), "from_state": len(keep), "bad": bad,
-                    "tokens_scanned": n_tokens}, files / "summary.json")
+                    "tokens_scanned": n_tokens, "tokens": token_summary(cfg)}, files / "summary.json")
     except OSError as err:
         raise os_error(cfg.out, err, "cannot write the new output (the previous output is intact)") from None
     out.publish(files)

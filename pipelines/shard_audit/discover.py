@@ -89,26 +89,36 @@ def _dir_stat(path: str) -> tuple[int, float]:
     return size, mtime
 
 
-def check_shards(shards: list[Shard], cfg: ShardAuditConfig) -> tuple[list[tuple[Shard, int, str]], list[dict]]:
-    """Open each shard once: (shard, length, unit) for the good ones, and a list of the bad ones."""
-    from spike_audit.pipelines.shards.read import open_shard, read_slices
+def check_shards(shards: list[Shard], cfg: ShardAuditConfig) -> tuple[list[tuple[Shard, int | None, str]], list[dict]]:
+    """Open each shard once: (shard, rows, how) for the good ones, and a list of the bad ones. ``how`` is
+    ``row``, or ``documents`` for a flat token file whose rows are EOS-delimited documents: those are
+    counted by the pipeline's workers as they cut the file into chunks (rows None here), never by a scan
+    on the driver."""
+    from spike_audit.pipelines.shards.read import open_shard
+    from spike_audit.pipelines.shards.rows import HOW
 
     good, bad = [], []
     for k, s in enumerate(shards):
         try:
-            reader = open_shard(None, s.path, tokens_col=cfg.tokens_col, text_col=cfg.text_col, dtype=cfg.dtype)
-            unit = "row" if "row" in reader.units else "token"
+            reader = open_shard(None, s.path, tokens_col=cfg.tokens_col, text_col=cfg.text_col, dtype=cfg.dtype,
+                                rows=cfg.flat_rows)
             close = getattr(reader, "close", None)
-            n = reader.length(unit)
-            if close:
-                close()
-            if unit == "token":
-                raise UserError("a flat token file has no rows: audit it through a manifest (spike-audit run) "
-                                "or convert it to Parquet/.npy rows")
-            if n:
-                read_slices(None, s.path, np.array([[0, 1]]), unit=unit, tokens_col=cfg.tokens_col,
-                            text_col=cfg.text_col, dtype=cfg.dtype)
-            good.append((s, n, unit))
+            try:
+                if "row" not in reader.units:
+                    raise UserError(f"a flat token file: its rows need a definition, {HOW}")
+                rows = getattr(reader, "rows", None)
+                if rows is not None and rows.kind == "documents" and not getattr(reader, "own_rows", False):
+                    if reader.length("token"):
+                        reader.read(np.array([[0, 1]]), unit="token")
+                    good.append((s, None, "documents"))
+                    continue
+                n = reader.length("row")
+                if n:
+                    reader.read(np.array([[0, 1]]), unit="row")
+            finally:
+                if close:
+                    close()
+            good.append((s, n, "row"))
         except UserError as err:
             bad.append({"shard": s.name, "error": str(err)})
         except Exception as err:  # unreadable file: report it, do not crash on the first one

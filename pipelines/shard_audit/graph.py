@@ -20,24 +20,65 @@ log = logging.getLogger(__name__)
 
 
 class ReadChunk:
-    """(shard_name, path, start, end, n_rows) -> (shard_name, RecordBatch) with the shard's name in
-    `shard`; logs each shard as its last chunk is read (progress of long runs)."""
+    """(shard_name, path, start, end, n_rows[, token_start, token_end]) -> (shard_name, RecordBatch) with the
+    shard's name in `shard`; logs each shard as its last chunk is read (progress of long runs). With a token
+    range (a flat file of EOS-delimited documents, cut by :func:`document_chunks`), rows ``start..end`` are
+    the documents in that range: one contiguous read, split at the EOS tokens (vectorised)."""
 
-    def __init__(self, tokens_col: str, text_col: str, dtype: str | None):
-        self.tokens_col, self.text_col, self.dtype = tokens_col, text_col, dtype
+    def __init__(self, tokens_col: str, text_col: str, dtype: str | None, rows=None):
+        self.tokens_col, self.text_col, self.dtype, self.rows = tokens_col, text_col, dtype, rows
 
     def __call__(self, item):
         from spike_audit.pipelines.shards.read import read_slices
 
-        name, path, start, end, n = item
-        rb = read_slices(None, path, np.array([[start, end]], dtype=np.int64), unit="row",
-                         tokens_col=self.tokens_col, text_col=self.text_col, dtype=self.dtype)
+        name, path, start, end, n = item[:5]
+        if len(item) > 5:
+            rb = _documents_batch(path, item[5], item[6], start, end, self.rows, self.dtype, name)
+        else:
+            rb = read_slices(None, path, np.array([[start, end]], dtype=np.int64), unit="row",
+                             tokens_col=self.tokens_col, text_col=self.text_col, dtype=self.dtype, rows=self.rows)
         rb = rb.set_column(rb.schema.get_field_index("shard"), "shard", pa.array([name] * rb.num_rows, pa.string()))
         if end == n:
             log.info("read shard %s (%d rows)", name, n)
         else:
-            log.debug("read %s rows %d..%d of %d", name, start, end, n)
+            log.debug("read %s rows %d..%d of %s", name, start, end, n if n is not None else "?")
         return name, rb
+
+
+def _documents_batch(path, tok_a, tok_b, row_a, row_b, rows, dtype, name) -> pa.RecordBatch:
+    from spike_audit.pipelines.shards.read import read_slices
+    from spike_audit.pipelines.shards.slices import SLICES_SCHEMA, _list_array
+    from spike_audit.pipelines.shards.tokens import split_documents
+
+    rb = read_slices(None, path, np.array([[tok_a, tok_b]], dtype=np.int64), unit="token", dtype=dtype, rows=rows)
+    values = rb.column("tokens").values.to_numpy(zero_copy_only=False)
+    offsets = split_documents(values, rows.eos_id)
+    if len(offsets) - 1 != row_b - row_a:  # the file changed between cutting and reading
+        raise RuntimeError(f"{name}: tokens [{tok_a}, {tok_b}) hold {len(offsets) - 1} documents, expected "
+                           f"{row_b - row_a}")
+    k = row_b - row_a
+    idx = np.arange(row_a, row_b, dtype=np.int64)
+    return pa.RecordBatch.from_arrays(
+        [_list_array(values, offsets), pa.nulls(k, pa.string()), pa.array([name] * k, pa.string()),
+         pa.array(idx), pa.array(idx + 1), pa.array(["row"] * k, pa.string())], schema=SLICES_SCHEMA)
+
+
+def document_chunk_items(shard, rows, dtype, batch_rows: int):
+    """One flat token file of EOS-delimited documents -> its chunk items, cut on a worker by one streaming
+    scan for EOS tokens (the driver never scans: it does not know the number of rows)."""
+    from spike_audit.pipelines.shards.read import open_shard
+    from spike_audit.pipelines.shards.tokens import document_chunks
+
+    name, path = shard
+    reader = open_shard(None, path, dtype=dtype, rows=rows)
+    n = None
+    items = []
+    for a, b, ta, tb, last in document_chunks(reader.tf, rows.eos_id, batch_rows):
+        items.append((a, b, ta, tb))
+        if last:
+            n = b
+    for a, b, ta, tb in items:
+        yield name, path, a, b, n, ta, tb
 
 
 def row_keys(name_rb, shard_index: dict, cfg_dict: dict) -> dict:
@@ -90,15 +131,28 @@ def build_pipeline(p, cfg: ShardAuditConfig, todo: list[tuple[Shard, int]], old_
     from spike_audit.pipelines.beam.combine import AuditorCombineFn
     from spike_audit.pipelines.beam.sink import WriteTables
 
-    cfg_dict = {"vocab_size": cfg.vocab_size, "eos_id": cfg.eos_id, "seed": cfg.seed, "threshold": cfg.threshold,
+    cfg_dict = {"vocab_size": cfg.vocab_size, "eos_id": cfg.eos_id, "pad_id": cfg.pad_id, "seed": cfg.seed,
+                "threshold": cfg.threshold,
                 "tokens_col": cfg.tokens_col, "text_col": cfg.text_col}
     shard_index = {n: i for i, n in enumerate(names)}
     fp = {s.name: s.fingerprint for s, _ in todo}
-    chunks = [(s.name, s.path, a, min(a + cfg.batch_rows, n), n) for s, n in todo for a in range(0, n, cfg.batch_rows)]
+    chunks = [(s.name, s.path, a, min(a + cfg.batch_rows, n), n) for s, n in todo if n is not None
+              for a in range(0, n, cfg.batch_rows)]
+    doc_files = [(s.name, s.path) for s, n in todo if n is None]  # EOS-delimited documents: cut on workers
     tokens_col, text_col = cfg.tokens_col, cfg.text_col
 
-    batches = (p | "Chunks" >> beam.Create(chunks) | "Spread" >> beam.Reshuffle()
-               | "Read" >> beam.Map(ReadChunk(cfg.tokens_col, cfg.text_col, cfg.dtype)))
+    if doc_files:
+        doc_chunks = (p | "DocFiles" >> beam.Create(doc_files) | "SpreadFiles" >> beam.Reshuffle()
+                      | "CutDocuments" >> beam.FlatMap(document_chunk_items, cfg.flat_rows, cfg.dtype, cfg.batch_rows))
+        all_chunks = (p | "Chunks" >> beam.Create(chunks), doc_chunks) | "AllChunks" >> beam.Flatten()
+    else:
+        all_chunks = p | "Chunks" >> beam.Create(chunks)
+    batches = (all_chunks | "Spread" >> beam.Reshuffle()
+               | "Read" >> beam.Map(ReadChunk(cfg.tokens_col, cfg.text_col, cfg.dtype, cfg.flat_rows)))
+    if cfg.tokenizer:  # text signals for token-only shards: decode with the run's tokenizer
+        from spike_audit.pipelines.beam.read import DecodeText
+
+        batches = batches | "Decode" >> beam.ParDo(DecodeText(cfg.tokenizer))
     suite = make_suite(cfg_dict)
     new_accs = (batches | "Tokens" >> beam.MapTuple(lambda k, rb: (k, to_token_batch(rb, tokens_col, text_col)))
                 | "AuditShards" >> beam.CombinePerKey(AuditorCombineFn(suite, output="accumulator")))

@@ -18,15 +18,25 @@ def shard_quarantine(scores: pa.Table, bad: list[dict], z: float) -> dict:
 
 
 def excerpts(scores: pa.Table, shards: list[Shard], cfg: ShardAuditConfig, top: int = 8, rows: int = 2) -> dict:
-    """The first rows of the most anomalous shards, for the report (bounded: top x rows)."""
+    """The first rows of the most anomalous shards, for the report (bounded: top x rows; token-only rows
+    decoded with the tokenizer when there is one)."""
     from spike_audit.pipelines.shards.read import read_slices
 
+    tok = None
+    if cfg.tokenizer:
+        from spike_audit.pipelines.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(cfg.tokenizer)
     paths = {s.name: s.path for s in shards}
     out = {}
     for r in scores.to_pylist()[:top]:
         try:
             rb = read_slices(None, paths[r["shard"]], np.array([[0, rows]]), unit="row", tokens_col=cfg.tokens_col,
-                             text_col=cfg.text_col, dtype=cfg.dtype)
+                             text_col=cfg.text_col, dtype=cfg.dtype, rows=cfg.flat_rows)
+            if tok is not None:
+                from spike_audit.pipelines.beam.read import fill_text
+
+                rb = fill_text(rb, tok, r["shard"])
         except (UserError, OSError):
             continue
         texts = rb.column("text").to_pylist()

@@ -1,7 +1,8 @@
 """Exact readers for the shard formats trainers read: fetch just the rows (or token ranges) asked for.
 
 Modules: ``read`` (the entry points: format by name, ``open_shard``, ``read_slices``, ``shard_length``), one reader per
-format family (``parquet``, ``jsonl``, ``hf``, ``tokens`` for npy / raw bin / Megatron idx), ``base`` (the reader
+format family (``parquet``, ``jsonl``, ``hf``, ``tokens`` for npy / raw bin / Megatron idx), ``rows`` (what a
+row of a flat token file is: windows, EOS-delimited documents, Megatron .idx sequences), ``base`` (the reader
 interface), ``slices`` (row-slice arithmetic and the output batch), ``paths`` (names and file access).
 
 May import: :mod:`spike_audit.pipelines.errors`; never Beam, auditors or another pipelines package.
@@ -17,9 +18,11 @@ format           files                                         units
                  (also ``.json``/``.ndjson`` variants)
 ``hf``           ``datasets`` ``save_to_disk`` directories     ``row``
                  and ``*.arrow`` files
-``npy``          ``*.npy`` with a NumPy header                 1-D: ``token``; 2-D: ``row`` (and
+``npy``          ``*.npy`` with a NumPy header                 1-D: ``token`` (``row`` under a row
+                                                               definition); 2-D: ``row`` (and
                                                                ``token`` over the flattened array)
-``bin``          raw token memmaps (``*.bin``, header-less     ``token``
+``bin``          raw token memmaps (``*.bin``, header-less     ``token`` (``row`` under a row
+                                                               definition, ``rows.RowDef``)
                  ``*.npy`` as written by OLMo / OLMo-core
                  with ``np.memmap``, ``*.u16``...)
 ``megatron``     ``X.bin`` with ``X.idx`` (``MMIDIDX``)        ``row`` = sequence (document),

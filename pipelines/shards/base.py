@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow as pa
 
 from spike_audit.pipelines.errors import UserError
+from spike_audit.pipelines.shards.rows import HOW
 from spike_audit.pipelines.shards.slices import (UNITS, _batch, _check_bounds, _to_int64_lists, _to_string,
                                                  as_slices, expand_rows)
 
@@ -27,20 +28,25 @@ class ShardReader:
         if unit not in UNITS:
             raise UserError(f"{self.name}: unknown unit {unit!r} (expected 'row' or 'token')")
         if unit not in self.units:
-            other = "flat token file: address it with unit='token'" if unit == "row" else (
-                "row-oriented shard: address it with unit='row'")
+            other = (f"a flat token file: its rows need a definition, {HOW}; or address it with unit='token'"
+                     if unit == "row" else "row-oriented shard: address it with unit='row'")
             raise UserError(f"{self.name}: unit {unit!r} does not apply to this {self.fmt} shard ({other})")
 
     def read(self, slices, unit: str = "row") -> pa.RecordBatch:
         self._unit_check(unit)
         slices = as_slices(slices)
-        n = self.length(unit)
+        n = self._limit(unit, slices)
         _check_bounds(self.name, slices, n, "rows" if unit == "row" else "tokens")
         if unit == "token":
             return self._read_tokens(slices)
         rows = expand_rows(slices)
         tokens, text = self._read_rows(rows)
         return _batch(tokens, text, self.name, rows, rows + 1, "row")
+
+    def _limit(self, unit: str, slices: np.ndarray) -> int:
+        """The length the bounds of ``slices`` are checked against (a reader that counts its rows by a scan
+        may count only as far as the slices reach)."""
+        return self.length(unit)
 
     def _read_rows(self, rows: np.ndarray) -> tuple[pa.Array | None, pa.Array | None]:
         raise NotImplementedError

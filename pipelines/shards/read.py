@@ -13,6 +13,7 @@ from spike_audit.pipelines.shards.hf import HFReader
 from spike_audit.pipelines.shards.jsonl import JsonlReader, _COMPRESSIONS, _JSONL_SUFFIXES
 from spike_audit.pipelines.shards.parquet import ParquetReader
 from spike_audit.pipelines.shards.paths import _exists, _isdir, _open, is_url, resolve
+from spike_audit.pipelines.shards.rows import RowDef
 from spike_audit.pipelines.shards.tokens import (FlatReader, MegatronReader, TokenFile, _NPY_MAGIC,
                                                  _read_npy_header, open_token_file)
 
@@ -52,9 +53,10 @@ def shard_format(path: str) -> str:
 
 
 def open_shard(shard_root: str | None, shard: str, *, tokens_col: str = "tokens", text_col: str = "text",
-               dtype=None) -> ShardReader:
+               dtype=None, rows: RowDef | None = None) -> ShardReader:
     """Open ``shard`` (relative to ``shard_root``) with the reader for its format. Raises
-    :class:`UserError` naming the shard if it is missing or unreadable."""
+    :class:`UserError` naming the shard if it is missing or unreadable. ``rows``: what a row of a flat
+    token file is (:mod:`pipelines.shards.rows`); shards with rows of their own ignore it."""
     path = resolve(shard_root, shard)
     if not _exists(path):
         where = f" under {shard_root}" if shard_root and not os.path.isabs(str(shard)) and not is_url(shard) else ""
@@ -67,7 +69,7 @@ def open_shard(shard_root: str | None, shard: str, *, tokens_col: str = "tokens"
     if fmt == "hf":
         return HFReader(path, shard, tokens_col, text_col)
     if fmt == "megatron":
-        return MegatronReader(path, shard)
+        return MegatronReader(path, shard, rows)
     if fmt == "mds":
         from spike_audit.pipelines.shards.mds import MDSReader
 
@@ -82,8 +84,8 @@ def open_shard(shard_root: str | None, shard: str, *, tokens_col: str = "tokens"
             raise UserError(f"{shard}: .npy has shape {shape}, expected 1-D tokens or 2-D (rows, tokens)")
         n = int(np.prod(shape))
         return FlatReader(path, shard, TokenFile(path, offset, dt, n), shape[1] if len(shape) == 2 else None,
-                          fmt="npy")
-    return FlatReader(path, shard, open_token_file(path, dtype), None, fmt="bin")
+                          fmt="npy", rows=rows)
+    return FlatReader(path, shard, open_token_file(path, dtype), None, fmt="bin", rows=rows)
 
 
 def _close(reader: ShardReader) -> None:
@@ -93,26 +95,28 @@ def _close(reader: ShardReader) -> None:
 
 
 def read_slices(shard_root: str | None, shard: str, slices, *, unit: str = "row", tokens_col: str = "tokens",
-                text_col: str = "text", dtype=None) -> pa.RecordBatch:
+                text_col: str = "text", dtype=None, rows: RowDef | None = None) -> pa.RecordBatch:
     """Read exactly ``slices`` (an ``(n, 2)`` int64 array of ``[start, end)``) of one shard.
 
     Returns ONE batch with :data:`SLICES_SCHEMA`: one row per sequence in the order of ``slices``
     (each slice expanded row by row for ``unit='row'``; one sequence per slice for ``unit='token'``).
     ``tokens`` is ``list<int64>`` (null where the shard has only text), ``text`` is null where the
     shard has no text, ``row`` is the row index (or token start), ``row_end`` the exclusive end
-    (``row + 1`` for rows). ``dtype`` applies to raw token files only (default uint16).
+    (``row + 1`` for rows). ``dtype`` applies to raw token files only (default uint16); ``rows`` defines
+    the rows of flat token files.
     """
-    reader = open_shard(shard_root, shard, tokens_col=tokens_col, text_col=text_col, dtype=dtype)
+    reader = open_shard(shard_root, shard, tokens_col=tokens_col, text_col=text_col, dtype=dtype, rows=rows)
     try:
         return reader.read(slices, unit or "row")
     finally:
         _close(reader)
 
 
-def shard_length(shard_root: str | None, shard: str, unit: str = "row", *, dtype=None) -> int:
+def shard_length(shard_root: str | None, shard: str, unit: str = "row", *, dtype=None,
+                 rows: RowDef | None = None) -> int:
     """Rows (``unit='row'``) or tokens (``unit='token'``) in the shard, from metadata where it exists
-    (JSONL is counted by one streaming pass)."""
-    reader = open_shard(shard_root, shard, dtype=dtype)
+    (JSONL is counted by one streaming pass, EOS-delimited documents by one scan)."""
+    reader = open_shard(shard_root, shard, dtype=dtype, rows=rows)
     try:
         return reader.length(unit or "row")
     finally:

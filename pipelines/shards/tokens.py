@@ -11,6 +11,7 @@ import numpy as np
 from spike_audit.pipelines.errors import UserError
 from spike_audit.pipelines.shards.base import ShardReader
 from spike_audit.pipelines.shards.paths import _exists, _open, _size, is_url
+from spike_audit.pipelines.shards.rows import RowDef
 from spike_audit.pipelines.shards.slices import _batch, _list_array, coalesce, expand_rows
 
 
@@ -86,6 +87,91 @@ class TokenFile:
         local[:, 0] = slices[:, 0] - ranges[which, 0] + buf_start[which]
         local[:, 1] = local[:, 0] + lengths
         return buf[expand_rows(local)], offsets
+
+    def read_range(self, start: int, end: int) -> np.ndarray:
+        """Tokens ``[start, end)`` as one array (a memmap slice locally, one ranged read for a URL)."""
+        start, end = max(0, int(start)), min(self.n_tokens, int(end))
+        if end <= start:
+            return np.zeros(0, self.dtype)
+        if not is_url(self.path):
+            mm = np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset, shape=(self.n_tokens,))
+            out = np.array(mm[start:end])
+            del mm
+            return out
+        size = self.dtype.itemsize
+        with _open(self.path) as f:
+            f.seek(self.offset + start * size)
+            return np.frombuffer(f.read((end - start) * size), dtype=self.dtype)
+
+
+#: tokens scanned at a time when looking for EOS tokens (bounded memory: one block, 32 MiB of uint16)
+DOC_SCAN_BLOCK = 1 << 24
+
+
+def eos_positions(tf: TokenFile, eos_id: int, block: int = DOC_SCAN_BLOCK):
+    """Absolute positions of ``eos_id`` in the file, one array per block scanned (vectorised)."""
+    for a in range(0, tf.n_tokens, block):
+        vals = tf.read_range(a, a + block)
+        yield np.flatnonzero(vals == eos_id).astype(np.int64) + a
+
+
+def document_bounds(tf: TokenFile, eos_id: int, max_docs: int | None = None) -> tuple[np.ndarray, bool]:
+    """Token offsets of EOS-delimited documents: row ``i`` is ``[b[i], b[i + 1])``, each ending in its EOS
+    (tokens after the last EOS are one more row); ``n_docs + 1`` int64. One pass over the file, or only as
+    far as the first ``max_docs`` documents. Returns ``(b, complete)``."""
+    parts, found = [], 0
+    for p in eos_positions(tf, eos_id):
+        parts.append(p + 1)
+        found += len(p)
+        if max_docs is not None and found >= max_docs:
+            ends = np.concatenate(parts)
+            if not (len(ends) == max_docs and ends[-1] == tf.n_tokens):  # else the scan is complete anyway
+                return np.concatenate([[0], ends[:max_docs]]).astype(np.int64), False
+    ends = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    if tf.n_tokens and (not len(ends) or ends[-1] != tf.n_tokens):
+        ends = np.concatenate([ends, [tf.n_tokens]])
+    return np.concatenate([[0], ends]).astype(np.int64), True
+
+
+def document_chunks(tf: TokenFile, eos_id: int, rows_per_chunk: int):
+    """Stream the file once and cut it into chunks of ``rows_per_chunk`` documents without holding all the
+    document offsets: yields ``(row_start, row_end, token_start, token_end, is_last)``. Memory: one scan
+    block plus one chunk's offsets."""
+    pending = np.zeros(0, np.int64)  # document ends not yet in a chunk
+    row0, tok0 = 0, 0
+    held = None
+
+    def cut(ends):
+        nonlocal row0, tok0
+        out = []
+        for k in range(0, len(ends) - len(ends) % rows_per_chunk, rows_per_chunk):
+            seg = ends[k:k + rows_per_chunk]
+            out.append((row0, row0 + len(seg), tok0, int(seg[-1])))
+            row0, tok0 = row0 + len(seg), int(seg[-1])
+        return out, ends[len(ends) - len(ends) % rows_per_chunk:]
+
+    for pos in eos_positions(tf, eos_id):
+        done, pending = cut(np.concatenate([pending, pos + 1]))
+        for c in done:
+            if held is not None:
+                yield (*held, False)
+            held = c
+    if tf.n_tokens and tok0 < tf.n_tokens and (not len(pending) or pending[-1] != tf.n_tokens):
+        pending = np.concatenate([pending, [tf.n_tokens]])
+    if len(pending):
+        if held is not None:
+            yield (*held, False)
+        held = (row0, row0 + len(pending), tok0, int(pending[-1]))
+    if held is not None:
+        yield (*held, True)
+
+
+def split_documents(values: np.ndarray, eos_id: int) -> np.ndarray:
+    """List offsets of the EOS-delimited documents in ``values`` (a run of whole documents), vectorised."""
+    ends = np.flatnonzero(values == eos_id) + 1
+    if len(values) and (not len(ends) or ends[-1] != len(values)):
+        ends = np.concatenate([ends, [len(values)]])
+    return np.concatenate([[0], ends]).astype(np.int64)
 
 
 def _read_modded_header(path: str) -> tuple[int, int, int] | None:
@@ -179,23 +265,62 @@ def megatron_paths(path: str) -> tuple[str, str]:
 
 
 class FlatReader(ShardReader):
-    """Flat token files: raw/modded .bin, header-less .npy memmaps, .npy (1-D or 2-D)."""
+    """Flat token files: raw/modded .bin, header-less .npy memmaps, .npy (1-D or 2-D). A 1-D file has rows
+    only under a row definition (:mod:`pipelines.shards.rows`): fixed windows or EOS-delimited documents."""
 
-    def __init__(self, path, name, token_file: TokenFile, row_width: int | None = None, fmt="bin"):
+    def __init__(self, path, name, token_file: TokenFile, row_width: int | None = None, fmt="bin",
+                 rows: RowDef | None = None):
         super().__init__(path, name)
         self.tf = token_file
         self.row_width = row_width  # 2-D .npy: tokens per row
         self.fmt = fmt
-        self.units = ("row", "token") if row_width else ("token",)
+        if rows is not None and row_width:
+            if rows.kind == "windows" and rows.seq_len != row_width:
+                raise UserError(f"{name}: a 2-D .npy of rows of {row_width} tokens, but rows are asked as "
+                                f"{rows.describe()}")
+            if rows.kind == "documents":
+                raise UserError(f"{name}: a 2-D .npy has rows of its own ({row_width} tokens); rows as "
+                                f"{rows.describe()} do not apply to it")
+            rows = None
+        if rows is not None and rows.kind == "idx" and fmt != "megatron":
+            raise UserError(f"{name}: rows as Megatron .idx sequences, but there is no {megatron_paths(path)[1]} "
+                            f"next to it")
+        self.rows = rows
+        self._bounds, self._complete = None, False
+        self.units = ("row", "token") if (row_width or rows is not None) else ("token",)
+
+    def _doc_bounds(self, need: int | None = None) -> np.ndarray:
+        """Document offsets: all of them, or at least the first ``need`` documents' (a scan that stops early)."""
+        have = None if self._bounds is None else len(self._bounds) - 1
+        if not self._complete and (have is None or need is None or have < need):
+            log.debug("%s: scanning %d tokens for EOS id %d", self.name, self.tf.n_tokens, self.rows.eos_id)
+            self._bounds, self._complete = document_bounds(self.tf, self.rows.eos_id, need)
+        return self._bounds
 
     def length(self, unit="row"):
         self._unit_check(unit)
         if unit == "token":
             return self.tf.n_tokens
-        return self.tf.n_tokens // self.row_width
+        if self.row_width:
+            return self.tf.n_tokens // self.row_width
+        if self.rows.kind == "windows":
+            return self.tf.n_tokens // self.rows.seq_len
+        return len(self._doc_bounds()) - 1
+
+    def _limit(self, unit, slices):
+        if unit == "row" and not self.row_width and self.rows is not None and self.rows.kind == "documents" \
+                and getattr(self, "own_rows", False) is False and len(slices):
+            need = int(slices[:, 1].max())
+            b = self._doc_bounds(need)
+            return len(b) - 1
+        return self.length(unit)
 
     def _row_slices(self, rows):
-        return np.stack([rows * self.row_width, (rows + 1) * self.row_width], axis=1)
+        width = self.row_width or (self.rows.seq_len if self.rows.kind == "windows" else None)
+        if width:
+            return np.stack([rows * width, (rows + 1) * width], axis=1)
+        b = self._doc_bounds(int(rows.max()) + 1 if len(rows) else 0)
+        return np.stack([b[rows], b[rows + 1]], axis=1)
 
     def _read_rows(self, rows):
         values, offsets = self.tf.gather(self._row_slices(rows))
@@ -209,7 +334,7 @@ class FlatReader(ShardReader):
 class MegatronReader(FlatReader):
     """Megatron ``.bin``/``.idx``: ``row`` = sequence index, ``token`` = token offset in the ``.bin``."""
 
-    def __init__(self, path, name):
+    def __init__(self, path, name, rows: RowDef | None = None):
         bin_path, idx_path = megatron_paths(path)
         if not _exists(idx_path):
             raise UserError(f"{name}: Megatron index {idx_path} not found next to the .bin")
@@ -218,13 +343,19 @@ class MegatronReader(FlatReader):
         self.index = read_megatron_index(idx_path)
         dt = self.index.dtype
         tf = TokenFile(bin_path, 0, dt, _size(bin_path) // dt.itemsize)
-        super().__init__(bin_path, name, tf, None, fmt="megatron")
+        # windows / documents asked for explicitly apply to the .bin's tokens; otherwise rows are the sequences
+        super().__init__(bin_path, name, tf, None, fmt="megatron", rows=rows)
+        self.own_rows = rows is None or rows.kind == "idx"
         self.units = ("row", "token")
 
     def length(self, unit="row"):
+        if not self.own_rows:
+            return super().length(unit)
         self._unit_check(unit)
         return self.tf.n_tokens if unit == "token" else len(self.index.sequence_lengths)
 
     def _row_slices(self, rows):
+        if not self.own_rows:
+            return super()._row_slices(rows)
         start = np.asarray(self.index.sequence_pointers)[rows] // self.tf.dtype.itemsize
         return np.stack([start, start + np.asarray(self.index.sequence_lengths)[rows]], axis=1).astype(np.int64)
