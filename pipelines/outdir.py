@@ -179,7 +179,9 @@ class OutDir:
                             "refusing to replace it")
         marker = read_marker(p)
         if marker is None:
-            if {e.name for e in os.scandir(p)} - _IGNORABLE:
+            # empty: nothing, a fresh mount point's lost+found, or what a run starting this moment made first
+            left = {e.name for e in os.scandir(p)} - _IGNORABLE - {LOCK}
+            if {n for n in left if not (n.startswith("." + MARKER) and n.endswith(".tmp"))}:
                 raise UserError(f"{p}: {self.flag} exists, is not empty and is not a spike-audit "
                                 f"{'output' if self.kind in OUTPUT_KINDS else 'state directory'} (no {MARKER}); "
                                 "refusing to replace it: remove it or choose another directory")

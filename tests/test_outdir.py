@@ -195,3 +195,20 @@ def test_out_equal_inside_or_containing_an_input_is_refused(tmp_path):
         check_apart(str(link), inputs)
     check_apart(str(tmp_path / "audit"), inputs)  # a sibling is fine
     check_apart(str(tmp_path / "run-audit"), inputs)  # a name sharing a prefix is not inside
+
+
+def test_a_directory_another_run_is_just_creating_is_reported_as_locked(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    import fcntl
+
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT)  # a run that has locked but not yet marked the directory
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.write(fd, b"4242\n")
+    try:
+        with pytest.raises(UserError, match=r"another spike-audit run \(pid 4242\)"):
+            _publish(out, "1")
+    finally:
+        os.close(fd)
+    _publish(out, "1")
+    assert _read(out)["a.txt"] == "a.txt:1"
