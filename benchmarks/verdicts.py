@@ -69,9 +69,17 @@ def call(cmd: list[str], logfile: Path) -> tuple[float, float]:
     return time.perf_counter() - t0, ru.ru_utime + ru.ru_stime
 
 
+def _own_output(out: Path) -> Path:
+    """The lab's own audit directory: one an older spike-audit wrote (no output marker, which the current tool
+    refuses to replace) is removed first."""
+    if out.is_dir() and not (out / ".spike-audit.json").exists():
+        shutil.rmtree(out)
+    return out
+
+
 def audit_run(tool: str, run_dir: Path, seed: int, with_shards: bool) -> dict:
     truth = json.loads((run_dir / "truth.json").read_text())
-    audit = run_dir / "audit"
+    audit = _own_output(run_dir / "audit")
     t_run, c_run = call([tool, "run", "--log", str(run_dir / truth["log"]), "--manifest", str(run_dir / "manifest.parquet"),
                   "--shards", str(run_dir / "shards"), "--out", str(audit), "--seed", str(seed),
                   "--eos-id", str(truth["eos_id"]), "--tokenizer", str(run_dir / "tokenizer.json")],
@@ -79,7 +87,7 @@ def audit_run(tool: str, run_dir: Path, seed: int, with_shards: bool) -> dict:
     t_shards = c_shards = None
     shard_audit = None
     if with_shards:
-        shard_audit = run_dir / "shard-audit"
+        shard_audit = _own_output(run_dir / "shard-audit")
         t_shards, c_shards = call([tool, "shards", str(run_dir / "shards"), "--out", str(shard_audit),
                          "--eos-id", str(truth["eos_id"]), "--seed", str(seed)], run_dir / "shard-audit.log")
     res = lab_eval.score_run(run_dir, audit, shard_audit)
