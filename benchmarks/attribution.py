@@ -220,15 +220,17 @@ def main(argv=None) -> int:
     man = build_olmo_manifest(str(dest / "global_indices.npy"), ["train.bin"], seq_len=args.seq_len,
                               global_batch_size=args.batch, dtype="uint16", shard_root=str(dest / "data"))
     write_manifest(man, dest / "manifest.parquet")
+    # the loop logs step s for batch s - 1 (as OLMo-core does); the manifest counts 0-based batches
     common = dict(log=str(dest / "train.jsonl"), manifest=str(dest / "manifest.parquet"), shards=str(dest / "data"),
-                  tokenizer=str(dest / "tokenizer.json"), n_controls=args.controls, vocab_size=args.vocab)
+                  tokenizer=str(dest / "tokenizer.json"), n_controls=args.controls, vocab_size=args.vocab,
+                  log_trainer="olmo")
     t1 = time.time()
     logged = run_audit(RunConfig(out=str(dest / "audit-logged"), row_losses=str(dest / "row_losses.npy"), **common))
     t_logged = time.time() - t1
     t2 = time.time()
     rep = run_replay(ReplayConfig(model=str(dest / f"ckpt-{ckpt}"), out=str(dest / "replay_losses.parquet"),
                                   log=common["log"], manifest=common["manifest"], shards=common["shards"],
-                                  n_controls=args.controls, batch_size=16))
+                                  n_controls=args.controls, batch_size=16, log_trainer="olmo"))
     t_replay = time.time() - t2
     replayed = run_audit(RunConfig(out=str(dest / "audit-replayed"), row_losses=str(dest / "replay_losses.parquet"),
                                    **common))

@@ -217,20 +217,15 @@ def _cli(args: list[str]) -> subprocess.CompletedProcess:
 
 
 def _manifest_meta(path: str) -> dict:
-    import pyarrow.parquet as pq
+    from spike_audit.pipelines.manifest import read_meta
 
-    md = pq.read_schema(path).metadata or {}
-    raw = md.get(b"spike_audit")
-    return json.loads(raw) if raw else {}
+    return read_meta(path)
 
 
 def compare_steps(manifest: str, shard_root: str, fed: dict, *, manifest_step_of) -> tuple[int, int, list]:
     """Step-by-step comparison of the manifest with what the framework fed. ``fed``: arrays from the feed
     script (``tokens`` (steps, gbs, L), ``batch_index``, ``rank``, ``micro_batch``)."""
-    try:
-        from spike_audit.pipelines.cli.batch import step_report
-    except ImportError:  # before the cli/ subpackage
-        from spike_audit.pipelines.cmd_batch import step_report
+    from spike_audit.pipelines.cli.batch import step_report
     from spike_audit.pipelines.errors import UserError
     from spike_audit.pipelines.manifest import load_manifest_table, step_rows
     from spike_audit.pipelines.shards.read import read_slices
@@ -274,25 +269,33 @@ def compare_steps(manifest: str, shard_root: str, fed: dict, *, manifest_step_of
 
 
 def log_check(log_path: str, manifest: str, *, offset_manifest: str | None = None) -> str:
-    """The log/manifest agreement check of ``spike-audit run`` on the framework's own log: accepted for the
-    right manifest, refused (one line) for a manifest one batch off. Empty when the tool has no such check."""
-    try:
-        from spike_audit.pipelines.stepcheck import check_log_against_manifest
-    except ImportError:
-        return "n/a (tool has no log/manifest step check)"
-    from spike_audit.pipelines.errors import UserError
-    from spike_audit.pipelines.logs import read_log
+    """The log/manifest step check of ``spike-audit run`` on the framework's own log: the right manifest
+    must be accepted (with the consumed samples agreeing), a manifest one batch off refused in one line."""
+    import pyarrow.parquet as pq
 
-    series = read_log(log_path)
+    from spike_audit.pipelines.errors import UserError
+    from spike_audit.pipelines.logs.read import read_log
+    from spike_audit.pipelines.manifest import read_meta
+    from spike_audit.pipelines.run.steps import align
+
+    loss, report = read_log(log_path)
+
+    def check(m):
+        steps = pq.read_table(m, columns=["step"]).column("step").to_numpy()
+        return align(loss, log_path=log_path, log_format=report.format, report_trainer=report.trainer,
+                     meta=read_meta(m), manifest_range=(int(steps.min()), int(steps.max())))
+
     try:
-        check_log_against_manifest(series, manifest, log_source=log_path)
+        join = check(manifest)
     except UserError as err:
         return f"FAIL: right manifest refused: {err}"
+    if not any("consumed samples agree" in c for c in join.checked):
+        return f"FAIL: consumed samples not checked ({join.checked})"
     if offset_manifest:
         try:
-            check_log_against_manifest(series, offset_manifest, log_source=log_path)
-        except UserError:
-            return "ok (off-by-one refused)"
+            check(offset_manifest)
+        except UserError as err:
+            return "ok (off-by-one refused)" if "\n" not in str(err) else "FAIL: multi-line error"
         return "FAIL: manifest one batch off accepted"
     return "ok"
 
@@ -350,25 +353,23 @@ def check_megatron(name: str, spec: dict, out: Path) -> Result:
         return res
     manifest = str(out / "manifest.parquet")
     meta = _manifest_meta(manifest)
-    if meta.get("step_convention") == "batch_index":
-        step_of = lambda b: b  # noqa: E731
-    else:  # a tool that numbers steps from --first-step 1 after the consumed samples
-        step_of = lambda b: b - b0 + 1  # noqa: E731
-        res.note = "manifest has no step convention (steps numbered from 1)"
+    if meta.get("step_convention") != "batch_index":
+        res.note = f"manifest records no batch-index step convention ({meta})"
+        return res
+    step_of = lambda b: b  # noqa: E731
     res.steps_checked, res.steps_equal, res.failures = compare_steps(manifest, root, fed, manifest_step_of=step_of)
     if res.failures and not res.note:
         res.note = res.failures[0]["reason"]
-    # the log check, with a manifest one batch off (consumed samples + gbs) for the refusal
+    # the log check of `spike-audit run`
     off = str(out / "manifest_off_by_one.parquet")
-    off_args = [a for a in args]
-    if "--consumed-samples" in off_args:
-        i = off_args.index("--consumed-samples")
-        off_args[i + 1] = str(int(off_args[i + 1]) + gbs)
-    else:
-        off_args += ["--consumed-samples", str(gbs)]
+    # the same data numbered one batch later (as the old --first-step 1 default did): must be refused
+    off_args = args + ["--first-step", str(b0 + 1)]
     off_args[off_args.index("--out") + 1] = off
     ro = _cli(off_args)
-    res.log_check = log_check(str(out / "train.log"), manifest, offset_manifest=off if ro.returncode == 0 else None)
+    if ro.returncode:
+        res.log_check = "FAIL: could not build the off-by-one manifest: " + (ro.stderr.strip().splitlines() or ["?"])[-1]
+    else:
+        res.log_check = log_check(str(out / "train.log"), manifest, offset_manifest=off)
     res.seconds = time.time() - t0
     return res
 

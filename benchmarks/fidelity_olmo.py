@@ -110,7 +110,8 @@ def run_olmo(case: dict, work: Path) -> dict:
     if r.returncode:
         res["error"] = f"manifest exit {r.returncode}: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ''}"
         return res
-    res.update(compare(str(d / "feed.npz"), man, None, dtype=meta["dtype"], step_key="step"))
+    # OLMo-core's global_step is 1-based: step s trained batch s - 1, the manifest's step
+    res.update(compare(str(d / "feed.npz"), man, None, dtype=meta["dtype"], step_key="step", step_base=1))
     return res
 
 

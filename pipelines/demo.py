@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from spike_audit.pipelines.io import write_json, write_table, write_text
+from spike_audit.pipelines.manifest import write_manifest
 from spike_audit.schemas import STEP_MANIFEST
 
 log = logging.getLogger(__name__)
@@ -156,18 +157,19 @@ def make_demo(dest: str | Path, cfg: DemoConfig = DemoConfig()) -> dict:
             "text": pa.array(texts[start:end], type=pa.string()),
         })
         pq.write_table(table, dest / name, row_group_size=100)
-    for step in range(1, cfg.steps + 1):
+    for step in range(1, cfg.steps + 1):  # Megatron's iteration `step` reads batch `step - 1`
         g0, g1 = (step - 1) * cfg.rows_per_step, step * cfg.rows_per_step
         while g0 < g1:  # a step's rows may straddle two shards
             k = g0 // cfg.rows_per_shard
             stop = min(g1, (k + 1) * cfg.rows_per_shard)
-            manifest["step"].append(step)
+            manifest["step"].append(step - 1)
             manifest["shard"].append(f"train-{k:05d}.parquet")
             manifest["row_start"].append(g0 - k * cfg.rows_per_shard)
             manifest["row_end"].append(stop - k * cfg.rows_per_shard)
             manifest["batch_pos"].append(g0 - (step - 1) * cfg.rows_per_step)
             g0 = stop
-    write_table(STEP_MANIFEST.from_arrays(manifest), dest / "manifest.parquet", STEP_MANIFEST)
+    write_manifest(STEP_MANIFEST.from_arrays(manifest), dest / "manifest.parquet", trainer="megatron",
+                   samples_per_step=cfg.rows_per_step, first_step=0, samples_before_first_step=0)
 
     loss, gnorm = _loss_curve(cfg, rng)
     lines = ["[default0]: > building train, validation, and test datasets ...",

@@ -46,11 +46,15 @@ def _atomic(dest: str | os.PathLike):
         raise
 
 
-def write_table(table: pa.Table, dest: str | os.PathLike, spec: TableSpec | None = None) -> Path:
+def write_table(table: pa.Table, dest: str | os.PathLike, spec: TableSpec | None = None,
+                metadata: dict[bytes, bytes] | None = None) -> Path:
     """Write ``table`` as Parquet atomically. With ``spec`` the table is conformed to the contract
-    (exact schema with field docs and version metadata) and sorted deterministically."""
+    (exact schema with field docs and version metadata) and sorted deterministically. ``metadata``:
+    extra schema metadata entries (added after conforming, which resets the schema)."""
     if spec is not None:
         table = spec.sorted(spec.conform(table, source=str(dest)))
+    if metadata:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
     with _atomic(dest) as tmp:
         # No timestamps or writer-dependent metadata beyond the schema: identical inputs give
         # byte-identical files.

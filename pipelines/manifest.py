@@ -9,13 +9,21 @@ its end (1000 rows)``.
 
 Overlap rule: slices of the same shard within one step may not overlap, except by a single token
 for ``unit='token'``: trainers that read ``seq_len + 1`` tokens per sequence (Megatron samples,
-modded-nanogpt / llm.c windows) share the boundary token between consecutive sequences. A trainer
-that genuinely reads the same data twice in one step (Megatron shuffles samples across all epochs,
-so a document can recur within a batch) needs ``allow_overlap=True``.
+modded-nanogpt / llm.c windows) share the boundary token between consecutive sequences. Slices of
+different ``epoch`` (passes over the data) never count as overlapping: Megatron shuffles samples
+across all epochs, so a document can recur within a batch, and its builder records which pass each
+slice is. Any other overlap (a hand-made manifest without epochs) needs ``allow_overlap=True``.
+
+Metadata: the manifest's run description (``STEP_MANIFEST`` doc: step convention, trainer, token
+dtype, sequence length, batch size, consumed samples before the first step) lives in the Parquet
+schema metadata under :data:`META_KEY`. Builders attach it to the table they return
+(:func:`with_meta`); :func:`write_manifest` keeps it and stamps the step convention;
+:func:`read_meta` reads it from a file's footer (``{}`` when there is none).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -29,10 +37,16 @@ from spike_audit.pipelines.io import write_table
 from spike_audit.pipelines.shards.read import _close, open_shard
 from spike_audit.pipelines.shards.slices import UNITS
 from spike_audit.schemas import STEP_MANIFEST, validate
+from spike_audit.schemas.steps import STEP_CONVENTION
 
 log = logging.getLogger(__name__)
 
 TOKEN_OVERLAP_ALLOWED = 1
+META_KEY = b"spike_audit.manifest"
+#: the keys of the run description, in the order they are written (see the STEP_MANIFEST doc)
+META_FIELDS = ("step_convention", "trainer", "token_dtype", "seq_len", "extra_token", "samples_per_step",
+               "tokens_per_step", "first_step", "samples_before_first_step", "tokens_before_first_step",
+               "flat_rows")
 
 
 def _name(path) -> str:
@@ -56,10 +70,62 @@ def load_manifest_table(path) -> pa.Table:
     return table.set_column(table.schema.get_field_index("unit"), STEP_MANIFEST.schema.field("unit"), unit)
 
 
+def meta_of(table_or_schema) -> dict:
+    """The run description attached to a table or schema (``{}`` when there is none)."""
+    schema = table_or_schema.schema if isinstance(table_or_schema, pa.Table) else table_or_schema
+    raw = (schema.metadata or {}).get(META_KEY)
+    if not raw:
+        return {}
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def read_meta(path) -> dict:
+    """The run description of a manifest file, from its footer only (``{}`` when it has none)."""
+    import pyarrow.parquet as pq
+
+    try:
+        return meta_of(pq.read_schema(str(path)))
+    except (pa.ArrowInvalid, OSError) as err:
+        raise UserError(f"{path}: not a readable Parquet manifest ({err})") from None
+
+
+def with_meta(table: pa.Table, **meta) -> pa.Table:
+    """``table`` with the run description ``meta`` (merged over what it already carries; unknown keys are
+    an error, so a typo cannot silently drop a fact)."""
+    unknown = sorted(set(meta) - set(META_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown manifest metadata {unknown}; expected some of {META_FIELDS}")
+    merged = {**meta_of(table), **{k: v for k, v in meta.items()}}
+    return _attach(table, merged)
+
+
+def _encode(meta: dict) -> bytes:
+    return json.dumps({k: meta.get(k) for k in META_FIELDS}, default=int).encode()
+
+
+def _attach(table: pa.Table, meta: dict) -> pa.Table:
+    return table.replace_schema_metadata({**(table.schema.metadata or {}), META_KEY: _encode(meta)})
+
+
+def token_dtype(meta: dict, given=None, source: str = "manifest"):
+    """The token dtype to read flat token files with: ``given`` (a --dtype) or the manifest's; both must
+    agree when both are known."""
+    recorded = meta.get("token_dtype")
+    if given is not None and recorded is not None and np.dtype(given) != np.dtype(recorded):
+        raise UserError(f"{source}: --dtype {given} but the manifest records token dtype {recorded} (the "
+                        f"trainer's data files): drop --dtype or rebuild the manifest")
+    return given if given is not None else recorded
+
+
 def check_ranges(table: pa.Table, source: str, row_ids: np.ndarray | None = None, *,
                  allow_overlap: bool = False) -> None:
     """Per-row and per-step checks that need no shard I/O (vectorised). ``allow_overlap`` skips the
-    overlap check (trainers that repeat data within a step, e.g. Megatron shuffling across epochs)."""
+    overlap check (a hand-made manifest of a trainer that repeats data within a step); slices of
+    different epochs are never an overlap."""
     n = table.num_rows
     if n == 0:
         return
@@ -85,15 +151,17 @@ def check_ranges(table: pa.Table, source: str, row_ids: np.ndarray | None = None
                             f"in the step's global batch (or null)")
     if allow_overlap:
         return
-    # Overlaps within (step, shard, unit): sort by start, compare each slice with the running end.
+    # Overlaps within (step, shard, unit, epoch): sort by start, compare each slice with the running end.
     step = table.column("step").to_numpy()
     shard_codes = pc.dictionary_encode(table.column("shard")).combine_chunks().indices.to_numpy()
     unit_codes = (unit == "token").astype(np.int64)
-    order = np.lexsort((end, start, unit_codes, shard_codes, step))
+    epoch = (np.asarray(pc.fill_null(table.column("epoch"), -1).to_numpy(zero_copy_only=False), np.int64)
+             if "epoch" in table.column_names else np.full(n, -1, np.int64))
+    order = np.lexsort((end, start, epoch, unit_codes, shard_codes, step))
     s, e = start[order], end[order]
     same = np.zeros(n, bool)
     same[1:] = ((step[order][1:] == step[order][:-1]) & (shard_codes[order][1:] == shard_codes[order][:-1])
-                & (unit_codes[order][1:] == unit_codes[order][:-1]))
+                & (unit_codes[order][1:] == unit_codes[order][:-1]) & (epoch[order][1:] == epoch[order][:-1]))
     group = np.cumsum(~same)
     # Running max of `end` within each group (segmented, via dense ranks so keys stay small).
     uniq_e, e_rank = np.unique(e, return_inverse=True)
@@ -156,13 +224,15 @@ def check_shard_bounds(table: pa.Table, source: str, shard_root: str | None, row
 def read_manifest(path, shard_root: str | None = None, check_shards: bool = True, *, dtype=None,
                   allow_overlap: bool = False, rows=None) -> pa.Table:
     """Read, validate and check a step manifest. Returns the table (STEP_MANIFEST schema, file order,
-    ``unit`` filled with ``'row'`` where null). ``dtype`` is the token dtype of raw token files.
+    ``unit`` filled with ``'row'`` where null). ``dtype`` is the token dtype of raw token files
+    (default: the one the manifest records).
     ``allow_overlap`` accepts overlapping slices within a step (see :func:`check_ranges`)."""
     table = load_manifest_table(path)
     src = _name(path)
     check_ranges(table, src, allow_overlap=allow_overlap)
     if check_shards:
-        check_shard_bounds(table, src, shard_root, dtype=dtype, rows=manifest_rows(path, rows))
+        check_shard_bounds(table, src, shard_root, dtype=token_dtype(read_meta(path), dtype, src),
+                           rows=manifest_rows(path, rows))
     return table
 
 
@@ -172,16 +242,23 @@ def step_rows(table: pa.Table, step: int) -> np.ndarray:
     return np.flatnonzero(table.column("step").to_numpy() == step)
 
 
-def write_manifest(table: pa.Table, path) -> Path:
-    """Write a STEP_MANIFEST atomically (conformed, sorted by step, rank, micro_batch, shard, row_start)."""
-    return write_table(table, path, STEP_MANIFEST)
+def write_manifest(table: pa.Table, path, **meta) -> Path:
+    """Write a STEP_MANIFEST atomically (conformed, sorted by step, rank, micro_batch, shard, row_start),
+    with the run description the table carries (and ``meta`` over it), stamped with the step convention:
+    whatever spike-audit writes numbers steps by 0-based batch index."""
+    merged = {**meta_of(table), **meta, "step_convention": STEP_CONVENTION}
+    unknown = sorted(set(merged) - set(META_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown manifest metadata {unknown}; expected some of {META_FIELDS}")
+    return write_table(table, path, STEP_MANIFEST, metadata={META_KEY: _encode(merged)})
 
 
 def manifest_from_arrays(step, shard, row_start, row_end, unit="row", rank=None, micro_batch=None, batch_pos=None,
-                         seq_piece=None) -> pa.Table:
+                         seq_piece=None, epoch=None) -> pa.Table:
     """Build a STEP_MANIFEST table from column arrays (scalars broadcast), unsorted. ``batch_pos``: each
     slice's position in its step's global batch, where the builder knows the trainer's order (see the
-    schema); ``seq_piece``: the slice's order within a sequence made of several slices."""
+    schema); ``seq_piece``: the slice's order within a sequence made of several slices; ``epoch``: the
+    pass over the data each slice belongs to."""
     n = len(step)
     cols = {
         "step": np.asarray(step, np.int64),
@@ -198,6 +275,8 @@ def manifest_from_arrays(step, shard, row_start, row_end, unit="row", rank=None,
         cols["batch_pos"] = np.asarray(batch_pos, np.int64)
     if seq_piece is not None:
         cols["seq_piece"] = np.asarray(seq_piece, np.int32)
+    if epoch is not None:
+        cols["epoch"] = np.asarray(epoch, np.int32)
     return STEP_MANIFEST.from_arrays(cols, sort=False)
 
 

@@ -70,15 +70,27 @@ ALIGNED_SPIKES = TableSpec(
 
 STEP_MANIFEST = TableSpec(
     name="step_manifest",
-    version=2,
+    version=3,
     doc="What each optimizer step consumed: one row per contiguous slice of one shard. With `unit` = "
     "`row` the slice counts rows of a row-oriented shard (Parquet, JSONL, HF dataset, 2-D .npy, a "
     "Megatron document); with `unit` = `token` it counts token offsets into a flat token file "
     "(raw .bin / 1-D .npy memmap, Megatron .bin). Each slice becomes one sequence when read. "
-    "Version 2 adds where each sequence sat in its step's global batch (`batch_pos`, `seq_piece`), so a "
-    "per-position quantity (a per-row loss) joins to the data; version 1 files read with them null.",
+    "`step` is the 0-based index of the global batch (the one step convention, `spike_audit.schemas.steps`). "
+    "The Parquet schema metadata key `spike_audit.manifest` holds a JSON object describing the run: "
+    "`step_convention` (`batch_index`), `trainer` (whose data order it is, e.g. `megatron`; null by hand), "
+    "`token_dtype` (dtype of the flat token files, used to read them when no dtype is given), `seq_len` "
+    "(the trainer's sequence length), `extra_token` (sequences hold `seq_len + 1` tokens), "
+    "`samples_per_step` / `tokens_per_step` (global batch size), `first_step` and "
+    "`samples_before_first_step` / `tokens_before_first_step` (consumed before it, for resumed runs): "
+    "the consumed samples after step s are `samples_before_first_step + (s - first_step + 1) * samples_per_step`; "
+    "`flat_rows`: the row definition of flat token files its `unit` = `row` slices address. "
+    "Unknown values are null; a manifest without the key (written by hand or by another tool) has no "
+    "known step convention. Version 2 added where each sequence sat in its step's global batch "
+    "(`batch_pos`, `seq_piece`), so a per-position quantity (a per-row loss) joins to the data; version 3 "
+    "the `epoch` of each slice and the run description; older files read with them null.",
     fields=(
-        F("step", pa.int64(), "Optimizer step that consumed the slice, numbered as in the loss log."),
+        F("step", pa.int64(), "0-based index of the global batch that consumed the slice (a trainer's logged "
+          "step maps to it: Megatron iteration N is step N - 1)."),
         F("shard", pa.string(), "Shard path relative to the shard root (or absolute / URL)."),
         F("row_start", pa.int64(), "First row (or token offset) of the slice, inclusive."),
         F("row_end", pa.int64(), "End of the slice, exclusive; must be > row_start."),
@@ -93,6 +105,10 @@ STEP_MANIFEST = TableSpec(
           "order fill it for every slice (all or none); null when unknown.", nullable=True),
         F("seq_piece", pa.int32(), "0-based order of the slice within its sequence when a sequence is made of "
           "several `token` slices (a Megatron sample that crosses documents); null or 0 otherwise.",
+          nullable=True),
+        F("epoch", pa.int32(), "Pass over the data the slice belongs to (0-based: the k-th time the run's data "
+          "order reads it). Slices of one shard that overlap within a step are accepted when their epochs "
+          "differ (a multi-epoch shuffle can put a document twice into one batch); null when unknown.",
           nullable=True),
     ),
     sort_keys=("step", "rank", "micro_batch", "shard", "row_start"),

@@ -7,10 +7,15 @@ import struct
 import numpy as np
 import pytest
 
-from spike_audit.pipelines.builders.megatron import build_megatron_manifest, find_cache, load_cache
+import hashlib
+import json
+
+import pyarrow.compute as pc
+
+from spike_audit.pipelines.builders.megatron import build_megatron_manifest, load_cache
 from spike_audit.pipelines.cli.main import main
 from spike_audit.pipelines.errors import UserError
-from spike_audit.pipelines.manifest import read_manifest
+from spike_audit.pipelines.manifest import meta_of, read_manifest, write_manifest
 from spike_audit.pipelines.shards.read import read_slices
 
 SEQ = 16
@@ -171,69 +176,122 @@ def run(tmp_path):
 
 
 def megatron_train(gpt, *, gbs, mbs, dp, iterations, consumed=0):
-    """Per (iteration, rank, micro): concatenated tokens of the samples, iteration numbered as logged."""
+    """Per (batch index, rank, micro): concatenated tokens of the samples. The batch index is 0-based:
+    Megatron logs the batch of index b as iteration b + 1."""
     fed = {}
     n_micro = gbs // (mbs * dp)
+    first = consumed // gbs
     for rank in range(dp):
         it = iter(MegatronPretrainingSampler(len(gpt.shuffle_index), consumed, mbs, rank, dp))
-        iteration = 0
-        while iteration < iterations:
+        for b in range(first, first + iterations):
             for m in range(n_micro):
                 idxs = next(it)
-                fed[(iteration + 1, rank, m)] = np.concatenate(
-                    [gpt._query_document_sample_shuffle_indices(i) for i in idxs])
-            iteration += 1
+                fed[(b, rank, m)] = np.concatenate([gpt._query_document_sample_shuffle_indices(i) for i in idxs])
     return fed
+
+
+def _tokens_by_key(root, table, shard="data/corpus_text_document.bin", cols=("step", "rank", "micro_batch")):
+    sel = np.flatnonzero(np.asarray(table.column("shard").to_pylist(), dtype=object) == shard)
+    sub = table.take(sel)
+    batch = read_slices(str(root), shard, np.stack([sub.column("row_start").to_numpy(),
+                                                    sub.column("row_end").to_numpy()], 1), unit="token")
+    got: dict = {}
+    for i in range(sub.num_rows):
+        key = tuple(sub.column(c)[i].as_py() for c in cols)
+        got.setdefault(key, []).extend(batch.column("tokens")[i].as_py())
+    return got
 
 
 def test_manifest_points_at_exactly_the_tokens_megatron_fed(run):
     root, base, gpt = run
     gbs, mbs, dp = 8, 2, 2
-    doc, sample, shuffle = load_cache(base)
-    table = build_megatron_manifest("data/corpus_text_document.bin", doc, sample, shuffle, global_batch_size=gbs,
+    cache = load_cache(base)
+    table = build_megatron_manifest("data/corpus_text_document.bin", cache, global_batch_size=gbs,
                                     shard_root=str(root), micro_batch_size=mbs, data_parallel_size=dp)
-    iterations = len(shuffle) // gbs
+    iterations = len(cache.members[0].shuffle_index) // gbs
     fed = megatron_train(gpt, gbs=gbs, mbs=mbs, dp=dp, iterations=iterations)
-    got: dict = {}
-    batch = read_slices(str(root), "data/corpus_text_document.bin",
-                        np.stack([table.column("row_start").to_numpy(), table.column("row_end").to_numpy()], 1),
-                        unit="token")
-    for i in range(table.num_rows):
-        key = tuple(table.column(c)[i].as_py() for c in ("step", "rank", "micro_batch"))
-        got.setdefault(key, []).extend(batch.column("tokens")[i].as_py())
+    got = _tokens_by_key(root, table)
     assert sorted(got) == sorted(fed)
     for key in fed:
         assert got[key] == fed[key].tolist(), key
     # some samples cross documents, so the test exercises multi-piece samples
-    assert table.num_rows > len(shuffle) // gbs * gbs
+    assert table.num_rows > iterations * gbs
+    meta = meta_of(table)
+    assert meta["trainer"] == "megatron" and meta["token_dtype"] == "uint16" and meta["samples_per_step"] == gbs
 
 
 def test_consumed_samples_and_step_range(run):
     root, base, gpt = run
-    doc, sample, shuffle = load_cache(base)
-    t = build_megatron_manifest("data/corpus_text_document.bin", doc, sample, shuffle, global_batch_size=4,
-                                shard_root=str(root), consumed_samples=8, first_step=3, steps=(4, 4))
-    fed = megatron_train(gpt, gbs=4, mbs=4, dp=1, iterations=2, consumed=8)  # iterations 1, 2 -> steps 3, 4
-    got = read_slices(str(root), "data/corpus_text_document.bin",
-                      np.stack([t.column("row_start").to_numpy(), t.column("row_end").to_numpy()], 1), unit="token")
-    assert set(t.column("step").to_pylist()) == {4}
-    assert [x for s in got.column("tokens").to_pylist() for x in s] == fed[(2, 0, 0)].tolist()
+    cache = load_cache(base)
+    # resumed after 2 iterations of 4 samples: the first batch is index 2 (iteration 3)
+    t = build_megatron_manifest("data/corpus_text_document.bin", cache, global_batch_size=4,
+                                shard_root=str(root), consumed_samples=8, steps=(3, 3))
+    fed = megatron_train(gpt, gbs=4, mbs=4, dp=1, iterations=2, consumed=8)  # batches 2, 3
+    assert set(t.column("step").to_pylist()) == {3}
+    assert _tokens_by_key(root, t, cols=("step",))[(3,)] == fed[(3, 0, 0)].tolist()
+    assert meta_of(t)["first_step"] == 2 and meta_of(t)["samples_before_first_step"] == 8
+    with pytest.raises(UserError, match="not a multiple of --global-batch-size 4"):
+        build_megatron_manifest("data/corpus_text_document.bin", cache, global_batch_size=4, shard_root=str(root),
+                                consumed_samples=6)
+    t = build_megatron_manifest("data/corpus_text_document.bin", cache, global_batch_size=4, shard_root=str(root),
+                                consumed_samples=6, first_step=1, steps=(1, 1))
+    it = iter(MegatronPretrainingSampler(len(gpt.shuffle_index), 6, 4, 0, 1))
+    assert _tokens_by_key(root, t, cols=("step",))[(1,)] == np.concatenate(
+        [gpt._query_document_sample_shuffle_indices(i) for i in next(it)]).tolist()
 
 
-def test_cli_and_cache_discovery(run, tmp_path):
+def test_epoch_repeats_are_not_overlaps(run, tmp_path):
     root, base, _ = run
-    assert find_cache(str(root / "cache"))[0] == base + "-document_index.npy"
     out = tmp_path / "m.parquet"
     assert main(["manifest", "megatron", "--data", "data/corpus_text_document.bin", "--cache", str(root / "cache"),
                  "--shards", str(root), "--global-batch-size", "8", "--out", str(out), "--check"]) == 0
-    # Megatron shuffles samples across all 3 epochs, so some step reads a document twice: the strict
-    # check reports it, and it is accepted when asked for.
+    # Megatron shuffles samples across all 3 epochs, so some step reads a document twice, in two passes:
+    # accepted without allow_overlap because the slices carry their epochs...
+    t = read_manifest(out, str(root))
+    epoch = np.asarray(t.column("epoch").to_pylist())
+    assert set(epoch.tolist()) == {0, 1, 2}
+    # ...and the same slices without epochs (a hand-made manifest) are a real overlap
+    bare = tmp_path / "bare.parquet"
+    write_manifest(t.drop_columns(["epoch"]), bare)
     with pytest.raises(UserError, match="overlaps another slice of the same shard in step"):
-        read_manifest(out, str(root))
-    t = read_manifest(out, str(root), check_shards=True, allow_overlap=True)
-    assert t.num_rows > 0 and set(t.column("unit").to_pylist()) == {"token"}
+        read_manifest(bare, str(root))
+    # each (document, epoch) is read once in the whole run, apart from the shared boundary token
+    t = t.filter(pc.greater(pc.subtract(t.column("row_end"), t.column("row_start")), 1))
+    key = list(zip(t.column("row_start").to_pylist(), t.column("epoch").to_pylist()))
+    assert len(key) == len(set(key))
+
+
+def test_passes_counts_earlier_occurrences(monkeypatch):
+    from spike_audit.pipelines.builders import megatron as mb
+
+    rng = np.random.default_rng(3)
+    doc = rng.integers(0, 7, 200).astype(np.int32)
+    naive = np.array([np.sum(doc[:i] == doc[i]) for i in range(len(doc))])
+    monkeypatch.setattr(mb, "_CHUNK", 16)  # many chunks
+    pos = rng.permutation(200)[:70]
+    np.testing.assert_array_equal(mb.passes(doc, pos), naive[pos])
+    np.testing.assert_array_equal(mb.passes(doc, np.zeros(0, np.int64)), [])
+
+
+def test_cache_discovery_and_refusals(run, tmp_path, capsys):
+    root, base, _ = run
+    cache = load_cache(str(root / "cache"))
+    assert cache.members[0].prefix == base and not cache.is_blend
     with pytest.raises(UserError, match="Megatron index cache not found"):
-        find_cache(str(root / "cache" / "nope"))
+        load_cache(str(root / "cache" / "nope"))
+    with pytest.raises(UserError, match="no Megatron index cache for split 'valid'"):
+        load_cache(str(root / "cache"), split="valid")
+    out = str(tmp_path / "m.parquet")
+    common = ["manifest", "megatron", "--data", "data/corpus_text_document.bin", "--cache", str(root / "cache"),
+              "--shards", str(root), "--global-batch-size", "8", "--out", out]
+    for extra, msg in ((["--dataloader-type", "cyclic"], "--dataloader-type cyclic is not supported"),
+                       (["--rampup-batch-size", "4", "4", "100"], "--rampup-batch-size is not supported"),
+                       (["--consumed-samples", "5"], "not a multiple of --global-batch-size 8"),
+                       (["--data", "a.bin", "b.bin"], "2 file(s) given but the cache is one dataset")):
+        capsys.readouterr()
+        assert main(common + extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert msg in err and len(err.splitlines()) == 1, err
 
 
 def test_batch_positions_join_the_pieces_of_each_sample(run):
@@ -241,8 +299,9 @@ def test_batch_positions_join_the_pieces_of_each_sample(run):
     position of the global batch."""
     root, base, gpt = run
     gbs = 8
-    doc, sample, shuffle = load_cache(base)
-    t = build_megatron_manifest("data/corpus_text_document.bin", doc, sample, shuffle, global_batch_size=gbs,
+    cache = load_cache(base)
+    # 3 samples consumed before batch 0 (a changed batch size): the first batch's index is given
+    t = build_megatron_manifest("data/corpus_text_document.bin", cache, global_batch_size=gbs, first_step=0,
                                 shard_root=str(root), consumed_samples=3, micro_batch_size=2, data_parallel_size=2)
     toks = read_slices(str(root), "data/corpus_text_document.bin",
                        np.stack([t.column("row_start").to_numpy(), t.column("row_end").to_numpy()], 1),
@@ -251,8 +310,101 @@ def test_batch_positions_join_the_pieces_of_each_sample(run):
     seqs: dict = {}
     for i in np.lexsort((piece, pos, step)):
         seqs.setdefault((int(step[i]), int(pos[i])), []).extend(toks[i])
-    assert len(seqs) == (len(shuffle) - 3) // gbs * gbs
+    n_items = len(cache.members[0].shuffle_index)
+    assert len(seqs) == (n_items - 3) // gbs * gbs
     for (s, p), got in list(seqs.items())[::7]:
-        assert got == gpt._query_document_sample_shuffle_indices(3 + (s - 1) * gbs + p).tolist(), (s, p)
+        assert got == gpt._query_document_sample_shuffle_indices(3 + s * gbs + p).tolist(), (s, p)
     np.testing.assert_array_equal(t.column("micro_batch").to_numpy(), pos // 4)
     assert (piece > 0).any()  # samples that cross documents
+
+
+# ---- blends: BlendedDataset item k is item dataset_sample_index[k] of member dataset_index[k] ----
+
+
+def _gpt_member(tmp_path, name, rng, cache_dir, n_docs=30, num_epochs=2, split="train"):
+    docs = [rng.integers(0, 60000, int(n)) for n in rng.integers(1, 30, n_docs)]
+    prefix = str(tmp_path / "data" / name)
+    _write_indexed(prefix, docs)
+    sizes = np.array([len(d) for d in docs], np.int32)
+    split_docs = np.arange(n_docs, dtype=np.int32)
+    state = np.random.RandomState(7)
+    document_index = _build_document_index(split_docs, num_epochs, state, separate_final_epoch=False)
+    sample_index = build_sample_idx(sizes, document_index, SEQ, num_epochs, int(sizes.sum()))
+    shuffle_index = _build_shuffle_index(sample_index.shape[0] - 1, sample_index.shape[0] - 1, state)
+    description = {"class": "GPTDataset", "dataset_path": f"/training/run/data/{name}", "num_samples": 50,
+                   "index_split": split, "random_seed": 1234, "sequence_length": SEQ}
+    h = hashlib.md5(json.dumps(description, indent=4).encode(), usedforsecurity=False).hexdigest()
+    cbase = str(cache_dir / f"{h}-GPTDataset-{split}")
+    np.save(cbase + "-document_index.npy", document_index)
+    np.save(cbase + "-sample_index.npy", sample_index)
+    np.save(cbase + "-shuffle_index.npy", shuffle_index)
+    with open(cbase + "-description.txt", "w") as f:
+        f.write(json.dumps(description, indent=4))
+    return description, GPTDataset(IndexedDataset(prefix), document_index, sample_index, shuffle_index)
+
+
+@pytest.fixture
+def blend(tmp_path):
+    rng = np.random.default_rng(21)
+    (tmp_path / "data").mkdir()
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    members = [_gpt_member(tmp_path, n, rng, cache) for n in ("web", "code", "books")]
+    n = 96
+    dataset_index = rng.choice(3, size=n, p=[0.5, 0.3, 0.2]).astype(np.int16)
+    dataset_sample_index = np.zeros(n, np.int64)
+    for d in range(3):  # each member's samples in order, as build_blending_indices draws them
+        sel = dataset_index == d
+        dataset_sample_index[sel] = np.arange(sel.sum())
+    desc = {"class": "BlendedDataset", "datasets": [m[0] for m in members], "split": "train",
+            "weights": [0.5, 0.3, 0.2], "size": n}
+    bbase = str(cache / "feedbeef-BlendedDataset-train")
+    np.save(bbase + "-dataset_index.npy", dataset_index)
+    np.save(bbase + "-dataset_sample_index.npy", dataset_sample_index)
+    with open(bbase + "-description.txt", "w") as f:
+        f.write(json.dumps(desc, indent=4))
+    gpts = [m[1] for m in members]
+
+    def getitem(k):  # BlendedDataset.__getitem__ then GPTDataset's
+        return int(dataset_index[k]), gpts[dataset_index[k]]._query_document_sample_shuffle_indices(
+            int(dataset_sample_index[k]))
+
+    return tmp_path, getitem, n
+
+
+def test_blend_follows_its_own_dataset_index(blend):
+    root, getitem, n = blend
+    gbs = 8
+    files = ["data/books.bin", "data/web.bin", "data/code.bin"]  # any order: matched by name
+    t = build_megatron_manifest(files, load_cache(str(root / "cache")), global_batch_size=gbs, shard_root=str(root))
+    names = {0: "data/web.bin", 1: "data/code.bin", 2: "data/books.bin"}
+    shard = np.asarray(t.column("shard").to_pylist(), dtype=object)
+    for b in range(n // gbs):
+        want: dict = {}
+        for k in range(b * gbs, (b + 1) * gbs):
+            d, toks = getitem(k)
+            want.setdefault(names[d], []).append(toks.tolist())
+        for name, seqs in want.items():
+            sel = np.flatnonzero((np.asarray(t.column("step").to_pylist()) == b) & (shard == name))
+            got = read_slices(str(root), name, np.stack([t.column("row_start").to_numpy()[sel],
+                                                         t.column("row_end").to_numpy()[sel]], 1), unit="token")
+            flat = [x for s in got.column("tokens").to_pylist() for x in s]
+            assert sorted(flat) == sorted(x for s in seqs for x in s), (b, name)
+            assert sum(len(s) for s in seqs) == len(flat)
+    assert set(shard.tolist()) == set(names.values())
+
+
+def test_blend_cli_and_member_matching(blend, tmp_path, capsys):
+    root, _, _ = blend
+    out = tmp_path / "m.parquet"
+    args = ["manifest", "megatron", "--cache", str(root / "cache"), "--shards", str(root), "--global-batch-size", "8",
+            "--out", str(out), "--check", "--data"]
+    assert main(args + ["data/web.bin", "data/code.bin", "data/books.bin"]) == 0
+    assert read_manifest(out, str(root)).num_rows > 0
+    capsys.readouterr()
+    # following the old advice (one member at a time) is refused, naming the blend's members
+    assert main(args + ["data/web.bin"]) == 2
+    err = capsys.readouterr().err
+    assert "a blend of 3 datasets (web, code, books)" in err and len(err.strip().splitlines()) == 1
+    assert main(args + ["data/web.bin", "data/code.bin", "data/novels.bin"]) == 2
+    assert "no file named books.bin" in capsys.readouterr().err

@@ -8,6 +8,7 @@ import pytest
 from spike_audit.pipelines.builders.olmo import build_olmo_manifest
 from spike_audit.pipelines.cli.main import main
 from spike_audit.pipelines.errors import UserError
+from spike_audit.schemas.steps import TRAINER_STEP_BASE
 from spike_audit.pipelines.manifest import read_manifest
 from spike_audit.pipelines.shards.read import read_slices
 
@@ -126,7 +127,9 @@ def test_manifest_points_at_exactly_the_tokens_olmo_fed(run):
                    max_steps=n_steps)
     got: dict = {}
     for i in range(table.num_rows):
-        key = (table.column("step")[i].as_py(), table.column("rank")[i].as_py(), table.column("micro_batch")[i].as_py())
+        # the manifest's step is the 0-based batch index; OLMo's global_step is 1-based
+        key = (table.column("step")[i].as_py() + TRAINER_STEP_BASE["olmo"], table.column("rank")[i].as_py(),
+               table.column("micro_batch")[i].as_py())
         got.setdefault(key, []).append(_read(root, table, i))
     assert sorted(got) == sorted(fed)
     for key, seqs in fed.items():
@@ -139,14 +142,14 @@ def test_step_base_range_and_uint32(tmp_path):
     tok.tofile(tmp_path / "d.npy")  # raw memmap despite the name
     np.save(tmp_path / "gi.npy", np.array([5, 4, 3, 2, 1, 0], np.uint32))  # a real .npy is accepted too
     t = build_olmo_manifest(tmp_path / "gi.npy", ["d.npy"], seq_len=SEQ, global_batch_size=2, dtype="uint32",
-                            shard_root=str(tmp_path), steps=(2, 3))
-    assert t.column("step").to_pylist() == [2, 2, 3, 3]
+                            shard_root=str(tmp_path), steps=(1, 2))
+    assert t.column("step").to_pylist() == [1, 1, 2, 2]
     assert t.column("row_start").to_pylist() == [3 * SEQ, 2 * SEQ, SEQ, 0]
     b = read_slices(str(tmp_path), "d.npy", [[3 * SEQ, 4 * SEQ]], unit="token", dtype="uint32")
     assert b.column("tokens")[0].as_py() == tok[3 * SEQ:4 * SEQ].tolist()
     t = build_olmo_manifest(tmp_path / "gi.npy", ["d.npy"], seq_len=SEQ, global_batch_size=2, dtype="uint32",
-                            shard_root=str(tmp_path), first_step=0)
-    assert t.column("step").to_pylist()[:2] == [0, 0]
+                            shard_root=str(tmp_path), first_step=1)
+    assert t.column("step").to_pylist()[:2] == [1, 1]
 
 
 def test_index_past_the_data_is_an_error(tmp_path):
@@ -167,7 +170,7 @@ def test_cli(run, tmp_path, capsys):
 
 
 def test_batch_positions_are_the_global_batch_order(run):
-    """batch_pos p of step s is instance global_indices[(s - 1) * gbs + p]; rank p % world."""
+    """batch_pos p of step (batch index) s is instance global_indices[s * gbs + p]; rank p % world."""
     root, names = run
     world, gbs = 2, 6
     table = build_olmo_manifest(root / "global_indices.npy", names, seq_len=SEQ, global_batch_size=gbs,
@@ -175,8 +178,8 @@ def test_batch_positions_are_the_global_batch_order(run):
     ds = MemMapDataset(*[str(root / n) for n in names], chunk_size=SEQ, memmap_dtype=np.uint16)
     gi = np.memmap(root / "global_indices.npy", dtype=np.uint32, mode="r")
     step, pos = table.column("step").to_numpy(), table.column("batch_pos").to_numpy()
-    assert sorted(zip(step.tolist(), pos.tolist())) == [(s, p) for s in range(1, len(gi) // gbs + 1) for p in range(gbs)]
+    assert sorted(zip(step.tolist(), pos.tolist())) == [(s, p) for s in range(len(gi) // gbs) for p in range(gbs)]
     np.testing.assert_array_equal(table.column("rank").to_numpy(), pos % world)
     for i in range(0, table.num_rows, 5):
-        want = ds[int(gi[(step[i] - 1) * gbs + pos[i]])]
+        want = ds[int(gi[step[i] * gbs + pos[i]])]
         assert _read(root, table, i).tolist() == want.tolist()

@@ -42,10 +42,11 @@ def test_tokens_and_instances_agree_and_epochs_continue(tmp_path):
     b = build_olmo_core_manifest([e1, e2], paths, seq_len=SEQ, global_batch_size=3, shard_root=str(tmp_path))
     assert a.sort_by("step").equals(b.sort_by("step"))
     steps = np.unique(a.column("step").to_numpy())
-    assert steps.tolist() == list(range(1, 2 * (n // 3) + 1))  # 9 steps an epoch, epoch 2 from step 10
-    # epoch 2 alone starts at step 10, derived from its name
+    # 9 batches an epoch: batch indices 0..17, epoch 2 from batch 9 (OLMo-core's global_step 10)
+    assert steps.tolist() == list(range(0, 2 * (n // 3)))
+    # epoch 2 alone starts at batch 9, derived from its name
     c = build_olmo_core_manifest([e2], paths, seq_len=SEQ, global_batch_tokens=3 * SEQ, shard_root=str(tmp_path))
-    assert c.column("step").to_numpy().min() == n // 3 + 1
+    assert c.column("step").to_numpy().min() == n // 3
 
 
 def test_max_target_sequence_length_changes_instances(tmp_path):
@@ -83,7 +84,7 @@ def test_source_permutation_is_pythons_random_shuffle(tmp_path):
     idx = np.fromfile(gi, np.uint32)
     first = int(idx[0])
     f = int(np.searchsorted(cum, first, side="right") - 1)
-    rows = t.filter(np.asarray(t.column("step").to_numpy() == 1)).to_pylist()
+    rows = t.filter(np.asarray(t.column("step").to_numpy() == 0)).to_pylist()
     assert any(r["shard"] == perm[f] and r["row_start"] == (first - cum[f]) * SEQ for r in rows)
 
 

@@ -126,14 +126,15 @@ class LlmcDataLoader:
 
 def train(loader_cls, pattern, *, B, T, world, accum, num_iterations):
     """The records' loop: x, y fetched before the loop; each micro-step trains then prefetches.
-    Logged step = step + 1. Returns {(logged_step, rank, micro): (x, y)}."""
+    Returns {(step, rank, micro): (x, y)} with ``step`` the 0-based loop index, the batch index
+    (modded-nanogpt logs it as ``step:{step+1}``, llm.c's log file as ``s:{step}``)."""
     fed = {}
     for rank in range(world):
         loader = loader_cls(pattern, B, T, rank, world)
         x, y = loader.next_batch()
         for step in range(num_iterations):
             for i in range(1, accum + 1):
-                fed[(step + 1, rank, i - 1)] = (x, y)
+                fed[(step, rank, i - 1)] = (x, y)
                 x, y = loader.next_batch()
     return fed
 
@@ -189,7 +190,7 @@ def test_ranks_leave_a_shard_at_different_batches_in_modded(shards):
     shard_of = {}
     for i in range(t.num_rows):
         shard_of[(t.column("step")[i].as_py(), t.column("rank")[i].as_py())] = t.column("shard")[i].as_py()
-    assert any(shard_of[(s, 0)] != shard_of[(s, 2)] for s in range(1, 21))
+    assert any(shard_of[(s, 0)] != shard_of[(s, 2)] for s in range(0, 20))
 
 
 def test_small_shard_and_cli(shards, tmp_path):
@@ -220,7 +221,7 @@ def test_batch_positions_are_micro_step_major_then_rank(shards):
                                   shard_root=str(shards))
     step, pos = t.column("step").to_numpy(), t.column("batch_pos").to_numpy()
     rank, micro = t.column("rank").to_numpy(), t.column("micro_batch").to_numpy()
-    for s in range(1, 8):
+    for s in range(0, 7):
         assert sorted(pos[step == s].tolist()) == list(range(B * world * accum))
     np.testing.assert_array_equal(pos // B % world, rank)
     np.testing.assert_array_equal(pos // (B * world), micro)

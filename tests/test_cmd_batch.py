@@ -11,7 +11,7 @@ import pytest
 
 from spike_audit.pipelines.cli.main import main
 from spike_audit.pipelines.errors import UserError
-from spike_audit.pipelines.manifest import manifest_from_arrays, write_manifest
+from spike_audit.pipelines.manifest import manifest_from_arrays, with_meta, write_manifest
 from spike_audit.pipelines.tokenizer import decode_batch, load_tokenizer
 
 CORPUS = ["the cat sat on the mat", "a dog barked at the mailman", "hello world, hello tokens", "numbers 12345 and ünïcode"]
@@ -120,3 +120,38 @@ def test_one_line_errors(run, capsys, tmp_path):
     write_manifest(manifest_from_arrays([1], ["gone.parquet"], [0], [1]), tmp / "bad.parquet")
     err = _err(capsys, base + ["--manifest", str(tmp / "bad.parquet"), "--step", "1"])
     assert "bad.parquet: row 0: shard 'gone.parquet' not found" in err
+
+
+def test_batch_reads_the_manifests_token_dtype(tmp_path, capsys):
+    # uint32 tokens (a vocabulary over 65,535): read as uint16 they would be other data
+    root = tmp_path / "shards"
+    root.mkdir()
+    toks = (np.arange(64, dtype=np.uint32) + 100_000)
+    toks.tofile(root / "big.bin")
+    m = with_meta(manifest_from_arrays([0], "big.bin", [8], [16], "token"), token_dtype="uint32", trainer="olmo")
+    write_manifest(m, tmp_path / "m.parquet")
+    assert main(["batch", "--manifest", str(tmp_path / "m.parquet"), "--shards", str(root), "--step", "0",
+                 "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["slices"][0]["sequences"][0]["excerpt"].split()[:2] == ["100008", "100009"]
+    assert rep["n_tokens"] == 8
+    err = _err(capsys, ["batch", "--manifest", str(tmp_path / "m.parquet"), "--shards", str(root), "--step", "0",
+                        "--dtype", "uint16"])
+    assert "--dtype uint16 but the manifest records token dtype uint32" in err
+
+
+def test_log_step_uses_the_recorded_trainers_numbering(tmp_path, capsys):
+    root = tmp_path / "shards"
+    root.mkdir()
+    np.arange(64, dtype=np.uint16).tofile(root / "t.bin")
+    m = with_meta(manifest_from_arrays([0, 1], "t.bin", [0, 8], [8, 16], "token"), trainer="megatron")
+    write_manifest(m, tmp_path / "m.parquet")
+    base = ["batch", "--manifest", str(tmp_path / "m.parquet"), "--shards", str(root), "--json"]
+    assert main(base + ["--log-step", "2"]) == 0  # Megatron's iteration 2 is the second batch, index 1
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["step"] == 1 and rep["log_step"] == 2 and rep["slices"][0]["row_start"] == 8
+    assert main(base[:-1] + ["--step", "0"]) == 0
+    assert "step 0 (megatron iteration 1)" in capsys.readouterr().out
+    write_manifest(manifest_from_arrays([0], "t.bin", [0], [8], "token"), tmp_path / "m.parquet")
+    err = _err(capsys, base + ["--log-step", "1"])
+    assert "--log-step needs the trainer's step numbering but it records no trainer" in err

@@ -9,7 +9,7 @@ import pytest
 
 from spike_audit.pipelines.errors import UserError
 from spike_audit.pipelines.manifest import (check_ranges, load_manifest_table, manifest_from_arrays, read_manifest,
-                                            write_manifest)
+                                            read_meta, with_meta, write_manifest)
 from spike_audit.schemas import STEP_MANIFEST, SchemaError
 
 
@@ -118,3 +118,28 @@ def test_batch_positions_are_optional_and_never_negative(tmp_path):
     bad = manifest_from_arrays([1], "a.parquet", [0], [4], batch_pos=[-1])
     with pytest.raises(UserError, match="row 0: batch_pos -1 is negative"):
         check_ranges(bad, "m.parquet")
+def test_epochs_separate_repeats_from_overlaps(tmp_path, root):
+    # the same tokens twice in one step: two passes over the data (epochs) are fine, one pass twice is not
+    t = manifest_from_arrays([0, 0], "tok.bin", [0, 0], [8, 8], "token", epoch=[0, 1])
+    write_manifest(t, tmp_path / "m.parquet")
+    assert read_manifest(tmp_path / "m.parquet", str(root)).num_rows == 2
+    t = manifest_from_arrays([0, 0], "tok.bin", [0, 0], [8, 8], "token", epoch=[1, 1])
+    write_manifest(t, tmp_path / "m.parquet")
+    with pytest.raises(UserError, match="overlaps another slice"):
+        read_manifest(tmp_path / "m.parquet", str(root))
+
+
+def test_run_description_round_trips_and_stamps_the_convention(tmp_path):
+    t = with_meta(manifest_from_arrays([0, 1], "tok.bin", [0, 8], [8, 16], "token"), trainer="megatron",
+                  token_dtype="int32", seq_len=8, samples_per_step=1)
+    write_manifest(t, tmp_path / "m.parquet", first_step=0)
+    meta = read_meta(tmp_path / "m.parquet")
+    assert meta["step_convention"] == "batch_index" and meta["trainer"] == "megatron"
+    assert meta["token_dtype"] == "int32" and meta["seq_len"] == 8 and meta["first_step"] == 0
+    assert meta["tokens_per_step"] is None  # unknown facts are null, not guessed
+    # a manifest written by another tool has no description
+    pq.write_table(pa.table({"step": [0], "shard": ["tok.bin"], "row_start": [0], "row_end": [8]}),
+                   tmp_path / "bare.parquet")
+    assert read_meta(tmp_path / "bare.parquet") == {}
+    with pytest.raises(ValueError, match="unknown manifest metadata"):
+        with_meta(t, token_type="int32")

@@ -160,7 +160,8 @@ def test_manifest_log_mismatch_is_a_one_line_error(demo, tmp_path):
     log.write_text(re.sub(r"iteration\s+(\d+)/", lambda m: f"iteration {int(m.group(1)) + 1000:8d}/", text))
     cfg = RunConfig(log=str(log), manifest=str(root / "run" / "manifest.parquet"), shards=str(root / "run" / "shards"),
                     out=str(tmp_path / "out"))
-    with pytest.raises(UserError, match=r"covers steps 1\.\.400 but .* spike at step 1\d\d\d"):
+    with pytest.raises(UserError, match=r"other\.log:\d+: train_loss at step 1\d\d\d maps to manifest step 1\d\d\d, "
+                                        r"outside the manifest's steps 0\.\.399"):
         run_audit(cfg)
     assert not (tmp_path / "out").exists()
 

@@ -65,13 +65,14 @@ def read_manifest_sequences(manifest: str, shard_root: str | None, *, dtype=None
 
 
 def compare(feed_path: str, manifest: str, shard_root: str | None, *, dtype=None, step_key="step",
-            tokens_col="tokens", text_col="text") -> dict:
+            step_base: int = 0, tokens_col="tokens", text_col="text") -> dict:
     """``{'steps_checked', 'steps_equal', 'groups_checked', 'groups_equal', 'first_mismatch'}``.
 
-    ``step_key``: the feed's field that numbers steps as the manifest does (``step`` for the
-    trainer's own step number, ``batch`` for a 0-based global batch index)."""
+    ``step_key``: the feed's field that numbers steps (``step`` for the trainer's own step number,
+    ``batch`` for a 0-based global batch index); ``step_base``: the trainer's numbering of batch 0 (the
+    manifest's steps are 0-based batch indices: feed step s is manifest step ``s - step_base``)."""
     feed = dict(np.load(feed_path))
-    fstep = np.asarray(feed[step_key], np.int64)
+    fstep = np.asarray(feed[step_key], np.int64) - step_base
     frank = np.asarray(feed.get("rank", np.full(len(fstep), -1)), np.int64)
     fmicro = np.asarray(feed.get("micro", np.full(len(fstep), -1)), np.int64)
     fseqs = _feed_sequences(feed)

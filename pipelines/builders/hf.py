@@ -46,7 +46,7 @@ import numpy as np
 import pyarrow as pa
 
 from spike_audit.pipelines.errors import UserError
-from spike_audit.pipelines.manifest import manifest_from_arrays
+from spike_audit.pipelines.manifest import manifest_from_arrays, with_meta
 
 log = logging.getLogger(__name__)
 
@@ -195,11 +195,11 @@ def hf_trainer_order(n_rows: int, *, seed: int = 42, data_seed: int | None = Non
     return {k: np.concatenate(v) if v else np.zeros(0, np.int64) for k, v in cols.items()}
 
 
-def build_hf_manifest(shard: str, n_rows: int, *, first_step: int = 1, steps: tuple[int, int] | None = None,
+def build_hf_manifest(shard: str, n_rows: int, *, first_step: int = 0, steps: tuple[int, int] | None = None,
                       record_ranks: bool | None = None, **order_kw) -> pa.Table:
     """STEP_MANIFEST: one ``unit='row'`` slice per fed row (a row fed twice in one step, e.g. the
-    even_batches fill, appears twice). ``first_step``: the step number of global batch 0 (the
-    Trainer's ``global_step`` numbering is 1-based)."""
+    even_batches fill, appears twice). ``first_step``: the step of global batch 0 (0: steps are 0-based
+    batch indices; the Trainer's ``global_step`` N, 1-based, is step N - 1)."""
     o = hf_trainer_order(n_rows, **order_kw)
     step = o["batch"] + first_step
     keep = np.ones(len(step), bool)
@@ -212,4 +212,5 @@ def build_hf_manifest(shard: str, n_rows: int, *, first_step: int = 1, steps: tu
     rank = o["rank"][keep] if (record_ranks or w > 1) else None
     micro = o["micro"][keep] if order_kw.get("gradient_accumulation_steps", 1) > 1 else None
     rows = o["row"][keep]
-    return manifest_from_arrays(step[keep], shard, rows, rows + 1, "row", rank, micro)
+    return with_meta(manifest_from_arrays(step[keep], shard, rows, rows + 1, "row", rank, micro), trainer="hf",
+                     first_step=int(first_step))

@@ -9,8 +9,9 @@ The trainers' data order, as this builder reproduces it:
 - ``global_indices`` (``global_indices.npy`` in the run's save/work dir) is a raw uint32 memmap
   without a header (a real ``.npy`` is accepted too). Batch ``b`` (0-based) is
   ``global_indices[b * gbs:(b + 1) * gbs]`` with ``gbs`` the global batch size in instances.
-- Both trainers increment the step before training on a batch, so batch ``b`` is step
-  ``first_step + b`` with ``first_step = 1``.
+- Both trainers increment the step before training on a batch (OLMo-core's ``global_step`` is
+  1-based), so their step ``s`` trained batch ``s - 1``; the manifest's steps are 0-based batch
+  indices (the one step convention): batch ``b`` is step ``first_step + b`` with ``first_step = 0``.
 - Ranks (optional, ``world_size``): OLMo's ``IterableDataset`` takes ``indices[rank::world_size]``
   and OLMo-core's data loader ``batch[:, dp_rank::dp_world_size]``: either way position ``p`` of a
   global batch goes to rank ``p % world_size``, which then splits its ``gbs / world_size``
@@ -33,7 +34,7 @@ import pyarrow as pa
 
 from spike_audit.pipelines.builders.step_range import batch_range
 from spike_audit.pipelines.errors import UserError
-from spike_audit.pipelines.manifest import manifest_from_arrays
+from spike_audit.pipelines.manifest import manifest_from_arrays, with_meta
 from spike_audit.pipelines.shards.paths import _open, _size, resolve
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ def instance_counts(shard_root: str | None, paths: list[str], seq_len: int, dtyp
 
 
 def build_olmo_manifest(global_indices, paths: list[str], *, seq_len: int, global_batch_size: int,
-                        dtype="uint16", shard_root: str | None = None, first_step: int = 1,
+                        dtype="uint16", shard_root: str | None = None, first_step: int = 0,
                         steps: tuple[int, int] | None = None, world_size: int | None = None,
                         micro_batch_size: int | None = None, file_sizes: list[int] | None = None) -> pa.Table:
     """STEP_MANIFEST of an OLMo / OLMo-core run.
@@ -112,8 +113,11 @@ def build_olmo_manifest(global_indices, paths: list[str], *, seq_len: int, globa
         if micro_batch_size:
             micro = (in_batch // world_size) // micro_batch_size
     shard = pa.array(np.asarray(paths, dtype=object)[f], pa.string())
-    return manifest_from_arrays(first_step + pos // global_batch_size, shard, local * seq_len, (local + 1) * seq_len,
-                                "token", rank, micro, batch_pos=in_batch)
+    table = manifest_from_arrays(first_step + pos // global_batch_size, shard, local * seq_len,
+                                 (local + 1) * seq_len, "token", rank, micro, batch_pos=in_batch)
+    return with_meta(table, trainer="olmo", token_dtype=np.dtype(dtype).name, seq_len=int(seq_len), extra_token=False,
+                     samples_per_step=int(global_batch_size), tokens_per_step=int(global_batch_size) * int(seq_len),
+                     first_step=int(first_step), samples_before_first_step=0, tokens_before_first_step=0)
 
 
 _EPOCH_RE = re.compile(r"(?:^|_)epoch(\d+)(?:_|\.|$)")
@@ -132,7 +136,7 @@ def build_olmo_core_manifest(indices_files: list, paths: list[str], *, seq_len: 
                              global_batch_size: int | None = None, global_batch_tokens: int | None = None,
                              dtype="uint16", max_target_sequence_length: int | None = None,
                              source_permutation_seed: int | None = None, epoch: int | None = None,
-                             shard_root: str | None = None, first_step: int = 1,
+                             shard_root: str | None = None, first_step: int = 0,
                              steps: tuple[int, int] | None = None, world_size: int | None = None,
                              micro_batch_size: int | None = None, micro_batch_tokens: int | None = None,
                              file_sizes: list[int] | None = None) -> pa.Table:
@@ -143,8 +147,9 @@ def build_olmo_core_manifest(indices_files: list, paths: list[str], *, seq_len: 
     give one). ``paths`` are the data files in config order (after glob expansion); with
     ``source_permutation_seed`` they are permuted as OLMo-core does. ``max_target_sequence_length``
     changes how many instances each file holds (``size // (itemsize * mtsl) * (mtsl // seq_len)``).
-    The trainer's step before epoch ``e`` is ``(e - 1) * batches_per_epoch`` (FSL epochs all have
-    ``instances // instances_per_batch`` batches); ``first_step`` is the step of epoch 1's first batch.
+    Epoch ``e`` starts at batch index ``(e - 1) * batches_per_epoch`` (FSL epochs all have
+    ``instances // instances_per_batch`` batches); ``first_step`` is the batch index of epoch 1's first
+    batch (0; steps are 0-based batch indices: OLMo-core's 1-based ``global_step`` s is batch s - 1).
     The epoch of a file comes from its name (OLMo-core's ``epochN`` field) or ``epoch`` (one file).
     The name's ``dataset_size`` and ``chunk`` fields are checked against the settings.
     """
@@ -237,4 +242,6 @@ def build_olmo_core_manifest(indices_files: list, paths: list[str], *, seq_len: 
     if not tables:
         raise UserError(f"steps {steps[0]}..{steps[1]} are outside the epochs given "
                         f"({per_epoch} steps an epoch from step {first_step})")
-    return pa.concat_tables(tables)
+    # the run description of the whole run: batches are contiguous over epochs from epoch 1's first batch
+    return with_meta(pa.concat_tables(tables), first_step=int(first_step), samples_before_first_step=0,
+                     tokens_before_first_step=0)

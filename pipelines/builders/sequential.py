@@ -15,9 +15,11 @@ original does).
 ``j * B * T * world + r * B * T``; after the last one the loader moves to the next shard (after the
 last shard it starts over).
 
-Steps: both training loops fetch ``grad_accum`` batches per optimizer step and log it as
-``step + 1``, so batch ``g`` (0-based, per rank) belongs to step ``first_step + g // grad_accum``
-(``first_step = 1``), micro-batch ``g % grad_accum``. Each rank's window is split the way the model
+Steps: both training loops fetch ``grad_accum`` batches per optimizer step, so batch ``g`` (0-based,
+per rank) belongs to step ``first_step + g // grad_accum`` (``first_step = 0``: steps are 0-based batch
+indices; modded-nanogpt logs that step as ``step:{step+1}``, llm.c's log file as ``s:{step}``),
+micro-batch ``g % grad_accum``. When the loader wraps around to the first shard again, the slices'
+``epoch`` counts the passes. Each rank's window is split the way the model
 sees it, into ``B`` sequences of ``T + 1`` tokens (``x = buf[:-1].view(B, T)``, ``y = buf[1:]``):
 sequence ``b`` is ``[start + b * T, start + (b + 1) * T + 1)``. Its ``batch_pos`` in the step's global batch is
 ``(micro_batch * world_size + rank) * B + b`` (micro-step major, then rank, as Megatron's sampler orders a batch).
@@ -34,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 
 from spike_audit.pipelines.errors import UserError
-from spike_audit.pipelines.manifest import manifest_from_arrays
+from spike_audit.pipelines.manifest import manifest_from_arrays, with_meta
 from spike_audit.pipelines.shards.paths import resolve
 from spike_audit.pipelines.shards.tokens import open_token_file
 
@@ -43,15 +45,18 @@ log = logging.getLogger(__name__)
 VARIANTS = ("modded-nanogpt", "llm.c")
 
 
-def shard_token_counts(shard_root: str | None, paths: list[str], dtype=None) -> np.ndarray:
-    out = []
+def shard_token_counts(shard_root: str | None, paths: list[str], dtype=None, *, with_dtypes: bool = False):
+    out, dtypes = [], set()
     for p in paths:
         full = resolve(shard_root, p)
         try:
-            out.append(open_token_file(full, dtype).n_tokens)
+            tf = open_token_file(full, dtype)
         except FileNotFoundError:
             raise UserError(f"shard '{p}' not found ({full})") from None
-    return np.asarray(out, np.int64)
+        out.append(tf.n_tokens)
+        dtypes.add(np.dtype(tf.dtype).name)
+    counts = np.asarray(out, np.int64)
+    return (counts, dtypes) if with_dtypes else counts
 
 
 def batches_per_shard(ntok: np.ndarray, B: int, T: int, world_size: int, variant: str) -> np.ndarray:
@@ -70,7 +75,7 @@ def batches_per_shard(ntok: np.ndarray, B: int, T: int, world_size: int, variant
 
 def build_sequential_manifest(paths: list[str], *, batch_size: int, seq_len: int, world_size: int = 1,
                               num_steps: int, grad_accum: int = 1, variant: str = "modded-nanogpt",
-                              shard_root: str | None = None, first_step: int = 1, dtype=None,
+                              shard_root: str | None = None, first_step: int = 0, dtype=None,
                               token_counts: list[int] | None = None) -> pa.Table:
     """STEP_MANIFEST of a sequential loader run over ``paths`` (sorted, as the loaders glob them).
 
@@ -84,8 +89,10 @@ def build_sequential_manifest(paths: list[str], *, batch_size: int, seq_len: int
     if not paths:
         raise UserError("no shard files given")
     paths = sorted(paths)
-    ntok = (np.asarray(token_counts, np.int64) if token_counts is not None
-            else shard_token_counts(shard_root, paths, dtype))
+    if token_counts is not None:
+        ntok, dtypes = np.asarray(token_counts, np.int64), ({np.dtype(dtype).name} if dtype is not None else set())
+    else:
+        ntok, dtypes = shard_token_counts(shard_root, paths, dtype, with_dtypes=True)
     bt, btw = batch_size * seq_len, batch_size * seq_len * world_size
     small = np.flatnonzero(ntok < btw + 1)
     if len(small):
@@ -94,11 +101,10 @@ def build_sequential_manifest(paths: list[str], *, batch_size: int, seq_len: int
     per = batches_per_shard(ntok, batch_size, seq_len, world_size, variant)  # (shards, ranks)
     n_batches = num_steps * grad_accum
     g = np.arange(n_batches, dtype=np.int64)
-    cols = {k: [] for k in ("step", "shard", "start", "rank", "micro")}
+    cols = {k: [] for k in ("step", "shard", "start", "rank", "micro", "epoch")}
     for r in range(world_size):  # one vectorised pass per rank
         cum = np.concatenate([[0], np.cumsum(per[:, r])])
         epoch, within = np.divmod(g, cum[-1])
-        del epoch
         shard = np.searchsorted(cum, within, side="right") - 1
         j = within - cum[shard]
         start = j * btw + r * bt
@@ -107,7 +113,9 @@ def build_sequential_manifest(paths: list[str], *, batch_size: int, seq_len: int
         cols["start"].append(start)
         cols["rank"].append(np.full(n_batches, r, np.int64))
         cols["micro"].append(g % grad_accum)
-    step, shard, start, rank, micro = (np.concatenate(cols[k]) for k in ("step", "shard", "start", "rank", "micro"))
+        cols["epoch"].append(epoch)
+    step, shard, start, rank, micro, epoch = (np.concatenate(cols[k])
+                                              for k in ("step", "shard", "start", "rank", "micro", "epoch"))
     # B sequences of T + 1 tokens per window.
     b = np.tile(np.arange(batch_size, dtype=np.int64), len(step))
     rep = lambda a: np.repeat(a, batch_size)  # noqa: E731
@@ -115,5 +123,9 @@ def build_sequential_manifest(paths: list[str], *, batch_size: int, seq_len: int
     names = pa.array(np.asarray(paths, dtype=object)[rep(shard)], pa.string())
     # position in the global batch: micro-step major, then rank, then the sequence in the rank's batch
     pos = (rep(micro) * world_size + rep(rank)) * batch_size + b
-    return manifest_from_arrays(rep(step), names, seq_start, seq_start + seq_len + 1, "token", rep(rank), rep(micro),
-                                batch_pos=pos)
+    table = manifest_from_arrays(rep(step), names, seq_start, seq_start + seq_len + 1, "token", rep(rank), rep(micro),
+                                 batch_pos=pos, epoch=rep(epoch))
+    per_step = batch_size * world_size * grad_accum
+    return with_meta(table, trainer=variant, token_dtype=dtypes.pop() if len(dtypes) == 1 else None, seq_len=seq_len,
+                     extra_token=True, samples_per_step=per_step, tokens_per_step=per_step * seq_len,
+                     first_step=int(first_step), samples_before_first_step=0, tokens_before_first_step=0)

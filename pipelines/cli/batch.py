@@ -3,6 +3,11 @@
 For every manifest slice of the step: shard, rows (or token range), rank / micro-batch when known,
 sequence and token counts, and an excerpt of each sequence: the ``text`` column where the shard has
 one, else the tokens decoded with ``--tokenizer``, else the first token ids.
+
+``--step`` is the manifest's step, a 0-based batch index; ``--log-step`` takes the step as the
+trainer's log numbers it (Megatron's iteration, OLMo's step, ...) and converts it with the trainer the
+manifest records. Raw token files are read with the manifest's recorded token dtype unless ``--dtype``
+is given (and the two must agree).
 """
 
 from __future__ import annotations
@@ -27,7 +32,11 @@ def register(subparsers) -> None:
     )
     p.add_argument("--manifest", required=True, help="step manifest (Parquet, step_manifest schema)")
     p.add_argument("--shards", default=None, help="root the manifest's shard paths are relative to")
-    p.add_argument("--step", required=True, type=int, help="optimizer step, numbered as in the manifest")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--step", type=int, help="the step as the manifest numbers it: 0-based global batch index")
+    g.add_argument("--log-step", type=int,
+                   help="the step as the trainer's log numbers it (e.g. Megatron iteration N = batch N - 1), "
+                   "converted with the trainer the manifest records")
     from spike_audit.pipelines.cli.tokens import add_token_arguments
 
     add_token_arguments(p, "the run's tokenizer (tokenizer.json or a directory holding one) to decode token ids")
@@ -37,7 +46,9 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--tokens-col", default="tokens", help="token column of Parquet/JSONL/HF shards")
     p.add_argument("--text-col", default="text", help="text column of Parquet/JSONL/HF shards")
-    p.add_argument("--dtype", default=None, help="dtype of raw token files (default uint16; headers auto-detected)")
+    p.add_argument("--dtype", default=None,
+                   help="dtype of raw token files (default: the manifest's recorded token dtype, else uint16; "
+                   "headers auto-detected)")
     p.add_argument("--allow-overlap", action="store_true",
                    help="accept slices of one shard that overlap within the step (data the trainer read twice, "
                    "e.g. Megatron multi-epoch shuffles)")
@@ -51,15 +62,27 @@ def _excerpt(s: str, n: int) -> str:
 
 def step_report(manifest: str, shard_root: str | None, step: int, *, tokenizer: str | None = None,
                 max_chars: int = 200, limit: int = 20, tokens_col: str = "tokens", text_col: str = "text",
-                dtype=None, allow_overlap: bool = False, rows=None) -> dict:
+                dtype=None, allow_overlap: bool = False, rows=None, log_step: int | None = None) -> dict:
     """What ``step`` consumed, as a JSON-able dict (the ``--json`` output). ``rows``: the row definition of
-    flat token files (checked against the one the manifest records)."""
+    flat token files (checked against the one the manifest records). ``log_step``: the step as the
+    trainer's log numbers it instead (``step`` is then ignored)."""
     from spike_audit.pipelines.manifest import (_name, check_ranges, check_shard_bounds, load_manifest_table,
-                                                manifest_rows, step_rows)
+                                                manifest_rows, read_meta, step_rows, token_dtype)
     from spike_audit.pipelines.shards.read import read_slices
+    from spike_audit.schemas.steps import STEP_CONVENTION, step_base
 
     table = load_manifest_table(manifest)
     src = _name(manifest)
+    meta = read_meta(manifest)
+    dtype = token_dtype(meta, dtype, src)
+    trainer = meta.get("trainer")
+    base = step_base(trainer) if meta.get("step_convention") == STEP_CONVENTION else None
+    if log_step is not None:
+        if base is None:
+            why = (f"trainer {trainer!r} has no known step numbering" if trainer else "it records no trainer")
+            raise UserError(f"{src}: --log-step needs the trainer's step numbering but {why}; give --step (the "
+                            f"0-based batch index)")
+        step = log_step - base
     ids = step_rows(table, step)
     if not len(ids):
         steps = table.column("step").to_numpy()
@@ -127,14 +150,19 @@ def step_report(manifest: str, shard_root: str | None, step: int, *, tokenizer: 
             }
     out = [s for s in slices_out if s is not None]
     return {
-        "manifest": str(manifest), "step": step, "n_slices": len(out),
+        "manifest": str(manifest), "step": step, "step_convention": meta.get("step_convention"),
+        "trainer": trainer, "log_step": step + base if base is not None else None, "n_slices": len(out),
         "n_sequences": sum(s["n_sequences"] for s in out), "n_tokens": sum(s["n_tokens"] for s in out),
         "n_shards": len(set(shard)), "flat_rows": row_def.to_meta() if row_def is not None else None, "slices": out,
     }
 
 
 def format_report(rep: dict) -> str:
-    lines = [f"step {rep['step']}: {rep['n_slices']} slices, {rep['n_sequences']:,} sequences, "
+    from spike_audit.schemas.steps import as_logged as _as_logged
+
+    shown = _as_logged(rep.get("trainer"), rep["step"]) if rep.get("log_step") is not None else None
+    as_logged = f" ({shown})" if shown else ""
+    lines = [f"step {rep['step']}{as_logged}: {rep['n_slices']} slices, {rep['n_sequences']:,} sequences, "
              f"{rep['n_tokens']:,} tokens from {rep['n_shards']} shard(s)  [{rep['manifest']}]"]
     for s in rep["slices"]:
         extra = "".join(f" {k}={s[k]}" for k in ("rank", "micro_batch") if s[k] is not None)
@@ -155,7 +183,7 @@ def run(args) -> int:
     rows, _, _ = resolve_tokens(args.tokenizer, args.eos_id, args.pad_id, args.rows, args.seq_len)
     rep = step_report(args.manifest, args.shards, args.step, tokenizer=args.tokenizer, max_chars=args.max_chars,
                       limit=args.limit, tokens_col=args.tokens_col, text_col=args.text_col, dtype=args.dtype,
-                      allow_overlap=args.allow_overlap, rows=rows)
+                      allow_overlap=args.allow_overlap, rows=rows, log_step=args.log_step)
     if args.json:
         json.dump(rep, sys.stdout, indent=2, ensure_ascii=False)
         sys.stdout.write("\n")

@@ -1,5 +1,6 @@
 """``spike-audit manifest {olmo,megatron,sequential}``: build a step manifest from a trainer's own
-data-order files (see :mod:`pipelines.builders`)."""
+data-order files (see :mod:`pipelines.builders`). Steps are 0-based global batch indices (the one step
+convention, :mod:`spike_audit.schemas.steps`): Megatron's iteration N is step N - 1."""
 
 from __future__ import annotations
 
@@ -35,8 +36,10 @@ def _data_files(args) -> list[str]:
 def _common(p, shards_help="root the data file paths are relative to"):
     p.add_argument("--shards", default=None, help=shards_help)
     p.add_argument("--out", required=True, help="output manifest (Parquet)")
-    p.add_argument("--first-step", type=int, default=1, help="step number of the first batch (default 1)")
-    p.add_argument("--steps", default=None, help="only steps FIRST:LAST (inclusive)")
+    p.add_argument("--first-step", type=int, default=None,
+                   help="0-based batch index of the first batch the files describe (default 0; Megatron: "
+                   "--consumed-samples / --global-batch-size)")
+    p.add_argument("--steps", default=None, help="only steps FIRST:LAST (inclusive, 0-based batch indices)")
     p.add_argument("--check", action="store_true", help="re-read the written manifest and check it against the shards")
 
 
@@ -71,11 +74,21 @@ def register(subparsers) -> None:
     _common(o)
     o.set_defaults(func=run)
 
-    m = sub.add_parser("megatron", help="Megatron-LM GPTDataset index cache over a .bin/.idx dataset")
-    m.add_argument("--data", required=True, help="the dataset's .bin (relative to --shards); .idx next to it")
-    m.add_argument("--cache", required=True, help="cache prefix DIR/{hash}-GPTDataset-train, or a directory with one cache")
+    m = sub.add_parser("megatron", help="Megatron-LM GPTDataset / BlendedDataset index caches over .bin/.idx data")
+    m.add_argument("--data", required=True, nargs="+",
+                   help="the .bin of every --data-path prefix, in the run's order (relative to --shards; .idx next "
+                   "to each); a blend needs all of them")
+    m.add_argument("--cache", required=True,
+                   help="the run's --data-cache-path directory (its train split's cache; a blend's own "
+                   "BlendedDataset cache when there is one), or a cache prefix DIR/{hash}-GPTDataset-train")
+    m.add_argument("--split", default="train", help="which split's cache (default train)")
     m.add_argument("--global-batch-size", type=int, required=True, help="global batch size in samples")
-    m.add_argument("--consumed-samples", type=int, default=0, help="samples consumed before --first-step (default 0)")
+    m.add_argument("--consumed-samples", type=int, default=0,
+                   help="samples consumed before the first batch (a resumed run's checkpoint; default 0)")
+    m.add_argument("--dataloader-type", default="single",
+                   help="Megatron's --dataloader-type: only 'single' (MegatronPretrainingSampler) is supported")
+    m.add_argument("--rampup-batch-size", nargs="*", default=None,
+                   help="Megatron's --rampup-batch-size: not supported (refused)")
     m.add_argument("--no-extra-token", action="store_true", help="samples hold seq_len tokens, not seq_len + 1")
     m.add_argument("--micro-batch-size", type=int, default=None, help="micro batch size (records micro-batches)")
     m.add_argument("--data-parallel-size", type=int, default=None, help="data-parallel size (records ranks)")
@@ -165,7 +178,7 @@ def run(args) -> int:
                                          global_batch_tokens=args.global_batch_tokens, dtype=args.dtype,
                                          max_target_sequence_length=args.max_target_sequence_length,
                                          source_permutation_seed=args.source_permutation_seed, epoch=args.epoch,
-                                         shard_root=args.shards, first_step=args.first_step, steps=steps,
+                                         shard_root=args.shards, first_step=args.first_step or 0, steps=steps,
                                          world_size=args.world_size, micro_batch_size=args.micro_batch_size,
                                          micro_batch_tokens=args.micro_batch_tokens)
         dtype = args.dtype
@@ -181,7 +194,7 @@ def run(args) -> int:
                            split_batches=args.split_batches, dispatch_batches=args.dispatch_batches,
                            even_batches=args.even_batches == "true")
         refuse_unsupported(**hf_settings)  # before the data is opened
-        table = build_hf_manifest(args.data, shard_length(args.shards, args.data), first_step=args.first_step,
+        table = build_hf_manifest(args.data, shard_length(args.shards, args.data), first_step=args.first_step or 0,
                                   steps=steps, seed=args.seed, data_seed=args.data_seed,
                                   per_device_batch_size=args.per_device_train_batch_size,
                                   world_size=args.world_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -192,15 +205,20 @@ def run(args) -> int:
     elif args.trainer == "megatron":
         from spike_audit.pipelines.builders.megatron import build_megatron_manifest, load_cache
 
-        doc, sample, shuffle = load_cache(args.cache)
-        table = build_megatron_manifest(args.data, doc, sample, shuffle, global_batch_size=args.global_batch_size,
+        if args.dataloader_type != "single":
+            raise UserError(f"--dataloader-type {args.dataloader_type} is not supported (only 'single', Megatron's "
+                            f"MegatronPretrainingSampler; 'cyclic' reshuffles with its own RNG per epoch)")
+        if args.rampup_batch_size is not None:
+            raise UserError("--rampup-batch-size is not supported: the batch size changes during the ramp-up, so "
+                            "the batch of an iteration is not a fixed slice of the samples")
+        cache = load_cache(args.cache, split=args.split)
+        table = build_megatron_manifest(args.data, cache, global_batch_size=args.global_batch_size,
                                         shard_root=args.shards, first_step=args.first_step,
                                         consumed_samples=args.consumed_samples, steps=steps,
                                         add_extra_token=not args.no_extra_token,
                                         micro_batch_size=args.micro_batch_size,
                                         data_parallel_size=args.data_parallel_size)
         dtype = None
-        allow_overlap = True  # samples from different epochs can share a document within one batch
     else:
         from spike_audit.pipelines.builders.sequential import build_sequential_manifest
 
@@ -210,7 +228,7 @@ def run(args) -> int:
         table = build_sequential_manifest(files, batch_size=args.batch_size, seq_len=args.seq_len,
                                           world_size=args.world_size, num_steps=args.num_steps,
                                           grad_accum=args.grad_accum, variant=args.variant, shard_root=args.shards,
-                                          first_step=args.first_step, dtype=args.dtype)
+                                          first_step=args.first_step or 0, dtype=args.dtype)
         dtype = args.dtype
     _check_out(args, table)
     write_manifest(table, args.out)

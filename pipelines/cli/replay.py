@@ -57,6 +57,9 @@ def register(sub) -> None:
     p.add_argument("--tokenizer", help="tokenizer.json for text-only shards (default: the checkpoint's)")
     p.add_argument("--token-dtype", help="dtype of header-less token files (default uint16)")
     p.add_argument("--allow-missing-steps", action="store_true")
+    p.add_argument("--log-trainer", default=None,
+                   help="whose step numbering --log uses when its format does not say (as for run)")
+    p.add_argument("--step-offset", type=int, default=None, help="manifest step = log step + K (as for run)")
     p.set_defaults(func=_run)
 
 

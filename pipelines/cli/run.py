@@ -37,7 +37,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-overlap", action="store_true",
                    help="accept slices of one shard that overlap within a step (Megatron epochs can do that)")
     p.add_argument("--allow-missing-steps", action="store_true",
-                   help="judge spikes outside the manifest (or without per-row losses) inconclusive instead of failing")
+                   help="the manifest covers only part of the log: judge spikes outside it (or without per-row losses) "
+                   "inconclusive instead of failing")
     p.add_argument("--row-losses", help="per-row losses (Parquet, JSONL or a [steps, batch] .npy): adds the "
                    "model-based verdict (loss attribution) beside the data verdict")
     p.add_argument("--row-losses-first-step", type=int, default=1,
@@ -50,6 +51,14 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fail-on", action="append", choices=("data", "quarantine"), default=[],
                    help=f"exit {EXIT_FOUND} (for schedulers) when a spike is judged data / a shard is quarantined; "
                         "the outputs are written either way")
+    p.add_argument("--log-trainer", default=None,
+                   help="whose step numbering the log uses when its format does not say (JSONL, CSV, TensorBoard, "
+                   "--pattern): megatron, olmo, torchtitan, modded-nanogpt, hf, llm.c, nanogpt or batch-index")
+    p.add_argument("--step-offset", type=int, default=None,
+                   help="join manifest step = log step + K instead of the trainers' conventions; the log/manifest "
+                   "checks then only warn (recorded in summary.json)")
+    p.add_argument("--dtype", default=None,
+                   help="token dtype of raw token files (default: the one the manifest records, else uint16)")
 
 
 def config_from_args(args):

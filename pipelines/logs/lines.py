@@ -53,6 +53,7 @@ class LogReport:
     n_replaced: int
     metrics: list[str]
     runs: list[str] = field(default_factory=list)  # several when one file holds several runs (see module doc)
+    trainer: str | None = None  # whose step numbering the format uses (spike_audit.schemas.steps), if it says
 
     def summary(self) -> str:
         bad = ""

@@ -10,6 +10,7 @@ import pyarrow as pa
 
 from spike_audit.pipelines.errors import UserError
 from spike_audit.schemas import LOSS_SERIES
+from spike_audit.schemas.steps import FORMAT_TRAINER
 from spike_audit.pipelines.logs.lines import (FORMATS, LogReport, MAX_MALFORMED_REPORTED, TextStream, _Parsed,
                                               _Series, _const, _np, read_document)
 from spike_audit.pipelines.logs.restarts import _resolve_restarts
@@ -242,6 +243,7 @@ def read_log(path, *, format=None, run=None, metric=None, step_key=None, value_k
         n_ignored=int(n_ignored), n_replaced=n_replaced,
         metrics=sorted({m for _r, m in keys}),
         runs=sorted({r for r, _m in keys}),
+        trainer=FORMAT_TRAINER.get(fmt),
     )
     if len(malformed):
         log.warning("%s: %d malformed lines (first: %s)", path, len(malformed), report.malformed_lines[:5])

@@ -16,7 +16,8 @@ from spike_audit.schemas import LOSS_ROWS, SPIKES
 from spike_audit.pipelines.beam.options import beam_options
 from spike_audit.pipelines.run.graph import build_pipeline
 from spike_audit.pipelines.run.outputs import OUTPUT_SPECS, control_false_alarms, quarantine, skip_list
-from spike_audit.pipelines.run.plan import RunConfig, plan_audit, read_loss_and_spikes, resolve_tokens, token_summary
+from spike_audit.pipelines.run.plan import (RunConfig, join_steps, plan_audit, read_loss_and_spikes, resolve_tokens,
+                                            token_summary)
 from spike_audit.pipelines.run.state import load_state, merge_with_state, save_state
 
 
@@ -72,12 +73,13 @@ def _audit(cfg: RunConfig, flags: list[str], out, st, t0: float) -> RunResult:
     from spike_audit.pipelines.report.run_page import render_run_report
 
     loss, report, spikes = read_loss_and_spikes(cfg)
+    join, dtype = join_steps(cfg, loss, report)
     state = load_state(cfg.state, cfg)
     done = frozenset()
     if state is not None:
         done = frozenset(state["spikes_done"]) & frozenset(spikes.column("spike_id").to_pylist())
     plan = plan_audit(cfg, loss, spikes, skip_spikes=done,
-                      fixed_controls=state["controls"] if state is not None else None)
+                      fixed_controls=state["controls"] if state is not None else None, offset=join.offset, dtype=dtype)
     new_ids = sorted(plan.windows)
     log.info("%d spikes in the log, %d already audited, %d to audit", spikes.num_rows, len(done), len(new_ids))
 
@@ -89,7 +91,7 @@ def _audit(cfg: RunConfig, flags: list[str], out, st, t0: float) -> RunResult:
         from spike_audit.pipelines.beam.sink import collect_tables
 
         parts = stage / "parts"
-        run_pipeline(lambda p: build_pipeline(p, cfg, plan, str(parts)), opts, where=cfg.out)
+        run_pipeline(lambda p: build_pipeline(p, cfg, plan, str(parts), dtype=dtype), opts, where=cfg.out)
         new_tables = collect_tables(str(parts), OUTPUT_SPECS)
         shutil.rmtree(parts, ignore_errors=True)
     else:
@@ -112,7 +114,7 @@ def _audit(cfg: RunConfig, flags: list[str], out, st, t0: float) -> RunResult:
         write_table(loss, files / "loss_series.parquet")
         for spec in OUTPUT_SPECS:
             write_table(tables[spec.name], files / f"{spec.name}.parquet", spec)
-        write_json(skip_list(tables["verdicts"], tables["row_flags"]), files / "skip_list.json")
+        write_json(skip_list(tables["verdicts"], tables["row_flags"], join), files / "skip_list.json")
         write_json(quarantine(tables["verdicts"], tables["row_flags"]), files / "quarantine.json")
         if loss_rows is not None:
             write_table(loss_rows, files / "loss_rows.parquet", LOSS_ROWS)
@@ -124,7 +126,8 @@ def _audit(cfg: RunConfig, flags: list[str], out, st, t0: float) -> RunResult:
                    "verdicts": {v: int(c) for v, c in zip(*np.unique(
                        np.asarray(tables["verdicts"].column("verdict").to_pylist(), dtype=str), return_counts=True))},
                    "control_calibration": control_false_alarms(tables["batch_scores"], cfg),
-                   "tokens": token_summary(cfg)}
+                   "tokens": token_summary(cfg),
+                   "step_join": join.to_dict()}
         if loss_summary is not None:
             summary["row_losses"] = loss_summary
         write_json(summary, files / "summary.json")

@@ -191,7 +191,7 @@ def verdict_record(kv, controls_sigs, spike_info, vcfg_dict, missing):
                        "n_window_steps": v.n_window_steps, "reason": reason}
 
 
-def build_pipeline(p, cfg: RunConfig, plan: Plan, staging: str):
+def build_pipeline(p, cfg: RunConfig, plan: Plan, staging: str, dtype=None):
     import apache_beam as beam
     from apache_beam.pvalue import AsSingleton
 
@@ -212,7 +212,8 @@ def build_pipeline(p, cfg: RunConfig, plan: Plan, staging: str):
         return to_token_batch(rb, tokens_col, text_col)
 
     batches = (p | "Slices" >> beam.Create(plan.slices)
-               | "Read" >> ReadSlices(cfg.shards, tokens_col=tokens_col, text_col=text_col, rows=cfg.flat_rows))
+               | "Read" >> ReadSlices(cfg.shards, tokens_col=tokens_col, text_col=text_col, rows=cfg.flat_rows,
+                                      dtype=dtype))
     if cfg.tokenizer:  # text signals for token-only shards: decode with the run's tokenizer
         batches = batches | "Decode" >> beam.ParDo(DecodeText(cfg.tokenizer))
     controls = batches | "IsControl" >> beam.Filter(lambda kv, cs: kv[0] in cs, control_set)

@@ -64,7 +64,7 @@ def model_verdicts(cfg, plan, verdicts: pa.Table, row_flags: pa.Table, busy: set
     lo = manifest_range[0] if manifest_range else 0
     preceding = _preceding(windows, busy, lo) if mode != "controls" else {sid: [] for sid in windows}
     wanted = sorted(set().union(*windows.values(), plan.controls, *preceding.values()) if windows else set())
-    man = read_manifest_steps(cfg.manifest, wanted)
+    man = read_manifest_steps(cfg.manifest, wanted, getattr(plan, "offset", 0))
     index = BatchIndex.from_manifest(man, cfg.manifest)
     lf = read_row_losses(cfg.row_losses, steps=set(wanted), first_step=getattr(cfg, "row_losses_first_step", 1))
     joined = join_losses(index, lf)

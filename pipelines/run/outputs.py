@@ -10,6 +10,7 @@ import pyarrow.compute as pc
 from spike_audit.auditors.verdict import VerdictConfig, judge
 from spike_audit.pipelines.beam.scoring import matrix, signal_names
 from spike_audit.schemas import BATCH_SCORES, ROW_FLAGS, SHARD_SCORES, VERDICTS
+from spike_audit.schemas.steps import TRAINER_STEP_BASE
 from spike_audit.auditors.attribution import attributed
 from spike_audit.pipelines.run.plan import RunConfig
 
@@ -17,8 +18,11 @@ from spike_audit.pipelines.run.plan import RunConfig
 OUTPUT_SPECS = (BATCH_SCORES, SHARD_SCORES, ROW_FLAGS, VERDICTS)
 
 
-def skip_list(verdicts: pa.Table, row_flags: pa.Table) -> dict:
-    """Per spike: the steps and data ranges to skip on restart, and trainer-specific renderings."""
+def skip_list(verdicts: pa.Table, row_flags: pa.Table, join=None) -> dict:
+    """Per spike: the steps and data ranges to skip on restart, and trainer-specific renderings. Steps are
+    the log's own; with the step ``join`` (:class:`spike_audit.pipelines.run.steps.StepJoin`) their 0-based
+    batch indices are listed too and the Megatron / OLMo-core renderings use those trainers' numbering
+    (iteration = batch index + 1)."""
     flags_by = {}
     for rec in row_flags.to_pylist():
         flags_by.setdefault(rec["spike_id"], []).append(rec)
@@ -40,13 +44,19 @@ def skip_list(verdicts: pa.Table, row_flags: pa.Table) -> dict:
                             "note": "the data looks normal: skipping batches is not expected to help"
                             if v["verdict"] == "not_data" else "inconclusive: see the verdict's reason"})
     steps = sorted({s for e in entries for s in e["skip_steps"]})
+    batches = None
+    if join is not None and join.batch_index(0) is not None:
+        batches = [join.batch_index(s) for s in steps]
+    megatron = [b + TRAINER_STEP_BASE["megatron"] for b in batches] if batches is not None else steps
+    olmo = [b + TRAINER_STEP_BASE["olmo"] for b in batches] if batches is not None else steps
     return {
         "spikes": entries,
         "steps_to_skip": steps,
+        "batch_indices_to_skip": batches,
         "render": {
-            "olmo_core": {"steps_to_skip": steps},
-            "megatron": {"iterations_to_skip": steps,
-                         "cli": ("--iterations-to-skip " + " ".join(map(str, steps))) if steps else ""},
+            "olmo_core": {"steps_to_skip": olmo},
+            "megatron": {"iterations_to_skip": megatron,
+                         "cli": ("--iterations-to-skip " + " ".join(map(str, megatron))) if megatron else ""},
             "metaseq": {"skip_batches": ",".join(map(str, steps))},
         },
     }

@@ -61,6 +61,9 @@ class RunConfig:
     row_losses_first_step: int = 1  # step of row 0 of a [steps, batch] .npy
     loss_baseline: str = "auto"  # auto | preceding | controls
     replay_pack: str | None = None  # write the window and control rows here (run.replay_pack)
+    log_trainer: str | None = None  # whose step numbering the log uses, when its format does not say
+    step_offset: int | None = None  # manifest step = log step + step_offset (overrides the convention)
+    dtype: str | None = None  # token dtype of raw token files (default: the manifest's)
 
 
 @dataclass
@@ -73,6 +76,7 @@ class Plan:
     spikes_of: dict[int, list[str]]  # window step -> spike ids
     slices: list[tuple[int, tuple[str, int, int, str]]]
     missing: dict[str, list[int]] = field(default_factory=dict)  # spike_id -> window steps without data
+    offset: int = 0  # manifest step = log step + offset (the step join, run.steps)
 
 
 def resolve_tokens(cfg: RunConfig) -> RunConfig:
@@ -113,6 +117,20 @@ def read_loss_and_spikes(cfg: RunConfig):
     return loss, report, spikes
 
 
+def join_steps(cfg: RunConfig, loss, report):
+    """The log->manifest step join (checked) and the token dtype to read raw token files with."""
+    from spike_audit.pipelines.manifest import read_meta, token_dtype
+    from spike_audit.pipelines.run.steps import align
+
+    meta = read_meta(cfg.manifest) if "://" not in cfg.manifest else {}
+    join = align(loss, log_path=cfg.log, log_format=report.format, report_trainer=getattr(report, "trainer", None),
+                 meta=meta, manifest_range=_manifest_steps_range(cfg.manifest), metric=cfg.metric,
+                 log_trainer=cfg.log_trainer, step_offset=cfg.step_offset,
+                 allow_missing_steps=cfg.allow_missing_steps)
+    log.info("step join: %s (manifest step = log step %+d)", join.how, join.offset)
+    return join, token_dtype(meta, cfg.dtype, cfg.manifest)
+
+
 def _manifest_steps_range(path: str) -> tuple[int, int]:
     md = pq.ParquetFile(path).metadata
     lo, hi = None, None
@@ -129,9 +147,10 @@ def _manifest_steps_range(path: str) -> tuple[int, int]:
     return int(lo), int(hi)
 
 
-def read_manifest_steps(path: str, steps: list[int]) -> pa.Table:
+def read_manifest_steps(path: str, steps: list[int], offset: int = 0) -> pa.Table:
     """The manifest rows of ``steps`` only (predicate push-down on row-group statistics), in file
-    order; nothing manifest-sized is read on the driver."""
+    order; nothing manifest-sized is read on the driver. ``steps`` are the log's: the manifest's step of
+    log step ``s`` is ``s + offset`` (the step join), and the rows come back numbered as the log."""
     if not Path(path).exists() and "://" not in path:
         raise UserError(f"{path}: manifest not found")
     try:
@@ -139,9 +158,12 @@ def read_manifest_steps(path: str, steps: list[int]) -> pa.Table:
     except (pa.ArrowInvalid, OSError) as err:
         raise UserError(f"{path}: not a readable Parquet manifest ({err})") from None
     validate(schema, STEP_MANIFEST, path)
-    wanted = pa.array(sorted(set(steps)), pa.int64())
+    wanted = pa.array(sorted({int(s) + offset for s in steps}), pa.int64())
     table = pads.dataset(path, format="parquet").to_table(filter=pads.field("step").isin(wanted), use_threads=False)
     table = STEP_MANIFEST.conform(table, path)
+    if offset:  # back to the log's step numbers
+        table = table.set_column(table.schema.get_field_index("step"), STEP_MANIFEST.schema.field("step"),
+                                 pc.subtract(table.column("step"), pa.scalar(offset, pa.int64())))
     unit = pc.fill_null(table.column("unit"), "row")
     return table.set_column(table.schema.get_field_index("unit"), STEP_MANIFEST.schema.field("unit"), unit)
 
@@ -155,12 +177,13 @@ def manifest_row_numbers(path: str, steps: list[int]) -> np.ndarray:
 
 
 def plan_audit(cfg: RunConfig, loss: pa.Table, spikes: pa.Table, skip_spikes: frozenset = frozenset(),
-               fixed_controls: list[int] | None = None) -> Plan:
-    """Choose window and control steps and join them to the manifest."""
+               fixed_controls: list[int] | None = None, offset: int = 0, dtype=None) -> Plan:
+    """Choose window and control steps and join them to the manifest. Steps here are the log's own; the
+    manifest's step of log step ``s`` is ``s + offset`` (:mod:`spike_audit.pipelines.run.steps`)."""
     sel = loss.filter(pc.equal(loss.column("metric"), cfg.metric))
     steps = np.asarray(sel.column("step"), dtype=np.int64)
     values = np.asarray(sel.column("value"), dtype=np.float64)
-    lo, hi = _manifest_steps_range(cfg.manifest)
+    lo, hi = (x - offset for x in _manifest_steps_range(cfg.manifest))
 
     windows: dict[str, list[int]] = {}
     spikes_of: dict[int, list[str]] = {}
@@ -171,7 +194,7 @@ def plan_audit(cfg: RunConfig, loss: pa.Table, spikes: pa.Table, skip_spikes: fr
         if sid in skip_spikes:
             continue
         if not (lo <= peak <= hi) and not cfg.allow_missing_steps:
-            raise UserError(f"{cfg.manifest} covers steps {lo}..{hi} but {cfg.log} has a spike at step {peak} "
+            raise UserError(f"{cfg.manifest} covers the log's steps {lo}..{hi} but {cfg.log} has a spike at step {peak} "
                             f"({sid}): is this the manifest of that run? (--allow-missing-steps to judge such "
                             f"spikes inconclusive)")
         w = list(range(max(start - cfg.lookback, int(steps.min()) if len(steps) else start), peak + 1))
@@ -189,7 +212,7 @@ def plan_audit(cfg: RunConfig, loss: pa.Table, spikes: pa.Table, skip_spikes: fr
         controls = sorted(rng.choice(candidates, size=take, replace=False).tolist()) if take else []
 
     wanted = sorted(set(spikes_of) | set(controls))
-    man = read_manifest_steps(cfg.manifest, wanted)
+    man = read_manifest_steps(cfg.manifest, wanted, offset)
     have = set(np.unique(np.asarray(man.column("step"))).tolist()) if man.num_rows else set()
     missing = {sid: [s for s in w if s not in have] for sid, w in windows.items()}
     windows = {sid: [s for s in w if s in have] for sid, w in windows.items()}
@@ -204,13 +227,13 @@ def plan_audit(cfg: RunConfig, loss: pa.Table, spikes: pa.Table, skip_spikes: fr
         for s, sh, a, b, u in zip(man.column("step").to_pylist(), man.column("shard").to_pylist(),
                                   man.column("row_start").to_pylist(), man.column("row_end").to_pylist(), units)
     ]
-    _check_slices(cfg, man, wanted)
+    _check_slices(cfg, man, [w + offset for w in wanted], dtype)
     log.info("audit plan: %d spikes, %d window steps, %d control steps, %d manifest slices", len(windows),
              len(spikes_of), len(controls), len(slices))
-    return Plan(spikes, windows, controls, spikes_of, slices, missing)
+    return Plan(spikes, windows, controls, spikes_of, slices, missing, offset)
 
 
-def _check_slices(cfg: RunConfig, man: pa.Table, steps: list[int]) -> None:
+def _check_slices(cfg: RunConfig, man: pa.Table, steps: list[int], dtype=None) -> None:
     """Fail before any work if a selected slice is malformed, overlaps another in its step, points at
     a missing shard or past a shard's end (one line naming the manifest row and the shard)."""
     from spike_audit.pipelines.manifest import check_ranges, check_shard_bounds
@@ -218,7 +241,7 @@ def _check_slices(cfg: RunConfig, man: pa.Table, steps: list[int]) -> None:
     def check(row_ids):
         check_ranges(man, cfg.manifest, row_ids, allow_overlap=cfg.allow_overlap)
         check_shard_bounds(man, cfg.manifest, cfg.shards, row_ids, tokens_col=cfg.tokens_col,
-                           text_col=cfg.text_col, rows=cfg.flat_rows)
+                           text_col=cfg.text_col, rows=cfg.flat_rows, dtype=dtype)
 
     try:
         check(None)

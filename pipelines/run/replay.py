@@ -138,24 +138,29 @@ class ReplayConfig:
     tokenizer: str | None = None
     token_dtype: str | None = None
     allow_missing_steps: bool = False
+    log_trainer: str | None = None  # whose step numbering the log uses when its format does not say
+    step_offset: int | None = None  # manifest step = log step + step_offset (overrides the convention)
 
 
-def plan_steps(cfg: ReplayConfig) -> tuple[list[int], dict[str, list[int]], list[int]]:
-    """(steps, windows, controls): the steps ``run`` would audit, or ``cfg.steps``."""
+def plan_steps(cfg: ReplayConfig) -> tuple[list[int], dict[str, list[int]], list[int], int]:
+    """(steps, windows, controls, offset): the steps ``run`` would audit (numbered as the log, the manifest's
+    being ``step + offset``), or ``cfg.steps`` (numbered as the manifest)."""
     if cfg.steps is not None:
-        return sorted(set(cfg.steps)), {}, []
+        return sorted(set(cfg.steps)), {}, [], 0
     if not cfg.log:
         raise UserError("give --log (replay the steps `run` audits) or --steps")
-    from spike_audit.pipelines.run.plan import RunConfig, plan_audit, read_loss_and_spikes
+    from spike_audit.pipelines.run.plan import RunConfig, join_steps, plan_audit, read_loss_and_spikes
 
     rc = RunConfig(log=cfg.log, manifest=cfg.manifest, shards=cfg.shards, out=cfg.out, log_format=cfg.log_format,
                    metric=cfg.metric, method=cfg.method, lookback=cfg.lookback, n_controls=cfg.n_controls,
                    guard=cfg.guard, seed=cfg.seed, tokens_col=cfg.tokens_col, text_col=cfg.text_col,
-                   allow_missing_steps=cfg.allow_missing_steps)
-    loss, _, spikes = read_loss_and_spikes(rc)
-    plan = plan_audit(rc, loss, spikes)
+                   allow_missing_steps=cfg.allow_missing_steps, log_trainer=cfg.log_trainer,
+                   step_offset=cfg.step_offset)
+    loss, report, spikes = read_loss_and_spikes(rc)
+    join, _ = join_steps(rc, loss, report)
+    plan = plan_audit(rc, loss, spikes, offset=join.offset)
     steps = sorted(set(plan.spikes_of) | set(plan.controls))
-    return steps, plan.windows, plan.controls
+    return steps, plan.windows, plan.controls, join.offset
 
 
 class _Encoder:
@@ -196,10 +201,10 @@ def run_replay(cfg: ReplayConfig) -> dict:
     if cfg.batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {cfg.batch_size}")
     t0 = time.time()
-    steps, windows, controls = plan_steps(cfg)
+    steps, windows, controls, offset = plan_steps(cfg)
     if not steps:
         raise UserError("nothing to replay: no spike windows or control steps were found")
-    man = read_manifest_steps(cfg.manifest, steps)
+    man = read_manifest_steps(cfg.manifest, steps, offset)
     index = BatchIndex.from_manifest(man, cfg.manifest)
     have = set(np.unique(index.step).tolist())
     absent = [s for s in steps if s not in have]

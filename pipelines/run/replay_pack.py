@@ -247,7 +247,7 @@ def write_plan_pack(cfg, plan) -> dict:
     from spike_audit.pipelines.run.plan import read_manifest_steps
 
     steps = sorted(set(plan.spikes_of) | set(plan.controls))
-    man = read_manifest_steps(cfg.manifest, steps)
+    man = read_manifest_steps(cfg.manifest, steps, getattr(plan, "offset", 0))
     index = BatchIndex.from_manifest(man, cfg.manifest)
     info = write_replay_pack(cfg.replay_pack, index, cfg.shards, plan.windows, plan.controls,
                              tokens_col=cfg.tokens_col, text_col=cfg.text_col)
