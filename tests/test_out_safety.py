@@ -401,3 +401,20 @@ def test_manifest_out_never_replaces_an_input_or_a_foreign_file(tmp_path, capsys
     assert main(base + ["s3://bucket/m.parquet"]) == 2
     _one_line_error(capsys, "must be a local file path")
     assert not (tmp_path / "s3:").exists()
+
+
+def test_replay_out_never_replaces_an_input_or_a_foreign_file(demo, tmp_path, capsys):
+    root, _ = demo
+    run = root / "run"
+    before = _tree_digest(run)
+    base = ["-q", "replay", "--model", str(tmp_path / "ckpt"), "--manifest", str(run / "manifest.parquet"),
+            "--shards", str(run / "shards"), "--steps", "1", "--out"]
+    assert main(base + [str(run / "manifest.parquet")]) == 2  # refused before any model is loaded
+    _one_line_error(capsys, "is the same path as the manifest")
+    assert main(base + [str(run / "shards" / "losses.parquet")]) == 2
+    _one_line_error(capsys, "inside the shard root")
+    mine = tmp_path / "metrics.jsonl"
+    mine.write_text('{"step": 1, "lr": 0.1}\n')
+    assert main(base + [str(mine)]) == 2
+    _one_line_error(capsys, "is not a per-row losses JSONL file")
+    assert mine.read_text() == '{"step": 1, "lr": 0.1}\n' and _tree_digest(run) == before

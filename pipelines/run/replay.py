@@ -190,6 +190,32 @@ class _Encoder:
         return self._tok(texts)
 
 
+def _check_out(cfg: ReplayConfig) -> None:
+    """--out never replaces an input (model, manifest, shards, log, tokenizer) or a file that is not per-row
+    losses written before (Parquet with the row_losses contract; JSONL whose first record has step and loss)."""
+    import json
+    import os
+
+    from spike_audit.pipelines.outdir import check_apart, check_file_output
+
+    inputs = [("model", cfg.model), ("manifest", cfg.manifest), ("shard root", cfg.shards), ("log", cfg.log),
+              ("tokenizer", cfg.tokenizer)]
+    out = str(cfg.out)
+    if not out.lower().endswith((".jsonl", ".ndjson")):
+        check_file_output(out, inputs, "row_losses")
+        return
+    check_file_output(out, inputs, "row_losses") if "://" in out or os.path.isdir(out) else check_apart(out, inputs)
+    if os.path.lexists(out):
+        try:
+            with open(out, encoding="utf-8") as f:
+                first = json.loads(f.readline() or "{}")
+        except (OSError, ValueError):
+            first = None
+        if not (isinstance(first, dict) and {"step", "loss"} <= first.keys()):
+            raise UserError(f"{out}: --out exists and is not a per-row losses JSONL file; refusing to replace it "
+                            "(remove it or choose another path)")
+
+
 def run_replay(cfg: ReplayConfig) -> dict:
     """Compute and write the per-row losses of the planned steps. Returns a summary."""
     from spike_audit.pipelines.io import write_table, write_text
@@ -200,6 +226,7 @@ def run_replay(cfg: ReplayConfig) -> dict:
 
     if cfg.batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {cfg.batch_size}")
+    _check_out(cfg)  # before the model is loaded
     t0 = time.time()
     steps, windows, controls, offset = plan_steps(cfg)
     if not steps:
