@@ -150,6 +150,7 @@ def test_log_step_uses_the_recorded_trainers_numbering(tmp_path, capsys):
     assert main(base + ["--log-step", "2"]) == 0  # Megatron's iteration 2 is the second batch, index 1
     rep = json.loads(capsys.readouterr().out)
     assert rep["step"] == 1 and rep["log_step"] == 2 and rep["slices"][0]["row_start"] == 8
+    assert rep["slices"][0]["epoch"] is None  # unknown for a hand-made manifest
     assert main(base[:-1] + ["--step", "0"]) == 0
     assert "step 0 (megatron iteration 1)" in capsys.readouterr().out
     write_manifest(manifest_from_arrays([0], "t.bin", [0], [8], "token"), tmp_path / "m.parquet")

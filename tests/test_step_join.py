@@ -145,3 +145,14 @@ def test_run_refuses_an_off_by_one_log_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "consumed samples" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_replay_steps_are_numbered_as_the_log(tmp_path):
+    # replay --steps takes the trainer's numbering (like run's --row-losses), converted with the manifest's trainer
+    from spike_audit.pipelines.run.replay import ReplayConfig, plan_steps
+
+    man = _manifest(tmp_path / "m.parquet", range(0, 20), **MEGATRON_META)
+    steps, _, _, offset = plan_steps(ReplayConfig(model="m", manifest=str(man), shards=".", out="o", steps=[5, 6]))
+    assert steps == [5, 6] and offset == -1  # Megatron iterations 5, 6 are batches 4, 5
+    hand = _manifest(tmp_path / "h.parquet", range(0, 20))  # no trainer recorded: the manifest's own numbers
+    assert plan_steps(ReplayConfig(model="m", manifest=str(hand), shards=".", out="o", steps=[5]))[3] == 0

@@ -104,6 +104,7 @@ def step_report(manifest: str, shard_root: str | None, step: int, *, tokenizer: 
     end = sub.column("row_end").to_numpy()
     rank = sub.column("rank").to_pylist()
     micro = sub.column("micro_batch").to_pylist()
+    epoch = sub.column("epoch").to_pylist()
     slices_out: list[dict | None] = [None] * len(ids)
     for s_name, u in sorted({(a, b) for a, b in zip(shard, unit)}):
         sel = np.flatnonzero((shard == s_name) & (unit == u))
@@ -144,7 +145,7 @@ def step_report(manifest: str, shard_root: str | None, step: int, *, tokenizer: 
                              "excerpt_kind": kind, "excerpt": _excerpt(ex, max_chars)})
             slices_out[i] = {
                 "manifest_row": int(ids[i]), "shard": s_name, "unit": u, "row_start": int(start[i]),
-                "row_end": int(end[i]), "rank": rank[i], "micro_batch": micro[i],
+                "row_end": int(end[i]), "rank": rank[i], "micro_batch": micro[i], "epoch": epoch[i],
                 "n_sequences": hi - lo, "n_tokens": int(n_tok[lo:hi].sum()), "sequences": seqs,
                 "n_not_shown": (hi - lo) - len(seqs),
             }
@@ -165,7 +166,7 @@ def format_report(rep: dict) -> str:
     lines = [f"step {rep['step']}{as_logged}: {rep['n_slices']} slices, {rep['n_sequences']:,} sequences, "
              f"{rep['n_tokens']:,} tokens from {rep['n_shards']} shard(s)  [{rep['manifest']}]"]
     for s in rep["slices"]:
-        extra = "".join(f" {k}={s[k]}" for k in ("rank", "micro_batch") if s[k] is not None)
+        extra = "".join(f" {k}={s[k]}" for k in ("rank", "micro_batch", "epoch") if s.get(k) is not None)
         what = "rows" if s["unit"] == "row" else "tokens"
         lines.append(f"  {s['shard']} {what} [{s['row_start']}, {s['row_end']}){extra}: "
                      f"{s['n_sequences']:,} sequences, {s['n_tokens']:,} tokens")

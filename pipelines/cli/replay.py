@@ -40,7 +40,8 @@ def register(sub) -> None:
     p.add_argument("--shards", required=True, help="shard root the manifest's shard paths are relative to")
     p.add_argument("--out", required=True, help="per-row loss table to write (.parquet, or .jsonl)")
     p.add_argument("--log", help="the run's loss log: replay the steps `run` would audit (same options)")
-    p.add_argument("--steps", help="or replay exactly these steps, e.g. 118:120,300")
+    p.add_argument("--steps", help="or replay exactly these steps, e.g. 118:120,300, numbered as the trainer's log "
+                   "numbers them (Megatron iterations...: converted with the trainer the manifest records)")
     p.add_argument("--format", dest="log_format", help="log format (default: detected)")
     p.add_argument("--metric", default="train_loss")
     p.add_argument("--method", default="robust", choices=("robust", "olmo", "metaseq"))

@@ -143,10 +143,18 @@ class ReplayConfig:
 
 
 def plan_steps(cfg: ReplayConfig) -> tuple[list[int], dict[str, list[int]], list[int], int]:
-    """(steps, windows, controls, offset): the steps ``run`` would audit (numbered as the log, the manifest's
-    being ``step + offset``), or ``cfg.steps`` (numbered as the manifest)."""
+    """(steps, windows, controls, offset): the steps ``run`` would audit, or ``cfg.steps``, numbered as the
+    trainer's log numbers them (the manifest's step being ``step + offset``), so the per-row losses written
+    join ``run --row-losses`` on the same steps. ``cfg.steps`` are converted with the trainer the manifest
+    records (none recorded: the manifest's own numbers)."""
     if cfg.steps is not None:
-        return sorted(set(cfg.steps)), {}, [], 0
+        from spike_audit.pipelines.manifest import read_meta
+        from spike_audit.schemas.steps import STEP_CONVENTION, step_base
+
+        meta = read_meta(cfg.manifest)
+        base = step_base(meta.get("trainer")) if meta.get("step_convention") == STEP_CONVENTION else None
+        offset = cfg.step_offset if cfg.step_offset is not None else -(base or 0)
+        return sorted(set(cfg.steps)), {}, [], offset
     if not cfg.log:
         raise UserError("give --log (replay the steps `run` audits) or --steps")
     from spike_audit.pipelines.run.plan import RunConfig, join_steps, plan_audit, read_loss_and_spikes
