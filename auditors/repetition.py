@@ -117,7 +117,9 @@ def _covered_per_row(n_rows: int, row: np.ndarray, start: np.ndarray, end: np.nd
     s, e, r = start[o], end[o], row[o]
     reach = np.maximum.accumulate(e)
     new = np.ones(len(s), dtype=bool)
-    new[1:] = s[1:] > reach[:-1]  # starts a new merged interval
+    # starts a new merged interval; touching intervals stay apart (same total), so a row's first run never
+    # merges into the previous row's last one
+    new[1:] = s[1:] >= reach[:-1]
     first = np.flatnonzero(new)
     last = np.concatenate([first[1:] - 1, [len(s) - 1]])
     return np.bincount(r[first], weights=reach[last] - s[first], minlength=n_rows).astype(np.int64)
@@ -132,6 +134,12 @@ class Repetition:
         self.min_period, self.max_period, self.max_count = min_period, max_period, max_count
 
     def _per_row(self, batch: TokenBatch, cache: BatchCache | None = None) -> dict[str, np.ndarray]:
+        if cache is not None:  # one computation per batch, shared by add and row_signals
+            return cache.memo(("repetition", self.min_period, self.max_period, self.max_count),
+                              lambda: self._per_row_uncached(batch, cache))
+        return self._per_row_uncached(batch, None)
+
+    def _per_row_uncached(self, batch: TokenBatch, cache: BatchCache | None) -> dict[str, np.ndarray]:
         off = np.asarray(batch.offsets, dtype=np.int64)
         n_rows = batch.n_rows
         runs = find_runs(batch, self.min_period, self.max_period, cache=cache)
@@ -179,8 +187,8 @@ class Repetition:
             "max_repeat_run": float(acc["max_run"]) if nr else nan,
         }
 
-    def row_signals(self, batch: TokenBatch) -> dict[str, np.ndarray]:
-        r = self._per_row(batch)
+    def row_signals(self, batch: TokenBatch, cache: BatchCache | None = None) -> dict[str, np.ndarray]:
+        r = self._per_row(batch, cache)
         ln = r["len"].astype(np.float64)
         with np.errstate(invalid="ignore", divide="ignore"):
             return {

@@ -144,3 +144,11 @@ def test_many_rows_with_empty_rows_and_runs_at_row_edges(specs, seed):
     got = ours(rows)
     for row, g in zip(rows, got):
         assert g == sorted(olmo_literal(row)), row
+
+
+def test_row_coverage_is_counted_in_the_row_of_each_run():
+    # a run ending a row right where the next row's run starts: each row covers its own tokens (the
+    # batch total was right before, the per-row split gave row 0 both runs)
+    rows = [[1, 2, 3, 4, 5, 6, 7, 8] * 4, [1, 2, 3, 4, 5, 6, 7, 8] * 4, list(range(100, 140))]
+    rs = Repetition().row_signals(TokenBatch.from_lists(rows))
+    assert rs["repeat_any_token_frac"].tolist() == [1.0, 1.0, 0.0]
