@@ -143,11 +143,11 @@ class ExactDup:
             "dup_doc_frac": dup_docs / n_docs if (self.eos_id is not None and n_docs) else float("nan"),
         }
 
-    def row_signals(self, batch: TokenBatch) -> dict[str, np.ndarray]:
+    def row_signals(self, batch: TokenBatch, cache: BatchCache | None = None) -> dict[str, np.ndarray]:
         """Per row: ``dup_row_frac`` is 1.0 when the row has an identical row in the batch, and
         ``dup_doc_frac`` is the share of the row's documents that occur twice or more in the batch
         (NaN for rows without documents or without ``eos_id``)."""
-        h, dh, drow = hash_rows_and_docs(BatchCache(batch), self.seed, self.eos_id)
+        h, dh, drow = hash_rows_and_docs(cache if cache is not None else BatchCache(batch), self.seed, self.eos_id)
         _, inv, c = np.unique(h, return_inverse=True, return_counts=True)
         out = {"dup_row_frac": (c[inv] >= 2).astype(np.float64)}
         n = batch.n_rows

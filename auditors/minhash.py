@@ -256,7 +256,12 @@ def signatures(batch: TokenBatch, ngram: int = 5, num_perm: int = 128, seed: int
 
     See the module docstring for the definition. Empty rows get all 0xFFFFFFFF.
     """
-    c = cache if cache is not None else BatchCache(batch)
+    if cache is not None:  # one computation per batch and parameters
+        return cache.memo(("signatures", ngram, num_perm, seed), lambda: _signatures(batch, ngram, num_perm, seed, cache))
+    return _signatures(batch, ngram, num_perm, seed, BatchCache(batch))
+
+
+def _signatures(batch: TokenBatch, ngram: int, num_perm: int, seed: int, c: BatchCache) -> np.ndarray:
     p = _params(ngram, num_perm, seed)
     k = num_perm
     off, n = c.offsets, c.n
@@ -399,6 +404,13 @@ class NearDup:
 
     def _sketch(self, batch: TokenBatch, cache: BatchCache | None = None
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if cache is not None:  # one computation per batch, shared by add and row_signals
+            return cache.memo(("minhash_sketch", self.ngram, self.num_perm, self.threshold, self.seed),
+                              lambda: self._sketch_uncached(batch, cache))
+        return self._sketch_uncached(batch, None)
+
+    def _sketch_uncached(self, batch: TokenBatch, cache: BatchCache | None
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         sig = signatures(batch, self.ngram, self.num_perm, self.seed, cache=cache)
         ne = batch.lengths > 0
         sig = sig[ne]
@@ -439,9 +451,9 @@ class NearDup:
         biggest = int(np.bincount(lab[near]).max())
         return {"near_dup_frac": len(near) / n, "near_dup_max_cluster_frac": biggest / n}
 
-    def row_signals(self, batch: TokenBatch) -> dict[str, np.ndarray]:
+    def row_signals(self, batch: TokenBatch, cache: BatchCache | None = None) -> dict[str, np.ndarray]:
         """Per row: ``near_dup_frac`` is 1.0 when the row has a near duplicate in the batch."""
-        keys, sk, ne = self._sketch(batch)
+        keys, sk, ne = self._sketch(batch, cache)
         _, (lo, hi) = self._pairs([keys], [sk])
         flag = np.zeros(len(keys), dtype=np.float64)
         flag[lo] = 1.0

@@ -63,6 +63,10 @@ def hash_rows_and_docs(cache: BatchCache, seed: int, sep_id: int | None = None
       products are recomputed over each document extended up to the next one); separator tokens
       get weight 0 and the products are summed from each document's start to the next one's.
     """
+    return cache.memo(("row_doc_hashes", seed, sep_id), lambda: _hash_rows_and_docs(cache, seed, sep_id))
+
+
+def _hash_rows_and_docs(cache: BatchCache, seed: int, sep_id: int | None):
     c = cache
     off, lengths = c.offsets, c.lengths()
     n_rows = len(lengths)

@@ -81,10 +81,13 @@ class Suite:
         acc["n_tokens"] = 0
         return acc
 
-    def add(self, acc: dict, batch: TokenBatch) -> dict:
-        cache = BatchCache(batch)  # token mixes, lengths and documents computed once for all auditors
+    def add(self, acc: dict, batch: TokenBatch, cache: BatchCache | None = None) -> dict:
+        """Add a batch. Pass the ``BatchCache`` a row scorer used on the same batch (:mod:`.rows`) and no
+        per-row work is done twice: token mixes, hashes, documents, repeated runs, MinHash sketches and
+        text signals are computed once per batch, whoever asks first."""
+        cache = cache if cache is not None else BatchCache(batch)
         out = {k: a.add(acc[k], batch, cache=cache) for k, a in self.auditors.items()}
-        out["text"] = self.text_auditor.add(acc["text"], batch) if self.text else acc["text"]
+        out["text"] = self.text_auditor.add(acc["text"], batch, cache) if self.text else acc["text"]
         out["n_rows"] = acc["n_rows"] + batch.n_rows
         out["n_tokens"] = acc["n_tokens"] + batch.n_tokens
         return out
@@ -108,10 +111,11 @@ class Suite:
         out["n_tokens"] = float(acc["n_tokens"])
         return out
 
-    def row_signals(self, batch: TokenBatch) -> dict[str, np.ndarray]:
+    def row_signals(self, batch: TokenBatch, cache: BatchCache | None = None) -> dict[str, np.ndarray]:
+        cache = cache if cache is not None else BatchCache(batch)
         out: dict[str, np.ndarray] = {}
         for a in self.auditors.values():
-            out.update(a.row_signals(batch))
+            out.update(a.row_signals(batch, cache) if a.name != "tokens" else a.row_signals(batch))
         if self.text and batch.text is not None:
-            out.update(self.text_auditor.row_signals(batch))
+            out.update(self.text_auditor.row_signals(batch, cache))
         return out

@@ -24,6 +24,11 @@ Other per-document signals:
 * ``mean_word_len``: non-whitespace characters / words, both with RE2's ``\\s``: a word is a
   maximal run of characters other than ``[\\t\\n\\f\\r ]`` (the regex ``\\S+``).
 * ``compression_ratio``: UTF-8 bytes / zlib (level 6) compressed bytes; higher means more redundant.
+* ``non_latin_frac``: non-whitespace characters whose code point lies in a non-Latin script block
+  (:data:`.text_chars.NON_LATIN_RANGES`: Greek, Cyrillic, Armenian, Hebrew, Arabic, the Indic and
+  South-East Asian scripts, CJK, Kana, Hangul, ...) over non-whitespace characters (0 for a document of
+  whitespace only).
+* ``max_char_run``: the longest run of one repeated ASCII character (a run of backslashes, of ``=``).
 
 Every signal reads at most the first ``MAX_DOC_CHARS`` (100,000) characters of a document.
 
@@ -84,7 +89,7 @@ import pyarrow.compute as pc
 
 from spike_audit.auditors.base import TokenBatch
 from spike_audit.auditors.text_arrays import _byte_view
-from spike_audit.auditors.text_chars import _char_classes
+from spike_audit.auditors.text_chars import _char_classes, _max_byte_run
 from spike_audit.auditors.text_repeats import DUP_NS, TOP_NS, _dup_lines_paras, _word_signals
 
 
@@ -100,6 +105,9 @@ SIGNALS = {
     "non_alnum_frac": "Characters that are neither letters, numbers nor whitespace / characters.",
     "mean_word_len": "Non-whitespace characters / whitespace-separated words.",
     "compression_ratio": "UTF-8 bytes / zlib level-6 compressed bytes.",
+    "non_latin_frac": "Characters in a non-Latin script (Greek, Cyrillic, Arabic, Hebrew, Indic, CJK, Hangul, "
+    "...: auditors.text_chars.NON_LATIN_RANGES) / non-whitespace characters.",
+    "max_char_run": "Longest run of one repeated ASCII character, characters.",
 }
 
 
@@ -166,11 +174,14 @@ CHUNK_BYTES = 1 << 20
 def _signals(arr: pa.LargeStringArray) -> dict[str, np.ndarray]:
     """Every text signal of every document of ``arr`` (padded or a slice of a padded array)."""
     chars = pc.utf8_length(arr).to_numpy().astype(np.int64)
-    odd, nonspace, words = _char_classes(arr, chars)
+    odd, nonspace, words, non_latin = _char_classes(arr, chars)
     has = chars > 0
     out = dict.fromkeys(SIGNALS)
     with np.errstate(invalid="ignore", divide="ignore"):
         out["non_alnum_frac"] = np.where(has, odd / chars.astype(np.float64), np.nan)
+        out["non_latin_frac"] = np.where(nonspace > 0, non_latin / np.maximum(nonspace, 1).astype(np.float64),
+                                         np.where(has, 0.0, np.nan))
+        out["max_char_run"] = np.where(has, _max_byte_run(arr).astype(np.float64), np.nan)
         out["mean_word_len"] = np.where(words > 0, nonspace / np.maximum(words, 1), np.nan)
         if has.any():
             for k, v in _gopher_batch(arr, chars.astype(np.float64), has).items():
@@ -213,10 +224,10 @@ class TextStats:
     def create(self) -> dict:
         return {"sum": dict.fromkeys(SIGNALS, 0), "n": dict.fromkeys(SIGNALS, 0)}
 
-    def add(self, acc: dict, batch: TokenBatch) -> dict:
+    def add(self, acc: dict, batch: TokenBatch, cache=None) -> dict:
         if batch.text is None or not len(batch.text):
             return acc
-        rs = text_row_signals(batch.text)
+        rs = self.row_signals(batch, cache)
         out = {"sum": dict(acc["sum"]), "n": dict(acc["n"])}
         for k, v in rs.items():
             ok = ~np.isnan(v)
@@ -235,7 +246,11 @@ class TextStats:
     def result(self, acc: dict) -> dict[str, float]:
         return {k: (acc["sum"][k] / _FIXED / acc["n"][k] if acc["n"][k] else float("nan")) for k in SIGNALS}
 
-    def row_signals(self, batch: TokenBatch) -> dict[str, np.ndarray]:
+    def row_signals(self, batch: TokenBatch, cache=None) -> dict[str, np.ndarray]:
+        """Every text signal of every row (NaN without text); with a ``BatchCache`` computed once per batch
+        whoever asks (the suite's accumulator, the row scorer)."""
         if batch.text is None:
             return {k: np.full(batch.n_rows, np.nan) for k in SIGNALS}
+        if cache is not None:
+            return cache.memo(("text",), lambda: text_row_signals(batch.text))
         return text_row_signals(batch.text)

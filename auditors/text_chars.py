@@ -32,14 +32,31 @@ def _odd_codepoints(cp: np.ndarray) -> np.ndarray:
     return table[np.searchsorted(blocks, cp >> 8), cp & 0xFF]
 
 
-def _char_classes(arr: pa.LargeStringArray, chars: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per document: characters matching ``[^\\p{L}\\p{N}\\s]``, characters matching ``\\S`` and
-    matches of ``\\S+`` (RE2 classes), from the UTF-8 bytes."""
+#: Code point ranges of the non-Latin scripts counted by ``non_latin_frac`` (inclusive): Greek through the
+#: Indic, South-East Asian, Georgian, Hangul Jamo, Ethiopic... blocks (U+0370-U+1DFF, Latin Extended
+#: Additional at U+1E00 excluded), CJK radicals to Hangul syllables (U+2E80-U+D7FF), CJK compatibility
+#: ideographs, Arabic presentation forms, half/full-width forms, and the supplementary ideographs.
+NON_LATIN_RANGES = ((0x0370, 0x1DFF), (0x2E80, 0xD7FF), (0xF900, 0xFAFF), (0xFB1D, 0xFDFF), (0xFE70, 0xFEFF),
+                    (0xFF00, 0xFFEF), (0x20000, 0x3FFFF))
+
+
+def _non_latin(cp: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(cp), dtype=bool)
+    for lo, hi in NON_LATIN_RANGES:
+        out |= (cp >= lo) & (cp <= hi)
+    return out
+
+
+def _char_classes(arr: pa.LargeStringArray, chars: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per document: characters matching ``[^\\p{L}\\p{N}\\s]``, characters matching ``\\S``, matches of
+    ``\\S+`` (RE2 classes) and characters in a non-Latin script (:data:`NON_LATIN_RANGES`), from the UTF-8
+    bytes."""
     data, off = _byte_view(arr)
     n = len(arr)
     if not len(data):
         z = np.zeros(n, dtype=np.int64)
-        return z, z, z
+        return z, z, z, z
     space = _re2_space(data)
     nonspace = chars - _seg_count(space, off)
     # a \S+ match starts at a non-space byte that follows a space byte or starts the document
@@ -53,6 +70,7 @@ def _char_classes(arr: pa.LargeStringArray, chars: np.ndarray) -> tuple[np.ndarr
     digit = data - np.uint8(48) < 10  # [0-9]
     odd = _seg_count((data < 0x80) & ~letter & ~digit & ~space, off)  # ASCII [^\p{L}\p{N}\s]
     lead = np.flatnonzero(data >= 0xC0)  # first bytes of the non-ASCII characters
+    non_latin = np.zeros(n, dtype=np.int64)
     if len(lead):  # decode those code points (the text is valid UTF-8) and classify them
         pad = np.zeros(len(data) + 3, dtype=np.int64)
         pad[: len(data)] = data
@@ -61,4 +79,23 @@ def _char_classes(arr: pa.LargeStringArray, chars: np.ndarray) -> tuple[np.ndarr
                       np.where(b0 < 0xF0, ((b0 & 0x0F) << 12) | (b1 << 6) | b2,
                                ((b0 & 0x07) << 18) | (b1 << 12) | (b2 << 6) | b3))
         odd = odd + np.diff(np.searchsorted(lead[_odd_codepoints(np.minimum(cp, 0x10FFFF))], off))
-    return odd, nonspace, words
+        non_latin = np.diff(np.searchsorted(lead[_non_latin(cp)], off))
+    return odd, nonspace, words, non_latin
+
+
+def _max_byte_run(arr: pa.LargeStringArray) -> np.ndarray:
+    """Per document: the longest run of one repeated ASCII character (0 for an empty document)."""
+    data, off = _byte_view(arr)
+    n = len(arr)
+    out = np.zeros(n, dtype=np.int64)
+    if not len(data):
+        return out
+    start = np.ones(len(data), dtype=bool)
+    start[1:] = data[1:] != data[:-1]
+    start[off[:-1][off[:-1] < len(data)]] = True  # a run never crosses documents
+    starts = np.flatnonzero(start)
+    length = np.diff(np.r_[starts, len(data)])
+    ascii_ = data[starts] < 0x80
+    doc = np.searchsorted(off, starts, side="right") - 1
+    np.maximum.at(out, doc[ascii_], length[ascii_])
+    return out

@@ -104,9 +104,20 @@ def ref_text_row_signals(texts):
         out["non_alnum_frac"] = np.where(chars > 0, odd / chars, np.nan)
         out["mean_word_len"] = np.where(words > 0, nonspace / np.maximum(words, 1), np.nan)
     for i in np.flatnonzero(chars > 0):
+        t = texts[i]
+        ns = [c for c in t if not re.match(r"[\t\n\f\r ]", c)]
+        out["non_latin_frac"][i] = (sum(_non_latin_char(c) for c in ns) / len(ns)) if ns else 0.0
+        out["max_char_run"][i] = float(max((len(m.group(0)) for m in re.finditer(r"([\x00-\x7f])\1*", t)),
+                                           default=0))
         for k, val in ref_gopher_signals(texts[i]).items():
             out[k][i] = val
     return out
+
+
+def _non_latin_char(c: str) -> bool:
+    from spike_audit.auditors.text_chars import NON_LATIN_RANGES
+
+    return any(lo <= ord(c) <= hi for lo, hi in NON_LATIN_RANGES)
 
 
 def assert_same(got, want, texts):

@@ -1,0 +1,185 @@
+"""Row signals: one scoring pass per row gives every row-level signal (token and text), and the oriented
+families the verdict's evidence is counted on.
+
+:class:`RowScorer` scores the rows of one batch (a training step's batch, a chunk of a shard) through a
+:class:`~.batch_cache.BatchCache`, so the suite's step or shard accumulator fed the same cache
+(``Suite.add(acc, batch, cache)``) reuses every per-row computation: token mixes, row and document hashes,
+repeated runs, MinHash signatures and text signals are each computed once per batch. Step, shard and corpus
+results are merges of those (:mod:`.suite`, :mod:`.evidence`).
+
+Every row signal is defined in :data:`ROW_SIGNALS`; :data:`FAMILIES` says in which tail each is anomalous.
+Within-batch duplication is exchangeable across steps (a step is judged on its own rows only); duplication
+*elsewhere* (``seen_elsewhere``) is measured by the pipelines against a fixed reference and is NaN here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from spike_audit.auditors import text as text_mod
+from spike_audit.auditors.base import TokenBatch
+from spike_audit.auditors.batch_cache import BatchCache
+from spike_audit.auditors.dedup import ExactDup
+from spike_audit.auditors.evidence import Family
+from spike_audit.auditors.minhash import signatures
+from spike_audit.auditors.repetition import Repetition
+from spike_audit.auditors.segment_hashes import hash_rows_and_docs
+from spike_audit.auditors.tokens import TokenStats
+
+ROW_SIGNALS: dict[str, str] = {
+    "row_len": "Tokens in the row.",
+    "longest_doc": "Longest EOS-separated document in the row, tokens (the row length without eos_id).",
+    "doc_len_mean": "Mean length of the row's EOS-separated documents, tokens; NaN without eos_id.",
+    "token_entropy": "Shannon entropy of the row's own unigram distribution, bits.",
+    "top_token_share": "Share of the row's most frequent token.",
+    "distinct_token_ratio": "Distinct token ids in the row / tokens.",
+    "baseline_xent": "Mean surprisal of the row's tokens under the baseline unigram (control tokens, leave-one-step-"
+    "out; add-0.5 smoothing), bits/token.",
+    "rare_token_share": "Share of the row's tokens whose baseline probability is below 1e-6 (unseen included).",
+    "eos_density": "EOS tokens per token; NaN without eos_id.",
+    "pad_density": "Padding tokens per token; NaN without pad_id.",
+    "repeat_token_frac": "Share of the row's tokens inside repeated n-gram runs of >= 32 repeats (period 1..13).",
+    "repeat_any_token_frac": "Share of the row's tokens inside any repeated n-gram run (>= 3 repeats, period 1..13).",
+    "max_repeat_run": "Largest repeat count of any n-gram run in the row (period 1..13).",
+    "repeat_run_row": "1 when the row holds a run of >= 32 repeats (OLMo's instance filter would drop it), else 0.",
+    "dup_in_batch": "1 when an identical row (64-bit token hash) is elsewhere in the same batch, else 0.",
+    "dup_doc_frac": "Share of the row's EOS-separated documents that occur again in the same batch.",
+    "near_dup_jaccard": "Largest estimated Jaccard similarity of the row's 5-gram shingles with another row of the same "
+    "batch (share of equal values of their 128-value MinHash signatures; every pair compared), 0 without a partner.",
+    "seen_elsewhere": "1 when a row with identical tokens is at another position of the fixed duplicate reference "
+    "(spike-audit run: the rows the manifest consumed; spike-audit shards: another shard), else 0.",
+    **{k: f"Text: {v}" for k, v in text_mod.SIGNALS.items()},
+}
+
+_F, _P, _FL = "frac", "pos", "flag"
+
+#: The oriented families (tail where an anomaly lives) of the row signals.
+FAMILIES: tuple[Family, ...] = (
+    Family("row_len", "high", _P), Family("row_len", "low", _P),
+    Family("longest_doc", "high", _P), Family("doc_len_mean", "low", _P),
+    Family("token_entropy", "high", _P), Family("token_entropy", "low", _P),
+    Family("top_token_share", "high", _F),
+    Family("distinct_token_ratio", "high", _F), Family("distinct_token_ratio", "low", _F),
+    Family("baseline_xent", "high", _P), Family("baseline_xent", "low", _P),
+    Family("rare_token_share", "high", _F),
+    Family("eos_density", "high", _F), Family("pad_density", "high", _F),
+    Family("repeat_token_frac", "high", _F), Family("repeat_any_token_frac", "high", _F),
+    Family("max_repeat_run", "high", _P), Family("repeat_run_row", "high", _FL),
+    Family("dup_in_batch", "high", _FL), Family("dup_doc_frac", "high", _F),
+    Family("near_dup_jaccard", "high", _F), Family("seen_elsewhere", "high", _FL),
+    *(Family(k, "high", _F) for k in text_mod.SIGNALS if k.startswith("gopher_")),
+    Family("non_alnum_frac", "high", _F),
+    Family("mean_word_len", "high", _P), Family("mean_word_len", "low", _P),
+    Family("compression_ratio", "high", _P), Family("compression_ratio", "low", _P),
+    Family("non_latin_frac", "high", _F), Family("max_char_run", "high", _P),
+)
+
+FAMILY_NAMES: tuple[str, ...] = tuple(f.name for f in FAMILIES)
+
+#: Row signals in a fixed column order (the columns of :meth:`RowScores.matrix`).
+SIGNAL_ORDER: tuple[str, ...] = tuple(ROW_SIGNALS)
+
+
+@dataclass
+class RowScores:
+    """Every row signal of a batch (``values[name]``: float64 per row) and each row's 64-bit token hash."""
+
+    values: dict[str, np.ndarray]
+    hash: np.ndarray
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.hash)
+
+    def matrix(self, names=SIGNAL_ORDER) -> np.ndarray:
+        """``rows x signals`` float64 in the order of ``names`` (NaN for a signal not computed)."""
+        out = np.full((self.n_rows, len(names)), np.nan)
+        for j, k in enumerate(names):
+            v = self.values.get(k)
+            if v is not None:
+                out[:, j] = v
+        return out
+
+
+def max_jaccard_all(sig: np.ndarray, block: int = 256) -> np.ndarray:
+    """Per row: the largest share of equal values between its MinHash signature (``rows x K`` uint32) and
+    another row's (the estimated Jaccard similarity of their shingle sets); every pair, in blocks."""
+    n, k = sig.shape
+    best = np.zeros(n, dtype=np.int64)
+    for a in range(0, n, block):
+        x = sig[a:a + block]
+        for b in range(a, n, block):
+            y = sig[b:b + block]
+            eq = (x[:, None, :] == y[None, :, :]).sum(axis=2)
+            if a == b:
+                np.fill_diagonal(eq, 0)
+            best[a:a + block] = np.maximum(best[a:a + block], eq.max(axis=1))
+            best[b:b + block] = np.maximum(best[b:b + block], eq.max(axis=0))
+    return best / k
+
+
+class RowScorer:
+    """One scoring pass over the rows of a batch (see the module docstring)."""
+
+    def __init__(self, eos_id: int | None = None, pad_id: int | None = None, vocab_size: int | None = None,
+                 seed: int = 0, near_threshold: float = 0.3, ngram: int = 5, num_perm: int = 128, text: bool = True,
+                 max_pairwise_rows: int = 4096):
+        self.eos_id, self.pad_id, self.vocab_size, self.seed = eos_id, pad_id, vocab_size, seed
+        self.near_threshold, self.ngram, self.num_perm, self.text = near_threshold, ngram, num_perm, text
+        self.max_pairwise_rows = max_pairwise_rows
+        self._repetition = Repetition()
+        self._dedup = ExactDup(eos_id=eos_id, seed=seed)
+
+    def score(self, batch: TokenBatch, baseline_hist: np.ndarray | None = None,
+              cache: BatchCache | None = None) -> RowScores:
+        cache = cache if cache is not None else BatchCache(batch)
+        n = batch.n_rows
+        base = baseline_hist if baseline_hist is not None and int(np.sum(baseline_hist)) > 0 else None
+        out: dict[str, np.ndarray] = {}
+        ts = TokenStats(vocab_size=self.vocab_size, baseline_hist=base, eos_id=self.eos_id, pad_id=self.pad_id)
+        out.update(ts.row_signals(batch))
+        lengths = cache.lengths().astype(np.float64)
+        if self.eos_id is not None:
+            s, e, drow = cache.docs(self.eos_id)
+            longest = np.zeros(n)
+            np.maximum.at(longest, drow, (e - s).astype(np.float64))
+            out["longest_doc"] = longest
+        else:
+            out["longest_doc"] = lengths.copy()
+        rep = self._repetition.row_signals(batch, cache)
+        out["repeat_token_frac"] = rep["repeat_token_frac"]
+        out["repeat_any_token_frac"] = rep["repeat_any_token_frac"]
+        out["max_repeat_run"] = rep["max_repeat_run"]
+        out["repeat_run_row"] = rep["repeat_run_rows_frac"]
+        h, _, _ = hash_rows_and_docs(cache, self.seed, self.eos_id)
+        d = self._dedup.row_signals(batch, cache)
+        out["dup_in_batch"] = d["dup_row_frac"]
+        out["dup_doc_frac"] = d["dup_doc_frac"]
+        out["near_dup_jaccard"] = self._near_dup(batch, cache)
+        out["seen_elsewhere"] = np.full(n, np.nan)
+        if self.text and batch.text is not None:
+            out.update(text_mod.TextStats().row_signals(batch, cache))
+        return RowScores(out, np.asarray(h, dtype=np.uint64))
+
+    def _near_dup(self, batch: TokenBatch, cache: BatchCache) -> np.ndarray:
+        n = batch.n_rows
+        out = np.zeros(n)
+        ne = np.flatnonzero(cache.lengths() > 0)
+        if len(ne) < 2:
+            return out
+        sig = signatures(batch, self.ngram, self.num_perm, self.seed, cache=cache)[ne]
+        if len(ne) <= self.max_pairwise_rows:
+            out[ne] = max_jaccard_all(sig)
+            return out
+        # very large batches: LSH candidates at ``near_threshold``, their estimated Jaccard (lower pairs: 0)
+        from spike_audit.auditors.minhash import band_keys, near_duplicates
+
+        keys = band_keys(sig, self.near_threshold, self.seed)
+        lo, hi, jac = near_duplicates(keys, (sig & 0xFF).astype(np.uint8), self.near_threshold)
+        best = np.zeros(len(ne))
+        np.maximum.at(best, lo, jac)
+        np.maximum.at(best, hi, jac)
+        out[ne] = np.clip(best, 0.0, 1.0)
+        return out
