@@ -1,153 +1,353 @@
-"""Per-spike verdict statistics: is the data a spike consumed unusual compared with normal steps?
+"""Per-spike verdict: is the data a spike consumed unusual compared with normal steps, and which rows carry it?
 
-The test, for one spike with window steps ``W`` (the spike's own steps plus a lookback) and ``n``
-control steps ``C`` (a seeded sample of normal steps away from any spike), over ``K`` signals:
+For one spike event with ``m`` window steps (``[start - lookback, end]``) and ``n`` control steps (normal
+steps away from every spike), over the oriented row signal families of :mod:`.rows`:
 
-1. **Leave-one-out robust z.** Pool the ``n`` controls with one window step. For every member ``i``
-   of the pool and signal ``j``, take the median ``m`` and robust sigma ``s`` of the *other* ``n``
-   members (1.4826 * MAD; if the MAD is 0, 1.2533 * mean absolute deviation; if that is 0 too, a
-   floor of ``1e-9 + 1e-6 * |m|``) and ``z_ij = (x_ij - m) / s``. Leaving the member out keeps an
-   extreme value from inflating the scale it is judged by; doing it for every member keeps the
-   statistic symmetric, so the members stay exchangeable under the null.
-2. **Max-T statistic.** ``T_i = max_j |z_ij|`` for the window step and for every control. Taking
-   the maximum over signals *is* the multiple-comparison correction (Westfall-Young single-step
-   max-T): the null distribution of the maximum is estimated from the controls themselves, so
-   dependence between signals and heavy-tailed signals are accounted for.
-3. **Empirical p-value** from ranks: ``p_i = (1 + #{c : T_c >= T_i}) / (n + 1)``. Under the null the
-   window step is exchangeable with the controls, so ``p_i`` is exactly valid. The smallest attainable
-   value is ``1 / (n + 1)``.
-4. **Window correction.** The spike's p-value is the smallest ``p_i`` over the ``m`` window steps,
-   Sidak-corrected: ``p = 1 - (1 - min_i p_i) ** m``.
-   Signals listed in :data:`auditors.scales.LOG_SCALE` (maxima, lengths) are compared on
-   ``log1p(value)``.
-5. **Effect size** of the top signal (the ``j`` and window step attaining the maximum): ``(x - median(C))
-   / sigma(C)`` against the controls alone.
-6. **Margin** (practical significance): ``T_window / max_c T_c``, how far the window's max-T lies
-   beyond the most extreme control step. By construction about ``alpha`` of normal steps reach
-   ``p <= alpha``; the margin is what separates "the most unusual normal step" from "unlike any
-   normal step". Its null distribution is checked on the controls themselves
-   (:func:`spike_audit.pipelines.run.outputs.control_false_alarms` judges each control against the others).
-7. **Verdict.** ``inconclusive`` when there are fewer than ``min_controls`` controls, no window step
-   has data, or the smallest attainable ``p`` exceeds ``alpha`` (more controls are needed);
-   ``data`` when ``p <= alpha``, ``|effect| >= min_effect`` and ``margin >= min_margin``;
-   otherwise ``not_data``.
+1. **Row-level evidence** (:mod:`.evidence`). Every step's rows are binned per family. The *reference* is
+   every row of every control step. Each step gets, per family, the scan evidence ``e_f``: the most
+   significant cut of "``k`` of the step's ``N`` rows at least this extreme, where ``a`` of the ``R``
+   reference rows are" as a binomial tail at the natural rate ``(a + 0.5) / (R + 1)``. A control step is
+   judged **leave-one-out**: its own rows are taken out of the reference (thresholds and natural rates),
+   so window and control steps are judged by the same rule.
+2. **Step statistic** ``T = max_f e_f`` (the maximum over families is the multiple-comparison correction,
+   calibrated next).
+3. **Calibration.** ``p_step = (1 + #{controls c : T_c >= T_step}) / (n + 1)``: under the null (the window
+   step is exchangeable with the control steps) this is a valid p-value; exact up to the reference of a
+   window holding the ``n`` controls where a control's holds the other ``n - 1``. Over the ``m`` window
+   steps, Sidak: ``p = 1 - (1 - min p_step) ** m``.
+4. **Verdict** ``data`` when ``p <= alpha`` and, at the most significant window step, some family is
+   *anomalous*: its evidence alone makes the event significant (calibrated against the controls'
+   statistics ``T_c``, Sidak over the window steps), at least ``min_rows`` (2) rows are at its cut, and
+   more than at that cut in any control step (the anomaly is larger than the natural oddities of normal
+   batches). ``inconclusive`` with fewer than ``min_controls``
+   controls, no window data, or when ``n`` controls cannot reach ``alpha`` over ``m`` steps;
+   ``not_data`` otherwise, naming the control steps that were as extreme and on which family.
+5. **Reported**: the rows (``14 of 16 rows``) at the cut, the cut in the signal's units, the largest count
+   of control rows at that cut in one control step, the natural rate, the evidence ``e`` (capped at
+   ``max_evidence``), the effect size ``k / max(1, control max)`` (fold over the control maximum, at most
+   the batch size and capped at ``max_fold``), and the margin ``T_window / max_c T_c`` (capped).
 
-Per-signal adjusted p-values (max-T adjusted: ``(1 + #{c : T_c >= |z_j|}) / (n + 1)``) are also
-returned for the report.
-
-The robust statistics are in :mod:`.robust`; the row-level baseline sample in :mod:`.sampling`.
+Row flags (:func:`step_flags`): at every window step, the rows at the cut of each anomalous family (the same
+significance, counted per family and step: a family at a step flags rows only if it alone makes the event
+significant, so flags in clean lookback steps are as rare as false verdicts).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterable, Sequence
+
 import numpy as np
 
-from spike_audit.auditors.scales import to_scoring_scale
-from spike_audit.auditors.robust import loo_z, robust_center_scale
+from spike_audit.auditors.evidence import (NBINS, Evidence, Family, candidates_from_rows, cut_value,
+                                           group_counts_at, scan, tail_hist)
 
 
 @dataclass(frozen=True)
 class VerdictConfig:
     alpha: float = 0.05
-    min_effect: float = 5.0
-    min_margin: float = 2.0
+    min_rows: int = 2
     min_controls: int = 20
+    max_evidence: float = 300.0
+    max_fold: float = 1000.0
+    max_margin: float = 1000.0
+
+
+class Reference:
+    """The control steps' binned rows (the null), sorted by step whatever the order they came in."""
+
+    def __init__(self, items: Iterable[tuple[int, np.ndarray]], n_families: int):
+        items = sorted(((int(s), np.asarray(b)) for s, b in items), key=lambda t: t[0])
+        steps = [s for s, _ in items]
+        if len(set(steps)) != len(steps):
+            raise ValueError("a control step occurs twice in the reference")
+        self.n_families = n_families
+        self.steps = np.asarray(steps, dtype=np.int64)
+        self.n_rows = np.asarray([len(b) for _, b in items], dtype=np.int64)
+        self.bins = (np.concatenate([b.reshape(-1, n_families) for _, b in items]) if items
+                     else np.zeros((0, n_families), dtype=np.uint16))
+        self.group = np.repeat(np.arange(len(items), dtype=np.int64), self.n_rows)
+        self.tail = tail_hist(self.bins) if len(self.bins) else np.zeros((n_families, NBINS + 1), np.int64)
+
+    @property
+    def n(self) -> int:
+        return len(self.steps)
+
+    @property
+    def rows(self) -> int:
+        return int(self.n_rows.sum())
+
+    def index_of(self, step: int) -> int | None:
+        i = int(np.searchsorted(self.steps, step))
+        return i if i < self.n and self.steps[i] == step else None
+
+
+def window_evidence(bins_list: Sequence[np.ndarray], ref: Reference) -> Evidence:
+    """Evidence of window steps (not part of the reference), one group per entry of ``bins_list``."""
+    n = np.asarray([len(b) for b in bins_list], dtype=np.int64)
+    if not len(bins_list):
+        return scan([], n, n, ref.n_families)
+    allb = np.concatenate([np.asarray(b).reshape(-1, ref.n_families) for b in bins_list])
+    group = np.repeat(np.arange(len(bins_list)), n)
+    cand = candidates_from_rows(allb, group, ref.tail, loo=False)
+    return scan([cand], n, np.full(len(n), ref.rows), ref.n_families)
+
+
+def control_evidence(ref: Reference) -> Evidence:
+    """Every control step's evidence, leave-one-out (its own rows out of the reference)."""
+    cand = candidates_from_rows(ref.bins, ref.group, ref.tail, loo=True)
+    return scan([cand], ref.n_rows, ref.rows - ref.n_rows, ref.n_families)
+
+
+@dataclass
+class Finding:
+    """One family at one step: ``rows`` of ``n_rows`` at the cut (bin ``cut``), evidence ``e``, the largest
+    count at the cut in any control step and which, and the natural rate."""
+
+    family: int
+    step: int
+    rows: int
+    n_rows: int
+    cut: int
+    e: float
+    rate: float
+    control_max: int
+    control_max_step: int | None
+    anomalous: bool
+
+
+def _control_max(ref: Reference, family: int, cut: int, skip: int | None = None) -> tuple[int, int | None]:
+    c = group_counts_at(ref.bins, ref.group, ref.n, family, cut)
+    if skip is not None:
+        c[skip] = -1
+    if not len(c) or c.max() <= 0:
+        return 0, None
+    i = int(np.argmax(c))
+    return int(c[i]), int(ref.steps[i])
+
+
+def step_p(e, t_ctrl: np.ndarray) -> np.ndarray:
+    """Calibrated p of evidence ``e`` (scalar or array) against the controls' statistics ``t_ctrl``."""
+    e = np.asarray(e, dtype=np.float64)
+    n = len(t_ctrl)
+    return (1.0 + (np.asarray(t_ctrl)[None, :] >= e.reshape(-1, 1)).sum(axis=1)).reshape(e.shape) / (n + 1.0)
+
+
+def findings(ev: Evidence, g: int, step: int, ref: Reference, ctrl: Evidence, config: VerdictConfig, m: int = 1,
+             skip: int | None = None, top: int = 8) -> list[Finding]:
+    """The step's families by evidence (largest first, at most ``top`` plus every anomalous one). A family is
+    *anomalous* at the step when its evidence alone makes the event significant (its calibrated p against the
+    controls' statistics, Sidak over the ``m`` window steps, is at most alpha), at least ``min_rows`` rows
+    are at its cut, and more than at that cut in any control step. ``skip``: a control's own index when it
+    is judged as a window."""
+    e = ev.e[g]
+    t_ctrl = ctrl.T if skip is None else np.delete(ctrl.T, skip)
+    p_fam = 1.0 - (1.0 - step_p(e, t_ctrl)) ** m
+    out = []
+    for f in np.lexsort((np.arange(len(e)), -e)).tolist():
+        if e[f] <= 0:
+            break
+        significant = p_fam[f] <= config.alpha
+        if len(out) >= top and not significant:
+            continue
+        k, cut = int(ev.k[g, f]), int(ev.cut[g, f])
+        cmax, cstep = _control_max(ref, f, cut, skip)
+        anomalous = bool(significant and k >= config.min_rows and k > cmax)
+        out.append(Finding(f, int(step), k, int(ev.n[g]), cut, float(e[f]), float(ev.rate[g, f]), cmax, cstep,
+                           anomalous))
+    return out
 
 
 @dataclass
 class Verdict:
     verdict: str
     p_value: float | None
+    evidence: float | None
     effect_size: float | None
+    margin: float | None
     top_signal: str | None
     top_step: int | None
+    anomalous_rows: int | None
+    n_rows: int | None
+    control_max_rows: int | None
+    natural_rate: float | None
     n_controls: int
     n_window_steps: int
     reason: str
-    margin: float | None = None
-    signal_p: dict[str, float] = field(default_factory=dict)
-    signal_effect: dict[str, float] = field(default_factory=dict)
+    step_p: dict[int, float] = field(default_factory=dict)
+    step_findings: dict[int, list[Finding]] = field(default_factory=dict)
 
 
-def _maxt(pooled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """|z| matrix and max-T per row for a pooled (n+1, K) matrix (NaN signals contribute nothing)."""
-    absz = np.abs(loo_z(pooled))
-    absz = np.where(np.isfinite(absz), absz, 0.0)
-    return absz, absz.max(axis=1) if absz.shape[1] else np.zeros(len(absz))
+def _as_extreme(ctrl: Evidence, ref: Reference, t: float, families: Sequence[Family], skip=None, top=3) -> str:
+    T = ctrl.T.copy()
+    if skip is not None:
+        T[skip] = -np.inf
+    idx = [int(i) for i in np.lexsort((ref.steps, -T)) if T[i] >= t][:top]
+    if not idx:
+        return ""
+    parts = []
+    for i in idx:
+        f = int(np.argmax(ctrl.e[i]))
+        parts.append(f"step {int(ref.steps[i])} ({int(ctrl.k[i, f])}/{int(ctrl.n[i])} rows on {families[f].name}, "
+                     f"e={_fmt_e(ctrl.e[i, f])})")
+    return ", ".join(parts)
 
 
-def judge(
-    signals: Sequence[str],
-    window: np.ndarray,
-    window_steps: Sequence[int],
-    controls: np.ndarray,
-    config: VerdictConfig = VerdictConfig(),
-) -> Verdict:
-    """Verdict for one spike. ``window`` is (m, K) signal values of the window steps that had data,
-    ``controls`` is (n, K), columns in the order of ``signals``."""
-    signals = list(signals)
-    window = to_scoring_scale(signals, np.asarray(window, dtype=np.float64).reshape(-1, len(signals)))
-    controls = to_scoring_scale(signals, np.asarray(controls, dtype=np.float64).reshape(-1, len(signals)))
-    m, n = len(window), len(controls)
+def _fmt_e(e: float, cap: float = 300.0) -> str:
+    return f">={cap:g}" if e >= cap else f"{e:.1f}"
+
+
+def _fmt_cut(fam: Family, b: int) -> str:
+    v = cut_value(fam, b)
+    op = ">=" if fam.tail == "high" else "<="
+    return f"{fam.signal} {op} {v:.4g}"
+
+
+def judge(families: Sequence[Family], window_steps: Sequence[int], window: Evidence, ref: Reference,
+          ctrl: Evidence, config: VerdictConfig = VerdictConfig(), skip: int | None = None) -> Verdict:
+    """Verdict for one spike event. ``window``: evidence of its ``m`` window steps (groups in the order of
+    ``window_steps``); ``ctrl``: :func:`control_evidence` of ``ref``. ``skip``: judge the control of that
+    index as the window (leave-one-out calibration of the controls themselves)."""
+    m = len(window_steps)
+    n = ref.n - (1 if skip is not None else 0)
+    base = dict(n_controls=n, n_window_steps=m)
+    nones = dict(p_value=None, evidence=None, effect_size=None, margin=None, top_signal=None, top_step=None,
+                 anomalous_rows=None, n_rows=None, control_max_rows=None, natural_rate=None)
     if n < config.min_controls:
-        return Verdict("inconclusive", None, None, None, None, n, m,
-                       f"only {n} control steps had data (need {config.min_controls})")
+        return Verdict("inconclusive", reason=f"only {n} control steps had data (need {config.min_controls})",
+                       **nones, **base)
     if m == 0:
-        return Verdict("inconclusive", None, None, None, None, n, m, "no step of the spike window had data")
+        return Verdict("inconclusive", reason="no step of the spike window had data", **nones, **base)
     p_floor = 1.0 - (1.0 - 1.0 / (n + 1)) ** m
     if p_floor > config.alpha:
-        return Verdict("inconclusive", None, None, None, None, n, m,
-                       f"{n} controls cannot reach p <= {config.alpha} over {m} window steps; add controls")
-
-    best = None  # (p, T, i, j, margin)
-    signal_p = {s: 1.0 for s in signals}
-    for i in range(m):
-        pooled = np.vstack([controls, window[i : i + 1]])
-        absz, maxt = _maxt(pooled)
-        t_win, t_ctrl = maxt[-1], maxt[:-1]
-        p = (1.0 + np.count_nonzero(t_ctrl >= t_win)) / (n + 1.0)
-        j = int(np.argmax(absz[-1])) if len(signals) else 0
-        # per-signal max-T adjusted p-values (smallest over window steps)
-        pj = (1.0 + (t_ctrl[None, :] >= absz[-1][:, None]).sum(axis=1)) / (n + 1.0)
-        for s, v in zip(signals, pj):
-            signal_p[s] = min(signal_p[s], float(v))
-        top_ctrl = float(t_ctrl.max()) if n else 0.0
-        margin = float(t_win / top_ctrl) if top_ctrl > 0 else float("inf")
-        if best is None or (p, -t_win) < (best[0], -best[1]):
-            best = (p, t_win, i, j, margin)
-    assert best is not None
-    p_min, _, i_top, j_top, margin = best
-    p_spike = float(1.0 - (1.0 - p_min) ** m)
-    signal_p = {s: float(1.0 - (1.0 - v) ** m) for s, v in signal_p.items()}
-    cmed, csig = robust_center_scale(controls, axis=0)
-    effects = (window - cmed) / csig
-    signal_effect = {}
-    for jj, s in enumerate(signals):
-        col = effects[:, jj]
-        col = col[np.isfinite(col)]
-        signal_effect[s] = float(col[np.argmax(np.abs(col))]) if len(col) else float("nan")
-    effect = float(effects[i_top, j_top])
-    top = signals[j_top]
+        return Verdict("inconclusive", reason=f"{n} controls cannot reach p <= {config.alpha} over {m} window steps; "
+                       f"add controls (--controls)", **nones, **base)
+    T_ctrl = ctrl.T if skip is None else np.delete(ctrl.T, skip)
+    T_win = window.T
+    p_step = (1.0 + (T_ctrl[None, :] >= T_win[:, None]).sum(axis=1)) / (n + 1.0)
+    p_event = float(1.0 - (1.0 - p_step.min()) ** m)
+    found = {int(s): findings(window, i, int(s), ref, ctrl, config, m, skip) for i, s in enumerate(window_steps)}
+    has = np.array([any(x.anomalous for x in found[int(s)]) for s in window_steps])
+    i_top = int(np.lexsort((np.asarray(window_steps), -T_win, ~has, p_step))[0])
     step = int(window_steps[i_top])
-    if p_spike <= config.alpha and abs(effect) >= config.min_effect and margin >= config.min_margin:
-        verdict = "data"
-        reason = (f"step {step}: {top} is {_sig(effect)} robust sigmas from {n} control steps, "
-                  f"{_times(margin)} the most extreme control (p={p_spike:.3g}, max-T over {len(signals)} signals, "
-                  f"{m} window steps)")
+    fs = found[step]
+    top = next((x for x in fs if x.anomalous), fs[0] if fs else None)
+    max_ctrl_T = float(T_ctrl.max()) if len(T_ctrl) else 0.0
+    t_top = float(T_win[i_top])
+    margin = min(config.max_margin, t_top / max_ctrl_T) if max_ctrl_T > 0 else config.max_margin
+    step_p = {int(s): float(p) for s, p in zip(window_steps, p_step)}
+    if top is None:
+        return Verdict("not_data", p_event, 0.0, None, margin, None, step, None, None, None, None,
+                       reason=f"no row of the window is unusual on any signal (p={p_event:.3g}); look at the "
+                              f"optimizer or hardware", step_p=step_p, step_findings=found, **base)
+    fam = families[top.family]
+    fold = min(config.max_fold, top.rows / max(1, top.control_max))
+    e_cap = min(config.max_evidence, top.e)
+    common = dict(p_value=p_event, evidence=e_cap, effect_size=fold, margin=margin, top_signal=fam.name,
+                  top_step=step, anomalous_rows=top.rows, n_rows=top.n_rows, control_max_rows=top.control_max,
+                  natural_rate=top.rate, step_p=step_p, step_findings=found)
+    what = (f"{top.rows} of {top.n_rows} rows anomalous on {fam.name} at step {step} ({_fmt_cut(fam, top.cut)})")
+    others = [(s, x) for s in window_steps if int(s) != step for x in found[int(s)]
+              if x.anomalous and x.family == top.family]
+    also = ""
+    if others:
+        also = " and at steps " + ", ".join(f"{s}: {x.rows}/{x.n_rows}" for s, x in others[:6])
+        if len(others) > 6:
+            also += f" (+{len(others) - 6} more)"
+    ctrl_part = (f"control batches have at most {top.control_max} (step {top.control_max_step})"
+                 if top.control_max else "no control batch has any")
+    stats = (f"natural rate {100 * top.rate:.2g}% of {ref.rows if skip is None else ref.rows - int(ref.n_rows[skip])} "
+             f"control rows; e={_fmt_e(top.e, config.max_evidence)}, p={p_event:.3g} over {m} window steps "
+             f"and {n} controls")
+    if p_event <= config.alpha and top.anomalous:
+        return Verdict("data", reason=f"{what}{also}; {ctrl_part}; {stats}", **common, **base)
+    if p_event > config.alpha:
+        ext = _as_extreme(ctrl, ref, t_top, families, skip)
+        why = (f"as extreme: {ext}" if ext else f"p={p_event:.3g} > {config.alpha}")
+    elif top.rows < config.min_rows:
+        why = f"only {top.rows} row"
     else:
-        verdict = "not_data"
-        why = ("p > alpha" if p_spike > config.alpha else f"|effect| < {config.min_effect:g}"
-               if abs(effect) < config.min_effect else f"only {_times(margin)} the most extreme control step")
-        reason = (f"the window's data looks like the {n} control steps ({why}: most unusual is {top} at "
-                  f"step {step}, {_sig(effect)} sigmas, p={p_spike:.3g}); look at the optimizer or hardware")
-    return Verdict(verdict, p_spike, effect, top, step, n, m, reason, margin, signal_p, signal_effect)
+        why = f"control step {top.control_max_step} has {top.control_max} such rows"
+    return Verdict("not_data", reason=f"the window's data looks like the {n} control steps: the most unusual is "
+                   f"{what} but {why}; {stats}; look at the optimizer or hardware", **common, **base)
 
 
-def _sig(z: float) -> str:
-    return f"{z:+.1f}" if abs(z) < 1e4 else ("> +1e4" if z > 0 else "< -1e4")
+#: A secondary family names its rows only when the rows expected at its cut in a normal batch (N x natural rate)
+#: are at most this share of them (the skip list's precision target is 0.95).
+FLAG_SLACK = 0.05
 
 
-def _times(r: float) -> str:
-    return f"{r:.2f}x" if r < 1e4 else ">1e4x"
+def step_flags(bins: np.ndarray, found: Sequence[Finding]) -> tuple[np.ndarray, list[list[int]]]:
+    """Rows of one step flagged by its anomalous findings: (row indices, families flagging each). The step's
+    strongest anomalous family names all rows at its cut; any other anomalous family names its rows only when
+    its cut is selective (``N * natural rate <= FLAG_SLACK * rows``): a broad cut of a secondary family would
+    add normal rows that merely lie above an ordinary quantile."""
+    bins = np.asarray(bins)
+    hit: dict[int, list[int]] = {}
+    anomalous = [x for x in found if x.anomalous]
+    for i, x in enumerate(anomalous):
+        if i > 0 and x.n_rows * x.rate > FLAG_SLACK * x.rows:
+            continue
+        for r in np.flatnonzero(bins[:, x.family] >= x.cut).tolist():
+            hit.setdefault(r, []).append(x.family)
+    rows = np.asarray(sorted(hit), dtype=np.int64)
+    return rows, [hit[r] for r in rows.tolist()]
+
+
+def contamination_threshold(n_controls: int, n_families: int, alpha: float) -> float:
+    """Evidence beyond which a control step is itself anomalous: Bonferroni over the controls, the families and
+    every possible cut, ``log10(n * F * cuts / alpha)`` (conservative under the binomial model: a normal
+    control reaches it with probability at most ``alpha / n``)."""
+    return float(np.log10(max(1, n_controls) * max(1, n_families) * (NBINS - 1) / alpha))
+
+
+@dataclass
+class Null:
+    """The null the verdicts are judged against: the reference and the controls' leave-one-out evidence, after
+    leaving out the controls that are anomalous themselves (an undetected data spike among the control
+    steps); ``all_ref``/``all_ctrl`` keep every control for reporting."""
+
+    ref: Reference
+    ctrl: Evidence
+    all_ref: Reference
+    all_ctrl: Evidence
+    excluded: list[int]
+    threshold: float
+
+
+def null_model(ref: Reference, alpha: float = 0.05) -> Null:
+    """Controls' evidence, leave-one-out; controls with ``T >= contamination_threshold`` are left out of the
+    reference and of the calibration (once), then every control's evidence is computed again without them.
+    Leaving them out costs exactness only as often as a normal control reaches the threshold."""
+    ctrl = control_evidence(ref)
+    t = contamination_threshold(ref.n, ref.n_families, alpha)
+    bad = np.flatnonzero(ctrl.T >= t)
+    if not len(bad):
+        return Null(ref, ctrl, ref, ctrl, [], t)
+    keep = np.setdiff1d(np.arange(ref.n), bad)
+    items = [(int(ref.steps[i]), ref.bins[ref.group == i]) for i in keep.tolist()]
+    ref2 = Reference(items, ref.n_families)
+    return Null(ref2, control_evidence(ref2), ref, ctrl, [int(ref.steps[i]) for i in bad.tolist()], t)
+
+
+class ReferenceBuilder:
+    """The control steps' binned rows as a mergeable accumulator (``add((step, bins))``); ``result`` is the
+    :class:`Reference`, identical whatever the order or grouping of the steps."""
+
+    name = "reference"
+
+    def __init__(self, n_families: int):
+        self.n_families = n_families
+
+    def create(self) -> list:
+        return []
+
+    def add(self, acc: list, item) -> list:
+        step, bins = item
+        return acc + [(int(step), np.asarray(bins))]
+
+    def merge(self, accs) -> list:
+        return [x for a in accs for x in a]
+
+    def result(self, acc: list) -> Reference:
+        return Reference(acc, self.n_families)

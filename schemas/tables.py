@@ -15,6 +15,29 @@ SIGNAL_STRUCT = pa.struct(
     ]
 )
 
+EVIDENCE_STRUCT = pa.struct(
+    [
+        pa.field("name", pa.string(), nullable=False),
+        pa.field("rows", pa.int64()),
+        pa.field("cut", pa.float64()),
+        pa.field("natural_rate", pa.float64()),
+        pa.field("evidence", pa.float64()),
+    ]
+)
+
+PEAK_STRUCT = pa.struct(
+    [
+        pa.field("metric", pa.string(), nullable=False),
+        pa.field("step", pa.int64()),
+        pa.field("value", pa.float64()),
+    ]
+)
+
+_FAMILIES_DOC = ("Row-level evidence per signal family (oriented signal; `name:low` is the low tail), largest "
+                 "first: `rows` at the most significant cut, the `cut` in the signal's units (rows >= it, or <= it "
+                 "for a low tail), the `natural_rate` of such rows among the reference rows (leave-one-out) and "
+                 "the `evidence` -log10 P(Binomial(rows in the group, natural rate) >= rows), capped at 300.")
+
 LOSS_SERIES = TableSpec(
     name="loss_series",
     version=1,
@@ -46,7 +69,8 @@ SPIKES = TableSpec(
         F("peak_step", pa.int64(), "Step with the largest value (or first NaN) in the event."),
         F("end_step", pa.int64(), "Last flagged step of the event."),
         F("peak_value", pa.float64(), "Metric value at `peak_step`."),
-        F("baseline_value", pa.float64(), "Robust baseline (trailing median) just before the event."),
+        F("baseline_value", pa.float64(), "Robust baseline just before the event: the smaller of the trailing window's median and its recent "
+          "quarter's median."),
         F("severity", pa.float64(), "Rise over the baseline in units of the trailing robust sigma "
           "(MAD * 1.4826); inf for NaN events."),
         F("recovery_steps", pa.int64(), "Steps from peak until the value is back within the threshold; "
@@ -116,52 +140,72 @@ STEP_MANIFEST = TableSpec(
 
 BATCH_SCORES = TableSpec(
     name="batch_scores",
-    version=1,
-    doc="Audit signals of what one step consumed: the steps in each spike's window and the control steps.",
+    version=2,
+    doc="Row-level evidence of what one step consumed: the steps in each spike event's window and the control "
+    "steps (controls judged leave-one-out: their own rows out of the reference).",
     fields=(
         F("step", pa.int64(), "Optimizer step."),
-        F("role", pa.string(), "`window` (at or just before a spike) or `control` (a normal step)."),
-        F("spike_id", pa.string(), "Spike whose window holds the step (null for controls).", nullable=True),
+        F("role", pa.string(), "`window` (in a spike event's window) or `control` (a normal step)."),
+        F("spike_id", pa.string(), "Event whose window holds the step (null for controls).", nullable=True),
         F("n_rows", pa.int64(), "Sequences (manifest slices) read for the step."),
         F("n_tokens", pa.int64(), "Tokens read for the step."),
-        F("anomaly_score", pa.float64(), "Combined anomaly score: the largest |robust z| over signals."),
-        F("signals", pa.list_(SIGNAL_STRUCT), "Every signal: its value and robust z against the controls."),
+        F("evidence", pa.float64(), "The step statistic T: the largest family evidence (capped at 300)."),
+        F("p_value", pa.float64(), "Calibrated p-value of the step: (1 + controls with T >= this T) / (n + 1); "
+          "for a control, among the other controls.", nullable=True),
+        F("top_signal", pa.string(), "Family with the largest evidence.", nullable=True),
+        F("top_rows", pa.int64(), "Rows of the step at that family's cut.", nullable=True),
+        F("as_window", pa.string(), "Controls only: the verdict the step gets when judged as a one-step spike window "
+          "against the other controls (the test's calibration: at most about alpha of them are `data`).",
+          nullable=True),
+        F("families", pa.list_(EVIDENCE_STRUCT), _FAMILIES_DOC),
+        F("signals", pa.list_(SIGNAL_STRUCT), "The step's suite signals (values; `z` is null)."),
     ),
     sort_keys=("step", "role", "spike_id"),
 )
 
 SHARD_SCORES = TableSpec(
     name="shard_scores",
-    version=1,
-    doc="Audit signals per shard, ranked by anomaly score (1 = most anomalous).",
+    version=2,
+    doc="Shards ranked by row-level evidence (1 = most anomalous): how many of their rows are anomalous on a "
+    "signal family against the natural rate of such rows in the reference (spike-audit shards: every other "
+    "shard's rows; spike-audit run: the control rows), as a binomial tail.",
     fields=(
         F("shard", pa.string(), "Shard path (relative to the shard root where one is given)."),
         F("rank", pa.int64(), "1-based rank by anomaly score, ties broken by shard name."),
-        F("anomaly_score", pa.float64(), "Combined anomaly score: the largest |robust z| over signals."),
-        F("top_signal", pa.string(), "Signal with the largest |z|."),
-        F("reason", pa.string(), "Human-readable reason, e.g. `repeat_run_frac z=+41.2`."),
+        F("anomaly_score", pa.float64(), "The shard's evidence: the largest family evidence over its rows "
+          "(-log10 of a binomial tail, capped at 300)."),
+        F("top_signal", pa.string(), "Family with the largest evidence (empty when none)."),
+        F("top_rows", pa.int64(), "Rows of the shard at that family's cut."),
+        F("natural_rate", pa.float64(), "Natural rate of such rows in the reference.", nullable=True),
+        F("reason", pa.string(), "Human-readable reason: rows, family, natural rate, evidence of the top families."),
         F("n_rows", pa.int64(), "Rows (sequences) in the shard or the audited slices of it."),
         F("n_tokens", pa.int64(), "Tokens audited."),
         F("fingerprint", pa.string(), "Shard fingerprint (path, size, mtime or etag) used for incremental "
           "runs.", nullable=True),
-        F("signals", pa.list_(SIGNAL_STRUCT), "Every signal: its value and robust z against the baseline."),
+        F("families", pa.list_(EVIDENCE_STRUCT), _FAMILIES_DOC),
+        F("signals", pa.list_(SIGNAL_STRUCT), "The shard's suite signals: value and robust z across shards "
+          "(spike-audit shards; empty in spike-audit run)."),
     ),
     sort_keys=("rank", "shard"),
 )
 
 ROW_FLAGS = TableSpec(
     name="row_flags",
-    version=1,
-    doc="Individual rows (sequences) that carry an anomaly, with the signals that flag them.",
+    version=2,
+    doc="Rows (sequences) that carry a spike event's anomaly: at every window step, the rows at the cut of each "
+    "family anomalous there (evidence beyond every control step, at least min_rows rows, more than any control "
+    "step has at the cut).",
     fields=(
         F("shard", pa.string(), "Shard the row lives in."),
         F("row", pa.int64(), "Row index (or token offset for `unit` = `token`)."),
         F("row_end", pa.int64(), "End of the slice (exclusive), same unit as `row`."),
         F("unit", pa.string(), "`row` or `token`."),
         F("step", pa.int64(), "Step that consumed the row (null in shard audits).", nullable=True),
-        F("spike_id", pa.string(), "Spike whose window holds the step (null otherwise).", nullable=True),
-        F("signals", pa.list_(pa.string()), "Names of the signals that flag the row."),
-        F("score", pa.float64(), "The row's largest per-signal score."),
+        F("spike_id", pa.string(), "Event whose window holds the step (null otherwise).", nullable=True),
+        F("signals", pa.list_(pa.string()), "Families that flag the row."),
+        F("score", pa.float64(), "The largest evidence of those families at the step (capped at 300)."),
+        F("natural_rate", pa.float64(), "The largest natural rate among those families' cuts (the rate at which a "
+          "normal row would be flagged so)."),
         F("excerpt", pa.string(), "Start of the row's text, decoded where text or a tokenizer exists.",
           nullable=True),
     ),
@@ -199,30 +243,43 @@ VERDICT_MODEL_FIELDS = (
 
 VERDICTS = TableSpec(
     name="verdicts",
-    version=2,
-    doc="The falsifiable answer per spike: is the data it consumed unusual compared with normal steps? "
-    "Version 2 adds the model-based verdict from per-row losses (`model_*` and the attribution columns; null "
-    "without `--row-losses`).",
+    version=3,
+    doc="The falsifiable answer per spike event (loss and grad-norm spikes within a few steps are one event): is "
+    "the data its window consumed unusual compared with normal steps, and which rows? Version 2 added the "
+    "model-based verdict from per-row losses (`model_*` and the attribution columns; null without "
+    "`--row-losses`); version 3 the row-level evidence (rows, control maximum, natural rate, evidence), events "
+    "(member spikes and each metric's peak) and the window's range.",
     fields=(
-        F("spike_id", pa.string(), "Spike id (see `spikes`)."),
+        F("spike_id", pa.string(), "Event id: the id of its first spike on the audited metric (see `spikes`)."),
         F("run", pa.string(), "Run."),
-        F("peak_step", pa.int64(), "Peak step of the spike."),
+        F("peak_step", pa.int64(), "Peak step of that spike."),
         F("verdict", pa.string(), "`data` (the window's data is anomalous), `not_data` (it looks like "
           "normal batches: look at the optimizer or hardware), or `inconclusive` (too few controls or "
           "missing data)."),
-        F("p_value", pa.float64(), "Empirical p-value of the window against the control steps: rank of its "
-          "max-T over all signals (Westfall-Young max-T: corrected for the number of signals), Sidak-corrected "
+        F("p_value", pa.float64(), "Calibrated p-value: the most significant window step's rank among the control "
+          "steps' statistics (max over families of row-level evidence, controls leave-one-out), Sidak-corrected "
           "for the number of window steps (null when inconclusive).", nullable=True),
-        F("effect_size", pa.float64(), "Robust effect size of the top signal: (window - control median) / "
-          "control robust sigma.", nullable=True),
-        F("margin", pa.float64(), "The window's max-T divided by the largest control step's max-T: how far "
-          "beyond every normal step the window lies (a `data` verdict needs >= 2 by default).", nullable=True),
-        F("top_signal", pa.string(), "Signal with the largest |z| at the most anomalous window step.",
+        F("evidence", pa.float64(), "Evidence of the top family at the top step: -log10 of the binomial tail of "
+          "its anomalous rows at the natural rate (capped at 300).", nullable=True),
+        F("effect_size", pa.float64(), "Anomalous rows over the largest count of such rows in one control step "
+          "(at least 1): the fold over the control maximum, at most the batch size (capped at 1000).",
           nullable=True),
-        F("top_step", pa.int64(), "The most anomalous window step (where the skip list points).", nullable=True),
+        F("margin", pa.float64(), "The top step's statistic over the largest control step's (capped at 1000).",
+          nullable=True),
+        F("anomalous_rows", pa.int64(), "Rows of the top step at the top family's cut.", nullable=True),
+        F("n_rows", pa.int64(), "Rows of the top step.", nullable=True),
+        F("control_max_rows", pa.int64(), "Largest number of control rows at that cut in one control step.",
+          nullable=True),
+        F("natural_rate", pa.float64(), "Share of control rows at that cut.", nullable=True),
+        F("top_signal", pa.string(), "Top family (signal, `:low` for the low tail).", nullable=True),
+        F("top_step", pa.int64(), "The most anomalous window step.", nullable=True),
         F("top_shards", pa.list_(pa.string()), "Shards holding the flagged rows, most flagged first."),
         F("n_controls", pa.int64(), "Number of control steps compared against."),
-        F("n_window_steps", pa.int64(), "Steps in the spike window that had data."),
+        F("n_window_steps", pa.int64(), "Steps in the event window that had data."),
+        F("window_start", pa.int64(), "First window step with data.", nullable=True),
+        F("window_end", pa.int64(), "Last window step with data.", nullable=True),
+        F("spikes", pa.list_(pa.string()), "Ids of the spikes (every metric) that form the event."),
+        F("peaks", pa.list_(PEAK_STRUCT), "Each member spike's metric, peak step and peak value."),
         F("reason", pa.string(), "One-sentence explanation of the verdict."),
     ) + VERDICT_MODEL_FIELDS,
     sort_keys=("run", "peak_step", "spike_id"),

@@ -59,14 +59,35 @@ def test_optimizer_spike_is_not_data(audited):
     assert v["verdict"] == "not_data", v
 
 
-def test_no_false_alarms_among_control_steps(audited):
+def test_controls_judged_as_windows_are_data_at_most_alpha_of_the_time(audited):
+    # every control judged as a one-step spike against the others: the test's calibration (exact ranks: at most
+    # alpha of them reach p <= alpha, and a data verdict needs more than that)
     root, _, res = audited
     summary = json.loads((root / "audit" / "summary.json").read_text())
     cal = summary["control_calibration"]
-    assert cal["n_controls"] >= 50
-    assert cal["false_alarms"] == 0, cal["alarms"]
+    assert cal["n_controls"] >= 150 and not cal["excluded_as_anomalous"]
+    assert cal["false_alarms"] <= 0.05 * cal["n_controls"], cal["alarms"]
     assert not any(v["verdict"] == "data" for v in res.tables["verdicts"].to_pylist()
                    if int(v["peak_step"]) not in INJECTIONS)
+
+
+def test_loss_and_grad_norm_spikes_are_one_event_with_both_peaks(audited):
+    _, _, res = audited
+    spikes = res.tables["verdicts"].to_pylist()
+    assert len(spikes) == len(INJECTIONS)  # the log has a grad-norm spike at every loss spike: 4 events, not 8
+    for v in spikes:
+        assert {p["metric"] for p in v["peaks"]} == {"train_loss", "grad_norm"}, v["peaks"]
+        assert len(v["spikes"]) == 2 and v["window_end"] >= v["peak_step"]
+
+
+def test_reason_states_the_row_count_and_the_control_maximum(audited):
+    _, _, res = audited
+    for v in res.tables["verdicts"].to_pylist():
+        if v["verdict"] != "data":
+            continue
+        assert f"{v['anomalous_rows']} of 16 rows anomalous on {v['top_signal']} at step {v['top_step']}" in v["reason"]
+        assert v["anomalous_rows"] > v["control_max_rows"] and v["effect_size"] <= 16
+        assert 0 < v["p_value"] <= 0.05 and v["evidence"] <= 300
 
 
 def test_flagged_rows_are_the_planted_rows(audited):
@@ -77,15 +98,19 @@ def test_flagged_rows_are_the_planted_rows(audited):
             continue
         got = {(f["shard"], f["row"]) for f in flags if f["step"] == int(step)}
         want = {(f"train-{r // 400:05d}.parquet", r % 400) for r in t["rows"]}
-        # the planted rows are flagged (a duplicate group's first copy is an ordinary document)
-        assert len(want & got) >= len(want) - 1, (t["kind"], sorted(want - got))
+        # every planted row is flagged, and at most one natural row with them
+        assert want <= got and len(got - want) <= 1, (t["kind"], sorted(want - got), sorted(got - want))
+    # nothing is flagged at a step where nothing was planted
+    planted_steps = {int(s) for s, t in truth["injections"].items() if t["kind"] != "optimizer"}
+    assert {f["step"] for f in flags} <= planted_steps
 
 
 def test_tokens_scored_counts_each_step_once(audited):
     _, _, res = audited
     bs = res.tables["batch_scores"].to_pylist()
     per_step = {r["step"]: r["n_tokens"] for r in bs}
-    assert res.n_tokens == sum(per_step.values()) < sum(r["n_tokens"] for r in bs)
+    assert res.n_tokens == sum(per_step.values()) <= sum(r["n_tokens"] for r in bs)
+    assert len(per_step) == len({(r["step"]) for r in bs})
 
 
 def test_resume_is_resolved_and_outputs_follow_their_schemas(audited):
@@ -107,7 +132,7 @@ def test_skip_list_quarantine_and_report(audited):
     assert set(data_steps) <= set(skip["steps_to_skip"])
     assert skip["render"]["megatron"]["iterations_to_skip"] == skip["steps_to_skip"]
     assert 180 not in skip["steps_to_skip"]
-    # the skip list names exactly the planted rows of each data spike (the rows that carry it)
+    # the skip list names the planted rows of each data spike (the rows that carry it)
     for step, t in truth["injections"].items():
         if t["kind"] == "optimizer":
             continue
@@ -115,10 +140,11 @@ def test_skip_list_quarantine_and_report(audited):
         assert entry["skip_steps"] == [int(step)]
         got = {(d["shard"], d["row_start"]) for d in entry["skip_data"]}
         want = {(f"train-{r // 400:05d}.parquet", r % 400) for r in t["rows"]}
-        assert got <= want and len(got) >= len(want) - 1, (t["kind"], sorted(got ^ want))
+        assert want <= got and len(got - want) <= 1, (t["kind"], sorted(got ^ want))
     q = json.loads((root / "audit" / "quarantine.json").read_text())
     planted_shards = {s for t in truth["injections"].values() for s in t["shards"]}
     assert planted_shards == {e["shard"] for e in q["shards"]}
+    assert all(e["n_flagged_rows"] >= 2 for e in q["shards"])
     html = (root / "audit" / "report.html").read_text()
     assert html.count("<svg") >= 3 and "not_data" in html and "Click here to subscribe" in html
 
@@ -198,7 +224,8 @@ def test_state_rerun_after_the_log_grew_audits_only_new_spikes(demo, tmp_path):
     assert first.n_new_spikes >= 2
     second = run_audit(cfg(grown, "out2"))
     assert second.n_spikes > first.n_spikes
-    assert second.n_new_spikes == second.n_spikes - first.n_spikes
+    # events (loss and grad-norm spikes together) not audited before: the verdicts the second run added
+    assert second.n_new_spikes == second.tables["verdicts"].num_rows - first.tables["verdicts"].num_rows > 0
     old = {v["spike_id"]: v for v in first.tables["verdicts"].to_pylist()}
     new = {v["spike_id"]: v for v in second.tables["verdicts"].to_pylist()}
     for sid, v in old.items():

@@ -118,7 +118,7 @@ def entity_scores(items, key_name: str):
         ok = j >= 0 and az[j] >= 0
         top3 = [i for i in np.argsort(-az, kind="stable")[:3] if az[i] >= 0] if len(names) else []
         reason = "; ".join(f"{names[i]} = {m[k][i]:.4g} (z={_z(z[i])})" for i in top3)
-        out.append({key_name: key, "n_rows": n_rows, "n_tokens": n_tokens,
+        out.append({key_name: key, "n_rows": n_rows, "n_tokens": n_tokens, "top_rows": 0, "families": [],
                     "anomaly_score": float(az[j]) if ok else 0.0, "top_signal": names[j] if ok else "",
                     "reason": reason,
                     "signals": [{"name": n, "value": opt_float(v), "z": opt_float(zz)}
@@ -193,3 +193,24 @@ def with_cross_dup(kv):
     for _, n_rows, n_tokens, sig in grouped["scores"]:
         sig = dict(sig, cross_dup_frac=(sum(grouped["seen"]) / n_rows) if n_rows else float("nan"))
         yield key, n_rows, n_tokens, sig
+
+
+def make_scorer(cfg: dict):
+    from spike_audit.auditors.rows import RowScorer
+
+    return RowScorer(eos_id=cfg.get("eos_id"), pad_id=cfg.get("pad_id"), vocab_size=cfg.get("vocab_size"),
+                     seed=cfg.get("seed", 0), near_threshold=cfg.get("near_threshold", 0.3))
+
+
+def score_batch(tb: TokenBatch, cfg: dict, baseline_hist=None, suite_acc: bool = False):
+    """The one scoring pass over a batch's rows, shared by ``run`` (a step) and ``shards`` (a chunk):
+    every row signal (:class:`spike_audit.auditors.rows.RowScores`) and, with ``suite_acc``, the suite's
+    accumulator of the same batch built from the same :class:`BatchCache` (no per-row work done twice)."""
+    from spike_audit.auditors.batch_cache import BatchCache
+
+    cache = BatchCache(tb)
+    rows = make_scorer(cfg).score(tb, baseline_hist, cache)
+    if not suite_acc:
+        return rows, None
+    suite = make_suite(cfg, baseline_hist=baseline_hist)
+    return rows, suite.add(suite.create(), tb, cache)

@@ -19,14 +19,19 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metric", default="train_loss", help="loss metric to audit (default: train_loss)")
     p.add_argument("--method", default="robust", choices=("robust", "olmo", "metaseq"), help="spike detector")
     p.add_argument("--lookback", type=int, default=2, help="steps before a spike's start in its window (2)")
-    p.add_argument("--controls", dest="n_controls", type=int, default=100, help="control steps to sample (100)")
+    p.add_argument("--merge-gap", type=int, default=3,
+                   help="spikes of any metric (loss, grad norm) within this many steps form one event (3)")
+    p.add_argument("--max-window", type=int, default=16, help="most steps in an event's window (16)")
+    p.add_argument("--controls", dest="n_controls", type=int, default=200,
+                   help="control steps to sample (200; raised when the longest window needs more to reach alpha)")
     p.add_argument("--guard", type=int, default=20, help="min distance of a control step from any spike (20)")
     p.add_argument("--seed", type=int, default=0, help="seed of the control sample and hashes (0)")
     p.add_argument("--alpha", type=float, default=0.05, help="significance level of a data verdict (0.05)")
-    p.add_argument("--min-effect", type=float, default=5.0, help="min |robust effect size| of a data verdict (5)")
-    p.add_argument("--min-margin", type=float, default=2.0,
-                   help="a data verdict needs the window this many times beyond the most extreme control (2)")
-    p.add_argument("--row-z", type=float, default=6.0, help="per-row |z| that flags a row (6)")
+    p.add_argument("--min-rows", type=int, default=2,
+                   help="a data verdict needs at least this many anomalous rows at one step (2)")
+    p.add_argument("--dup-reference", choices=("manifest", "none"), default="manifest",
+                   help="what 'seen elsewhere' duplicates are measured against: every row the manifest consumed "
+                        "(one read of the consumed token columns; default) or nothing")
     p.add_argument("--tokens-column", dest="tokens_col", default="tokens")
     p.add_argument("--text-column", dest="text_col", default="text")
     from spike_audit.pipelines.cli.tokens import add_token_arguments
@@ -72,13 +77,15 @@ def print_summary(res) -> None:
     import pyarrow.compute as pc
 
     v = res.tables["verdicts"]
-    print(f"{res.n_spikes} spikes ({res.n_new_spikes} audited now); {res.n_tokens:,} tokens scored in "
+    print(f"{res.n_spikes} spikes, {res.tables['verdicts'].num_rows} events ({res.n_new_spikes} audited now); "
+          f"{res.n_tokens:,} tokens scored in "
           f"{res.seconds:.1f} s; outputs in {res.out}/")
     for r in v.sort_by([("peak_step", "ascending")]).to_pylist():
         p = f"p={r['p_value']:.3g}" if r["p_value"] is not None else ""
+        rows = f"{r['anomalous_rows']}/{r['n_rows']}" if r["anomalous_rows"] is not None else ""
         shards = ",".join(r["top_shards"][:2])
         model = f"  model: {r['model_verdict']}" if r.get("model_verdict") else ""
-        print(f"  {r['spike_id']:<36} {r['verdict']:<13} {p:<10} {r['top_signal'] or '':<22} {shards}{model}")
+        print(f"  {r['spike_id']:<36} {r['verdict']:<13} {p:<10} {rows:>7} {r['top_signal'] or '':<26} {shards}{model}")
     n = len(pc.unique(v.column("verdict"))) if v.num_rows else 0
     log.debug("%d distinct verdicts", n)
 

@@ -16,8 +16,11 @@ def _shards(args) -> int:
     print(f"{res.n_shards} shards ({res.n_scanned} read now, {res.n_shards - res.n_scanned} from state), "
           f"{res.n_tokens_scanned:,} tokens read in {res.seconds:.1f} s ({rate / 1e6:.2f}M tokens/s); "
           f"outputs in {res.out}/")
+    from spike_audit.pipelines.shard_audit.outputs import is_quarantined, quarantine_threshold
+
+    t = quarantine_threshold(len(scores), cfg.alpha)
     for r in scores[:10]:
-        mark = "!" if r["anomaly_score"] >= cfg.quarantine_z else " "
+        mark = "!" if is_quarantined(r, t, cfg.min_rows) else " "
         score = f"{r['anomaly_score']:.1f}" if r["anomaly_score"] < 1e4 else ">1e4"
         print(f" {mark}{r['rank']:>4}  {r['shard']:<40} {score:>8}  {r['reason']}")
     for b in res.bad:
@@ -49,7 +52,9 @@ def register(sub) -> None:
     p.add_argument("--text-column", dest="text_col", default="text")
     p.add_argument("--dtype", help="token dtype of raw .bin files (default uint16)")
     p.add_argument("--batch-rows", type=int, default=4096, help="rows read per chunk (4096)")
-    p.add_argument("--quarantine-z", type=float, default=8.0, help="anomaly score that quarantines a shard (8)")
+    p.add_argument("--alpha", type=float, default=0.05,
+                   help="significance of a quarantine, Bonferroni over shards, families and cuts (0.05)")
+    p.add_argument("--min-rows", type=int, default=2, help="a shard is quarantined for at least this many rows (2)")
     p.add_argument("--threshold", type=float, default=0.8, help="Jaccard threshold of near duplicates (0.8)")
     from spike_audit.pipelines.cli.tokens import add_token_arguments
 

@@ -88,20 +88,24 @@ def loss_svg(steps: np.ndarray, values: np.ndarray, marks: Sequence[tuple[int, f
     return "".join(parts)
 
 
-def signal_strip_svg(rows: list[tuple[str, float, list[float]]], width: int = 640) -> str:
+def signal_strip_svg(rows: list[tuple[str, float, list[float]]], width: int = 640, label: str = "robust z",
+                     lo: float | None = None) -> str:
     """One line per signal: control steps as grey ticks, the window step as a red diamond, on a
-    per-signal axis scaled to the controls' range and the window value."""
+    per-signal axis scaled to the controls' range and the window value (from ``lo`` when given, else
+    symmetric around 0)."""
     h = 22 * len(rows) + 26
     L, R = 190, 70
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{h}" style="background:#fff">']
     parts.append(f'<text x="{L}" y="14" font-size="11" fill="#666">controls (grey) vs spike window (red); '
-                 f'label = robust z</text>')
+                 f'label = {_e(label)}</text>')
     for k, (name, z, ctrl_z) in enumerate(rows):
         y = 30 + 22 * k
         vals = [v for v in ctrl_z if math.isfinite(v)] + ([z] if math.isfinite(z) else [])
         span = max([abs(v) for v in vals] + [3.0])
 
-        def px(v):
+        def px(v, span=span):
+            if lo is not None:
+                return L + (v - lo) / max(span - lo, 1e-9) * (width - L - R)
             return L + (v + span) / (2 * span) * (width - L - R)
 
         parts.append(f'<text x="{L - 8}" y="{y + 4}" font-size="12" text-anchor="end">{_e(name)}</text>'

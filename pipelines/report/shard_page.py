@@ -9,34 +9,40 @@ import pyarrow as pa
 from spike_audit.pipelines.report.charts import CSS, _e, _score, signal_strip_svg
 
 
-def render_shard_report(tables: dict[str, pa.Table], bad: list[dict], cfg, excerpts: dict[str, list[str]]) -> str:
-    """Shard audit: the distribution of every signal across shards, the worst shards with reasons
-    and excerpts, cross-shard duplicate clusters, and the shards that could not be read."""
+def render_shard_report(tables: dict[str, pa.Table], bad: list[dict], cfg, excerpts: dict[str, list[str]],
+                        quarantine: dict | None = None) -> str:
+    """Shard audit: the worst shards with reasons and excerpts, the distribution of every signal across shards,
+    cross-shard duplicate clusters, and the shards that could not be read. ``quarantine``: the quarantine
+    decision (``quarantine.json``)."""
+    quarantine = quarantine or {"shards": [], "threshold_evidence": float("inf")}
+    q_names = {q["shard"] for q in quarantine["shards"]}
     scores = tables["shard_scores"].to_pylist()
     dups = tables["duplicates"]
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>spike-audit shards</title>"
              f"<style>{CSS}</style></head><body><h1>spike-audit shard audit</h1>"
-             f"<p class='muted'>{len(scores)} shards audited from {_e(', '.join(cfg.inputs))}; quarantine at "
-             f"anomaly score &ge; {cfg.quarantine_z:g}.</p>"]
-    worst = [r for r in scores if r["anomaly_score"] >= cfg.quarantine_z]
-    parts.append(f"<p><b>{len(worst)}</b> shards above the threshold, <b>{len(bad)}</b> unreadable.</p>")
-    parts.append("<h2>Most anomalous shards</h2><table><tr><th>rank</th><th>shard</th><th>score</th><th>reason</th>"
+             f"<p class='muted'>{len(scores)} shards audited from {_e(', '.join(cfg.inputs))}; evidence = -log10 of "
+             f"the binomial tail of a shard's anomalous rows at the natural rate of such rows in the other shards; "
+             f"quarantine at evidence &ge; {quarantine['threshold_evidence']:.1f} with at least {cfg.min_rows} "
+             f"rows.</p>"]
+    worst = [r for r in scores if r["shard"] in q_names]
+    parts.append(f"<p><b>{len(worst)}</b> shards quarantined, <b>{len(bad)}</b> unreadable.</p>")
+    parts.append("<h2>Most anomalous shards</h2><table><tr><th>rank</th><th>shard</th><th>evidence</th><th>reason</th>"
                  "<th>rows</th><th>tokens</th><th>excerpt</th></tr>")
     for r in scores[:15]:
         ex = "".join(f"<pre>{_e(t)}</pre>" for t in excerpts.get(r["shard"], []))
-        flag = " style='background:#fff0f0'" if r["anomaly_score"] >= cfg.quarantine_z else ""
+        flag = " style='background:#fff0f0'" if r["shard"] in q_names else ""
         parts.append(f"<tr{flag}><td>{r['rank']}</td><td>{_e(r['shard'])}</td><td>{_score(r['anomaly_score'])}</td>"
                      f"<td>{_e(r['reason'])}</td><td>{r['n_rows']}</td><td>{r['n_tokens']}</td><td>{ex}</td></tr>")
     parts.append("</table>")
     if scores:
         names = sorted({s["name"] for r in scores for s in r["signals"]})
         parts.append("<h2>Signal distributions across shards</h2><p class='muted'>Each tick is a shard's robust z; "
-                     "red diamonds mark the shards above the threshold.</p>")
+                     "red diamonds mark the quarantined shards.</p>")
         rows = []
         for n in names:
             zs = [next((s["z"] for s in r["signals"] if s["name"] == n), None) for r in scores]
             zs = [z if z is not None else float("nan") for z in zs]
-            worst_z = [z for r, z in zip(scores, zs) if r["anomaly_score"] >= cfg.quarantine_z and math.isfinite(z)]
+            worst_z = [z for r, z in zip(scores, zs) if r["shard"] in q_names and math.isfinite(z)]
             top = max(worst_z, key=abs) if worst_z else float("nan")
             if any(math.isfinite(z) for z in zs):
                 rows.append((n, top, [z for z in zs if math.isfinite(z) and (not worst_z or z not in worst_z)]))

@@ -15,7 +15,7 @@ from spike_audit.pipelines.errors import UserError
 from spike_audit.schemas import LOSS_ROWS, SPIKES
 from spike_audit.pipelines.beam.options import beam_options
 from spike_audit.pipelines.run.graph import build_pipeline
-from spike_audit.pipelines.run.outputs import OUTPUT_SPECS, control_false_alarms, quarantine, skip_list
+from spike_audit.pipelines.run.outputs import OUTPUT_SPECS, control_calibration, quarantine, skip_list
 from spike_audit.pipelines.run.plan import (RunConfig, join_steps, plan_audit, read_loss_and_spikes, resolve_tokens,
                                             token_summary)
 from spike_audit.pipelines.run.state import load_state, merge_with_state, save_state
@@ -29,7 +29,7 @@ class RunResult:
     out: Path
     tables: dict[str, pa.Table]
     n_spikes: int
-    n_new_spikes: int
+    n_new_spikes: int  # events audited in this run (an event: the spikes of every metric within a few steps)
     n_tokens: int
     seconds: float
 
@@ -81,7 +81,8 @@ def _audit(cfg: RunConfig, flags: list[str], out, st, t0: float) -> RunResult:
     plan = plan_audit(cfg, loss, spikes, skip_spikes=done,
                       fixed_controls=state["controls"] if state is not None else None, offset=join.offset, dtype=dtype)
     new_ids = sorted(plan.windows)
-    log.info("%d spikes in the log, %d already audited, %d to audit", spikes.num_rows, len(done), len(new_ids))
+    log.info("%d spikes in the log, %d events already audited, %d to audit", spikes.num_rows, len(done),
+             len(new_ids))
 
     stage = out.stage()
     if new_ids:
@@ -115,7 +116,8 @@ def _audit(cfg: RunConfig, flags: list[str], out, st, t0: float) -> RunResult:
         for spec in OUTPUT_SPECS:
             write_table(tables[spec.name], files / f"{spec.name}.parquet", spec)
         write_json(skip_list(tables["verdicts"], tables["row_flags"], join), files / "skip_list.json")
-        write_json(quarantine(tables["verdicts"], tables["row_flags"]), files / "quarantine.json")
+        write_json(quarantine(tables["verdicts"], tables["row_flags"], tables["shard_scores"], cfg.alpha, cfg.min_rows),
+                   files / "quarantine.json")
         if loss_rows is not None:
             write_table(loss_rows, files / "loss_rows.parquet", LOSS_ROWS)
         write_text(render_run_report(loss, spikes, dict(tables, loss_rows=loss_rows) if loss_rows is not None
@@ -125,7 +127,7 @@ def _audit(cfg: RunConfig, flags: list[str], out, st, t0: float) -> RunResult:
                    "controls": len(plan.controls) if not done or new_ids else len(state["controls"]),
                    "verdicts": {v: int(c) for v, c in zip(*np.unique(
                        np.asarray(tables["verdicts"].column("verdict").to_pylist(), dtype=str), return_counts=True))},
-                   "control_calibration": control_false_alarms(tables["batch_scores"], cfg),
+                   "control_calibration": control_calibration(tables["batch_scores"], cfg),
                    "tokens": token_summary(cfg),
                    "step_join": join.to_dict()}
         if loss_summary is not None:

@@ -1,105 +1,150 @@
-"""The audit's Beam graph (see the package docstring for its passes) and the per-element functions and DoFns it
-is made of: batch scores, row sampling and flagging, shard scores, verdict records."""
+"""The audit's Beam graph (see the package docstring for its passes) and the per-element functions it is made of:
+one scoring pass per step, the fixed duplicate reference, binning, the control reference, per-event verdicts with
+their window steps' scores and flagged rows, and shard scores over the audited rows."""
 
 from __future__ import annotations
 
-import hashlib
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from spike_audit.auditors.base import TokenBatch
-from spike_audit.auditors.scales import to_scoring_scale
-from spike_audit.auditors.robust import robust_center_scale
-from spike_audit.auditors.sampling import BottomK, hash64
-from spike_audit.auditors.verdict import VerdictConfig, judge
-from spike_audit.pipelines.beam.scoring import (entity_scores, finish, hash_buckets, make_suite, matrix, opt_float,
-                                                seen_elsewhere_counts, signal_names, to_token_batch, unique_by_key,
-                                                with_cross_dup)
-from spike_audit.auditors.attribution import attributed
+from spike_audit.auditors.evidence import NBINS, bin_hist, bin_matrix, candidates_from_hists, cut_value, scan
+from spike_audit.auditors.rows import FAMILIES, SIGNAL_ORDER
+from spike_audit.auditors.verdict import (ReferenceBuilder, VerdictConfig, judge, null_model,
+                                          step_flags, window_evidence)
+from spike_audit.pipelines.beam.scoring import opt_float, score_batch, to_token_batch
+from spike_audit.pipelines.run.dupref import position_keys, seen_elsewhere
 from spike_audit.pipelines.run.plan import Plan, RunConfig
 
+FAMILY_LIST = list(FAMILIES)
 
-def batch_score_records(item, controls_sigs, spikes_of, control_set):
-    step, n_rows, n_tokens, sig = item
-    # sorted and de-duplicated: a side input's order (and on Dask, its multiplicity) depends on the
-    # runner, and float sums on the order
-    ctrl = [c[3] for c in unique_by_key(controls_sigs) if c[0] != step]  # the other controls
-    names = signal_names(ctrl + [sig])
-    x = matrix([sig], names)[0]
-    if ctrl:
-        med, sigma = robust_center_scale(to_scoring_scale(names, matrix(ctrl, names)), axis=0)
-        z = (to_scoring_scale(names, x[None, :])[0] - med) / sigma
+
+# ------------------------------------------------------------------------------------------ scoring
+
+
+def step_batch(kv):
+    """(step, the step's batches, one per shard) -> (step, one RecordBatch), in shard then row order."""
+    step, parts = kv
+    parts = sorted((rb for rb in parts if rb.num_rows), key=lambda rb: (rb.column("shard")[0].as_py(),
+                                                                         rb.column("row")[0].as_py()))
+    if not parts:
+        return
+    t = pa.Table.from_batches(parts).combine_chunks()
+    yield int(step), t.to_batches()[0] if t.num_rows else parts[0]
+
+
+def score_step(kv, hist, cfg: dict, control_set: frozenset, window_set: frozenset) -> tuple[int, dict]:
+    """The one scoring pass over a step's rows: every row signal, the step's suite signals from the same
+    cache, row identities and hashes. A control step's own tokens are taken out of the baseline."""
+    from spike_audit.auditors.suite import COUNTS
+    from spike_audit.pipelines.beam.scoring import make_suite, sum_histograms
+
+    step, rb = kv
+    tb = to_token_batch(rb, cfg["tokens_col"], cfg["text_col"])
+    base = None
+    if hist is not None and int(np.sum(hist)) > 0:
+        base = sum_histograms([hist])
+        if step in control_set and tb.n_tokens:
+            own = np.bincount(np.asarray(tb.values[: tb.offsets[-1]], dtype=np.int64), minlength=len(base))
+            base[: len(own)] -= own[: len(base)]
+        if int(base.sum()) <= 0:
+            base = None
+    rows, acc = score_batch(tb, cfg, base, suite_acc=True)
+    sig = {k: float(v) for k, v in make_suite(cfg, baseline_hist=base).result(acc).items() if k not in COUNTS}
+    n = tb.n_rows
+    units = rb.column("unit").to_numpy(zero_copy_only=False).astype(object)
+    out = {"n_rows": n, "n_tokens": tb.n_tokens, "signals": sig, "values": rows.matrix(), "hash": rows.hash,
+           "shard": np.asarray(tb.shard, dtype=object), "row": np.asarray(rb.column("row"), dtype=np.int64),
+           "row_end": np.asarray(rb.column("row_end"), dtype=np.int64), "unit": units,
+           "row_tokens": np.asarray(tb.lengths, dtype=np.int64),
+           "rb": rb if step in window_set else None}
+    return int(step), out
+
+
+def audited_hashes(item) -> np.ndarray:
+    return item[1]["hash"]
+
+
+def union_hashes(arrays) -> np.ndarray:
+    arrays = [np.asarray(a, dtype=np.uint64) for a in arrays]
+    return np.unique(np.concatenate(arrays)) if arrays else np.zeros(0, np.uint64)
+
+
+_SEEN = SIGNAL_ORDER.index("seen_elsewhere")
+
+
+def bin_step(item, dupref) -> tuple[int, dict]:
+    """Fill ``seen_elsewhere`` from the fixed duplicate reference and bin every row on every family."""
+    step, d = item
+    values = d["values"].copy()
+    seen = seen_elsewhere(dupref, d["hash"], position_keys(d["shard"], d["row"], d["row_end"]))
+    values[:, _SEEN] = seen
+    sig = dict(d["signals"])
+    sig["cross_dup_frac"] = float(seen.mean()) if len(seen) and np.isfinite(seen).all() else float("nan")
+    out = {k: v for k, v in d.items() if k not in ("values", "signals")}
+    out["signals"] = sig
+    out["bins"] = bin_matrix(values, SIGNAL_ORDER, FAMILIES)
+    return step, out
+
+
+# -------------------------------------------------------------------------------------- the null
+
+
+def null_of(ref, alpha: float):
+    """The reference (control rows) and every control's leave-one-out evidence, anomalous controls left out
+    (:func:`spike_audit.auditors.verdict.null_model`): one side input."""
+    return null_model(ref, alpha)
+
+
+def _families_list(ev, g: int, k_top: int | None = None) -> list[dict]:
+    e = ev.e[g]
+    order = [int(f) for f in np.lexsort((np.arange(len(e)), -e)) if e[f] > 0]
+    if k_top is not None:
+        order = order[:k_top]
+    return [{"name": FAMILY_LIST[f].name, "rows": int(ev.k[g, f]), "cut": float(cut_value(FAMILY_LIST[f], int(ev.cut[g, f]))),
+             "natural_rate": float(ev.rate[g, f]), "evidence": float(min(e[f], 300.0))} for f in order]
+
+
+def _signals_list(sig: dict) -> list[dict]:
+    return [{"name": k, "value": opt_float(v), "z": None} for k, v in sorted(sig.items())]
+
+
+def control_score_record(item, null, vcfg: dict):
+    """A control step's batch_scores row: its leave-one-out evidence, its p among the other controls and the
+    verdict it gets judged as a one-step window against the others (the calibration); ``excluded`` for a
+    control left out as anomalous itself."""
+    step, d = item
+    excluded = step in null.excluded
+    ref, ctrl = (null.all_ref, null.all_ctrl) if excluded else (null.ref, null.ctrl)
+    i = ref.index_of(step)
+    if i is None:
+        return
+    T = ctrl.T
+    n = len(T)
+    p = (1.0 + float(np.count_nonzero(np.delete(T, i) >= T[i]))) / n if n > 1 else None
+    f = int(np.argmax(ctrl.e[i])) if ctrl.e.shape[1] else 0
+    if excluded:
+        as_window = "excluded"
     else:
-        z = np.full(len(names), np.nan)
-    finite = np.abs(z[np.isfinite(z)])
-    score = float(finite.max()) if len(finite) else float("nan")
-    signals = [{"name": n, "value": opt_float(v), "z": opt_float(zz)} for n, v, zz in zip(names, x, z)]
-    base = {"step": step, "n_rows": n_rows, "n_tokens": n_tokens, "anomaly_score": score, "signals": signals}
-    if step in control_set:
-        yield "batch_scores", dict(base, role="control", spike_id=None)
-    for sid in spikes_of.get(step, []):
-        yield "batch_scores", dict(base, role="window", spike_id=sid)
+        as_window = judge(FAMILY_LIST, [step], ctrl.take([i]), ref, ctrl, VerdictConfig(**vcfg), skip=i).verdict
+    yield "batch_scores", {"step": step, "role": "control", "spike_id": None, "n_rows": d["n_rows"],
+                           "n_tokens": d["n_tokens"], "evidence": float(min(T[i], 300.0)), "p_value": p,
+                           "top_signal": FAMILY_LIST[f].name if T[i] > 0 else None,
+                           "top_rows": int(ctrl.k[i, f]) if T[i] > 0 else None, "as_window": as_window,
+                           "families": _families_list(ctrl, i), "signals": _signals_list(d["signals"])}
 
 
-def rowmatrix(tb: TokenBatch, suite) -> tuple[list[str], np.ndarray]:
-    rs = suite.row_signals(tb)
-    names = sorted(rs)
-    if not names:
-        return names, np.zeros((tb.n_rows, 0))
-    return names, np.column_stack([np.asarray(rs[n], dtype=np.float64) for n in names])
+# ---------------------------------------------------------------------------------------- events
 
 
-def _row_keys(tb: TokenBatch) -> np.ndarray:
-    """Seeded 64-bit key per row from (shard, row): the bottom-k sample is keyed on row identity."""
-    rows = tb.row if tb.row is not None else np.arange(tb.n_rows)
-    if tb.shard is None:
-        return hash64(rows)
-    uniq, inv = np.unique(np.asarray(tb.shard, dtype=str), return_inverse=True)
-    h = np.array([int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "little") for s in uniq],
-                 dtype=np.uint64)
-    return hash64(rows.astype(np.uint64) ^ h[inv])
+class EventOutputs(beam.DoFn):
+    """Per event (CoGroupByKey of its window steps): the verdict, its window steps' batch_scores rows and the
+    rows flagged at each window step (with excerpts)."""
 
-
-class RowSampleFn:
-    """Bottom-k sample of control rows' per-row signals, as a mergeable auditor."""
-
-    def __init__(self, cfg_dict: dict, k: int = 20000):
-        self.cfg_dict, self.k = cfg_dict, k
-
-    def create(self):
-        return {}
-
-    def add(self, acc, batch: TokenBatch):
-        names, m = rowmatrix(batch, make_suite(self.cfg_dict))
-        keys = _row_keys(batch)
-        out = dict(acc)
-        for j, n in enumerate(names):
-            bk = BottomK(self.k, 1, seed=self.cfg_dict.get("seed", 0))
-            out[n] = bk.merge([out.get(n, bk.create()), bk.add(bk.create(), keys, m[:, j])])
-        return out
-
-    def merge(self, accs):
-        out: dict = {}
-        bk = BottomK(self.k, 1, seed=self.cfg_dict.get("seed", 0))
-        for a in accs:
-            for n, v in a.items():
-                out[n] = bk.merge([out[n], v]) if n in out else v
-        return out
-
-    def result(self, acc):
-        return {n: (v[1][:, 0]) for n, v in acc.items()}
-
-
-class FlagRows(beam.DoFn):
-    """Per-row z of a window step's rows against the control-row sample; yields ROW_FLAGS records."""
-
-    def __init__(self, cfg_dict: dict, spikes_of: dict, row_z: float, max_rows: int, tokenizer: str | None,
-                 tokens_col: str, text_col: str):
+    def __init__(self, events: dict, vcfg: dict, missing: dict, tokenizer: str | None, max_rows: int):
         super().__init__()
-        self.cfg_dict, self.spikes_of, self.row_z, self.max_rows = cfg_dict, spikes_of, row_z, max_rows
-        self.tokenizer_path, self.tokens_col, self.text_col = tokenizer, tokens_col, text_col
+        self.events, self.vcfg, self.missing = events, vcfg, missing
+        self.tokenizer_path, self.max_rows = tokenizer, max_rows
         self._tok = None
 
     def _tokenizer(self):
@@ -109,86 +154,136 @@ class FlagRows(beam.DoFn):
             self._tok = load_tokenizer(self.tokenizer_path)
         return self._tok
 
-    def process(self, kv, base):
-        step, rb = kv
-        tb = to_token_batch(rb, self.tokens_col, self.text_col)
-        if tb.n_rows == 0:
-            return
-        names, m = rowmatrix(tb, make_suite(self.cfg_dict))
-        if not names:
-            return
-        ref = np.column_stack([base.get(n, np.full(1, np.nan)) if len(base.get(n, [])) else np.full(1, np.nan)
-                               for n in names]) if base else None
-        if ref is None:
-            return
-        med, sigma = robust_center_scale(to_scoring_scale(names, ref), axis=0)
-        z = np.abs((to_scoring_scale(names, m) - med) / sigma)
-        z = np.where(np.isfinite(z), z, 0.0)
-        score = z.max(axis=1)
-        hit = np.flatnonzero(score >= self.row_z)
-        if not len(hit):
-            return
-        hit = hit[np.lexsort((hit, -score[hit]))][: self.max_rows]
-        units = rb.column("unit").to_pylist() if "unit" in rb.schema.names else ["row"] * tb.n_rows
-        ends = np.asarray(rb.column("row_end"), dtype=np.int64) if "row_end" in rb.schema.names else tb.row + 1
+    def process(self, kv, null):
+        eid, grouped = kv
+        ref, ctrl = null.ref, null.ctrl
+        win = sorted(grouped["window"], key=lambda t: t[0])
+        steps = [s for s, _ in win]
+        cfg = VerdictConfig(**self.vcfg)
+        ev = window_evidence([d["bins"] for _, d in win], ref)
+        v = judge(FAMILY_LIST, steps, ev, ref, ctrl, cfg)
+        info = self.events[eid]
+        flags = []
+        for g, (step, d) in enumerate(win):
+            found = v.step_findings.get(step, [])
+            T = float(ev.T[g])
+            top = int(np.argmax(ev.e[g])) if ev.e.shape[1] else 0
+            yield "batch_scores", {"step": step, "role": "window", "spike_id": eid, "n_rows": d["n_rows"],
+                                   "n_tokens": d["n_tokens"], "evidence": min(T, 300.0),
+                                   "p_value": v.step_p.get(step), "top_signal": FAMILY_LIST[top].name if T > 0 else None,
+                                   "top_rows": int(ev.k[g, top]) if T > 0 else None,
+                                   "families": _families_list(ev, g), "signals": _signals_list(d["signals"])}
+            rows, fams = step_flags(d["bins"], found)
+            by_f = {x.family: x for x in found}
+            for r, fs in zip(rows.tolist(), fams):
+                flags.append((step, d, r, fs, max(by_f[f].e for f in fs), max(by_f[f].rate for f in fs)))
+        flags.sort(key=lambda t: (-t[4], t[0], str(t[1]["shard"][t[2]]), int(t[1]["row"][t[2]])))
+        flags = flags[: self.max_rows]
+        counts: dict[str, int] = {}
+        for step, d, r, fs, score, rate in flags:
+            counts[str(d["shard"][r])] = counts.get(str(d["shard"][r]), 0) + 1
+            yield "row_flags", {"shard": str(d["shard"][r]), "row": int(d["row"][r]), "row_end": int(d["row_end"][r]),
+                                "unit": str(d["unit"][r]), "step": int(step), "spike_id": eid,
+                                "signals": [FAMILY_LIST[f].name for f in fs], "score": float(min(score, 300.0)),
+                                "natural_rate": float(rate), "excerpt": self._excerpt(d, r)}
+        top_shards = [s for s, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))][:5]
+        reason = v.reason
+        if self.missing.get(eid):
+            reason += f" ({len(self.missing[eid])} window steps had no manifest rows)"
+        yield "verdicts", {"spike_id": eid, "run": info["run"], "peak_step": info["peak_step"], "verdict": v.verdict,
+                           "p_value": v.p_value, "evidence": v.evidence, "effect_size": v.effect_size,
+                           "margin": v.margin, "anomalous_rows": v.anomalous_rows, "n_rows": v.n_rows,
+                           "control_max_rows": v.control_max_rows, "natural_rate": v.natural_rate,
+                           "top_signal": v.top_signal, "top_step": v.top_step,
+                           "top_shards": top_shards if v.verdict == "data" else [], "n_controls": v.n_controls,
+                           "n_window_steps": v.n_window_steps, "window_start": steps[0] if steps else None,
+                           "window_end": steps[-1] if steps else None, "spikes": info["members"],
+                           "peaks": info["peaks"], "reason": reason}
+
+    def _excerpt(self, d, r):
+        rb = d.get("rb")
+        if rb is None:
+            return None
+        text = rb.column("text")[r].as_py() if "text" in rb.schema.names else None
+        if text is not None:
+            return text[:300]
         tok = self._tokenizer()
-        for i in hit.tolist():  # bounded by max_rows: excerpts only for flagged rows
-            text = _as_str(tb.text[i]) if tb.text is not None else None
-            if text is not None:
-                excerpt = text[:300]
-            elif tok is not None:
-                excerpt = tok.decode(tb.values[tb.offsets[i]:tb.offsets[i + 1]][:200].tolist())[:300]
-            else:
-                excerpt = None
-            rec = {"shard": str(tb.shard[i]), "row": int(tb.row[i]), "row_end": int(ends[i]), "unit": units[i],
-                   "step": int(step), "signals": [n for n, zz in zip(names, z[i]) if zz >= self.row_z],
-                   "score": float(score[i]), "excerpt": excerpt}
-            for sid in self.spikes_of.get(step, []):
-                yield "row_flags", dict(rec, spike_id=sid)
+        if tok is None:
+            return None
+        ids = rb.column("tokens")[r].values.to_numpy(zero_copy_only=False)[:200]
+        return tok.decode(ids.tolist())[:300]
 
 
-def _as_str(v):
-    """A text item as ``str`` (or None), whether it came from an Arrow array or a Python list."""
-    return v.as_py() if isinstance(v, pa.Scalar) else v
+# ---------------------------------------------------------------------------------------- shards
 
 
-def split_by_shard(kv):
-    """(step, RecordBatch) -> (shard, RecordBatch) per shard present."""
-    _, rb = kv
-    if rb.num_rows == 0:
-        return
-    shards = rb.column("shard")
-    uniq = pc.unique(shards).to_pylist()
-    for s in uniq:
-        yield s, rb.filter(pc.equal(shards, s))
+def shard_parts(item, control_set: frozenset):
+    """A step's binned rows -> (shard, partial accumulator) per shard present."""
+    step, d = item
+    shard = np.asarray(d["shard"]).astype(str)
+    ctrl = step in control_set
+    toks = np.zeros(len(shard), dtype=np.int64)
+    if d.get("row_tokens") is not None:
+        toks = d["row_tokens"]
+    for s in np.unique(shard).tolist():
+        sel = shard == s
+        h = bin_hist(d["bins"][sel])
+        yield s, {"hist": h, "ctrl_hist": h if ctrl else np.zeros_like(h), "n_rows": int(sel.sum()),
+                  "n_ctrl": int(sel.sum()) if ctrl else 0, "n_tokens": int(toks[sel].sum())}
 
 
-def shard_score_records(items):
-    for rec in entity_scores(items, "shard"):
-        yield "shard_scores", dict(rec, fingerprint=None)
+class ShardAcc:
+    """Sum of per-shard partial accumulators (a mergeable auditor-style accumulator)."""
+
+    name = "shard_hist"
+
+    def create(self):
+        return None
+
+    def add(self, acc, x):
+        return self.merge([acc, x])
+
+    def merge(self, accs):
+        accs = [a for a in accs if a is not None]
+        if not accs:
+            return None
+        out = {k: accs[0][k] for k in accs[0]}
+        for a in accs[1:]:
+            out = {k: out[k] + a[k] for k in out}
+        return out
+
+    def result(self, acc):
+        return acc
 
 
-def verdict_record(kv, controls_sigs, spike_info, vcfg_dict, missing):
-    sid, grouped = kv
-    window = sorted(grouped["window"], key=lambda t: t[0])
-    flags = sorted(grouped["flags"], key=lambda f: (f["step"], f["shard"], f["row"]))
-    ctrl = [c[3] for c in unique_by_key(controls_sigs)]  # runner-independent order and multiplicity
-    names = signal_names(ctrl + [w[1] for w in window])
-    v = judge(names, matrix([w[1] for w in window], names), [w[0] for w in window], matrix(ctrl, names),
-              VerdictConfig(**vcfg_dict))
-    counts: dict[str, int] = {}
-    for f in attributed(flags, v.top_step, v.top_signal):
-        counts[f["shard"]] = counts.get(f["shard"], 0) + 1
-    top_shards = [s for s, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))][:5]
-    run, peak = spike_info[sid]
-    reason = v.reason
-    if missing.get(sid):
-        reason += f" ({len(missing[sid])} window steps had no manifest rows)"
-    yield "verdicts", {"spike_id": sid, "run": run, "peak_step": peak, "verdict": v.verdict, "p_value": v.p_value,
-                       "effect_size": v.effect_size, "margin": v.margin, "top_signal": v.top_signal,
-                       "top_step": v.top_step,
-                       "top_shards": top_shards if v.verdict == "data" else [], "n_controls": v.n_controls,
-                       "n_window_steps": v.n_window_steps, "reason": reason}
+def shard_evidence(kv, null) -> dict:
+    """A shard's audited rows against the control rows (its own control rows out of the reference)."""
+    shard, acc = kv
+    ref = null.all_ref  # every control (the shard's own control rows are in it)
+    h = acc["hist"][None, :, :]
+    own = acc["ctrl_hist"]
+    tails_own = np.zeros((ref.n_families, NBINS + 1), dtype=np.int64)
+    tails_own[:, :NBINS] = np.cumsum(own[:, ::-1], axis=1)[:, ::-1]
+    g, f, b, k, a = candidates_from_hists(h, ref.tail - tails_own, np.zeros(1, bool))
+    ev = scan([(g, f, b, k, a)], np.array([acc["n_rows"]]), np.array([ref.rows - acc["n_ctrl"]]), ref.n_families)
+    T = float(ev.T[0])
+    top = int(np.argmax(ev.e[0])) if ev.e.shape[1] else 0
+    fams = _families_list(ev, 0, 8)
+    reason = "; ".join(f"{x['rows']} of {acc['n_rows']} rows on {x['name']} (natural rate {100 * x['natural_rate']:.2g}%"
+                       f", e={x['evidence']:.1f})" for x in fams[:3])
+    return {"shard": shard, "n_rows": acc["n_rows"], "n_tokens": acc["n_tokens"], "anomaly_score": min(T, 300.0),
+            "top_signal": FAMILY_LIST[top].name if T > 0 else "", "top_rows": int(ev.k[0, top]) if T > 0 else 0,
+            "natural_rate": float(ev.rate[0, top]) if T > 0 else None, "reason": reason, "families": fams,
+            "signals": [], "fingerprint": None}
+
+
+def rank_shards(records):
+    recs = sorted(records, key=lambda r: (-r["anomaly_score"], r["shard"]))
+    for i, r in enumerate(recs, 1):
+        yield "shard_scores", dict(r, rank=i)
+
+
+# ----------------------------------------------------------------------------------------- graph
 
 
 def build_pipeline(p, cfg: RunConfig, plan: Plan, staging: str, dtype=None):
@@ -196,75 +291,67 @@ def build_pipeline(p, cfg: RunConfig, plan: Plan, staging: str, dtype=None):
     from apache_beam.pvalue import AsSingleton
 
     from spike_audit.auditors.tokens import Histogram
-    from spike_audit.pipelines.beam.read import DecodeText, ReadSlices
     from spike_audit.pipelines.beam.combine import AuditorCombineFn
+    from spike_audit.pipelines.beam.read import DecodeText, ReadSlices
     from spike_audit.pipelines.beam.sink import WriteTables
+    from spike_audit.pipelines.run.dupref import DupReference, hash_shard, manifest_row_groups, row_group_slices
 
-    cfg_dict = {"vocab_size": cfg.vocab_size, "eos_id": cfg.eos_id, "pad_id": cfg.pad_id, "seed": cfg.seed}
+    cfg_dict = {"vocab_size": cfg.vocab_size, "eos_id": cfg.eos_id, "pad_id": cfg.pad_id, "seed": cfg.seed,
+                "tokens_col": cfg.tokens_col, "text_col": cfg.text_col, "flat_rows": cfg.flat_rows}
     control_set = frozenset(plan.controls)
     spikes_of = {int(k): list(v) for k, v in plan.spikes_of.items()}
+    window_set = frozenset(spikes_of)
     tokens_col, text_col = cfg.tokens_col, cfg.text_col
-    spike_info = {sid: (run, int(peak)) for sid, run, peak in zip(
-        plan.spikes.column("spike_id").to_pylist(), plan.spikes.column("run").to_pylist(),
-        plan.spikes.column("peak_step").to_pylist()) if sid in plan.windows}
-
-    def tb_of(rb):
-        return to_token_batch(rb, tokens_col, text_col)
 
     batches = (p | "Slices" >> beam.Create(plan.slices)
                | "Read" >> ReadSlices(cfg.shards, tokens_col=tokens_col, text_col=text_col, rows=cfg.flat_rows,
                                       dtype=dtype))
     if cfg.tokenizer:  # text signals for token-only shards: decode with the run's tokenizer
         batches = batches | "Decode" >> beam.ParDo(DecodeText(cfg.tokenizer))
+    batches = batches | "ByStep" >> beam.GroupByKey() | "StepBatch" >> beam.FlatMap(step_batch)
     controls = batches | "IsControl" >> beam.Filter(lambda kv, cs: kv[0] in cs, control_set)
-    windows = batches | "IsWindow" >> beam.Filter(lambda kv, so: kv[0] in so, spikes_of)
-
-    hist = (controls | "CtrlTokens" >> beam.Map(lambda kv: tb_of(kv[1]))
+    hist = (controls | "CtrlTokens" >> beam.Map(lambda kv: to_token_batch(kv[1], tokens_col, text_col))
             | "BaselineHist" >> beam.CombineGlobally(AuditorCombineFn(Histogram(), output="accumulator")))
 
-    suite = make_suite(cfg_dict)
-    step_accs = (batches | "StepTokens" >> beam.MapTuple(lambda k, rb: (k, tb_of(rb)))
-                 | "AuditSteps" >> beam.CombinePerKey(AuditorCombineFn(suite, output="accumulator")))
-    # rows seen at another audited step (epoch or resume repeats): a join on row hashes, by bucket
-    seen = (batches | "RowHashes" >> beam.FlatMap(hash_buckets, tokens_col, text_col, 16, cfg.seed)
-            | "GroupHashes" >> beam.GroupByKey()
-            | "SeenElsewhere" >> beam.FlatMap(seen_elsewhere_counts)
-            | "SumSeen" >> beam.CombinePerKey(sum))
-    finished = (step_accs | "FinishSteps" >> beam.Map(finish, AsSingleton(hist), cfg_dict, control_set)
-                | "KeyFinished" >> beam.Map(lambda it: (it[0], it)))
-    step_sigs = ({"scores": finished, "seen": seen} | "JoinSeen" >> beam.CoGroupByKey()
-                 | "CrossDup" >> beam.FlatMap(with_cross_dup))
-    # Side inputs are always AsSingleton of a global combine: on Beam 2.77's DaskRunner an AsList of a
-    # multi-element PCollection arrives with elements repeated, while a combined singleton is exact.
-    ctrl_sigs = (step_sigs | "CtrlSigs" >> beam.Filter(lambda it, cs: it[0] in cs, control_set)
-                 | "CtrlList" >> beam.combiners.ToList())
+    # the one scoring pass per row
+    scored = batches | "ScoreSteps" >> beam.Map(score_step, AsSingleton(hist), cfg_dict, control_set, window_set)
 
-    batch_scores = step_sigs | "BatchScores" >> beam.FlatMap(batch_score_records, AsSingleton(ctrl_sigs), spikes_of,
-                                                            control_set)
+    # the fixed duplicate reference: every slice the manifest consumed, hashed, matched to the audited hashes
+    if cfg.dup_reference == "manifest":
+        audited = (scored | "AuditedHashes" >> beam.Map(audited_hashes)
+                   | "AllAudited" >> beam.CombineGlobally(union_hashes))
+        dupref = (p | "ManifestGroups" >> beam.Create(manifest_row_groups(cfg.manifest))
+                  | "GroupSlices" >> beam.FlatMap(row_group_slices, cfg.manifest,
+                                                 frozenset(s + plan.offset for s in plan.exclude_steps))
+                  | "ByShardAll" >> beam.GroupByKey()
+                  | "HashShards" >> beam.FlatMap(hash_shard, AsSingleton(audited), cfg.shards, cfg_dict)
+                  | "DupRef" >> beam.CombineGlobally(AuditorCombineFn(DupReference())))
+        binned = scored | "Bin" >> beam.Map(bin_step, AsSingleton(dupref))
+    else:
+        binned = scored | "Bin" >> beam.Map(bin_step, None)
 
-    row_base = (controls | "CtrlRows" >> beam.Map(lambda kv: tb_of(kv[1]))
-                | "RowBaseline" >> beam.CombineGlobally(AuditorCombineFn(RowSampleFn(cfg_dict))))
-    flags = windows | "FlagRows" >> beam.ParDo(
-        FlagRows(cfg_dict, spikes_of, cfg.row_z, cfg.max_row_flags, cfg.tokenizer, tokens_col, text_col),
-        AsSingleton(row_base))
+    null = (binned | "CtrlBins" >> beam.Filter(lambda kv, cs: kv[0] in cs, control_set)
+            | "CtrlBinsKV" >> beam.Map(lambda kv: (kv[0], kv[1]["bins"]))
+            | "Reference" >> beam.CombineGlobally(AuditorCombineFn(ReferenceBuilder(len(FAMILY_LIST))))
+            | "Null" >> beam.Map(null_of, cfg.alpha))
 
-    shard_scores = (batches | "ByShard" >> beam.FlatMap(split_by_shard)
-                    | "ShardTokens" >> beam.MapTuple(lambda k, rb: (k, tb_of(rb)))
-                    | "AuditShards" >> beam.CombinePerKey(AuditorCombineFn(suite, output="accumulator"))
-                    | "FinishShards" >> beam.Map(finish, AsSingleton(hist), cfg_dict)
+    vcfg = {"alpha": cfg.alpha, "min_rows": cfg.min_rows, "min_controls": cfg.min_controls}
+    ctrl_scores = (binned | "CtrlSteps" >> beam.Filter(lambda kv, cs: kv[0] in cs, control_set)
+                   | "CtrlScores" >> beam.FlatMap(control_score_record, AsSingleton(null), vcfg))
+
+    seeds = p | "Events" >> beam.Create(sorted(plan.windows))
+    win = binned | "WindowSteps" >> beam.FlatMap(lambda kv, so: [(e, kv) for e in so.get(kv[0], [])], spikes_of)
+    events = {e: plan.events[e] for e in plan.windows}
+    event_out = ({"seed": seeds | "SeedKeys" >> beam.Map(lambda s: (s, None)), "window": win}
+                 | "ByEvent" >> beam.CoGroupByKey()
+                 | "Judge" >> beam.ParDo(EventOutputs(events, vcfg, plan.missing, cfg.tokenizer, cfg.max_row_flags),
+                                           AsSingleton(null)))
+
+    shard_scores = (binned | "ShardParts" >> beam.FlatMap(shard_parts, control_set)
+                    | "ShardHists" >> beam.CombinePerKey(AuditorCombineFn(ShardAcc()))
+                    | "ShardEvidence" >> beam.Map(shard_evidence, AsSingleton(null))
                     | "AllShards" >> beam.combiners.ToList()
-                    | "ShardScores" >> beam.FlatMap(shard_score_records))
+                    | "RankShards" >> beam.FlatMap(rank_shards))
 
-    seeds = p | "Spikes" >> beam.Create(sorted(plan.windows))
-    win_sigs = step_sigs | "WindowSigs" >> beam.FlatMap(
-        lambda it, so: [(sid, (it[0], it[3])) for sid in so.get(it[0], [])], spikes_of)
-    flag_keys = flags | "FlagKeys" >> beam.Map(lambda kv: (kv[1]["spike_id"], {
-        k: kv[1][k] for k in ("shard", "row", "row_end", "unit", "step", "score", "signals")}))
-    vcfg = {"alpha": cfg.alpha, "min_effect": cfg.min_effect, "min_margin": cfg.min_margin,
-            "min_controls": cfg.min_controls}
-    verdicts = ({"seed": seeds | "SeedKeys" >> beam.Map(lambda s: (s, None)), "window": win_sigs, "flags": flag_keys}
-                | "BySpike" >> beam.CoGroupByKey()
-                | "Verdicts" >> beam.FlatMap(verdict_record, AsSingleton(ctrl_sigs), spike_info, vcfg, plan.missing))
-
-    ((batch_scores, flags, shard_scores, verdicts) | "AllOutputs" >> beam.Flatten()
+    ((ctrl_scores, event_out, shard_scores) | "AllOutputs" >> beam.Flatten()
      | "Write" >> WriteTables(staging, parts={"row_flags": 4, "batch_scores": 4}))

@@ -1,5 +1,5 @@
-"""The run's derived outputs, from its tables: the skip list, the shard quarantine, and the false-alarm
-calibration on the control steps."""
+"""The run's derived outputs, from its tables: the skip list, the shard quarantine, and the calibration on the
+control steps."""
 
 from __future__ import annotations
 
@@ -7,37 +7,40 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from spike_audit.auditors.verdict import VerdictConfig, judge
-from spike_audit.pipelines.beam.scoring import matrix, signal_names
+from spike_audit.auditors.evidence import evidence_of
 from spike_audit.schemas import BATCH_SCORES, ROW_FLAGS, SHARD_SCORES, VERDICTS
 from spike_audit.schemas.steps import TRAINER_STEP_BASE
-from spike_audit.auditors.attribution import attributed
 from spike_audit.pipelines.run.plan import RunConfig
 
 
 OUTPUT_SPECS = (BATCH_SCORES, SHARD_SCORES, ROW_FLAGS, VERDICTS)
 
 
-def skip_list(verdicts: pa.Table, row_flags: pa.Table, join=None) -> dict:
-    """Per spike: the steps and data ranges to skip on restart, and trainer-specific renderings. Steps are
-    the log's own; with the step ``join`` (:class:`spike_audit.pipelines.run.steps.StepJoin`) their 0-based
-    batch indices are listed too and the Megatron / OLMo-core renderings use those trainers' numbering
-    (iteration = batch index + 1)."""
-    flags_by = {}
+def _flags_by_event(row_flags: pa.Table) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
     for rec in row_flags.to_pylist():
-        flags_by.setdefault(rec["spike_id"], []).append(rec)
+        out.setdefault(rec["spike_id"], []).append(rec)
+    return out
+
+
+def skip_list(verdicts: pa.Table, row_flags: pa.Table, join=None) -> dict:
+    """Per event: the steps and data ranges to skip on restart (every flagged row of every window step of a
+    ``data`` event), and trainer-specific renderings of the steps. Steps are the log's own; with the step
+    ``join`` (:class:`spike_audit.pipelines.run.steps.StepJoin`) their 0-based batch indices are listed too
+    and the Megatron / OLMo-core renderings use those trainers' numbering (iteration = batch index + 1)."""
+    flags_by = _flags_by_event(row_flags)
     entries = []
     for v in verdicts.to_pylist():
         sid = v["spike_id"]
         if v["verdict"] == "data":
-            fl = attributed(flags_by.get(sid, []), v["top_step"], v["top_signal"])
-            steps = [v["top_step"]]
+            fl = flags_by.get(sid, [])
+            steps = sorted({r["step"] for r in fl}) or [v["top_step"]]
             ranges = sorted({(r["shard"], r["row"], r["row_end"], r["unit"]) for r in fl})
             entries.append({"spike_id": sid, "peak_step": v["peak_step"], "verdict": "data", "skip_steps": steps,
                             "skip_data": [{"shard": s, "row_start": a, "row_end": b, "unit": u}
                                           for s, a, b, u in ranges],
-                            "note": f"skip step {v['top_step']}'s batch (or drop these rows) when restarting "
-                                    f"before it: {v['top_signal']} is anomalous there"})
+                            "note": f"skip these steps' batches (or drop these {len(ranges)} rows) when restarting "
+                                    f"before them: {v['top_signal']} is anomalous there"})
         else:
             entries.append({"spike_id": sid, "peak_step": v["peak_step"], "verdict": v["verdict"], "skip_steps": [],
                             "skip_data": [],
@@ -62,38 +65,53 @@ def skip_list(verdicts: pa.Table, row_flags: pa.Table, join=None) -> dict:
     }
 
 
-def quarantine(verdicts: pa.Table, row_flags: pa.Table) -> dict:
-    """Shards holding the rows that carry a ``data`` verdict's anomaly (see :func:`attributed`)."""
-    flags_by: dict[str, list] = {}
-    for rec in row_flags.to_pylist():
-        flags_by.setdefault(rec["spike_id"], []).append(rec)
+def quarantine(verdicts: pa.Table, row_flags: pa.Table, shard_scores: pa.Table, alpha: float = 0.05,
+               min_rows: int = 2) -> dict:
+    """Shards whose flagged rows (of ``data`` events) are beyond what their audited rows would give at the
+    natural rate: ``k`` flagged of the shard's ``n`` audited rows, ``P(Binomial(n, r) >= k) <= alpha / S`` over
+    the ``S`` audited shards, with ``r`` the largest natural rate of the cuts that flagged them and
+    ``k >= min_rows`` (never for one row)."""
+    data = {v["spike_id"] for v in verdicts.to_pylist() if v["verdict"] == "data"}
+    n_rows = dict(zip(shard_scores.column("shard").to_pylist(), shard_scores.column("n_rows").to_pylist()))
+    n_shards = max(1, len(n_rows))
     shards: dict[str, dict] = {}
-    for v in verdicts.to_pylist():
-        if v["verdict"] != "data":
+    for r in row_flags.to_pylist():
+        if r["spike_id"] not in data:
             continue
-        for r in attributed(flags_by.get(v["spike_id"], []), v["top_step"], v["top_signal"]):
-            e = shards.setdefault(r["shard"], {"flagged_rows": set(), "spikes": set(), "signals": set()})
-            e["flagged_rows"].add((r["row"], r["row_end"], r["unit"]))
-            e["spikes"].add(v["spike_id"])
-            e["signals"].add(v["top_signal"])
-    return {"shards": [{"shard": s, "n_flagged_rows": len(e["flagged_rows"]), "spikes": sorted(e["spikes"]),
-                        "signals": sorted(e["signals"]),
-                        "rows": [{"row_start": a, "row_end": b, "unit": u} for a, b, u in sorted(e["flagged_rows"])]}
-                       for s, e in sorted(shards.items())]}
+        e = shards.setdefault(r["shard"], {"rows": set(), "spikes": set(), "signals": set(), "rate": 0.0})
+        e["rows"].add((r["row"], r["row_end"], r["unit"]))
+        e["spikes"].add(r["spike_id"])
+        e["signals"].update(r["signals"])
+        e["rate"] = max(e["rate"], float(r["natural_rate"]))
+    out = []
+    for s, e in sorted(shards.items()):
+        k = len(e["rows"])
+        n = max(int(n_rows.get(s, k) or k), k)
+        ev = float(evidence_of(k, n, min(1.0, e["rate"])))
+        p = 10.0 ** -ev
+        if k >= min_rows and p <= alpha / n_shards:
+            out.append({"shard": s, "n_flagged_rows": k, "n_audited_rows": n, "natural_rate": e["rate"],
+                        "p_value": p, "spikes": sorted(e["spikes"]), "signals": sorted(e["signals"]),
+                        "rows": [{"row_start": a, "row_end": b, "unit": u} for a, b, u in sorted(e["rows"])]})
+    return {"rule": f"k flagged rows of n audited, P(Binomial(n, natural rate) >= k) <= {alpha} / {n_shards} shards, "
+                    f"k >= {min_rows}", "shards": out}
 
 
-def control_false_alarms(batch_scores: pa.Table, cfg: RunConfig) -> dict:
-    """Leave-one-out calibration: judge every control step as if it were a spike window against the
-    other controls. A sound audit calls (almost) none of them ``data``; the count is reported."""
+def control_calibration(batch_scores: pa.Table, cfg: RunConfig) -> dict:
+    """Every control step judged as a one-step spike window against the other controls (computed in the
+    pipeline: ``batch_scores.as_window``): under the null at most about alpha of them are ``data``; the
+    controls left out as anomalous themselves (an undetected data spike among the controls); and the most
+    extreme controls used (what a window has to beat)."""
     ctrl = batch_scores.filter(pc.equal(batch_scores.column("role"), "control")).to_pylist()
-    sigs = [{s["name"]: (s["value"] if s["value"] is not None else np.nan) for s in r["signals"]} for r in ctrl]
-    names = signal_names(sigs)
-    m = matrix(sigs, names)
-    vcfg = VerdictConfig(alpha=cfg.alpha, min_effect=cfg.min_effect, min_margin=cfg.min_margin,
-                         min_controls=cfg.min_controls)
-    alarms = []
-    for i, r in enumerate(ctrl):  # n_controls verdicts of n_controls x K matrices: small
-        v = judge(names, m[i : i + 1], [r["step"]], np.delete(m, i, axis=0), vcfg)
-        if v.verdict == "data":
-            alarms.append({"step": r["step"], "signal": v.top_signal, "p_value": v.p_value})
-    return {"n_controls": len(ctrl), "false_alarms": len(alarms), "alarms": alarms}
+    alarms = [{"step": r["step"], "signal": r["top_signal"], "rows": r["top_rows"], "evidence": r["evidence"]}
+              for r in ctrl if r["as_window"] == "data"]
+    excluded = [{"step": r["step"], "signal": r["top_signal"], "rows": r["top_rows"], "n_rows": r["n_rows"],
+                 "evidence": r["evidence"]} for r in ctrl if r["as_window"] == "excluded"]
+    ctrl = [r for r in ctrl if r["as_window"] != "excluded"]
+    ext = sorted(ctrl, key=lambda r: (-r["evidence"], r["step"]))[:5]
+    ev = np.array([r["evidence"] for r in ctrl], dtype=np.float64)
+    return {"n_controls": len(ctrl), "false_alarms": len(alarms), "alarms": alarms, "alpha": cfg.alpha,
+            "excluded_as_anomalous": excluded,
+            "evidence_quantiles": {q: float(np.quantile(ev, float(q))) for q in ("0.5", "0.9", "1.0")} if len(ev) else {},
+            "most_extreme": [{"step": r["step"], "signal": r["top_signal"], "rows": r["top_rows"], "n_rows": r["n_rows"],
+                              "evidence": r["evidence"]} for r in ext]}

@@ -1,10 +1,13 @@
 """The driver's plan: the run's configuration, then log -> spikes -> the steps to read (each spike's window and a
 seeded sample of control steps) and their manifest rows (Parquet predicate push-down), checked against the shards.
 
-Defaults (documented in the README): the window of a spike is ``[start_step - lookback, peak_step]``
-with ``lookback = 2`` (the loss at step s is measured on batch s, so a data-caused spike shows at the
-batch itself; the lookback covers a delayed reaction); controls are ``n_controls = 100`` steps drawn
-with ``seed`` from the logged steps at least ``guard = 20`` steps away from every spike."""
+Defaults (documented in the README): spikes of any metric (loss, grad norm) whose flagged ranges lie within
+``merge_gap = 3`` steps of each other form one *event*, each metric's peak recorded; the window of an event is
+``[start - lookback, end]`` with ``lookback = 2`` (the loss at step s is measured on batch s, so a data-caused
+spike shows at the batch itself; the lookback covers a delayed reaction; the window does not stop at the
+peak), at most ``max_window`` steps. Controls are ``n_controls = 200`` steps drawn with ``seed`` from the
+logged steps at least ``guard = 20`` steps away from every spike, raised when needed so that ``p <= alpha``
+stays reachable for the longest window (Sidak over its steps)."""
 
 from __future__ import annotations
 
@@ -35,15 +38,16 @@ class RunConfig:
     metric: str = "train_loss"
     method: str = "robust"
     lookback: int = 2
-    n_controls: int = 100
+    n_controls: int = 200
     guard: int = 20
     seed: int = 0
     alpha: float = 0.05
-    min_effect: float = 5.0
-    min_margin: float = 2.0
+    min_rows: int = 2
     min_controls: int = 20
-    row_z: float = 6.0
-    max_row_flags: int = 64
+    merge_gap: int = 3
+    max_window: int = 16
+    dup_reference: str = "manifest"
+    max_row_flags: int = 4096
     tokens_col: str = "tokens"
     text_col: str = "text"
     tokenizer: str | None = None
@@ -68,15 +72,55 @@ class RunConfig:
 
 @dataclass
 class Plan:
-    """What to audit: small, built on the driver."""
+    """What to audit: small, built on the driver. Keys of ``windows`` are event ids (an event's id is the id
+    of its first spike on the audited metric, else of its first spike)."""
 
     spikes: pa.Table
-    windows: dict[str, list[int]]  # spike_id -> window steps with data
+    windows: dict[str, list[int]]  # event id -> window steps with data
     controls: list[int]
-    spikes_of: dict[int, list[str]]  # window step -> spike ids
+    spikes_of: dict[int, list[str]]  # window step -> event ids
     slices: list[tuple[int, tuple[str, int, int, str]]]
-    missing: dict[str, list[int]] = field(default_factory=dict)  # spike_id -> window steps without data
+    missing: dict[str, list[int]] = field(default_factory=dict)  # event id -> window steps without data
     offset: int = 0  # manifest step = log step + offset (the step join, run.steps)
+    events: dict[str, dict] = field(default_factory=dict)  # event id -> members, range, peaks per metric
+    exclude_steps: list[int] = field(default_factory=list)  # every spike window (audited now or before)
+
+
+def needed_controls(m: int, alpha: float) -> int:
+    """Smallest number of controls with which ``p <= alpha`` is reachable over ``m`` window steps
+    (``1 - (1 - 1/(n+1))**m <= alpha``)."""
+    if m <= 0:
+        return 0
+    return int(np.ceil(1.0 / (1.0 - (1.0 - alpha) ** (1.0 / m)) - 1.0 - 1e-9))
+
+
+def group_events(spikes: pa.Table, metric: str, gap: int) -> list[dict]:
+    """Spikes of every metric whose flagged ranges ``[start_step, end_step]`` lie within ``gap`` steps of
+    each other (per run) form one event: ``{id, run, members, start, end, peak_step, peaks}``; ``peaks``
+    lists each member's metric, peak step and value. The event's ``peak_step`` is that of its first spike
+    on ``metric`` (else of its first spike)."""
+    rows = sorted(spikes.to_pylist(), key=lambda r: (r["run"], r["start_step"], r["peak_step"], r["metric"]))
+    events: list[dict] = []
+    for r in rows:
+        end = r["end_step"] if r["end_step"] is not None else r["peak_step"]
+        cur = events[-1] if events else None
+        if cur is not None and cur["run"] == r["run"] and r["start_step"] <= cur["end"] + gap:
+            cur["members"].append(r)
+            cur["end"] = max(cur["end"], end)
+            continue
+        events.append({"run": r["run"], "start": r["start_step"], "end": end, "members": [r]})
+    out = []
+    for ev in events:
+        mem = ev["members"]
+        main = [m for m in mem if m["metric"] == metric]
+        first = sorted(main or mem, key=lambda m: (m["peak_step"], m["spike_id"]))[0]
+        out.append({"id": first["spike_id"], "run": ev["run"], "start": int(ev["start"]), "end": int(ev["end"]),
+                    "peak_step": int(first["peak_step"]),
+                    "members": sorted(m["spike_id"] for m in mem),
+                    "peaks": sorted(({"metric": m["metric"], "step": int(m["peak_step"]),
+                                      "value": float(m["peak_value"])} for m in mem),
+                                    key=lambda d: (d["step"], d["metric"]))})
+    return out
 
 
 def resolve_tokens(cfg: RunConfig) -> RunConfig:
@@ -187,20 +231,34 @@ def plan_audit(cfg: RunConfig, loss: pa.Table, spikes: pa.Table, skip_spikes: fr
 
     windows: dict[str, list[int]] = {}
     spikes_of: dict[int, list[str]] = {}
+    events = {}
     busy = np.zeros(0, dtype=np.int64)
     for sid, start, peak, end in zip(spikes.column("spike_id").to_pylist(), spikes.column("start_step").to_pylist(),
                                      spikes.column("peak_step").to_pylist(), spikes.column("end_step").to_pylist()):
         busy = np.concatenate([busy, np.arange(start - cfg.guard, (end if end is not None else peak) + cfg.guard + 1)])
-        if sid in skip_spikes:
+    first_logged = int(steps.min()) if len(steps) else None
+    exclude: set[int] = set()
+    for ev in group_events(spikes, cfg.metric, cfg.merge_gap):
+        eid = ev["id"]
+        e0 = max(ev["start"] - cfg.lookback, first_logged if first_logged is not None else ev["start"])
+        exclude.update(range(e0, min(ev["end"], e0 + cfg.max_window - 1) + 1))
+        if eid in skip_spikes or any(m in skip_spikes for m in ev["members"]):
             continue
+        peak = ev["peak_step"]
         if not (lo <= peak <= hi) and not cfg.allow_missing_steps:
             raise UserError(f"{cfg.manifest} covers the log's steps {lo}..{hi} but {cfg.log} has a spike at step {peak} "
-                            f"({sid}): is this the manifest of that run? (--allow-missing-steps to judge such "
+                            f"({eid}): is this the manifest of that run? (--allow-missing-steps to judge such "
                             f"spikes inconclusive)")
-        w = list(range(max(start - cfg.lookback, int(steps.min()) if len(steps) else start), peak + 1))
-        windows[sid] = w
+        w0 = max(ev["start"] - cfg.lookback, first_logged if first_logged is not None else ev["start"])
+        w1 = min(ev["end"], w0 + cfg.max_window - 1)
+        if w1 < ev["end"]:
+            log.info("event %s spans steps %d..%d: its window is cut to %d steps (--max-window)", eid, ev["start"],
+                     ev["end"], cfg.max_window)
+        w = list(range(w0, w1 + 1))
+        windows[eid] = w
+        events[eid] = ev
         for s in w:
-            spikes_of.setdefault(s, []).append(sid)
+            spikes_of.setdefault(s, []).append(eid)
 
     if fixed_controls is not None:
         controls = [c for c in fixed_controls if c not in set(busy.tolist())]
@@ -208,7 +266,13 @@ def plan_audit(cfg: RunConfig, loss: pa.Table, spikes: pa.Table, skip_spikes: fr
         ok = np.isfinite(values) & ~np.isin(steps, busy) & (steps >= lo) & (steps <= hi)
         candidates = np.unique(steps[ok])
         rng = np.random.default_rng(cfg.seed)
-        take = min(len(candidates), cfg.n_controls)
+        longest = max((len(w) for w in windows.values()), default=0)
+        # with room for up to 5% of them to be left out as anomalous themselves (verdict.null_model)
+        want = max(cfg.n_controls, int(np.ceil(needed_controls(longest, cfg.alpha) / 0.95)))
+        if want > cfg.n_controls:
+            log.info("%d controls (not %d) so that p <= %g is reachable over the longest window (%d steps)", want,
+                     cfg.n_controls, cfg.alpha, longest)
+        take = min(len(candidates), want)
         controls = sorted(rng.choice(candidates, size=take, replace=False).tolist()) if take else []
 
     wanted = sorted(set(spikes_of) | set(controls))
@@ -230,7 +294,7 @@ def plan_audit(cfg: RunConfig, loss: pa.Table, spikes: pa.Table, skip_spikes: fr
     _check_slices(cfg, man, [w + offset for w in wanted], dtype)
     log.info("audit plan: %d spikes, %d window steps, %d control steps, %d manifest slices", len(windows),
              len(spikes_of), len(controls), len(slices))
-    return Plan(spikes, windows, controls, spikes_of, slices, missing, offset)
+    return Plan(spikes, windows, controls, spikes_of, slices, missing, offset, events, sorted(exclude))
 
 
 def _check_slices(cfg: RunConfig, man: pa.Table, steps: list[int], dtype=None) -> None:

@@ -102,14 +102,14 @@ def _audit(cfg: ShardAuditConfig, flags, shards, out, st, t0: float) -> ShardAud
     tables = collect_tables(str(parts), (SHARD_SCORES, DUPLICATES))
     n_tokens = int(sum(r["n_tokens"] for r in tables["shard_scores"].to_pylist() if r["shard"] in
                        {s.name for s, _ in todo}))
-    q = shard_quarantine(tables["shard_scores"], bad, cfg.quarantine_z)
+    q = shard_quarantine(tables["shard_scores"], bad, cfg.alpha, cfg.min_rows)
     files = stage / "files"
     try:
         files.mkdir()
         write_table(tables["shard_scores"], files / "shard_scores.parquet", SHARD_SCORES)
         write_table(tables["duplicates"], files / "duplicates.parquet", DUPLICATES)
         write_json(q, files / "quarantine.json")
-        write_text(render_shard_report(tables, bad, cfg, excerpts(tables["shard_scores"], shards, cfg)),
+        write_text(render_shard_report(tables, bad, cfg, excerpts(tables["shard_scores"], shards, cfg), q),
                    files / "report.html")
         # no timings here: the outputs of identical inputs are byte-identical (the command prints the time)
         write_json({"shards": len(names), "scanned": len(todo), "from_state": len(keep), "bad": bad,

@@ -23,7 +23,8 @@ class ShardAuditConfig:
     text_col: str = "text"
     dtype: str | None = None
     batch_rows: int = 4096
-    quarantine_z: float = 8.0
+    alpha: float = 0.05
+    min_rows: int = 2
     threshold: float = 0.8
     buckets: int = 16
     max_group: int = 1000

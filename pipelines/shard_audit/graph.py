@@ -7,8 +7,8 @@ import logging
 import numpy as np
 import pyarrow as pa
 
-from spike_audit.pipelines.beam.scoring import (concat_parts, entity_scores, finish, make_suite, split_by_bucket,
-                                                suite_histogram, sum_histograms, to_token_batch, with_cross_dup)
+from spike_audit.pipelines.beam.scoring import (concat_parts, entity_scores, finish, make_suite, score_batch,
+                                                split_by_bucket, suite_histogram, sum_histograms, to_token_batch)
 from spike_audit.pipelines.shard_audit.clusters import (attach_sketches, band_candidates, cluster_pairs,
                                                         duplicate_records, exact_groups, near_clusters, near_pairs,
                                                         split_sketches)
@@ -81,6 +81,106 @@ def document_chunk_items(shard, rows, dtype, batch_rows: int):
         yield name, path, a, b, n, ta, tb
 
 
+class ShardAcc:
+    """Per shard: the suite's accumulator and the histogram of every row's bins on every family (one scoring
+    pass per chunk gives both, :func:`score_chunk`); merged by the suite's merge and addition."""
+
+    name = "shard_acc"
+
+    def __init__(self, cfg_dict: dict):
+        self.cfg_dict = cfg_dict
+
+    def create(self):
+        return None
+
+    def add(self, acc, x):
+        return self.merge([acc, x])
+
+    def merge(self, accs):
+        accs = [a for a in accs if a is not None]
+        if not accs:
+            return None
+        if len(accs) == 1:
+            return accs[0]
+        suite = make_suite(self.cfg_dict)
+        return {"suite": suite.merge([a["suite"] for a in accs]), "rows": sum(a["rows"] for a in accs)}
+
+    def result(self, acc):
+        return acc
+
+
+def score_chunk(name_rb, cfg_dict: dict):
+    """(shard, RecordBatch) -> (shard, {suite accumulator, row-bin histogram}): the one scoring pass per row."""
+    from spike_audit.auditors.evidence import bin_hist, bin_matrix
+    from spike_audit.auditors.rows import FAMILIES, SIGNAL_ORDER
+
+    name, rb = name_rb
+    tb = to_token_batch(rb, cfg_dict["tokens_col"], cfg_dict["text_col"])
+    rows, acc = score_batch(tb, cfg_dict, None, suite_acc=True)
+    return name, {"suite": acc, "rows": bin_hist(bin_matrix(rows.matrix(), SIGNAL_ORDER, FAMILIES))}
+
+
+def finish_shard(key_acc, hist, cfg: dict):
+    """(shard, ShardAcc) -> (shard, n_rows, n_tokens, signals, row-bin histogram); suite signals leave-one-out
+    against the corpus histogram."""
+    key, acc = key_acc
+    k, n_rows, n_tokens, sig = finish((key, acc["suite"]), hist, cfg, frozenset(), True)
+    return k, n_rows, n_tokens, sig, acc["rows"], acc["suite"]
+
+
+def with_shard_counts(kv):
+    """CoGroupByKey of finished shards and their seen-elsewhere counts -> the finished shard with
+    ``cross_dup_frac`` and its shard-level binary families set in the histogram: rows seen in another shard
+    (``seen_elsewhere``), rows duplicated within the shard (``dup_in_batch``)."""
+    from spike_audit.auditors.evidence import NBINS, to_bins
+    from spike_audit.auditors.rows import FAMILY_NAMES
+
+    key, grouped = kv
+    one = int(to_bins(1.0))
+    for _, n_rows, n_tokens, sig, hist, _acc in grouped["scores"]:
+        seen = int(sum(grouped["seen"]))
+        sig = dict(sig, cross_dup_frac=(seen / n_rows) if n_rows else float("nan"))
+        hist = hist.copy()
+        for fam, c in (("seen_elsewhere", seen),
+                       ("dup_in_batch", int(round((sig.get("dup_row_frac_acc") or 0.0) * n_rows)))):
+            f = FAMILY_NAMES.index(fam)
+            hist[f] = np.zeros(NBINS, dtype=hist.dtype)
+            hist[f, 0], hist[f, one] = n_rows - c, c
+        yield key, n_rows, n_tokens, sig, hist
+
+
+def shard_evidence(item, corpus) -> dict:
+    """A shard's rows against every other shard's rows (its own out of the corpus histogram)."""
+    from spike_audit.auditors.evidence import candidates_from_hists, cut_value, hist_to_tail, scan
+    from spike_audit.auditors.rows import FAMILIES
+
+    key, n_rows, n_tokens, sig, hist = item
+    R = int(corpus.sum(axis=1).max()) if corpus.size else 0
+    tail = hist_to_tail(corpus)
+    ev = scan([candidates_from_hists(hist[None], tail, np.ones(1, bool))], np.array([n_rows]),
+              np.array([R - n_rows]), len(FAMILIES))
+    e = ev.e[0]
+    order = [int(f) for f in np.lexsort((np.arange(len(e)), -e)) if e[f] > 0][:8]
+    fams = [{"name": FAMILIES[f].name, "rows": int(ev.k[0, f]), "cut": float(cut_value(FAMILIES[f], int(ev.cut[0, f]))),
+             "natural_rate": float(ev.rate[0, f]), "evidence": float(min(e[f], 300.0))} for f in order]
+    return {"shard": key, "n_rows": n_rows, "n_tokens": n_tokens, "signals_raw": sig, "families": fams,
+            "anomaly_score": float(min(ev.T[0], 300.0)), "top_signal": fams[0]["name"] if fams else "",
+            "top_rows": fams[0]["rows"] if fams else 0, "natural_rate": fams[0]["natural_rate"] if fams else None,
+            "reason": "; ".join(f"{x['rows']} of {n_rows} rows on {x['name']} (natural rate "
+                                f"{100 * x['natural_rate']:.2g}%, e={x['evidence']:.1f})" for x in fams[:3])}
+
+
+def rank_shards(recs, fps):
+    """Shards ranked by evidence (ties by name), with their suite signals' robust z across shards."""
+    zs = {r["shard"]: r for r in entity_scores([(r["shard"], r["n_rows"], r["n_tokens"], r["signals_raw"])
+                                               for r in recs], "shard")}
+    out = sorted(recs, key=lambda r: (-r["anomaly_score"], r["shard"]))
+    for rank, r in enumerate(out, 1):
+        rec = {k: v for k, v in r.items() if k != "signals_raw"}
+        rec.update(rank=rank, signals=zs[r["shard"]]["signals"], fingerprint=fps.get(r["shard"]))
+        yield "shard_scores", rec
+
+
 def row_keys(name_rb, shard_index: dict, cfg_dict: dict) -> dict:
     """Per chunk, vectorised: node ids, exact row hashes, LSH band keys and 8-bit MinHash sketches."""
     from spike_audit.auditors.dedup import row_hashes
@@ -94,6 +194,17 @@ def row_keys(name_rb, shard_index: dict, cfg_dict: dict) -> dict:
     sig = signatures(tb, seed=cfg_dict["seed"])[ne]
     return {"shard": name, "nodes": nodes, "hash": h, "ne_nodes": nodes[ne],
             "bands": band_keys(sig, cfg_dict["threshold"], cfg_dict["seed"]), "sketch": (sig & 0xFF).astype(np.uint8)}
+
+
+def sum_arrays(arrays):
+    """Sum equal-shape count arrays (a CombineGlobally function); an empty input gives an empty array."""
+    arrays = [a for a in arrays if np.size(a)]
+    if not arrays:
+        return np.zeros((0, 0), dtype=np.int64)
+    out = np.zeros_like(arrays[0])
+    for a in arrays:
+        out += a
+    return out
 
 
 def split_exact(rec: dict, buckets: int):
@@ -153,16 +264,15 @@ def build_pipeline(p, cfg: ShardAuditConfig, todo: list[tuple[Shard, int]], old_
         from spike_audit.pipelines.beam.read import DecodeText
 
         batches = batches | "Decode" >> beam.ParDo(DecodeText(cfg.tokenizer))
-    suite = make_suite(cfg_dict)
-    new_accs = (batches | "Tokens" >> beam.MapTuple(lambda k, rb: (k, to_token_batch(rb, tokens_col, text_col)))
-                | "AuditShards" >> beam.CombinePerKey(AuditorCombineFn(suite, output="accumulator")))
+    new_accs = (batches | "Score" >> beam.Map(score_chunk, cfg_dict)
+                | "AuditShards" >> beam.CombinePerKey(AuditorCombineFn(ShardAcc(cfg_dict), output="accumulator")))
     old_accs = (p | "OldAccParts" >> beam.Create(old_parts.get("accs", []))
                 | "LoadAccs" >> beam.FlatMap(load_state_records, keep)
                 | "AccKV" >> beam.Map(lambda r: (r["shard"], r["acc"])))
     accs = (new_accs, old_accs) | "AllAccs" >> beam.Flatten()
 
     # the corpus baseline: every shard's histogram; each shard is then scored leave-one-out
-    hist = (accs | "Hists" >> beam.Map(lambda kv: suite_histogram(kv[1]))
+    hist = (accs | "Hists" >> beam.Map(lambda kv: suite_histogram(kv[1]["suite"]))
             | "Baseline" >> beam.CombineGlobally(sum_histograms))
     new_keys = batches | "RowKeys" >> beam.Map(row_keys, shard_index, cfg_dict)
     old_keys = (p | "OldKeyParts" >> beam.Create(old_parts.get("keys", []))
@@ -174,14 +284,15 @@ def build_pipeline(p, cfg: ShardAuditConfig, todo: list[tuple[Shard, int]], old_
     seen = (exact_buckets | "SeenElsewhere" >> beam.FlatMap(shard_seen_elsewhere)
             | "SumSeen" >> beam.CombinePerKey(sum)
             | "SeenByName" >> beam.Map(lambda kv, nm: (nm[kv[0]], kv[1]), names))
-    finished = (accs | "Finish" >> beam.Map(finish, AsSingleton(hist), cfg_dict, frozenset(), True)
+    finished = (accs | "Finish" >> beam.Map(finish_shard, AsSingleton(hist), cfg_dict)
                 | "KeyFinished" >> beam.Map(lambda it: (it[0], it)))
-    scores = (({"scores": finished, "seen": seen} | "JoinSeen" >> beam.CoGroupByKey()
-               | "CrossDup" >> beam.FlatMap(with_cross_dup))
+    shards = ({"scores": finished, "seen": seen} | "JoinSeen" >> beam.CoGroupByKey()
+              | "ShardCounts" >> beam.FlatMap(with_shard_counts))
+    corpus = (shards | "RowHists" >> beam.Map(lambda it: it[4])
+              | "Corpus" >> beam.CombineGlobally(sum_arrays))
+    scores = (shards | "Evidence" >> beam.Map(shard_evidence, AsSingleton(corpus))
               | "AllShards" >> beam.combiners.ToList()
-              | "Rank" >> beam.FlatMap(lambda items, fps: [("shard_scores", dict(r, fingerprint=fps.get(r["shard"])))
-                                                           for r in entity_scores(items, "shard")], all_fp(names, todo,
-                                                                                                          keep)))
+              | "Rank" >> beam.FlatMap(rank_shards, all_fp(names, todo, keep)))
 
     exact = (exact_buckets
              | "ExactGroups" >> beam.FlatMap(exact_groups)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pyarrow as pa
 
@@ -9,11 +11,30 @@ from spike_audit.pipelines.errors import UserError
 from spike_audit.pipelines.shard_audit.config import Shard, ShardAuditConfig
 
 
-def shard_quarantine(scores: pa.Table, bad: list[dict], z: float) -> dict:
-    rows = [r for r in scores.to_pylist() if r["anomaly_score"] >= z]
-    return {"threshold_z": z,
+def quarantine_threshold(n_shards: int, alpha: float) -> float:
+    """Evidence that quarantines a shard: Bonferroni over the shards, the families and every possible cut,
+    ``log10(shards * families * cuts / alpha)`` (conservative under the binomial model)."""
+    from spike_audit.auditors.evidence import NBINS
+    from spike_audit.auditors.rows import FAMILIES
+
+    return float(math.log10(max(1, n_shards) * len(FAMILIES) * (NBINS - 1) / alpha))
+
+
+def is_quarantined(r: dict, threshold: float, min_rows: int) -> bool:
+    return r["anomaly_score"] >= threshold and (r["top_rows"] or 0) >= min_rows
+
+
+def shard_quarantine(scores: pa.Table, bad: list[dict], alpha: float, min_rows: int = 2) -> dict:
+    """Shards whose anomalous rows are beyond the corpus' natural rate at ``alpha`` after Bonferroni
+    (:func:`quarantine_threshold`), with at least ``min_rows`` such rows (never for one row)."""
+    recs = scores.to_pylist()
+    t = quarantine_threshold(len(recs), alpha)
+    rows = [r for r in recs if is_quarantined(r, t, min_rows)]
+    return {"threshold_evidence": t, "rule": f"evidence >= log10(shards x families x cuts / {alpha}), "
+                                             f">= {min_rows} anomalous rows",
             "shards": [{"shard": r["shard"], "rank": r["rank"], "anomaly_score": r["anomaly_score"],
-                        "top_signal": r["top_signal"], "reason": r["reason"]} for r in rows],
+                        "top_signal": r["top_signal"], "top_rows": r["top_rows"], "n_rows": r["n_rows"],
+                        "natural_rate": r["natural_rate"], "reason": r["reason"]} for r in rows],
             "unreadable": bad}
 
 

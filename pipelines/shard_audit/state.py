@@ -94,9 +94,14 @@ def _load_index(state: str | None) -> dict:
     return index
 
 
+#: Bumped when the stored accumulators change form (2: suite accumulator + row-bin histogram per shard).
+STATE_FORMAT = 2
+
+
 def _settings_key(cfg: ShardAuditConfig) -> str:
     d = asdict(cfg)
-    for k in ("inputs", "out", "root", "state", "skip_bad", "quarantine_z", "batch_rows", "buckets"):
+    d["state_format"] = STATE_FORMAT
+    for k in ("inputs", "out", "root", "state", "skip_bad", "alpha", "min_rows", "batch_rows", "buckets"):
         d.pop(k, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 

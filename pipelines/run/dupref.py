@@ -1,0 +1,182 @@
+"""The fixed duplicate reference of ``spike-audit run``: is an audited row's content also at another position of
+the data the manifest consumed?
+
+"Seen elsewhere" must not depend on which steps happen to be audited (two controls sharing a natural duplicate
+would inflate each other), so it is measured against a fixed set: every distinct slice the manifest names at
+a step outside every spike window, that is every row (or token range) the run consumed away from the spikes.
+Leaving the windows out is what keeps a replay from hiding: rows copied into a spike's batch from a normal
+step are seen elsewhere (at that step), while that normal step, should it be drawn as a control, does not
+see its rows elsewhere merely because the spike copied them (the relation would otherwise be symmetric and
+the control would be exactly as extreme as the window). The set depends only on the log's spikes, not on
+which control steps are drawn. The pass reads only the token column of those shards, hashes each row with
+the suite's 64-bit row hash, and keeps only the rows whose hash is one of the audited rows' hashes (a small
+side input): ``(hash, position)`` pairs, ``position`` a 64-bit key of (shard, start, end). An audited row is
+seen elsewhere when its hash occurs at a position other than its own. Cost: one read of the consumed token
+columns (text columns are not read), hashed at tens of millions of tokens per second; nothing manifest-sized
+reaches the driver (the manifest is read by row groups inside the pipeline, slices grouped per shard as
+arrays).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from spike_audit.auditors.sampling import hash64
+
+#: Rows read per call when hashing a shard (bounds memory per worker).
+READ_ROWS = 1 << 15
+
+
+def shard_key(name: str) -> np.uint64:
+    return np.uint64(int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little"))
+
+
+def position_keys(shards: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """64-bit key of each row's position (shard, start, end), vectorised over rows (one hash per distinct
+    shard name)."""
+    shards = np.asarray(shards, dtype=object)
+    uniq, inv = np.unique(shards.astype(str), return_inverse=True)
+    sk = np.array([shard_key(s) for s in uniq.tolist()], dtype=np.uint64)[inv] if len(uniq) else np.zeros(0, np.uint64)
+    with np.errstate(over="ignore"):
+        return hash64(sk ^ hash64(np.asarray(start, np.int64).astype(np.uint64) * np.uint64(0x100000001B3)
+                                  ^ hash64(np.asarray(end, np.int64), 7), 3), 5)
+
+
+def pair_keys(h: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        return hash64(np.asarray(h, np.uint64) ^ hash64(np.asarray(pos, np.uint64), 11), 13)
+
+
+def manifest_row_groups(path: str) -> list[int]:
+    import pyarrow.parquet as pq
+
+    return list(range(pq.ParquetFile(path).metadata.num_row_groups))
+
+
+def row_group_slices(rg: int, path: str, exclude_steps: frozenset = frozenset()):
+    """One manifest row group -> ``(shard, (starts, ends, is_token))`` per shard in it (numpy arrays), without
+    the slices consumed at ``exclude_steps`` (the spike windows)."""
+    import pyarrow.parquet as pq
+
+    t = pq.ParquetFile(path).read_row_group(rg, columns=["step", "shard", "row_start", "row_end", "unit"])
+    if exclude_steps and t.num_rows:
+        t = t.filter(pc.invert(pc.is_in(t.column("step"), value_set=pa.array(sorted(exclude_steps), pa.int64()))))
+    if not t.num_rows:
+        return
+    unit = pc.fill_null(t.column("unit"), "row")
+    enc = pc.dictionary_encode(t.column("shard")).combine_chunks()
+    names = enc.dictionary.to_pylist()
+    idx = enc.indices.to_numpy(zero_copy_only=False)
+    starts = np.asarray(t.column("row_start"), dtype=np.int64)
+    ends = np.asarray(t.column("row_end"), dtype=np.int64)
+    is_tok = np.asarray(pc.equal(unit, "token").to_numpy(zero_copy_only=False), dtype=bool)
+    order = np.argsort(idx, kind="stable")
+    cuts = np.flatnonzero(np.diff(idx[order])) + 1
+    for part in np.split(order, cuts):
+        if len(part):
+            yield names[int(idx[part[0]])], (starts[part], ends[part], is_tok[part])
+
+
+def _read(root, shard, slices, unit, cfg):
+    from spike_audit.pipelines.errors import UserError
+    from spike_audit.pipelines.shards.read import read_slices
+
+    try:  # the token column only; text-only shards are hashed on their text's bytes
+        return read_slices(root, shard, slices, unit=unit, tokens_col=cfg["tokens_col"], text_col="\0",
+                           dtype=cfg.get("dtype"), rows=cfg.get("flat_rows"))
+    except UserError:
+        return read_slices(root, shard, slices, unit=unit, tokens_col=cfg["tokens_col"], text_col=cfg["text_col"],
+                           dtype=cfg.get("dtype"), rows=cfg.get("flat_rows"))
+
+
+def hash_shard(kv, audited, root, cfg):
+    """(shard, parts of its slices) -> ``(hashes, positions)`` of its rows whose hash is audited."""
+    from spike_audit.auditors.dedup import row_hashes
+    from spike_audit.pipelines.beam.scoring import to_token_batch
+    from spike_audit.pipelines.shards.slices import coalesce
+
+    shard, parts = kv
+    parts = list(parts)
+    if not parts or audited is None or not len(audited):
+        return
+    starts = np.concatenate([p[0] for p in parts])
+    ends = np.concatenate([p[1] for p in parts])
+    tok = np.concatenate([p[2] for p in parts])
+    hs, ps = [], []
+    for unit, sel in (("row", ~tok), ("token", tok)):
+        if not sel.any():
+            continue
+        sl = np.stack([starts[sel], ends[sel]], axis=1)
+        if unit == "row":  # every consumed row once
+            # cut the coalesced ranges into pieces of at most READ_ROWS rows, grouped up to READ_ROWS per read
+            pieces = [(x, min(b, x + READ_ROWS)) for a, b in coalesce(sl).tolist() for x in range(a, b, READ_ROWS)]
+            sl = np.asarray(pieces, dtype=np.int64).reshape(-1, 2)
+            groups, acc, cur = [], [], 0
+            for r in sl:
+                acc.append(r)
+                cur += int(r[1] - r[0])
+                if cur >= READ_ROWS:
+                    groups.append(np.asarray(acc)); acc, cur = [], 0
+            if acc:
+                groups.append(np.asarray(acc))
+        else:  # every distinct consumed token range once
+            sl = np.unique(sl, axis=0)
+            groups = [sl[i:i + READ_ROWS] for i in range(0, len(sl), READ_ROWS)]
+        for g in groups:
+            rb = _read(root, shard, g, unit, cfg)
+            if not rb.num_rows:
+                continue
+            tb = to_token_batch(rb, cfg["tokens_col"], cfg["text_col"])
+            h = row_hashes(tb, cfg["seed"])
+            hit = np.isin(h, audited)
+            if not hit.any():
+                continue
+            start = np.asarray(rb.column("row"), dtype=np.int64)[hit]
+            end = np.asarray(rb.column("row_end"), dtype=np.int64)[hit]
+            hs.append(h[hit])
+            ps.append(position_keys(np.full(len(start), shard, dtype=object), start, end))
+    if hs:
+        yield np.concatenate(hs), np.concatenate(ps)
+
+
+class DupReference:
+    """``(hash, position)`` pairs of the reference rows whose hash is audited, as a mergeable accumulator;
+    ``result``: ``{"pairs": sorted unique pair keys, "hash": hashes of those pairs (aligned)}``."""
+
+    name = "dup_reference"
+
+    def create(self):
+        return (np.zeros(0, np.uint64), np.zeros(0, np.uint64))
+
+    def add(self, acc, item):
+        return self.merge([acc, item])
+
+    def merge(self, accs):
+        accs = list(accs)
+        h = np.concatenate([a[0] for a in accs]) if accs else np.zeros(0, np.uint64)
+        p = np.concatenate([a[1] for a in accs]) if accs else np.zeros(0, np.uint64)
+        if not len(h):
+            return self.create()
+        code = np.unique(np.stack([h, p], axis=1), axis=0)
+        return code[:, 0].copy(), code[:, 1].copy()
+
+    def result(self, acc):
+        return {"hash": acc[0], "pos": acc[1]}
+
+
+def seen_elsewhere(ref: dict | None, h: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """1.0 where a row's hash ``h`` occurs in the reference at a position other than ``pos``, else 0.0; NaN
+    for every row without a reference."""
+    h = np.asarray(h, dtype=np.uint64)
+    if ref is None:
+        return np.full(len(h), np.nan)
+    rh, rp = ref["hash"], ref["pos"]
+    order = np.argsort(rh, kind="stable")
+    srt = rh[order]
+    n_at = np.searchsorted(srt, h, side="right") - np.searchsorted(srt, h, side="left")
+    own = np.isin(pair_keys(h, pos), pair_keys(rh, rp))
+    return ((n_at - own.astype(np.int64)) >= 1).astype(np.float64)
