@@ -7,9 +7,10 @@ Detectors (``DetectorConfig.method``)
 -------------------------------------
 ``robust`` (default)
     For each value ``v_i`` let the *baseline window* be the last ``window`` (64) finite values before
-    ``i`` that were not themselves flagged. With ``med`` its median and
-    ``sigma = max(1.4826 * MAD, sigma_floor * |med|)`` (``sigma_floor`` = 1e-3, so a perfectly flat
-    curve has no zero-sigma blow-up), ``v_i`` is flagged iff
+    ``i`` that were not themselves flagged, and its *recent* part its last quarter (16 values; at least
+    3; the whole window when it holds fewer than 8). With ``med`` the smaller of the two medians and
+    ``sigma = max(1.4826 * MAD, sigma_floor * |med|)``, MAD the smaller of the two (``sigma_floor`` =
+    1e-3, so a perfectly flat curve has no zero-sigma blow-up), ``v_i`` is flagged iff
 
         v_i > med + k * sigma     (k = 6)   AND   v_i > med + min_rel_rise * |med|   (min_rel_rise = 0.05)
 
@@ -18,7 +19,11 @@ Detectors (``DetectorConfig.method``)
     a short log (an excerpt of a few dozen lines) may use a quarter of its own length, but never fewer
     than 3 values (the smallest window whose median ignores one outlier).
     Flagged values never enter later baselines, so a spike (or a run of spikes) is measured against
-    the level before it, and a loss that jumps and stays up keeps being flagged (a divergence).
+    the level before it, and a loss that jumps and stays up keeps being flagged (a divergence). The
+    recent quarter is what keeps early training honest: on a falling curve the window's median lags
+    the trend by half a window and its MAD is inflated by the trend itself, so a spike back up to the
+    level of 30 steps earlier (a jump of 25% early in a run) would go unseen; on a flat or rising curve
+    the window's median is the smaller and the rule is the plain trailing median.
 
     Because of that exclusion the flags depend sequentially on earlier flags. The implementation is
     exact and still vectorised: it evaluates a block of future positions at once assuming no new flag
@@ -41,7 +46,8 @@ Events
 ------
 Flagged positions separated by at most ``merge_gap`` (2) unflagged logged values form one event:
 ``start_step``/``end_step`` (first/last flagged), ``peak_step`` (largest value), ``baseline_value``
-(median of the ``window`` finite unflagged values before the start), ``severity`` =
+(the robust level of the ``window`` finite unflagged values before the start: the smaller of their
+median and their recent quarter's median), ``severity`` =
 ``(peak - baseline) / sigma`` with the same MAD-sigma (for every detector, so severities compare),
 ``recovery_steps`` = steps from the peak to the first later finite value that is not flagged (null if
 none). Kind ``divergence`` when it never recovers and the log continues for at least
@@ -112,9 +118,22 @@ def _median_rows(a: np.ndarray) -> np.ndarray:
     return (p[:, h - 1] + p[:, h]) / 2
 
 
+def recent_len(w: int) -> int:
+    """Values in the *recent* part of a baseline window of ``w`` values (its last quarter, at least 3)."""
+    return max(3, w // 4) if w >= 8 else w
+
+
 def _med_sigma(windows: np.ndarray, floor: float) -> tuple[np.ndarray, np.ndarray]:
+    """Level and sigma of baseline windows (rows): the smaller of the window's median and its recent
+    quarter's median, and the smaller of their MADs (x 1.4826), floored at ``floor * |level|``."""
     med = _median_rows(windows)
     mad = _median_rows(np.abs(windows - med[:, None]))
+    q = recent_len(windows.shape[1])
+    if q < windows.shape[1]:
+        recent = windows[:, -q:]
+        med_q = _median_rows(recent)
+        mad_q = _median_rows(np.abs(recent - med_q[:, None]))
+        med, mad = np.minimum(med, med_q), np.minimum(mad, mad_q)
     sigma = np.maximum(_MAD_TO_SIGMA * mad, floor * np.abs(med))
     return med, np.maximum(sigma, np.finfo(np.float64).tiny)
 
@@ -165,7 +184,9 @@ def _robust_flags(values: np.ndarray, cfg: DetectorConfig) -> np.ndarray:
                 # window below t (the lower middle order statistic is <= med). Skip the others.
                 t = seg[fidx] / (1 + cfg.min_rel_rise) * (1 + 1e-9)
                 below = np.count_nonzero(win < t[:, None], axis=1)
-                keep = ~((win.min(axis=1) > 0) & (2 * below < w))
+                q = recent_len(w)
+                below_q = np.count_nonzero(win[:, -q:] < t[:, None], axis=1)
+                keep = ~((win.min(axis=1) > 0) & (2 * below < w) & (2 * below_q < q))
                 fidx, win = fidx[keep], win[keep]
             if len(fidx):
                 med[fidx], sig[fidx] = _med_sigma(win, cfg.sigma_floor)

@@ -32,7 +32,13 @@ def reference_robust(values: np.ndarray, cfg: DetectorConfig) -> np.ndarray:
         win = np.array(base[-cfg.window:])
         if len(win) >= m:
             med = np.median(win)
-            sig = max(1.4826 * np.median(np.abs(win - med)), cfg.sigma_floor * abs(med), np.finfo(float).tiny)
+            mad = np.median(np.abs(win - med))
+            q = max(3, len(win) // 4) if len(win) >= 8 else len(win)
+            if q < len(win):  # the recent quarter: its median and MAD, when smaller
+                rec = win[-q:]
+                med_q = np.median(rec)
+                med, mad = min(med, med_q), min(mad, np.median(np.abs(rec - med_q)))
+            sig = max(1.4826 * mad, cfg.sigma_floor * abs(med), np.finfo(float).tiny)
             if v > med + cfg.k * sig and v > med + cfg.min_rel_rise * abs(med):
                 flags[i] = True
                 continue
@@ -85,7 +91,18 @@ def test_injected_spikes_found_at_the_right_steps():
     e = ev[2]
     assert e["peak_step"] in (1900, 1901, 1902) and e["recovery_steps"] == 1903 - e["peak_step"]
     assert all(x["severity"] > 6 for x in ev)
-    assert e["baseline_value"] == pytest.approx(np.median(v[1800 - 64:1800]))
+    win = v[1800 - 64:1800]
+    assert e["baseline_value"] == pytest.approx(min(np.median(win), np.median(win[-16:])))
+
+
+def test_a_spike_early_in_training_is_found_on_the_falling_curve():
+    # power-law descent: the loss 30 steps back is well above today's; a 25% jump must still be flagged
+    s = np.arange(1, 400, dtype=np.float64)
+    rng = np.random.default_rng(0)
+    v = 2.2 + 8.0 * (s / 5 + 1) ** -0.5 + 0.01 * rng.standard_normal(len(s))
+    v[122] += 0.9
+    ev = detect(s.astype(np.int64), v)
+    assert [e["peak_step"] for e in ev if e["kind"] == "spike"] == [123]
 
 
 def test_smooth_or_flat_curves_give_no_spike():
