@@ -70,7 +70,7 @@ def test_model_verdict_beside_the_data_verdict(audited):
         assert r["model_baseline"].startswith("preceding:")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["row_losses"]["nonfinite"] == 0
-    assert pq.read_schema(out / "verdicts.parquet").metadata[b"spike_audit.version"] == b"2"
+    assert pq.read_schema(out / "verdicts.parquet").metadata[b"spike_audit.version"] == b"3"
 
 
 def test_loss_rows_name_the_planted_rows_and_the_report_shows_both_verdicts(audited):

@@ -30,7 +30,7 @@ def _shards(args) -> int:
 
         from spike_audit.pipelines.cli.run import EXIT_FOUND
 
-        n = sum(r["anomaly_score"] >= cfg.quarantine_z for r in scores) + len(res.bad)
+        n = sum(is_quarantined(r, t, cfg.min_rows) for r in scores) + len(res.bad)
         if n:
             print(f"spike-audit shards: exit {EXIT_FOUND} (--fail-on quarantine): {n} shard(s) quarantined "
                   "(unreadable ones included)", file=sys.stderr)
