@@ -47,7 +47,8 @@ ROW_SIGNALS: dict[str, str] = {
     "dup_in_batch": "1 when an identical row (64-bit token hash) is elsewhere in the same batch, else 0.",
     "dup_doc_frac": "Share of the row's EOS-separated documents that occur again in the same batch.",
     "near_dup_jaccard": "Largest estimated Jaccard similarity of the row's 5-gram shingles with another row of the same "
-    "batch (share of equal values of their 128-value MinHash signatures; every pair compared), 0 without a partner.",
+    "batch (share of equal values of their 128-value MinHash signatures; every pair compared); 0 below 0.2 (code and "
+    "boilerplate share common 5-grams: that is not duplication) and without a partner.",
     "seen_elsewhere": "1 when a row with identical tokens is at another position of the fixed duplicate reference "
     "(spike-audit run: the rows the manifest consumed; spike-audit shards: another shard), else 0.",
     **{k: f"Text: {v}" for k, v in text_mod.SIGNALS.items()},
@@ -74,9 +75,27 @@ FAMILIES: tuple[Family, ...] = (
     Family("mean_word_len", "high", _P), Family("mean_word_len", "low", _P),
     Family("compression_ratio", "high", _P), Family("compression_ratio", "low", _P),
     Family("non_latin_frac", "high", _F), Family("max_char_run", "high", _P),
+    Family("digit_frac", "high", _F), Family("upper_frac", "high", _F),
 )
 
 FAMILY_NAMES: tuple[str, ...] = tuple(f.name for f in FAMILIES)
+
+def rows_markdown() -> str:
+    """The README's table of row signals with the tails they are judged in (generated: a test keeps it in sync)."""
+    tails: dict[str, list[str]] = {}
+    for f in FAMILIES:
+        tails.setdefault(f.signal, []).append(f.tail)
+    lines = ["| row signal | anomalous tail | definition |", "|---|---|---|"]
+    for k, v in ROW_SIGNALS.items():
+        lines.append(f"| `{k}` | {', '.join(tails.get(k, [])) or '-'} | {v} |")
+    return "\n".join(lines) + "\n"
+
+
+#: Estimated Jaccard similarity below which a row's best partner in its batch is no near duplicate (0): rows of
+#: code, tables or boilerplate share common 5-grams (similarities of 0.02-0.15 between unrelated rows of real
+#: text), while two copies of one document with 6% of tokens substituted keep about 0.37 (1% quantile 0.22).
+NEAR_DUP_FLOOR = 0.2
+
 
 #: Row signals in a fixed column order (the columns of :meth:`RowScores.matrix`).
 SIGNAL_ORDER: tuple[str, ...] = tuple(ROW_SIGNALS)
@@ -125,10 +144,10 @@ class RowScorer:
 
     def __init__(self, eos_id: int | None = None, pad_id: int | None = None, vocab_size: int | None = None,
                  seed: int = 0, near_threshold: float = 0.3, ngram: int = 5, num_perm: int = 128, text: bool = True,
-                 max_pairwise_rows: int = 4096):
+                 max_pairwise_rows: int = 4096, near_dup: bool = True):
         self.eos_id, self.pad_id, self.vocab_size, self.seed = eos_id, pad_id, vocab_size, seed
         self.near_threshold, self.ngram, self.num_perm, self.text = near_threshold, ngram, num_perm, text
-        self.max_pairwise_rows = max_pairwise_rows
+        self.max_pairwise_rows, self.near_dup = max_pairwise_rows, near_dup
         self._repetition = Repetition()
         self._dedup = ExactDup(eos_id=eos_id, seed=seed)
 
@@ -157,7 +176,7 @@ class RowScorer:
         d = self._dedup.row_signals(batch, cache)
         out["dup_in_batch"] = d["dup_row_frac"]
         out["dup_doc_frac"] = d["dup_doc_frac"]
-        out["near_dup_jaccard"] = self._near_dup(batch, cache)
+        out["near_dup_jaccard"] = self._near_dup(batch, cache) if self.near_dup else np.full(n, np.nan)
         out["seen_elsewhere"] = np.full(n, np.nan)
         if self.text and batch.text is not None:
             out.update(text_mod.TextStats().row_signals(batch, cache))
@@ -171,13 +190,14 @@ class RowScorer:
             return out
         sig = signatures(batch, self.ngram, self.num_perm, self.seed, cache=cache)[ne]
         if len(ne) <= self.max_pairwise_rows:
-            out[ne] = max_jaccard_all(sig)
+            j = max_jaccard_all(sig)
+            out[ne] = np.where(j >= NEAR_DUP_FLOOR, j, 0.0)
             return out
         # very large batches: LSH candidates at ``near_threshold``, their estimated Jaccard (lower pairs: 0)
         from spike_audit.auditors.minhash import band_keys, near_duplicates
 
-        keys = band_keys(sig, self.near_threshold, self.seed)
-        lo, hi, jac = near_duplicates(keys, (sig & 0xFF).astype(np.uint8), self.near_threshold)
+        keys = band_keys(sig, max(self.near_threshold, NEAR_DUP_FLOOR), self.seed)
+        lo, hi, jac = near_duplicates(keys, (sig & 0xFF).astype(np.uint8), max(self.near_threshold, NEAR_DUP_FLOOR))
         best = np.zeros(len(ne))
         np.maximum.at(best, lo, jac)
         np.maximum.at(best, hi, jac)

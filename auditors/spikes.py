@@ -8,9 +8,10 @@ Detectors (``DetectorConfig.method``)
 ``robust`` (default)
     For each value ``v_i`` let the *baseline window* be the last ``window`` (64) finite values before
     ``i`` that were not themselves flagged, and its *recent* part its last quarter (16 values; at least
-    3; the whole window when it holds fewer than 8). With ``med`` the smaller of the two medians and
-    ``sigma = max(1.4826 * MAD, sigma_floor * |med|)``, MAD the smaller of the two (``sigma_floor`` =
-    1e-3, so a perfectly flat curve has no zero-sigma blow-up), ``v_i`` is flagged iff
+    3; the whole window when it holds fewer than 8). With ``med`` the smaller of the window's and the
+    recent part's medians and ``sigma = max(1.4826 * MAD, sigma_floor * |med|)``, MAD that of the window's
+    residuals from its robust line (slope from the medians of its two halves; ``sigma_floor`` = 1e-3, so a
+    perfectly flat curve has no zero-sigma blow-up), ``v_i`` is flagged iff
 
         v_i > med + k * sigma     (k = 6)   AND   v_i > med + min_rel_rise * |med|   (min_rel_rise = 0.05)
 
@@ -20,10 +21,10 @@ Detectors (``DetectorConfig.method``)
     than 3 values (the smallest window whose median ignores one outlier).
     Flagged values never enter later baselines, so a spike (or a run of spikes) is measured against
     the level before it, and a loss that jumps and stays up keeps being flagged (a divergence). The
-    recent quarter is what keeps early training honest: on a falling curve the window's median lags
-    the trend by half a window and its MAD is inflated by the trend itself, so a spike back up to the
-    level of 30 steps earlier (a jump of 25% early in a run) would go unseen; on a flat or rising curve
-    the window's median is the smaller and the rule is the plain trailing median.
+    recent quarter and the residual MAD are what keep early training honest: on a falling curve the
+    window's median lags the trend by half a window and its plain MAD is inflated by the trend itself, so
+    a spike back up to the level of 30 steps earlier (a jump of 25% early in a run) would go unseen; on a
+    flat curve both are the plain trailing median and MAD.
 
     Because of that exclusion the flags depend sequentially on earlier flags. The implementation is
     exact and still vectorised: it evaluates a block of future positions at once assuming no new flag
@@ -124,18 +125,26 @@ def recent_len(w: int) -> int:
 
 
 def _med_sigma(windows: np.ndarray, floor: float) -> tuple[np.ndarray, np.ndarray]:
-    """Level and sigma of baseline windows (rows): the smaller of the window's median and its recent
-    quarter's median, and the smaller of their MADs (x 1.4826), floored at ``floor * |level|``."""
+    """Level and sigma of baseline windows (rows). Level: the smaller of the window's median and its recent
+    quarter's median. Sigma: 1.4826 * MAD of the window's residuals from its robust line (through the
+    window's median, slope from the medians of its two halves), floored at ``floor * |level|``: a trend
+    does not inflate it, and on a flat curve it is the window's own MAD."""
+    w = windows.shape[1]
     med = _median_rows(windows)
-    mad = _median_rows(np.abs(windows - med[:, None]))
-    q = recent_len(windows.shape[1])
-    if q < windows.shape[1]:
-        recent = windows[:, -q:]
-        med_q = _median_rows(recent)
-        mad_q = _median_rows(np.abs(recent - med_q[:, None]))
-        med, mad = np.minimum(med, med_q), np.minimum(mad, mad_q)
-    sigma = np.maximum(_MAD_TO_SIGMA * mad, floor * np.abs(med))
-    return med, np.maximum(sigma, np.finfo(np.float64).tiny)
+    q = recent_len(w)
+    level = med
+    if q < w:
+        level = np.minimum(med, _median_rows(windows[:, -q:]))
+    if w >= 4:
+        h = w // 2
+        slope = (_median_rows(windows[:, w - h:]) - _median_rows(windows[:, :h])) / (w - h)
+        resid = windows - slope[:, None] * (np.arange(w) - (w - 1) / 2.0)[None, :]
+    else:
+        resid = windows
+    rmed = _median_rows(resid)
+    mad = _median_rows(np.abs(resid - rmed[:, None]))
+    sigma = np.maximum(_MAD_TO_SIGMA * mad, floor * np.abs(level))
+    return level, np.maximum(sigma, np.finfo(np.float64).tiny)
 
 
 def _min_history(cfg: DetectorConfig, n_finite: int) -> int:

@@ -29,6 +29,8 @@ Other per-document signals:
   South-East Asian scripts, CJK, Kana, Hangul, ...) over non-whitespace characters (0 for a document of
   whitespace only).
 * ``max_char_run``: the longest run of one repeated ASCII character (a run of backslashes, of ``=``).
+* ``digit_frac`` / ``upper_frac``: ASCII digits / ASCII capital letters over non-whitespace characters (0
+  for a document of whitespace only): tables of numbers, hex and base64 blobs, shouting.
 
 Every signal reads at most the first ``MAX_DOC_CHARS`` (100,000) characters of a document.
 
@@ -108,6 +110,8 @@ SIGNALS = {
     "non_latin_frac": "Characters in a non-Latin script (Greek, Cyrillic, Arabic, Hebrew, Indic, CJK, Hangul, "
     "...: auditors.text_chars.NON_LATIN_RANGES) / non-whitespace characters.",
     "max_char_run": "Longest run of one repeated ASCII character, characters.",
+    "digit_frac": "ASCII digits / non-whitespace characters.",
+    "upper_frac": "ASCII capital letters / non-whitespace characters.",
 }
 
 
@@ -174,7 +178,7 @@ CHUNK_BYTES = 1 << 20
 def _signals(arr: pa.LargeStringArray) -> dict[str, np.ndarray]:
     """Every text signal of every document of ``arr`` (padded or a slice of a padded array)."""
     chars = pc.utf8_length(arr).to_numpy().astype(np.int64)
-    odd, nonspace, words, non_latin = _char_classes(arr, chars)
+    odd, nonspace, words, non_latin, digits, upper = _char_classes(arr, chars)
     has = chars > 0
     out = dict.fromkeys(SIGNALS)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -182,6 +186,9 @@ def _signals(arr: pa.LargeStringArray) -> dict[str, np.ndarray]:
         out["non_latin_frac"] = np.where(nonspace > 0, non_latin / np.maximum(nonspace, 1).astype(np.float64),
                                          np.where(has, 0.0, np.nan))
         out["max_char_run"] = np.where(has, _max_byte_run(arr).astype(np.float64), np.nan)
+        ns = np.maximum(nonspace, 1).astype(np.float64)
+        out["digit_frac"] = np.where(nonspace > 0, digits / ns, np.where(has, 0.0, np.nan))
+        out["upper_frac"] = np.where(nonspace > 0, upper / ns, np.where(has, 0.0, np.nan))
         out["mean_word_len"] = np.where(words > 0, nonspace / np.maximum(words, 1), np.nan)
         if has.any():
             for k, v in _gopher_batch(arr, chars.astype(np.float64), has).items():

@@ -48,15 +48,15 @@ def _non_latin(cp: np.ndarray) -> np.ndarray:
 
 
 def _char_classes(arr: pa.LargeStringArray, chars: np.ndarray
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per document: characters matching ``[^\\p{L}\\p{N}\\s]``, characters matching ``\\S``, matches of
-    ``\\S+`` (RE2 classes) and characters in a non-Latin script (:data:`NON_LATIN_RANGES`), from the UTF-8
-    bytes."""
+    ``\\S+`` (RE2 classes), characters in a non-Latin script (:data:`NON_LATIN_RANGES`), ASCII digits and
+    ASCII capital letters, from the UTF-8 bytes."""
     data, off = _byte_view(arr)
     n = len(arr)
     if not len(data):
         z = np.zeros(n, dtype=np.int64)
-        return z, z, z, z
+        return z, z, z, z, z, z
     space = _re2_space(data)
     nonspace = chars - _seg_count(space, off)
     # a \S+ match starts at a non-space byte that follows a space byte or starts the document
@@ -69,6 +69,8 @@ def _char_classes(arr: pa.LargeStringArray, chars: np.ndarray
     letter = (data | np.uint8(0x20)) - np.uint8(97) < 26  # uint8 arithmetic wraps: [A-Za-z]
     digit = data - np.uint8(48) < 10  # [0-9]
     odd = _seg_count((data < 0x80) & ~letter & ~digit & ~space, off)  # ASCII [^\p{L}\p{N}\s]
+    digits = _seg_count(digit, off)
+    upper = _seg_count(data - np.uint8(65) < 26, off)  # [A-Z]
     lead = np.flatnonzero(data >= 0xC0)  # first bytes of the non-ASCII characters
     non_latin = np.zeros(n, dtype=np.int64)
     if len(lead):  # decode those code points (the text is valid UTF-8) and classify them
@@ -80,7 +82,7 @@ def _char_classes(arr: pa.LargeStringArray, chars: np.ndarray
                                ((b0 & 0x07) << 18) | (b1 << 12) | (b2 << 6) | b3))
         odd = odd + np.diff(np.searchsorted(lead[_odd_codepoints(np.minimum(cp, 0x10FFFF))], off))
         non_latin = np.diff(np.searchsorted(lead[_non_latin(cp)], off))
-    return odd, nonspace, words, non_latin
+    return odd, nonspace, words, non_latin, digits, upper
 
 
 def _max_byte_run(arr: pa.LargeStringArray) -> np.ndarray:

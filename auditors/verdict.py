@@ -29,7 +29,10 @@ steps away from every spike), over the oriented row signal families of :mod:`.ro
 
 Row flags (:func:`step_flags`): at every window step, the rows at the cut of each anomalous family (the same
 significance, counted per family and step: a family at a step flags rows only if it alone makes the event
-significant, so flags in clean lookback steps are as rare as false verdicts).
+significant, so flags in clean lookback steps are as rare as false verdicts). Once the event is ``data``,
+its anomalous families are also tested at every other window step on their own (:func:`follow_up`: closed
+testing, each family against its own control evidence with an exponential tail, Sidak over the steps and
+families).
 """
 
 from __future__ import annotations
@@ -126,6 +129,13 @@ def _control_max(ref: Reference, family: int, cut: int, skip: int | None = None)
     return int(c[i]), int(ref.steps[i])
 
 
+def reachable_steps(n: int, alpha: float) -> int:
+    """Most window steps over which ``n`` controls can reach ``p <= alpha`` (Sidak on the smallest step p)."""
+    if n < 1:
+        return 0
+    return int(np.floor(np.log1p(-alpha) / np.log1p(-1.0 / (n + 1)) + 1e-9))
+
+
 def step_p(e, t_ctrl: np.ndarray) -> np.ndarray:
     """Calibrated p of evidence ``e`` (scalar or array) against the controls' statistics ``t_ctrl``."""
     e = np.asarray(e, dtype=np.float64)
@@ -178,6 +188,69 @@ class Verdict:
     step_findings: dict[int, list[Finding]] = field(default_factory=dict)
 
 
+#: Scale of the exponential tail of -log10 of a valid p-value (P(e >= x) = 10^-x): the lightest tail a family's
+#: control evidence is given in :func:`tail_p`.
+NULL_TAIL_SCALE = 1.0 / np.log(10.0)
+
+
+def tail_p(e: float, null: np.ndarray, q: float = 0.9) -> float:
+    """P(evidence >= e) under a family's null, from its control values ``null``: the empirical tail up to
+    their ``q`` quantile ``u``, beyond it an exponential tail fitted to the exceedances (peaks over
+    threshold: ``(share above u) * exp(-(e - u) / scale)``, ``scale`` their mean excess, at least that of a
+    valid p-value's -log10). A tail beyond the largest control is extrapolated, not floored at 1/(n+1)."""
+    null = np.asarray(null, dtype=np.float64)
+    n = len(null)
+    if not n:
+        return 1.0
+    u = float(np.quantile(null, q))
+    emp = (1.0 + float(np.count_nonzero(null >= e))) / (n + 1.0)
+    if e <= u:
+        return emp
+    exc = null[null > u] - u
+    share = (len(exc) + 1.0) / (n + 1.0)
+    scale = max(float(exc.mean()) if len(exc) else 0.0, NULL_TAIL_SCALE)
+    return float(min(emp, share * np.exp(-(e - u) / scale)))
+
+
+def follow_up(found: dict[int, list[Finding]], window: Evidence, window_steps: Sequence[int], ref: Reference,
+              ctrl: Evidence, config: VerdictConfig, skip: int | None = None) -> None:
+    """Once an event is ``data``, the families found anomalous (at any window step) are tested at every other
+    window step on their own: a family's evidence at a step against the controls' evidence *on that family*
+    (leave-one-out; :func:`tail_p`, whose exponential tail reaches below 1/(n+1)), Sidak over the window
+    steps and the families tested, plus the same row rules (at least ``min_rows`` rows, more than at the
+    cut in any control step). Closed testing: the event's global null is rejected first; each (step,
+    family) is then tested at the family-wise level, so the rows of an anomaly that is weaker at some of
+    its steps are still named. Updates ``found`` in place."""
+    fams = sorted({x.family for xs in found.values() for x in xs if x.anomalous})
+    if not fams:
+        return
+    m = len(window_steps)
+    ce = ctrl.e if skip is None else np.delete(ctrl.e, skip, axis=0)
+    level = 1.0 - (1.0 - config.alpha) ** (1.0 / (m * len(fams)))
+    for g, s in enumerate(window_steps):
+        xs = found[int(s)]
+        have = {x.family: i for i, x in enumerate(xs)}
+        for f in fams:
+            i = have.get(f)
+            if i is not None and xs[i].anomalous:
+                continue
+            e = float(window.e[g, f])
+            if e <= 0 or tail_p(e, ce[:, f]) > level:
+                continue
+            k, cut = int(window.k[g, f]), int(window.cut[g, f])
+            if k < config.min_rows:
+                continue
+            cmax, cstep = _control_max(ref, f, cut, skip)
+            if k <= cmax:
+                continue
+            x = Finding(f, int(s), k, int(window.n[g]), cut, e, float(window.rate[g, f]), cmax, cstep, True)
+            if i is None:
+                xs.append(x)
+            else:
+                xs[i] = x
+        xs.sort(key=lambda x: (-x.e, x.family))
+
+
 def _as_extreme(ctrl: Evidence, ref: Reference, t: float, families: Sequence[Family], skip=None, top=3) -> str:
     T = ctrl.T.copy()
     if skip is not None:
@@ -218,10 +291,17 @@ def judge(families: Sequence[Family], window_steps: Sequence[int], window: Evide
                        **nones, **base)
     if m == 0:
         return Verdict("inconclusive", reason="no step of the spike window had data", **nones, **base)
-    p_floor = 1.0 - (1.0 - 1.0 / (n + 1)) ** m
-    if p_floor > config.alpha:
-        return Verdict("inconclusive", reason=f"{n} controls cannot reach p <= {config.alpha} over {m} window steps; "
-                       f"add controls (--controls)", **nones, **base)
+    cut_note = ""
+    m_ok = reachable_steps(n, config.alpha)
+    if m > m_ok:
+        if m_ok < 1:
+            return Verdict("inconclusive", reason=f"{n} controls cannot reach p <= {config.alpha}; add controls "
+                           f"(--controls)", **nones, **base)
+        # the window's first m_ok steps (its start is where a data cause shows): decided by n and m alone
+        cut_note = (f" (the window's last {m - m_ok} steps left out: {n} controls reach p <= {config.alpha} over at "
+                    f"most {m_ok} steps)")
+        window_steps, window, m = list(window_steps)[:m_ok], window.take(list(range(m_ok))), m_ok
+        base = dict(n_controls=n, n_window_steps=m)
     T_ctrl = ctrl.T if skip is None else np.delete(ctrl.T, skip)
     T_win = window.T
     p_step = (1.0 + (T_ctrl[None, :] >= T_win[:, None]).sum(axis=1)) / (n + 1.0)
@@ -238,7 +318,7 @@ def judge(families: Sequence[Family], window_steps: Sequence[int], window: Evide
     step_p = {int(s): float(p) for s, p in zip(window_steps, p_step)}
     if top is None:
         return Verdict("not_data", p_event, 0.0, None, margin, None, step, None, None, None, None,
-                       reason=f"no row of the window is unusual on any signal (p={p_event:.3g}); look at the "
+                       reason=f"no row of the window is unusual on any signal (p={p_event:.3g}){cut_note}; look at the "
                               f"optimizer or hardware", step_p=step_p, step_findings=found, **base)
     fam = families[top.family]
     fold = min(config.max_fold, top.rows / max(1, top.control_max))
@@ -260,7 +340,15 @@ def judge(families: Sequence[Family], window_steps: Sequence[int], window: Evide
              f"control rows; e={_fmt_e(top.e, config.max_evidence)}, p={p_event:.3g} over {m} window steps "
              f"and {n} controls")
     if p_event <= config.alpha and top.anomalous:
-        return Verdict("data", reason=f"{what}{also}; {ctrl_part}; {stats}", **common, **base)
+        follow_up(found, window, window_steps, ref, ctrl, config, skip)
+        others = [(s, x) for s in window_steps if int(s) != step for x in found[int(s)]
+                  if x.anomalous and x.family == top.family]
+        also = ""
+        if others:
+            also = " and at steps " + ", ".join(f"{s}: {x.rows}/{x.n_rows}" for s, x in others[:6])
+            if len(others) > 6:
+                also += f" (+{len(others) - 6} more)"
+        return Verdict("data", reason=f"{what}{also}; {ctrl_part}; {stats}{cut_note}", **common, **base)
     if p_event > config.alpha:
         ext = _as_extreme(ctrl, ref, t_top, families, skip)
         why = (f"as extreme: {ext}" if ext else f"p={p_event:.3g} > {config.alpha}")
@@ -269,7 +357,7 @@ def judge(families: Sequence[Family], window_steps: Sequence[int], window: Evide
     else:
         why = f"control step {top.control_max_step} has {top.control_max} such rows"
     return Verdict("not_data", reason=f"the window's data looks like the {n} control steps: the most unusual is "
-                   f"{what} but {why}; {stats}; look at the optimizer or hardware", **common, **base)
+                   f"{what} but {why}; {stats}{cut_note}; look at the optimizer or hardware", **common, **base)
 
 
 #: A secondary family names its rows only when the rows expected at its cut in a normal batch (N x natural rate)

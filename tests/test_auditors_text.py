@@ -109,6 +109,8 @@ def ref_text_row_signals(texts):
         out["non_latin_frac"][i] = (sum(_non_latin_char(c) for c in ns) / len(ns)) if ns else 0.0
         out["max_char_run"][i] = float(max((len(m.group(0)) for m in re.finditer(r"([\x00-\x7f])\1*", t)),
                                            default=0))
+        out["digit_frac"][i] = (sum(c in "0123456789" for c in ns) / len(ns)) if ns else 0.0
+        out["upper_frac"][i] = (sum("A" <= c <= "Z" for c in ns) / len(ns)) if ns else 0.0
         for k, val in ref_gopher_signals(texts[i]).items():
             out[k][i] = val
     return out

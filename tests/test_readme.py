@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from spike_audit.auditors.rows import rows_markdown
 from spike_audit.auditors.suite import signals_markdown
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -15,6 +16,13 @@ def _signals_block(text: str) -> str:
 def test_signal_table_is_generated_from_the_registry():
     assert _signals_block(README.read_text()) == signals_markdown(), (
         "README signal table is stale: run `python -m spike_audit.pipelines.docs`")
+
+
+def test_row_signal_table_is_generated_from_the_registry():
+    text = README.read_text()
+    start = text.index("<!-- rows:begin -->") + len("<!-- rows:begin -->\n")
+    assert text[start:text.index("<!-- rows:end -->")] == rows_markdown(), (
+        "README row-signal table is stale: run `python -m spike_audit.pipelines.docs`")
 
 
 def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():

@@ -31,13 +31,17 @@ def reference_robust(values: np.ndarray, cfg: DetectorConfig) -> np.ndarray:
             continue
         win = np.array(base[-cfg.window:])
         if len(win) >= m:
+            w = len(win)
             med = np.median(win)
-            mad = np.median(np.abs(win - med))
-            q = max(3, len(win) // 4) if len(win) >= 8 else len(win)
-            if q < len(win):  # the recent quarter: its median and MAD, when smaller
-                rec = win[-q:]
-                med_q = np.median(rec)
-                med, mad = min(med, med_q), min(mad, np.median(np.abs(rec - med_q)))
+            q = max(3, w // 4) if w >= 8 else w
+            if q < w:  # the recent quarter's median, when smaller
+                med = min(med, np.median(win[-q:]))
+            resid = win
+            if w >= 4:  # residuals from the robust line: slope from the medians of the two halves
+                h = w // 2
+                slope = (np.median(win[w - h:]) - np.median(win[:h])) / (w - h)
+                resid = win - slope * (np.arange(w) - (w - 1) / 2.0)
+            mad = np.median(np.abs(resid - np.median(resid)))
             sig = max(1.4826 * mad, cfg.sigma_floor * abs(med), np.finfo(float).tiny)
             if v > med + cfg.k * sig and v > med + cfg.min_rel_rise * abs(med):
                 flags[i] = True

@@ -169,7 +169,7 @@ def test_verdict_is_invariant_to_the_order_of_controls(seed, rnd):
     assert out[0] == out[1]
 
 
-def test_too_few_controls_no_window_and_unreachable_alpha_are_inconclusive():
+def test_too_few_controls_or_no_window_is_inconclusive_and_a_window_too_long_for_the_controls_is_cut():
     rng = np.random.default_rng(6)
     ref, ctrl = setup(rng, n=10)
     w = window_evidence([bins_of(null_step(rng))], ref)
@@ -178,8 +178,11 @@ def test_too_few_controls_no_window_and_unreachable_alpha_are_inconclusive():
     v = judge(FAMS, [], window_evidence([], ref), ref, ctrl)
     assert v.verdict == "inconclusive" and "no step" in v.reason
     win = [bins_of(null_step(rng)) for _ in range(3)]
-    v = judge(FAMS, [1, 2, 3], window_evidence(win, ref), ref, ctrl)  # 1 - (1 - 1/31)^3 > 0.05
-    assert v.verdict == "inconclusive" and "add controls" in v.reason
+    w = null_step(rng)
+    w[:4, 0] = 60.0
+    win[0] = bins_of(w)
+    v = judge(FAMS, [1, 2, 3], window_evidence(win, ref), ref, ctrl)  # 1 - (1 - 1/31)^3 > 0.05: one step only
+    assert v.n_window_steps == 1 and "last 2 steps left out" in v.reason and v.verdict == "data", v.reason
 
 
 def test_a_normal_window_is_not_data_and_names_the_control_as_extreme():

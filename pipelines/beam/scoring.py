@@ -199,7 +199,8 @@ def make_scorer(cfg: dict):
     from spike_audit.auditors.rows import RowScorer
 
     return RowScorer(eos_id=cfg.get("eos_id"), pad_id=cfg.get("pad_id"), vocab_size=cfg.get("vocab_size"),
-                     seed=cfg.get("seed", 0), near_threshold=cfg.get("near_threshold", 0.3))
+                     seed=cfg.get("seed", 0), near_threshold=cfg.get("near_threshold", 0.3),
+                     near_dup=cfg.get("row_near_dup", True))
 
 
 def score_batch(tb: TokenBatch, cfg: dict, baseline_hist=None, suite_acc: bool = False):

@@ -21,7 +21,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lookback", type=int, default=2, help="steps before a spike's start in its window (2)")
     p.add_argument("--merge-gap", type=int, default=3,
                    help="spikes of any metric (loss, grad norm) within this many steps form one event (3)")
-    p.add_argument("--max-window", type=int, default=16, help="most steps in an event's window (16)")
+    p.add_argument("--max-window", type=int, default=12,
+                   help="most steps in an event's window, from its start (12: a data cause shows at the start; the "
+                        "recovery tail consumes no new anomalous data)")
     p.add_argument("--controls", dest="n_controls", type=int, default=200,
                    help="control steps to sample (200; raised when the longest window needs more to reach alpha)")
     p.add_argument("--guard", type=int, default=20, help="min distance of a control step from any spike (20)")

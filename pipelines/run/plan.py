@@ -45,7 +45,7 @@ class RunConfig:
     min_rows: int = 2
     min_controls: int = 20
     merge_gap: int = 3
-    max_window: int = 16
+    max_window: int = 12
     dup_reference: str = "manifest"
     max_row_flags: int = 4096
     tokens_col: str = "tokens"

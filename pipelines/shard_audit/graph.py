@@ -116,7 +116,9 @@ def score_chunk(name_rb, cfg_dict: dict):
 
     name, rb = name_rb
     tb = to_token_batch(rb, cfg_dict["tokens_col"], cfg_dict["text_col"])
-    rows, acc = score_batch(tb, cfg_dict, None, suite_acc=True)
+    # near duplicates within a shard come from the shard's own MinHash accumulator (with_shard_counts), not
+    # from every pair of a chunk's rows
+    rows, acc = score_batch(tb, dict(cfg_dict, row_near_dup=False), None, suite_acc=True)
     return name, {"suite": acc, "rows": bin_hist(bin_matrix(rows.matrix(), SIGNAL_ORDER, FAMILIES))}
 
 
@@ -131,7 +133,8 @@ def finish_shard(key_acc, hist, cfg: dict):
 def with_shard_counts(kv):
     """CoGroupByKey of finished shards and their seen-elsewhere counts -> the finished shard with
     ``cross_dup_frac`` and its shard-level binary families set in the histogram: rows seen in another shard
-    (``seen_elsewhere``), rows duplicated within the shard (``dup_in_batch``)."""
+    (``seen_elsewhere``), rows duplicated within the shard (``dup_in_batch``), rows with a near duplicate
+    within the shard (``near_dup_jaccard``: the suite's MinHash LSH at its threshold)."""
     from spike_audit.auditors.evidence import NBINS, to_bins
     from spike_audit.auditors.rows import FAMILY_NAMES
 
@@ -141,8 +144,12 @@ def with_shard_counts(kv):
         seen = int(sum(grouped["seen"]))
         sig = dict(sig, cross_dup_frac=(seen / n_rows) if n_rows else float("nan"))
         hist = hist.copy()
-        for fam, c in (("seen_elsewhere", seen),
-                       ("dup_in_batch", int(round((sig.get("dup_row_frac_acc") or 0.0) * n_rows)))):
+        def count(k):
+            v = sig.get(k)
+            return int(round(v * n_rows)) if v is not None and v == v else 0
+
+        for fam, c in (("seen_elsewhere", seen), ("dup_in_batch", count("dup_row_frac_acc")),
+                       ("near_dup_jaccard", count("near_dup_frac"))):
             f = FAMILY_NAMES.index(fam)
             hist[f] = np.zeros(NBINS, dtype=hist.dtype)
             hist[f, 0], hist[f, one] = n_rows - c, c
