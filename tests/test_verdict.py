@@ -195,3 +195,21 @@ def test_a_normal_window_is_not_data_and_names_the_control_as_extreme():
 def test_evidence_of_counts():
     assert evidence_of(0, 16, 0.01) == 0.0
     assert evidence_of(16, 16, 0.5) == pytest.approx(16 * np.log10(2))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**31))
+def test_bin_matrix_equals_orient_then_bins_column_by_column(seed):
+    from spike_audit.auditors.evidence import BIN_DTYPE, orient
+
+    rng = np.random.default_rng(seed)
+    fams = FAMS + (Family("rep", "low", "frac"), Family("absent", "high", "pos"))
+    v = rng.standard_normal((30, len(NAMES))) * rng.choice([1e-6, 1.0, 1e6])
+    v[rng.random(v.shape) < 0.2] = 0.0
+    v[rng.random(v.shape) < 0.1] = np.nan
+    v[rng.random(v.shape) < 0.05] = np.inf
+    want = np.zeros((30, len(fams)), dtype=BIN_DTYPE)
+    for f, fam in enumerate(fams):
+        if fam.signal in NAMES:
+            want[:, f] = to_bins(orient(v, NAMES.index(fam.signal), fam))
+    assert np.array_equal(bin_matrix(v, NAMES, fams), want)
