@@ -280,27 +280,13 @@ def manifest_from_arrays(step, shard, row_start, row_end, unit="row", rank=None,
     return STEP_MANIFEST.from_arrays(cols, sort=False)
 
 
-#: Parquet schema metadata key of the manifest's run description (a JSON object); its ``flat_rows`` entry
-#: is the row definition of the flat token files its ``unit='row'`` slices address (``RowDef.to_meta``)
-MANIFEST_META_KEY = b"spike_audit.manifest"
-
-
 def manifest_rows(path, given=None):
     """The row definition to read a manifest's flat token files with: ``given`` (from a command's flags) or
-    the one the manifest records (``flat_rows``); both must agree when both are known."""
-    import json
-
-    import pyarrow.parquet as pq
-
+    the one the manifest records (``flat_rows`` in its run description); both must agree when both are known."""
     from spike_audit.pipelines.shards.rows import RowDef, agree
 
     try:
-        raw = (pq.read_schema(str(path)).metadata or {}).get(MANIFEST_META_KEY)
-    except (pa.ArrowInvalid, OSError):
+        meta = read_meta(path)
+    except UserError:
         return given
-    try:
-        meta = json.loads(raw) if raw else {}
-    except ValueError:
-        meta = {}
-    recorded = RowDef.from_meta(meta.get("flat_rows") if isinstance(meta, dict) else None, _name(path))
-    return agree(given, recorded, _name(path))
+    return agree(given, RowDef.from_meta(meta.get("flat_rows"), _name(path)), _name(path))

@@ -2,6 +2,8 @@
 
 - :mod:`.olmo`: OLMo / OLMo-core ``global_indices`` over token memmaps.
 - :mod:`.megatron`: Megatron-LM ``GPTDataset`` index caches over ``.bin/.idx``.
+- :mod:`.hf`: Hugging Face ``Trainer`` / torch ``DistributedSampler`` order from the seed.
+- :mod:`.streaming`: mosaicml-streaming ``StreamingDataset`` + ``DataLoader`` order from its settings.
 - :mod:`.sequential`: sequential loaders (modded-nanogpt ``DistributedDataLoader``
   as in its 2024-10 records; llm.c ``dataloader.h`` without shuffling).
 

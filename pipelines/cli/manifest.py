@@ -1,4 +1,4 @@
-"""``spike-audit manifest {olmo,megatron,sequential}``: build a step manifest from a trainer's own
+"""``spike-audit manifest {olmo,megatron,hf,streaming,sequential}``: build a step manifest from a trainer's own
 data-order files (see :mod:`pipelines.builders`). Steps are 0-based global batch indices (the one step
 convention, :mod:`spike_audit.schemas.steps`): Megatron's iteration N is step N - 1."""
 
@@ -120,6 +120,40 @@ def register(subparsers) -> None:
     _common(h, "root the --data path is relative to")
     h.set_defaults(func=run)
 
+    ms = sub.add_parser("streaming", help="mosaicml-streaming StreamingDataset + DataLoader (order from its settings)",
+                        description="The sample order of a mosaicml-streaming StreamingDataset iterated by a torch "
+                        "DataLoader, reproduced from the dataset's own settings (streaming is not needed).")
+    ms.add_argument("--data", required=True, nargs="+",
+                    help="the streams: MDS dataset directories (holding index.json), relative to --shards, in order")
+    ms.add_argument("--batch-size", type=int, required=True, help="per-device batch size (StreamingDataset and DataLoader)")
+    ms.add_argument("--shuffle", action="store_true", help="StreamingDataset shuffle=True")
+    ms.add_argument("--shuffle-algo", default="py1e", help="py1e (default), py1s, py1br, py2s or naive")
+    ms.add_argument("--shuffle-seed", type=int, default=9176, help="shuffle_seed (default 9176)")
+    ms.add_argument("--shuffle-block-size", type=int, default=None,
+                    help="shuffle_block_size (default max(4000000 // num_canonical_nodes, 262144))")
+    ms.add_argument("--num-canonical-nodes", type=int, default=None,
+                    help="num_canonical_nodes (default: 64 x nodes for py1s/py2s, else the number of nodes); "
+                    "a resumed run: the checkpoint's")
+    ms.add_argument("--partition-algo", default="relaxed", help="relaxed (default) or orig")
+    ms.add_argument("--world-size", type=int, default=1, help="ranks (WORLD_SIZE, default 1)")
+    ms.add_argument("--ranks-per-node", type=int, default=None, help="LOCAL_WORLD_SIZE (default: the world size)")
+    ms.add_argument("--num-workers", type=int, default=0, help="DataLoader num_workers (default 0)")
+    ms.add_argument("--drop-last", action="store_true", help="DataLoader drop_last")
+    ms.add_argument("--epochs", type=int, default=1, help="passes of the DataLoader (default 1)")
+    ms.add_argument("--epoch-size", type=int, default=None, help="epoch_size (samples per epoch, resampled)")
+    ms.add_argument("--sampling-method", default="balanced", help="balanced (default) or fixed")
+    ms.add_argument("--sampling-granularity", type=int, default=1)
+    ms.add_argument("--sample-in-epoch", type=int, default=0,
+                    help="a resumed run: the checkpoint's sample_in_epoch (the first epoch starts there)")
+    ms.add_argument("--initial-physical-nodes", type=int, default=None,
+                    help="a resumed run on another number of nodes: the checkpoint's initial_physical_nodes")
+    ms.add_argument("--batching-method", default="random", help="only random (the default) is supported")
+    ms.add_argument("--replication", type=int, default=None, help="not supported")
+    for w in ("proportion", "repeat", "choose"):
+        ms.add_argument(f"--{w}", nargs="+", default=None, help=f"per-stream {w} weights (not supported)")
+    _common(ms, "root the --data directories are relative to")
+    ms.set_defaults(func=run)
+
     s = sub.add_parser("sequential", help="modded-nanogpt (2024-10) / llm.c sequential .bin loaders")
     s.add_argument("--data-files", nargs="*", help="shard files or glob patterns, relative to --shards (sorted)")
     s.add_argument("--data-list", help="text file listing the shard files")
@@ -219,6 +253,26 @@ def run(args) -> int:
                                         micro_batch_size=args.micro_batch_size,
                                         data_parallel_size=args.data_parallel_size)
         dtype = None
+    elif args.trainer == "streaming":
+        from spike_audit.pipelines.builders.streaming import build_streaming_manifest, check_settings, stream_sizes
+
+        for w in ("proportion", "repeat", "choose"):
+            if getattr(args, w) is not None:
+                raise UserError(f"--{w} (per-stream {w} weights) is not supported: give unweighted streams, with "
+                                f"--epoch-size for a resampled epoch")
+        kw = dict(batch_size=args.batch_size, shuffle=args.shuffle, shuffle_algo=args.shuffle_algo,
+                  shuffle_seed=args.shuffle_seed, shuffle_block_size=args.shuffle_block_size,
+                  num_canonical_nodes=args.num_canonical_nodes, partition_algo=args.partition_algo,
+                  world_size=args.world_size, ranks_per_node=args.ranks_per_node, num_workers=args.num_workers,
+                  drop_last=args.drop_last, epochs=args.epochs, epoch_size=args.epoch_size,
+                  sampling_method=args.sampling_method, sampling_granularity=args.sampling_granularity,
+                  sample_in_epoch=args.sample_in_epoch, initial_physical_nodes=args.initial_physical_nodes,
+                  batching_method=args.batching_method, replication=args.replication)
+        check_settings(**kw)  # before the data is read
+        table = build_streaming_manifest(args.data, stream_sizes(args.shards, args.data),
+                                         first_step=args.first_step or 0, steps=steps, **kw)
+        dtype = None
+        allow_overlap = True  # padding and resampling repeat samples within a step
     else:
         from spike_audit.pipelines.builders.sequential import build_sequential_manifest
 
