@@ -1,6 +1,7 @@
 """Benchmark: parse and spike-detect 1M-line training logs: speed and peak memory, beside a plain read.
 
     python benchmarks/logs.py [--lines 1000000] [--repeat 3] [--formats modded-nanogpt,megatron,jsonl,modded-zst]
+                              [--compare-with DIR]
 
 Writes a modded-nanogpt-style log, a Megatron-LM log (rank prefixes, interleaved unrelated lines), a W&B-style JSONL
 history and a zstd-compressed modded-nanogpt log into a temporary directory. Each measurement runs in a fresh child
@@ -9,6 +10,10 @@ process so its peak memory is its own: ``plain`` reads the file line by line and
 ``LOSS_SERIES`` table. Reported: best-of-``repeat`` time, lines/s, MB/s, and the peak resident memory the call
 added over the process after its imports (``VmHWM`` minus the RSS before the call), also as a multiple of the
 file size. Then ``detect_table`` on the parsed table (best of ``repeat``).
+
+``--compare-with DIR`` also times ``read_log`` from another build of spike-audit on the same files in the same run
+(``DIR`` is put first on ``PYTHONPATH``, e.g. ``pip install --no-deps --target DIR <old checkout>``): before/after
+numbers side by side.
 """
 
 from __future__ import annotations
@@ -125,9 +130,14 @@ _CHILD = textwrap.dedent("""
 """)
 
 
-def measure(path: Path, mode: str, repeat: int) -> dict:
+def measure(path: Path, mode: str, repeat: int, pythonpath: str | None = None) -> dict:
+    import os
+
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     res = subprocess.run([sys.executable, "-c", _CHILD, str(path), mode, str(repeat)], capture_output=True,
-                         text=True, check=True)
+                         text=True, check=True, env=env)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -145,6 +155,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lines", type=int, default=1_000_000)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--formats", default=",".join(WRITERS))
+    ap.add_argument("--compare-with", metavar="DIR", help="also time read_log from the spike-audit installed in DIR")
     args = ap.parse_args(argv)
     from spike_audit.auditors.spikes import DetectorConfig, detect_table
     from spike_audit.pipelines.logs.read import read_log
@@ -155,10 +166,13 @@ def main(argv=None) -> int:
             path = Path(tmp) / f"{name}{suffix}"
             writer(path, args.lines)
             size = path.stat().st_size / 1e6
-            for mode in ("plain", "read_log"):
-                m = measure(path, mode, args.repeat)
+            runs = [("plain", "plain", None), ("read_log", "read_log", None)]
+            if args.compare_with:
+                runs.insert(1, ("read_log", "read_log@" + Path(args.compare_with).name, args.compare_with))
+            for mode, label, pp in runs:
+                m = measure(path, mode, args.repeat, pp)
                 extra = f", {m['values']:>9,d} values" if "values" in m else ""
-                print(f"{name:15s} {mode:9s} {m['lines']:>9,d} lines ({size:6.1f} MB){extra}: "
+                print(f"{name:15s} {label:9s} {m['lines']:>9,d} lines ({size:6.1f} MB){extra}: "
                       f"{m['seconds']:6.3f}s ({m['lines'] / m['seconds'] / 1e6:5.2f} M lines/s, "
                       f"{size / m['seconds']:6.1f} MB/s), peak +{m['peak_mb']:7.1f} MB "
                       f"({m['peak_mb'] / size:4.1f}x the file)", flush=True)

@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from spike_audit.pipelines.errors import UserError
+from spike_audit.pipelines.errors import UserError, reason
 from spike_audit.pipelines.io import write_table
 from spike_audit.pipelines.shards.read import _close, open_shard
 from spike_audit.pipelines.shards.slices import UNITS
@@ -57,13 +57,17 @@ def load_manifest_table(path) -> pa.Table:
     """Read and validate a manifest file; ``unit`` nulls become ``'row'``. Rows stay in file order."""
     import pyarrow.parquet as pq
 
+    from spike_audit.pipelines.files import check_regular
+
     src = str(path)
     if not os.path.exists(src):
         raise UserError(f"{src}: manifest not found")
+    check_regular(src, "Parquet manifest")
     try:
         table = pq.read_table(src)
-    except (pa.ArrowInvalid, OSError) as err:
-        raise UserError(f"{src}: not a readable Parquet manifest ({err})") from None
+        table.schema.names  # a corrupt footer can hold names that are not UTF-8
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise UserError(f"{src}: not a readable Parquet manifest ({reason(err)})") from None
     validate(table, STEP_MANIFEST, source=src)
     table = STEP_MANIFEST.conform(table, source=src)
     unit = pc.fill_null(table.column("unit"), "row")

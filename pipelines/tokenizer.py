@@ -56,6 +56,9 @@ def load_tokenizer(path):
     if not os.path.exists(p):
         raise UserError(f"{p}: tokenizer file not found (expected a Hugging Face tokenizer.json or a directory "
                         f"holding one)")
+    from spike_audit.pipelines.files import check_regular
+
+    check_regular(p, "tokenizer.json")  # a FIFO or a device is refused, never read
     try:
         return Tokenizer.from_file(p)
     except Exception as err:  # tokenizers raises a bare Exception on malformed files

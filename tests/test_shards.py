@@ -169,7 +169,7 @@ def test_raw_bin_dtypes_and_headerless_npy(tmp_path):
     a16 = RNG.integers(0, 65535, 500).astype(np.uint16)
     a16.tofile(tmp_path / "t.bin")
     assert _tokens(read_slices(str(tmp_path), "t.bin", [[7, 20]], unit="token")) == [a16[7:20].tolist()]
-    a32 = RNG.integers(0, 2**31, 500).astype(np.uint32)
+    a32 = RNG.integers(0, 2**24, 500).astype(np.uint32)  # ids up to MAX_TOKEN_ID (vocabularies are smaller)
     np.memmap(tmp_path / "olmo.npy", dtype=np.uint32, mode="w+", shape=a32.shape)[:] = a32  # OLMo-style raw .npy
     b = read_slices(str(tmp_path), "olmo.npy", [[490, 500]], unit="token", dtype="uint32")
     assert _tokens(b) == [a32[490:500].tolist()]

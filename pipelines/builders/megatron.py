@@ -53,7 +53,7 @@ import pyarrow as pa
 from spike_audit.pipelines.builders.step_range import batch_range
 from spike_audit.pipelines.errors import UserError
 from spike_audit.pipelines.manifest import manifest_from_arrays, with_meta
-from spike_audit.pipelines.shards.paths import resolve
+from spike_audit.pipelines.shards.paths import user_path
 from spike_audit.pipelines.shards.tokens import megatron_paths, read_megatron_index
 
 log = logging.getLogger(__name__)
@@ -365,7 +365,7 @@ def build_megatron_manifest(data, cache: MegatronCache, *, global_batch_size: in
                             f"parallel size ({micro_batch_size} x {data_parallel_size})")
     files = match_data(cache, list(data) if not isinstance(data, str) else [data])
     bins = [megatron_paths(d)[0] for d in files]
-    indexes = [read_megatron_index(megatron_paths(resolve(shard_root, d))[1]) for d in files]
+    indexes = [read_megatron_index(megatron_paths(user_path(shard_root, d))[1]) for d in files]
     n_items = cache.n_items
     if consumed_samples > n_items:
         raise UserError(f"--consumed-samples {consumed_samples} is past the {n_items} samples the cache holds")

@@ -35,7 +35,7 @@ import pyarrow as pa
 from spike_audit.pipelines.builders.step_range import batch_range
 from spike_audit.pipelines.errors import UserError
 from spike_audit.pipelines.manifest import manifest_from_arrays, with_meta
-from spike_audit.pipelines.shards.paths import _open, _size, resolve
+from spike_audit.pipelines.shards.paths import _open, _size, user_path
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def instance_counts(shard_root: str | None, paths: list[str], seq_len: int, dtyp
     if file_sizes is None:
         file_sizes = []
         for p in paths:
-            full = resolve(shard_root, p)
+            full = user_path(shard_root, p)
             try:
                 file_sizes.append(_size(full))
             except FileNotFoundError:

@@ -37,7 +37,7 @@ import pyarrow as pa
 
 from spike_audit.pipelines.errors import UserError
 from spike_audit.pipelines.manifest import manifest_from_arrays, with_meta
-from spike_audit.pipelines.shards.paths import resolve
+from spike_audit.pipelines.shards.paths import user_path
 from spike_audit.pipelines.shards.tokens import open_token_file
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ VARIANTS = ("modded-nanogpt", "llm.c")
 def shard_token_counts(shard_root: str | None, paths: list[str], dtype=None, *, with_dtypes: bool = False):
     out, dtypes = [], set()
     for p in paths:
-        full = resolve(shard_root, p)
+        full = user_path(shard_root, p)
         try:
             tf = open_token_file(full, dtype)
         except FileNotFoundError:

@@ -18,6 +18,8 @@ import sys
 
 import numpy as np
 
+from spike_audit.pipelines.cli.shard_root import add_confinement_arguments, shard_root_of
+from spike_audit.pipelines.cli.terminal import json_printable, printable
 from spike_audit.pipelines.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -31,7 +33,9 @@ def register(subparsers) -> None:
         "text excerpt of every sequence (text column, or tokens decoded with --tokenizer).",
     )
     p.add_argument("--manifest", required=True, help="step manifest (Parquet, step_manifest schema)")
-    p.add_argument("--shards", default=None, help="root the manifest's shard paths are relative to")
+    p.add_argument("--shards", default=None, help="root the manifest's shard paths are relative to (default: the "
+                   "current directory); names outside it are refused")
+    add_confinement_arguments(p)
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--step", type=int, help="the step as the manifest numbers it: 0-based global batch index")
     g.add_argument("--log-step", type=int,
@@ -182,12 +186,12 @@ def run(args) -> int:
     from spike_audit.pipelines.cli.tokens import resolve_tokens
 
     rows, _, _ = resolve_tokens(args.tokenizer, args.eos_id, args.pad_id, args.rows, args.seq_len)
-    rep = step_report(args.manifest, args.shards, args.step, tokenizer=args.tokenizer, max_chars=args.max_chars,
-                      limit=args.limit, tokens_col=args.tokens_col, text_col=args.text_col, dtype=args.dtype,
-                      allow_overlap=args.allow_overlap, rows=rows, log_step=args.log_step)
+    rep = step_report(args.manifest, shard_root_of(args), args.step, tokenizer=args.tokenizer,
+                      max_chars=args.max_chars, limit=args.limit, tokens_col=args.tokens_col, text_col=args.text_col,
+                      dtype=args.dtype, allow_overlap=args.allow_overlap, rows=rows, log_step=args.log_step)
+    # Training text may carry terminal escape sequences: shown as escapes, never sent raw.
     if args.json:
-        json.dump(rep, sys.stdout, indent=2, ensure_ascii=False)
-        sys.stdout.write("\n")
+        sys.stdout.write(json_printable(json.dumps(rep, indent=2, ensure_ascii=False)) + "\n")
     else:
-        print(format_report(rep))
+        print(printable(format_report(rep)))
     return 0

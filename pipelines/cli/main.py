@@ -4,7 +4,8 @@ Each subcommand lives in its own module ``pipelines/cli/<name>.py`` exposing
 ``register(subparsers)``, which adds its parser and sets ``func`` (called with the parsed args and
 returning an exit code). Heavy imports (Beam) happen inside ``func`` so ``--help`` stays fast.
 A :class:`~pipelines.errors.UserError` or :class:`~schemas.SchemaError` is printed as one line on
-stderr with exit code 2, never as a traceback.
+stderr with exit code 2, never as a traceback (also when a reader raises it inside a Beam pipeline). When the
+reader of stdout goes away (``spike-audit batch ... | head``) the command stops quietly with exit code 141.
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
+import re
 import sys
 
+from spike_audit.pipelines.cli.terminal import printable
 from spike_audit.pipelines.errors import UserError
 from spike_audit.pipelines.outdir import Terminated
 from spike_audit.schemas import SchemaError
@@ -54,6 +58,26 @@ def setup_logging(verbose: int, quiet: bool) -> None:
         logging.getLogger("apache_beam.runners.common").setLevel(logging.CRITICAL)
 
 
+# Beam appends where in the pipeline an exception was raised: not part of the user's error.
+_BEAM_SUFFIX = re.compile(r"(?:\s*\[while running '[^']*'\])+$")
+
+
+def one_line(err: BaseException) -> str:
+    """A user error as one line: Beam's ``[while running ...]`` suffix dropped, newlines folded."""
+    text = _BEAM_SUFFIX.sub("", str(err).strip())
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away (``| head``): stop quietly, like a command killed by SIGPIPE."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush cannot fail again
+    except (OSError, ValueError):
+        pass
+    return 141
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -62,9 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     args.extra = extra
     setup_logging(args.verbose, args.quiet)
     try:
-        return int(args.func(args) or 0)
+        rc = int(args.func(args) or 0)
+        sys.stdout.flush()
+        return rc
+    except BrokenPipeError:
+        return _stdout_closed()
     except (UserError, SchemaError) as err:
-        print(f"spike-audit {args.command}: error: {err}", file=sys.stderr)
+        print(f"spike-audit {args.command}: error: {printable(one_line(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"spike-audit {args.command}: interrupted (the previous output is intact)", file=sys.stderr)

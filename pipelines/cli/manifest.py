@@ -218,6 +218,7 @@ def run(args) -> int:
         dtype = args.dtype
     elif args.trainer == "hf":
         from spike_audit.pipelines.builders.hf import build_hf_manifest
+        from spike_audit.pipelines.shards.paths import trusted_root
         from spike_audit.pipelines.shards.read import shard_length
 
         from spike_audit.pipelines.builders.hf import refuse_unsupported
@@ -228,7 +229,8 @@ def run(args) -> int:
                            split_batches=args.split_batches, dispatch_batches=args.dispatch_batches,
                            even_batches=args.even_batches == "true")
         refuse_unsupported(**hf_settings)  # before the data is opened
-        table = build_hf_manifest(args.data, shard_length(args.shards, args.data), first_step=args.first_step or 0,
+        table = build_hf_manifest(args.data, shard_length(trusted_root(args.shards), args.data),
+                                  first_step=args.first_step or 0,
                                   steps=steps, seed=args.seed, data_seed=args.data_seed,
                                   per_device_batch_size=args.per_device_train_batch_size,
                                   world_size=args.world_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -291,6 +293,8 @@ def run(args) -> int:
              steps_col.min() if len(steps_col) else 0, steps_col.max() if len(steps_col) else -1)
     print(f"{args.out}: {table.num_rows} slices over {len(set(steps_col.tolist()))} steps")
     if args.check:
-        read_manifest(args.out, args.shards, check_shards=True, dtype=dtype, allow_overlap=allow_overlap)
+        from spike_audit.pipelines.shards.paths import trusted_root
+
+        read_manifest(args.out, trusted_root(args.shards), check_shards=True, dtype=dtype, allow_overlap=allow_overlap)
         print(f"{args.out}: checked against the shards")
     return 0

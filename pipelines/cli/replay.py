@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+from spike_audit.pipelines.cli.shard_root import add_confinement_arguments, shard_root_of
 from spike_audit.pipelines.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ def register(sub) -> None:
     p.add_argument("--text-column", dest="text_col", default="text")
     p.add_argument("--tokenizer", help="tokenizer.json for text-only shards (default: the checkpoint's)")
     p.add_argument("--token-dtype", help="dtype of header-less token files (default uint16)")
+    add_confinement_arguments(p)
     p.add_argument("--allow-missing-steps", action="store_true")
     p.add_argument("--log-trainer", default=None,
                    help="whose step numbering --log uses when its format does not say (as for run)")
@@ -69,6 +71,7 @@ def _run(args) -> int:
 
     fields = ReplayConfig.__dataclass_fields__
     kw = {k: v for k, v in vars(args).items() if k in fields and k != "steps"}
+    kw["shards"] = shard_root_of(args)  # --allow-outside-root / --allow-urls travel with the root
     res = run_replay(ReplayConfig(steps=_parse_steps(args.steps), **kw))
     print(f"{res['out']}: per-row losses of {res['sequences']} sequences over {res['steps']} steps "
           f"({res['nan']} without a loss) in {res['seconds']:.1f} s")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from spike_audit.pipelines.cli.shard_root import add_confinement_arguments, shard_root_of
+
 log = logging.getLogger(__name__)
 
 EXIT_FOUND = 3  # --fail-on: the audit ran and found what the user asked to be told about
@@ -13,7 +15,8 @@ EXIT_FOUND = 3  # --fail-on: the audit ran and found what the user asked to be t
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log", required=True, help="the run's loss log (any supported format)")
     p.add_argument("--manifest", required=True, help="step manifest (Parquet, schemas: step_manifest)")
-    p.add_argument("--shards", required=True, help="shard root the manifest's shard paths are relative to")
+    p.add_argument("--shards", required=True, help="shard root the manifest's shard paths are relative to (names "
+                   "outside it are refused)")
     p.add_argument("--out", required=True, help="output directory (replaced in one atomic step; refused if it is not a spike-audit output or overlaps an input)")
     p.add_argument("--format", dest="log_format", help="log format (default: detected)")
     p.add_argument("--metric", default="train_loss", help="loss metric to audit (default: train_loss)")
@@ -43,6 +46,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state", help="state directory: a rerun audits only spikes not audited before")
     p.add_argument("--allow-overlap", action="store_true",
                    help="accept slices of one shard that overlap within a step (Megatron epochs can do that)")
+    add_confinement_arguments(p)
     p.add_argument("--allow-missing-steps", action="store_true",
                    help="the manifest covers only part of the log: judge spikes outside it (or without per-row losses) "
                    "inconclusive instead of failing")
@@ -72,7 +76,9 @@ def config_from_args(args):
     from spike_audit.pipelines.run.plan import RunConfig
 
     fields = RunConfig.__dataclass_fields__
-    return RunConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    kw = {k: v for k, v in vars(args).items() if k in fields}
+    kw["shards"] = shard_root_of(args)  # the root carries --allow-outside-root / --allow-urls to every reader
+    return RunConfig(**kw)
 
 
 def print_summary(res) -> None:

@@ -25,6 +25,8 @@ def _shards(args) -> int:
         print(f" {mark}{r['rank']:>4}  {r['shard']:<40} {score:>8}  {r['reason']}")
     for b in res.bad:
         print(f"  unreadable: {b['shard']}: {b['error']}")
+    for name in res.empty:
+        print(f"  empty: {name}: 0 rows (listed, not scored)")
     if args.fail_on:
         import sys
 
@@ -46,6 +48,8 @@ def register(sub) -> None:
     p.add_argument("inputs", nargs="+", help="shard files, directories or globs (local or gs://, s3:// ...)")
     p.add_argument("--out", required=True, help="output directory (replaced in one atomic step; refused if it is not a spike-audit output or overlaps an input)")
     p.add_argument("--root", help="shard names are relative to this (default: the inputs' common directory)")
+    p.add_argument("--allow-outside-root", action="store_true",
+                   help="accept files found in an input directory (or by a glob) that resolve outside it (symlinks)")
     p.add_argument("--state", help="state directory: a rerun reads only new or changed shards")
     p.add_argument("--skip-bad", action="store_true", help="continue without unreadable shards (they are listed)")
     p.add_argument("--tokens-column", dest="tokens_col", default="tokens")

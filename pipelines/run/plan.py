@@ -197,10 +197,15 @@ def read_manifest_steps(path: str, steps: list[int], offset: int = 0) -> pa.Tabl
     log step ``s`` is ``s + offset`` (the step join), and the rows come back numbered as the log."""
     if not Path(path).exists() and "://" not in path:
         raise UserError(f"{path}: manifest not found")
+    if "://" not in path:
+        from spike_audit.pipelines.files import check_regular
+
+        check_regular(path, "Parquet manifest")  # a FIFO or a device is refused, never read
     try:
         schema = pq.read_schema(path)
-    except (pa.ArrowInvalid, OSError) as err:
-        raise UserError(f"{path}: not a readable Parquet manifest ({err})") from None
+        schema.names  # a corrupt footer can hold names that are not UTF-8
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise UserError(f"{path}: not a readable Parquet manifest ({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__})") from None
     validate(schema, STEP_MANIFEST, path)
     wanted = pa.array(sorted({int(s) + offset for s in steps}), pa.int64())
     table = pads.dataset(path, format="parquet").to_table(filter=pads.field("step").isin(wanted), use_threads=False)

@@ -32,6 +32,7 @@ class ShardAuditResult:
     n_tokens_scanned: int
     bad: list[dict]
     seconds: float
+    empty: list[str] = ()  # shards with 0 rows: listed, not scored
 
 
 def run_shard_audit(cfg: ShardAuditConfig, beam_args: list[str] | None = None) -> ShardAuditResult:
@@ -49,7 +50,7 @@ def run_shard_audit(cfg: ShardAuditConfig, beam_args: list[str] | None = None) -
     check_apart(cfg.out, given + [("state directory", cfg.state)])
     if cfg.state:
         check_apart(cfg.state, given + [("output directory", cfg.out)], flag="--state")
-    shards = discover(cfg.inputs, cfg.root)
+    shards = discover(cfg.inputs, cfg.root, cfg.allow_outside_root)
     found = [("shard", s.path) for s in shards]
     with ExitStack() as stack:
         out = stack.enter_context(OutDir(cfg.out, "shards", given + found + [("state directory", cfg.state)]))
@@ -86,10 +87,15 @@ def _audit(cfg: ShardAuditConfig, flags, shards, out, st, t0: float) -> ShardAud
         raise UserError(f"{first['shard']}: {first['error']}{more}; --skip-bad audits the others and lists these")
     for b in bad:
         log.warning("skipping unreadable shard %s: %s", b["shard"], b["error"])
-    todo = [(s, n) for s, n, _ in good]  # n None: EOS-delimited documents, counted by the pipeline
+    # A shard with no rows has nothing to score: it is listed (summary.json, the command's output), not lost.
+    empty = sorted(s.name for s, n, _ in good if n == 0)
+    for name in empty:
+        log.warning("shard %s has 0 rows: listed as empty, not scored", name)
+    todo = [(s, n) for s, n, _ in good if n != 0]  # n None: EOS-delimited documents, counted by the pipeline
     names = sorted(kept_names | {s.name for s, _ in todo})
     if not names:
-        raise UserError("no readable shards to audit")
+        raise UserError("no readable shards to audit" + (f" ({len(empty)} empty: {', '.join(empty[:5])})"
+                                                          if empty else ""))
     run_id = uuid.uuid4().hex[:12]
     stage = out.stage()
     parts = stage / "parts"
@@ -113,10 +119,11 @@ def _audit(cfg: ShardAuditConfig, flags, shards, out, st, t0: float) -> ShardAud
                    files / "report.html")
         # no timings here: the outputs of identical inputs are byte-identical (the command prints the time)
         write_json({"shards": len(names), "scanned": len(todo), "from_state": len(keep), "bad": bad,
+                    "empty": [{"shard": n, "n_rows": 0} for n in empty],
                     "tokens_scanned": n_tokens, "tokens": token_summary(cfg)}, files / "summary.json")
     except OSError as err:
         raise os_error(cfg.out, err, "cannot write the new output (the previous output is intact)") from None
     out.publish(files)
     if st is not None:
         _save_state(cfg, state_stage, run_id, names, {s.name: s.fingerprint for s in shards}, keep, stored)
-    return ShardAuditResult(Path(cfg.out), tables, len(names), len(todo), n_tokens, bad, time.time() - t0)
+    return ShardAuditResult(Path(cfg.out), tables, len(names), len(todo), n_tokens, bad, time.time() - t0, empty)

@@ -38,6 +38,7 @@ class ShardAuditConfig:
     tokenizer_special: tuple | None = None  # what the tokenizer says: (key, value) pairs, for the outputs
     vocab_size: int | None = None
     seed: int = 0
+    allow_outside_root: bool = False  # files found in an input directory may resolve outside it (symlinks)
 
 
 def resolve_tokens(cfg: ShardAuditConfig) -> ShardAuditConfig:

@@ -28,9 +28,32 @@ def _is_shard_file(path: str) -> bool:
     return path.endswith(SHARD_SUFFIXES) and not os.path.basename(path).startswith(".")
 
 
-def discover(inputs: tuple[str, ...], root: str | None = None) -> list[Shard]:
-    """Expand paths, directories and globs (local, or any Beam FileSystems scheme) into shards."""
+def _glob_base(pattern: str) -> str:
+    """The directory part of a glob before its first wildcard."""
+    parts = []
+    for part in pattern.split(os.sep):
+        if glob.has_magic(part):
+            break
+        parts.append(part)
+    return os.sep.join(parts) or "."
+
+
+def _confined(path: str, base: str, allow_outside: bool) -> None:
+    """A file found by walking a directory (or matching a glob) under ``base`` must resolve inside it: a planted
+    symlink to /etc/passwd is refused (the one rule, :mod:`spike_audit.pipelines.shards.paths`)."""
+    from spike_audit.pipelines.shards.paths import ShardRoot, resolve
+
+    resolve(ShardRoot(base, allow_outside_root=allow_outside), os.path.relpath(path, base))
+
+
+def discover(inputs: tuple[str, ...], root: str | None = None, allow_outside_root: bool = False) -> list[Shard]:
+    """Expand paths, directories and globs (local, or any Beam FileSystems scheme) into shards. A path given
+    itself is the user's; a file found inside a given directory or by a glob must resolve inside that directory
+    (or the glob's base) unless ``allow_outside_root``. Only regular files (and datasets directories) are shards:
+    a FIFO or a device in a directory is refused at once."""
     from apache_beam.io.filesystems import FileSystems
+
+    from spike_audit.pipelines.files import check_regular
 
     found: dict[str, tuple[int, float]] = {}
     for inp in inputs:
@@ -42,12 +65,15 @@ def discover(inputs: tuple[str, ...], root: str | None = None) -> list[Shard]:
                 if _is_shard_file(m.path):
                     found[m.path] = (m.size_in_bytes, float(m.last_updated_in_seconds or 0.0))
             continue
-        paths = sorted(glob.glob(inp, recursive=True)) if glob.has_magic(inp) else [inp]
+        magic = glob.has_magic(inp)
+        paths = sorted(glob.glob(inp, recursive=True)) if magic else [inp]
         if not paths:
             raise UserError(f"{inp}: matches no file")
         for p in paths:
             if not os.path.exists(p):
                 raise UserError(f"{p}: no such file or directory")
+            if magic:
+                _confined(p, _glob_base(inp), allow_outside_root)
             if _is_hf_dir(p):
                 found[os.path.abspath(p)] = _dir_stat(p)
             elif os.path.isdir(p):
@@ -60,10 +86,11 @@ def discover(inputs: tuple[str, ...], root: str | None = None) -> list[Shard]:
                     for f in sorted(filenames):
                         full = os.path.join(dirpath, f)
                         if _is_shard_file(full):
-                            st = os.stat(full)
+                            _confined(full, p, allow_outside_root)
+                            st = check_regular(full, "shard file")
                             found[os.path.abspath(full)] = (st.st_size, st.st_mtime)
             else:
-                st = os.stat(p)
+                st = check_regular(p, "shard file")
                 found[os.path.abspath(p)] = (st.st_size, st.st_mtime)
     if not found:
         raise UserError(f"no shards found in {', '.join(inputs)} (looked for {', '.join(SHARD_SUFFIXES)})")
@@ -122,7 +149,8 @@ def check_shards(shards: list[Shard], cfg: ShardAuditConfig) -> tuple[list[tuple
         except UserError as err:
             bad.append({"shard": s.name, "error": str(err)})
         except Exception as err:  # unreadable file: report it, do not crash on the first one
-            bad.append({"shard": s.name, "error": f"{type(err).__name__}: {err}".splitlines()[0]})
+            msg = f"{type(err).__name__}: {err}".strip().splitlines()
+            bad.append({"shard": s.name, "error": msg[0] if msg else type(err).__name__})
         if (k + 1) % 100 == 0:
             log.info("checked %d/%d shards", k + 1, len(shards))
     return good, bad

@@ -101,7 +101,8 @@ STATE_FORMAT = 2
 def _settings_key(cfg: ShardAuditConfig) -> str:
     d = asdict(cfg)
     d["state_format"] = STATE_FORMAT
-    for k in ("inputs", "out", "root", "state", "skip_bad", "alpha", "min_rows", "batch_rows", "buckets"):
+    for k in ("inputs", "out", "root", "state", "skip_bad", "alpha", "min_rows", "batch_rows", "buckets",
+              "allow_outside_root"):
         d.pop(k, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 

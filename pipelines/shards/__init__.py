@@ -5,7 +5,8 @@ format family (``parquet``, ``jsonl``, ``hf``, ``tokens`` for npy / raw bin / Me
 row of a flat token file is: windows, EOS-delimited documents, Megatron .idx sequences), ``base`` (the reader
 interface), ``slices`` (row-slice arithmetic and the output batch), ``paths`` (names and file access).
 
-May import: :mod:`spike_audit.pipelines.errors`; never Beam, auditors or another pipelines package.
+May import: :mod:`spike_audit.pipelines.errors`, :mod:`spike_audit.pipelines.files`; never Beam, auditors or another
+pipelines package.
 
 Formats (chosen by the shard's name; see :func:`read.shard_format`):
 
@@ -39,6 +40,16 @@ read only the requested byte ranges (coalesced); Megatron reads the ``.idx`` arr
 JSONL cannot be random-accessed: the file is streamed once per call (decompressing ``.gz``/``.zst``)
 and only requested lines are parsed. Paths that are URLs (``gs://``, ``s3://``, ...) go through
 ``fsspec`` (the matching extra must be installed); local paths are opened directly.
+
+Where a name may point (``paths``): a shard name from a manifest resolves inside the shard root; ``../``, absolute
+paths outside it, symlinks out of it and URLs are refused unless the root (a :class:`paths.ShardRoot`, from
+``--allow-outside-root`` / ``--allow-urls``) allows them. Local files are regular files only (a FIFO or a device is
+refused at once); compressed JSONL is checked whole (a truncated or corrupt stream is an error).
+
+What a read guarantees: a null ``tokens`` value (or a null ``text`` in a text-only shard) is an error naming the
+shard and row, never an empty row; every token id is an integer in ``[0, slices.MAX_TOKEN_ID]`` (2^24 - 1), else
+an error naming the row; unreadable data (a corrupt Parquet page, invalid JSON, a token list that is not integers)
+is a one-line :class:`UserError` naming the shard and the row (or row group).
 
 :func:`read_slices` returns one ``pa.RecordBatch`` with :data:`SLICES_SCHEMA`: ``tokens`` is always
 ``list<int64>`` (null for shards that only have text), whatever the on-disk dtype, so batches from

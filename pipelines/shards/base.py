@@ -8,7 +8,7 @@ import pyarrow as pa
 from spike_audit.pipelines.errors import UserError
 from spike_audit.pipelines.shards.rows import HOW
 from spike_audit.pipelines.shards.slices import (UNITS, _batch, _check_bounds, _to_int64_lists, _to_string,
-                                                 as_slices, expand_rows)
+                                                 as_slices, check_rows, expand_rows)
 
 
 class ShardReader:
@@ -23,6 +23,10 @@ class ShardReader:
 
     def length(self, unit: str = "row") -> int:
         raise NotImplementedError
+
+    def where(self, row: int) -> str:
+        """How an error names one row of this shard."""
+        return f"{self.name}: row {row}"
 
     def _unit_check(self, unit: str) -> None:
         if unit not in UNITS:
@@ -41,6 +45,8 @@ class ShardReader:
             return self._read_tokens(slices)
         rows = expand_rows(slices)
         tokens, text = self._read_rows(rows)
+        tokens, text = check_rows(tokens, text, lambda i: self.where(int(rows[i])),
+                                  getattr(self, "tokens_col", "tokens"), getattr(self, "text_col", "text"))
         return _batch(tokens, text, self.name, rows, rows + 1, "row")
 
     def _limit(self, unit: str, slices: np.ndarray) -> int:
@@ -67,10 +73,11 @@ class _TableRowsMixin:
                             f"(columns: {', '.join(names)})")
         return cols
 
-    def _split(self, table: pa.Table) -> tuple[pa.Array | None, pa.Array | None]:
+    def _split(self, table: pa.Table, rows=None) -> tuple[pa.Array | None, pa.Array | None]:
         tokens = text = None
         if self.tokens_col in table.column_names:
-            tokens = _to_int64_lists(table.column(self.tokens_col), self.name, self.tokens_col)
+            where = (lambda i: self.where(int(rows[i]))) if rows is not None else None
+            tokens = _to_int64_lists(table.column(self.tokens_col), self.name, self.tokens_col, where)
         if self.text_col in table.column_names:
             text = _to_string(table.column(self.text_col), self.name, self.text_col)
         return tokens, text

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import pyarrow as pa
+
 from spike_audit.pipelines.errors import UserError
+from spike_audit.pipelines.files import check_regular
 from spike_audit.pipelines.shards.base import ShardReader, _TableRowsMixin
+from spike_audit.pipelines.shards.paths import is_url
 
 
 class HFReader(_TableRowsMixin, ShardReader):
@@ -16,11 +20,16 @@ class HFReader(_TableRowsMixin, ShardReader):
         self.tokens_col, self.text_col = tokens_col, text_col
         try:
             if str(path).rstrip("/").lower().endswith(".arrow"):
+                if not is_url(path):
+                    check_regular(path, "shard file")
                 ds = datasets.Dataset.from_file(path)
             else:
                 ds = datasets.load_from_disk(path)
-        except FileNotFoundError as err:
-            raise UserError(f"{name}: not a datasets directory or .arrow file ({err})") from None
+        except UserError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, pa.ArrowException) as err:
+            msg = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            raise UserError(f"{name}: not a readable datasets directory or .arrow file ({msg})") from None
         if isinstance(ds, datasets.DatasetDict):
             raise UserError(f"{name}: is a DatasetDict with splits {sorted(ds)}; point the shard at one split "
                             f"directory, e.g. '{name.rstrip('/')}/{sorted(ds)[0]}'")
@@ -34,4 +43,9 @@ class HFReader(_TableRowsMixin, ShardReader):
         ds = self.ds.select_columns(cols)
         if len(rows) == 0:
             return self._split(ds[:0])
-        return self._split(ds[rows.tolist()])
+        try:
+            table = ds[rows.tolist()]
+        except (OSError, ValueError, pa.ArrowException) as err:
+            msg = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            raise UserError(f"{self.name}: rows unreadable ({msg})") from None
+        return self._split(table, rows)

@@ -3,7 +3,6 @@ the requested lines are parsed (a line is a row, 0-based)."""
 
 from __future__ import annotations
 
-import gzip
 import io
 import json
 import numpy as np
@@ -24,18 +23,26 @@ _COMPRESSIONS = ("", ".gz", ".zst", ".zstd")
 _JSONL_CHUNK = 16 << 20
 
 
-class _ClosingGzip(gzip.GzipFile):
-    """GzipFile that also closes the underlying file object."""
+MAX_LINE_BYTES = 256 << 20  # one JSON row longer than this is not a training row
 
-    def __init__(self, raw):
-        super().__init__(fileobj=raw, mode="rb")
-        self._raw = raw
 
-    def close(self):
-        try:
-            super().close()
-        finally:
-            self._raw.close()
+def _expected_types(table: pa.Table, tokens_col: str, text_col: str) -> bool:
+    """Arrow inferred list<int> tokens and string text (else the line-by-line path names the offending row)."""
+    if tokens_col in table.column_names:
+        t = table.schema.field(tokens_col).type
+        if not (pa.types.is_null(t) or (pa.types.is_list(t) and (pa.types.is_integer(t.value_type)
+                                                                 or pa.types.is_null(t.value_type)))):
+            return False
+    if text_col in table.column_names:
+        t = table.schema.field(text_col).type
+        if not (pa.types.is_null(t) or pa.types.is_string(t)):
+            return False
+        if pa.types.is_string(t):
+            try:  # Arrow's JSON reader does not check UTF-8: invalid bytes are invalid JSON, named by row
+                table.column(text_col).combine_chunks().validate(full=True)
+            except pa.ArrowInvalid:
+                return False
+    return True
 
 
 class JsonlReader(ShardReader):
@@ -48,16 +55,20 @@ class JsonlReader(ShardReader):
         self.tokens_col, self.text_col = tokens_col, text_col
         self._n = None
 
-    def _stream(self):
-        raw = _open(self.path)
-        low = self.path.lower()
-        if low.endswith(".gz"):
-            return _ClosingGzip(raw)
-        if low.endswith((".zst", ".zstd")):
-            import zstandard
+    def where(self, row: int) -> str:
+        return f"{self.name}:{int(row) + 1}"  # row N is line N+1
 
-            return zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)
-        return raw
+    def _stream(self):
+        """The decompressed bytes (gzip / zstd detected from the content; every member and frame; a truncated or
+        corrupt stream is a one-line error)."""
+        from spike_audit.pipelines.files import decompressed
+
+        raw = _open(self.path)
+        try:
+            return decompressed(raw, self.name)
+        except BaseException:
+            raw.close()
+            raise
 
     def _scan(self, wanted: np.ndarray | None):
         """One pass: count lines; collect the bytes of the ``wanted`` (sorted unique) lines."""
@@ -70,6 +81,8 @@ class JsonlReader(ShardReader):
                 if not chunk:
                     break
                 data = carry + chunk
+                if line_no == 0 and not carry and data.startswith(b"\xef\xbb\xbf"):
+                    data = data[3:]  # a UTF-8 BOM is not part of row 0
                 nl = np.flatnonzero(np.frombuffer(data, np.uint8) == 10)
                 if len(nl):
                     if wanted is not None and len(wanted):
@@ -82,6 +95,9 @@ class JsonlReader(ShardReader):
                     carry = data[nl[-1] + 1:]
                 else:
                     carry = data
+                if len(carry) > MAX_LINE_BYTES:
+                    raise UserError(f"{self.name}:{line_no + 1}: a line longer than {MAX_LINE_BYTES >> 20} MiB; "
+                                    f"expected one JSON object per line")
         if carry:
             if wanted is not None and len(wanted) and np.searchsorted(wanted, line_no) < len(wanted) and (
                     wanted[np.searchsorted(wanted, line_no)] == line_no):
@@ -107,7 +123,8 @@ class JsonlReader(ShardReader):
         table = self._parse(stripped, uniq)
         tokens = text = None
         if self.tokens_col in table.column_names:
-            tokens = _to_int64_lists(table.column(self.tokens_col), self.name, self.tokens_col).take(inverse)
+            tokens = _to_int64_lists(table.column(self.tokens_col), self.name, self.tokens_col,
+                                     lambda i: self.where(int(uniq[i]))).take(inverse)
         if self.text_col in table.column_names:
             text = _to_string(table.column(self.text_col), self.name, self.text_col).take(inverse)
         if tokens is None and text is None:
@@ -122,23 +139,38 @@ class JsonlReader(ShardReader):
         try:
             table = pj.read_json(io.BytesIO(b"\n".join(lines) + b"\n"),
                                  read_options=pj.ReadOptions(block_size=max(1 << 20, sum(map(len, lines)) + 1)))
-            if table.num_rows == len(lines):
-                return table.select([c for c in want if c in table.column_names])
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            if table.num_rows == len(lines) and _expected_types(table, self.tokens_col, self.text_col):
+                return pa.table({c: table.column(c).combine_chunks() for c in want if c in table.column_names})
+        except pa.ArrowException:  # includes Arrow's own inconsistencies on odd input ([null, 0] lists)
             pass
         # Fallback (mixed types across lines, or an error to locate): parse line by line.
         recs = []
         for ln, no in zip(lines, line_ids):
             try:
                 obj = json.loads(ln)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{self.name}:{int(no) + 1}: expected a JSON object, got invalid JSON ({err.msg})")
+            except (ValueError, RecursionError) as err:  # invalid JSON, invalid UTF-8, nesting too deep
+                msg = getattr(err, "msg", None) or type(err).__name__
+                raise UserError(f"{self.name}:{int(no) + 1}: expected a JSON object, got invalid JSON ({msg})") from None
             if not isinstance(obj, dict):
                 raise UserError(f"{self.name}:{int(no) + 1}: expected a JSON object, got {type(obj).__name__}")
             recs.append({k: obj.get(k) for k in want})
         cols = {}
         if any(r[self.tokens_col] is not None for r in recs):
-            cols[self.tokens_col] = pa.array([r[self.tokens_col] for r in recs], pa.list_(pa.int64()))
+            cols[self.tokens_col] = self._column(recs, line_ids, self.tokens_col, pa.list_(pa.int64()),
+                                                 "a list of integer token ids")
         if any(r[self.text_col] is not None for r in recs):
-            cols[self.text_col] = pa.array([r[self.text_col] for r in recs], pa.string())
+            cols[self.text_col] = self._column(recs, line_ids, self.text_col, pa.string(), "a string")
         return pa.table(cols) if cols else pa.table({"_": pa.nulls(len(recs))})
+
+    def _column(self, recs: list[dict], line_ids: np.ndarray, key: str, typ: pa.DataType, what: str) -> pa.Array:
+        try:
+            return pa.array([r[key] for r in recs], typ)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError, ValueError):
+            pass
+        for r, no in zip(recs, line_ids):  # error path only: find the row
+            try:
+                pa.array([r[key]], typ)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError, ValueError):
+                got = json.dumps(r[key])[:80]
+                raise UserError(f"{self.name}:{int(no) + 1}: expected {key!r} to be {what}, got {got}") from None
+        raise UserError(f"{self.name}: column {key!r}: expected {what}")

@@ -23,7 +23,7 @@ Units: ``row`` = sample id of the dataset (the directory / ``index.json``) or of
 from __future__ import annotations
 
 import bz2
-import gzip
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -33,7 +33,7 @@ import pyarrow as pa
 
 from spike_audit.pipelines.errors import UserError
 from spike_audit.pipelines.shards.base import ShardReader
-from spike_audit.pipelines.shards.paths import _exists, _isdir, _open
+from spike_audit.pipelines.shards.paths import _exists, _isdir, _memmap, _open, _size
 from spike_audit.pipelines.shards.slices import _list_array, expand_rows
 
 # streaming's NDArray value-dtype and shape-dtype codes.
@@ -104,6 +104,9 @@ def read_mds_index(path: str, name: str | None = None) -> list[MDSShard]:
             samples = int(s["samples"])
         except (KeyError, TypeError, ValueError) as err:
             raise UserError(f"{where}: missing or malformed field {err}") from None
+        for b in (raw, zip_):
+            if b is not None and (not isinstance(b, str) or os.path.basename(b) != b or b in ("", ".", "..")):
+                raise UserError(f"{where}: shard file name {b!r} is not a plain file name in the dataset directory")
         if not (len(names) == len(encs) == len(sizes)):
             raise UserError(f"{where}: column_names, column_encodings and column_sizes differ in length")
         shards.append(MDSShard(os.path.join(base, raw), os.path.join(base, zip_) if zip_ else None,
@@ -122,20 +125,23 @@ def _shard_bytes(s: MDSShard, name: str) -> np.ndarray:
         if "://" in s.raw:
             with _open(s.raw) as f:
                 return np.frombuffer(f.read(), np.uint8)
-        return np.memmap(s.raw, np.uint8, "r") if os.path.getsize(s.raw) else np.zeros(0, np.uint8)
+        return _memmap(s.raw, np.uint8) if _size(s.raw) else np.zeros(0, np.uint8)
     if not s.zip or not _exists(s.zip):
         raise UserError(f"{name}: shard file {s.raw} not found" + (f" (nor {s.zip})" if s.zip else ""))
     algo = (s.compression or "").split(":")[0]
     with _open(s.zip) as f:
         data = f.read()
-    if algo in ("zstd", "zst"):
-        import zstandard
+    if algo in ("zstd", "zst", "gz"):
+        from spike_audit.pipelines.files import decompressed
 
-        out = zstandard.ZstdDecompressor().stream_reader(data).read()
-    elif algo == "gz":
-        out = gzip.decompress(data)
+        # every frame / member; a truncated or corrupt stream is a one-line error naming the file
+        with decompressed(io.BytesIO(data), s.zip) as d:
+            out = d.read()
     elif algo == "bz2":
-        out = bz2.decompress(data)
+        try:
+            out = bz2.decompress(data)
+        except (OSError, ValueError, EOFError) as err:
+            raise UserError(f"{s.zip}: corrupt or truncated bz2 stream ({err})") from None
     else:
         raise UserError(f"{name}: MDS compression {s.compression!r} is not supported (zstd, gz, bz2 are)")
     return np.frombuffer(out, np.uint8)

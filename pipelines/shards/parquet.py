@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from spike_audit.pipelines.errors import UserError
+from spike_audit.pipelines.errors import UserError, reason
 from spike_audit.pipelines.shards.base import ShardReader, _TableRowsMixin
 from spike_audit.pipelines.shards.paths import _open, is_url
 
@@ -18,13 +18,25 @@ class ParquetReader(_TableRowsMixin, ShardReader):
         import pyarrow.parquet as pq
 
         self.tokens_col, self.text_col = tokens_col, text_col
-        self._file = _open(path) if is_url(path) else None
+        # _open: a regular local file (a FIFO or an unreadable file is a one-line error) or a URL; local files are
+        # then read natively by path.
+        self._file = _open(path)
+        if not is_url(path):
+            self._file.close()
+            self._file = None
         try:
-            self.pf = pq.ParquetFile(self._file if self._file is not None else path)
-        except (pa.ArrowInvalid, OSError) as err:
-            raise UserError(f"{name}: not a readable Parquet file ({err})") from None
+            # page checksums, where the writer stored them, are verified: a corrupt page is an error, not data
+            self.pf = pq.ParquetFile(self._file if self._file is not None else path, page_checksum_verification=True)
+            self.pf.schema_arrow.names  # a corrupt footer can hold names that are not UTF-8
+        except (pa.ArrowException, OSError, ValueError) as err:
+            self.close()
+            raise UserError(f"{name}: not a readable Parquet file ({_first_line(err)})") from None
         md = self.pf.metadata
         counts = np.array([md.row_group(i).num_rows for i in range(md.num_row_groups)], np.int64)
+        if len(counts) and counts.min() < 0:
+            self.close()
+            raise UserError(f"{name}: not a readable Parquet file (corrupt footer: row group "
+                            f"{int(np.argmin(counts))} has {int(counts.min())} rows)")
         self.rg_start = np.concatenate([[0], np.cumsum(counts)])
 
     def length(self, unit="row"):
@@ -43,13 +55,22 @@ class ParquetReader(_TableRowsMixin, ShardReader):
         pieces = []
         for lo, hi in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(order)]])):
             g = int(rg_sorted[lo])
-            group = self.pf.read_row_group(g, columns=cols)
+            try:
+                group = self.pf.read_row_group(g, columns=cols)
+            except (pa.ArrowException, OSError, ValueError) as err:
+                raise UserError(f"{self.name}: row group {g} (rows {int(self.rg_start[g])}.."
+                                f"{int(self.rg_start[g + 1]) - 1}) is unreadable: corrupt Parquet data "
+                                f"({_first_line(err)})") from None
             pieces.append(group.take(pa.array(rows[order[lo:hi]] - self.rg_start[g])))
         table = pa.concat_tables(pieces).combine_chunks()
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))
-        return self._split(table.take(pa.array(inverse)))
+        return self._split(table.take(pa.array(inverse)), rows)
 
     def close(self):
         if self._file is not None:
             self._file.close()
+
+
+def _first_line(err: Exception) -> str:
+    return reason(err)

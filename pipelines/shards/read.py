@@ -12,10 +12,10 @@ from spike_audit.pipelines.shards.base import ShardReader
 from spike_audit.pipelines.shards.hf import HFReader
 from spike_audit.pipelines.shards.jsonl import JsonlReader, _COMPRESSIONS, _JSONL_SUFFIXES
 from spike_audit.pipelines.shards.parquet import ParquetReader
-from spike_audit.pipelines.shards.paths import _exists, _isdir, _open, is_url, resolve
+from spike_audit.pipelines.shards.paths import _exists, _isdir, _open, _size, confine_tree, is_url, resolve
 from spike_audit.pipelines.shards.rows import RowDef
 from spike_audit.pipelines.shards.tokens import (FlatReader, MegatronReader, TokenFile, _NPY_MAGIC,
-                                                 _read_npy_header, open_token_file)
+                                                 _read_npy_header, megatron_paths, open_token_file)
 
 
 def shard_format(path: str) -> str:
@@ -62,6 +62,12 @@ def open_shard(shard_root: str | None, shard: str, *, tokens_col: str = "tokens"
         where = f" under {shard_root}" if shard_root and not os.path.isabs(str(shard)) and not is_url(shard) else ""
         raise UserError(f"shard '{shard}' not found{where} ({path})")
     fmt = shard_format(path)
+    if fmt in ("hf", "mds"):
+        confine_tree(shard_root, shard, path)  # a directory's files: regular, and inside the root
+    if fmt == "megatron":
+        for sibling in megatron_paths(shard):  # the .idx / .bin next to the named file obey the rule too
+            if not is_url(shard) or is_url(sibling):
+                resolve(shard_root, sibling)
     if fmt == "parquet":
         return ParquetReader(path, shard, tokens_col, text_col)
     if fmt == "jsonl":
@@ -83,6 +89,9 @@ def open_shard(shard_root: str | None, shard: str, *, tokens_col: str = "tokens"
         if len(shape) not in (1, 2):
             raise UserError(f"{shard}: .npy has shape {shape}, expected 1-D tokens or 2-D (rows, tokens)")
         n = int(np.prod(shape))
+        if not is_url(path) and offset + n * dt.itemsize > _size(path):
+            raise UserError(f"{shard}: .npy header says shape {shape} of {dt} ({offset + n * dt.itemsize} bytes), the "
+                            f"file has {_size(path)} bytes (truncated?)")
         return FlatReader(path, shard, TokenFile(path, offset, dt, n), shape[1] if len(shape) == 2 else None,
                           fmt="npy", rows=rows)
     return FlatReader(path, shard, open_token_file(path, dtype), None, fmt="bin", rows=rows)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from spike_audit.pipelines.errors import UserError
 
@@ -71,10 +72,53 @@ def _check_bounds(shard: str, slices: np.ndarray, n: int, what: str) -> None:
 
 
 def _list_array(values: np.ndarray, offsets: np.ndarray) -> pa.Array:
+    if len(offsets) and int(offsets[-1]) >= 2 ** 31:
+        raise UserError(f"one read of {int(offsets[-1])} tokens exceeds 2^31 (list<int64> offsets); read fewer rows "
+                        f"at once")
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values.astype(np.int64)))
 
 
-def _to_int64_lists(col: pa.ChunkedArray | pa.Array, shard: str, name: str) -> pa.Array:
+# Token ids must be in [0, MAX_TOKEN_ID]: real vocabularies are far smaller (256k at most today), and the auditors'
+# histograms are vocabulary-sized, so a corrupt id of 2^40 must be an error naming its row, not an allocation.
+MAX_TOKEN_ID = 2 ** 24 - 1
+
+
+def check_token_ids(values: np.ndarray | pa.Array, offsets: np.ndarray, where) -> None:
+    """UserError naming the row (``where(i)`` for the i-th sequence) of the first token id that is negative,
+    not an integer or larger than ``MAX_TOKEN_ID``."""
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        t = values.type
+        if values.null_count:
+            first = int(np.flatnonzero(~_valid(values))[0])
+            seq = int(np.searchsorted(np.asarray(offsets), first, side="right") - 1)
+            raise UserError(f"{where(seq)}: a null token id; expected integer token ids")
+        if len(values) == 0 or (pa.types.is_unsigned_integer(t) and t.bit_width <= 16):
+            return
+        mm = pc.min_max(values)
+        lo, hi = mm["min"].as_py(), mm["max"].as_py()
+        if lo is None or (lo >= 0 and hi <= MAX_TOKEN_ID and pa.types.is_integer(t)):
+            return
+        values = values.to_numpy(zero_copy_only=False)
+    else:
+        dt = values.dtype
+        if len(values) == 0 or (dt.kind == "u" and dt.itemsize <= 2) or dt.kind == "b":
+            return
+        if dt.kind in "iu" and int(values.min()) >= 0 and int(values.max()) <= MAX_TOKEN_ID:
+            return
+    v = np.asarray(values)
+    with np.errstate(invalid="ignore"):
+        bad = (v < 0) | (v > MAX_TOKEN_ID)
+        if v.dtype.kind == "f":
+            bad |= ~np.isfinite(v) | (np.round(v) != v)
+    first = int(np.flatnonzero(bad)[0])
+    seq = int(np.searchsorted(np.asarray(offsets), first, side="right") - 1)
+    raise UserError(f"{where(seq)}: token id {v[first].item()!r} is not a token id (expected an integer in "
+                    f"[0, {MAX_TOKEN_ID}])")
+
+
+def _to_int64_lists(col: pa.ChunkedArray | pa.Array, shard: str, name: str, where=None) -> pa.Array:
+    """A list<int> column as list<int64>, every id checked (see :func:`check_token_ids`); ``where(i)`` names
+    the i-th row in an error."""
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks()
     t = col.type
@@ -82,7 +126,37 @@ def _to_int64_lists(col: pa.ChunkedArray | pa.Array, shard: str, name: str) -> p
         pa.types.is_integer(t.value_type)
     ):
         raise UserError(f"{shard}: column {name!r} has type {t}, expected list<int> token ids")
+    if pa.types.is_fixed_size_list(t):
+        col = col.cast(pa.list_(t.value_type))
+    if pa.types.is_large_list(col.type) and len(col) and col.offsets[-1].as_py() >= 2 ** 31:
+        raise UserError(f"{shard}: column {name!r} holds more than 2^31 tokens in one read; read fewer rows at once")
+    offsets = np.asarray(col.offsets, dtype=np.int64)
+    values = col.values.slice(int(offsets[0]), int(offsets[-1] - offsets[0])) if len(col) else col.values.slice(0, 0)
+    check_token_ids(values, offsets - offsets[0], where or (lambda i: f"{shard}: row {i}"))
     return col.cast(pa.list_(pa.int64()))
+
+
+def check_rows(tokens: pa.Array | None, text: pa.Array | None, where, tokens_col: str = "tokens",
+               text_col: str = "text") -> tuple[pa.Array | None, pa.Array | None]:
+    """A row whose tokens (or, in a text-only shard, whose text) are null is an error naming it, never read as an
+    empty row (empty rows feed the duplicate signals). A tokens column that is null in every row of a shard that has
+    text is no tokens column."""
+    if tokens is not None and tokens.null_count:
+        if text is not None and tokens.null_count == len(tokens):
+            tokens = None
+        else:
+            i = int(np.flatnonzero(~_valid(tokens))[0])
+            raise UserError(f"{where(i)}: {tokens_col!r} is null; expected a list of token ids")
+    if tokens is None and text is not None and text.null_count:
+        i = int(np.flatnonzero(~_valid(text))[0])
+        raise UserError(f"{where(i)}: {text_col!r} is null; expected a string")
+    return tokens, text
+
+
+def _valid(arr: pa.Array) -> np.ndarray:
+    v = pc.is_valid(arr)
+    bits = np.frombuffer(v.buffers()[1], np.uint8)
+    return np.unpackbits(bits, bitorder="little")[v.offset:v.offset + len(v)].astype(bool)
 
 
 def _to_string(col, shard: str, name: str) -> pa.Array:

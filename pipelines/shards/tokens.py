@@ -10,9 +10,9 @@ import numpy as np
 
 from spike_audit.pipelines.errors import UserError
 from spike_audit.pipelines.shards.base import ShardReader
-from spike_audit.pipelines.shards.paths import _exists, _open, _size, is_url
+from spike_audit.pipelines.shards.paths import _exists, _memmap, _open, _size, is_url
 from spike_audit.pipelines.shards.rows import RowDef
-from spike_audit.pipelines.shards.slices import _batch, _list_array, coalesce, expand_rows
+from spike_audit.pipelines.shards.slices import _batch, _list_array, check_token_ids, coalesce, expand_rows
 
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ class TokenFile:
         if offsets[-1] == 0:
             return np.zeros(0, self.dtype), offsets
         if not is_url(self.path):
-            mm = np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset, shape=(self.n_tokens,))
+            mm = _memmap(self.path, self.dtype, self.offset, (self.n_tokens,))
             values = np.asarray(mm[expand_rows(slices)])
             del mm
             return values, offsets
@@ -94,7 +94,7 @@ class TokenFile:
         if end <= start:
             return np.zeros(0, self.dtype)
         if not is_url(self.path):
-            mm = np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset, shape=(self.n_tokens,))
+            mm = _memmap(self.path, self.dtype, self.offset, (self.n_tokens,))
             out = np.array(mm[start:end])
             del mm
             return out
@@ -209,11 +209,14 @@ def open_token_file(path: str, dtype=None) -> TokenFile:
 
 def _read_npy_header(path: str) -> tuple[tuple[int, ...], bool, np.dtype, int]:
     with _open(path) as f:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, fortran, dt = np.lib.format.read_array_header_1_0(f)
-        else:
-            shape, fortran, dt = np.lib.format.read_array_header_2_0(f)
+        try:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dt = np.lib.format.read_array_header_1_0(f)
+            else:
+                shape, fortran, dt = np.lib.format.read_array_header_2_0(f)
+        except Exception as err:  # numpy parses the header with ast/tokenize: anything can come out of garbage
+            raise UserError(f"{path}: not a readable .npy file ({str(err).splitlines()[0][:200] if str(err) else type(err).__name__})") from None
         return shape, fortran, dt, f.tell()
 
 
@@ -230,7 +233,7 @@ class MegatronIndex:
 def read_megatron_index(idx_path: str) -> MegatronIndex:
     with _open(idx_path) as f:
         head = f.read(9 + 8 + 1 + 8 + 8)
-    if head[:9] != MEGATRON_MAGIC:
+    if head[:9] != MEGATRON_MAGIC or len(head) < 34:
         raise UserError(f"{idx_path}: not a Megatron index (expected header {MEGATRON_MAGIC!r}, got {head[:9]!r})")
     (version,) = struct.unpack("<Q", head[9:17])
     (code,) = struct.unpack("<B", head[17:18])
@@ -240,6 +243,11 @@ def read_megatron_index(idx_path: str) -> MegatronIndex:
     if code not in MEGATRON_DTYPES:
         raise UserError(f"{idx_path}: unknown Megatron dtype code {code} (expected 1-8)")
     off = 34
+    need = off + seq_count * 12 + doc_count * 8
+    size = _size(idx_path)
+    if size < need:
+        raise UserError(f"{idx_path}: the index says {seq_count} sequences and {doc_count} documents ({need} bytes), "
+                        f"the file has {size} bytes")
     if is_url(idx_path):
         with _open(idx_path) as f:
             f.seek(off)
@@ -248,11 +256,9 @@ def read_megatron_index(idx_path: str) -> MegatronIndex:
         pointers = np.frombuffer(body, "<i8", seq_count, seq_count * 4)
         docs = np.frombuffer(body, "<i8", doc_count, seq_count * 12)
     else:
-        lengths = np.memmap(idx_path, "<i4", "r", off, (seq_count,)) if seq_count else np.zeros(0, "<i4")
-        pointers = (np.memmap(idx_path, "<i8", "r", off + seq_count * 4, (seq_count,)) if seq_count
-                    else np.zeros(0, "<i8"))
-        docs = (np.memmap(idx_path, "<i8", "r", off + seq_count * 12, (doc_count,)) if doc_count
-                else np.zeros(0, "<i8"))
+        lengths = _memmap(idx_path, "<i4", off, (seq_count,)) if seq_count else np.zeros(0, "<i4")
+        pointers = _memmap(idx_path, "<i8", off + seq_count * 4, (seq_count,)) if seq_count else np.zeros(0, "<i8")
+        docs = _memmap(idx_path, "<i8", off + seq_count * 12, (doc_count,)) if doc_count else np.zeros(0, "<i8")
     return MegatronIndex(MEGATRON_DTYPES[code], lengths, pointers, docs)
 
 
@@ -324,10 +330,12 @@ class FlatReader(ShardReader):
 
     def _read_rows(self, rows):
         values, offsets = self.tf.gather(self._row_slices(rows))
+        check_token_ids(values, offsets, lambda i: self.where(int(rows[i])))
         return _list_array(values, offsets), None
 
     def _read_tokens(self, slices):
         values, offsets = self.tf.gather(slices)
+        check_token_ids(values, offsets, lambda i: f"{self.name}: tokens [{int(slices[i, 0])}, {int(slices[i, 1])})")
         return _batch(_list_array(values, offsets), None, self.name, slices[:, 0], slices[:, 1], "token")
 
 
@@ -357,5 +365,12 @@ class MegatronReader(FlatReader):
     def _row_slices(self, rows):
         if not self.own_rows:
             return super()._row_slices(rows)
-        start = np.asarray(self.index.sequence_pointers)[rows] // self.tf.dtype.itemsize
-        return np.stack([start, start + np.asarray(self.index.sequence_lengths)[rows]], axis=1).astype(np.int64)
+        start = np.asarray(self.index.sequence_pointers)[rows].astype(np.int64) // self.tf.dtype.itemsize
+        length = np.asarray(self.index.sequence_lengths)[rows].astype(np.int64)
+        out = np.stack([start, start + length], axis=1)
+        bad = np.flatnonzero((length < 0) | (start < 0) | (out[:, 1] > self.tf.n_tokens))
+        if len(bad):
+            i = int(bad[0])
+            raise UserError(f"{self.where(int(rows[i]))}: the index puts this sequence at tokens [{out[i, 0]}, "
+                            f"{out[i, 1]}), outside the {self.tf.n_tokens} tokens of {self.tf.path}")
+        return out

@@ -1,0 +1,97 @@
+"""What the command line prints (issue 11): training text never reaches the terminal raw, a closed pipe
+(``| head``) is a quiet stop, and `run` refuses manifest names outside the shard root before any work."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from spike_audit.pipelines.cli.main import main
+from spike_audit.pipelines.cli.terminal import json_printable, printable
+from spike_audit.pipelines.manifest import manifest_from_arrays, write_manifest
+
+HOSTILE = ["plain row", "title \x1b]0;pwned\x07 and colour \x1b[31mred\x1b[0m", "8-bit CSI \x9b2J clears",
+           "bidi \u202eevil\u202c text", "bell \x07 nul \x00 del \x7f"]
+RAW = ["\x1b", "\x9b", "\u202e", "\x07", "\x00", "\x7f"]
+
+
+@pytest.fixture
+def hostile_run(tmp_path):
+    root = tmp_path / "shards"
+    root.mkdir()
+    pq.write_table(pa.table({"text": HOSTILE * 2000}), root / "t.parquet")
+    (root / "evil\x1b[2Jname.parquet").write_bytes((root / "t.parquet").read_bytes())
+    m = manifest_from_arrays([1, 1, 2], ["t.parquet", "evil\x1b[2Jname.parquet", "t.parquet"], [0, 0, 0],
+                             [len(HOSTILE), 2, 10000])
+    write_manifest(m, tmp_path / "manifest.parquet")
+    return tmp_path, root
+
+
+def test_batch_escapes_control_characters_in_text_and_json(hostile_run, capsys):
+    tmp, root = hostile_run
+    assert main(["batch", "--manifest", str(tmp / "manifest.parquet"), "--shards", str(root), "--step", "1"]) == 0
+    out = capsys.readouterr().out
+    assert not any(c in out for c in RAW), [c for c in RAW if c in out]
+    assert "\\x1b]0;pwned\\x07" in out and "\\x9b2J" in out and "\\u202eevil" in out and "evil\\x1b[2Jname" in out
+    assert main(["batch", "--manifest", str(tmp / "manifest.parquet"), "--shards", str(root), "--step", "1",
+                 "--json"]) == 0
+    out = capsys.readouterr().out
+    assert not any(c in out for c in RAW)
+    doc = json.loads(out)  # still valid JSON carrying the exact text
+    excerpts = [q["excerpt"] for s in doc["slices"] for q in s["sequences"]]
+    assert "title \x1b]0;pwned\x07 and colour \x1b[31mred\x1b[0m" in excerpts
+
+
+def test_printable_keeps_ordinary_text():
+    text = "naïve café 漢字 — tab\there"
+    assert printable(text) == text and json_printable(json.dumps(text, ensure_ascii=False)) == json.dumps(
+        text, ensure_ascii=False)
+
+
+def test_closed_stdout_is_a_quiet_stop(hostile_run):
+    tmp, root = hostile_run
+    cmd = [sys.executable, "-m", "spike_audit.pipelines.cli", "batch", "--manifest", str(tmp / "manifest.parquet"),
+           "--shards", str(root), "--step", "2", "--limit", "0"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = p.stdout.readline()
+    p.stdout.close()  # `| head -1`
+    err = p.stderr.read().decode()
+    rc = p.wait(timeout=120)
+    assert first.startswith(b"step 2:")
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+    assert rc == 141
+
+
+def _spiky_log(path, n=300, spike=200):
+    rng = np.random.default_rng(0)
+    v = 3.0 + 0.01 * rng.standard_normal(n)
+    v[spike - 1] = 9.0
+    path.write_text("".join(f"step:{i}/{n} train_loss:{v[i - 1]:.4f} train_time:{i}ms step_avg:1.00ms\n"
+                            for i in range(1, n + 1)))
+
+
+@pytest.mark.parametrize("bad", ["../secret.parquet", "file://{tmp}/secret.parquet"])
+def test_run_refuses_a_manifest_name_outside_the_root_before_any_work(tmp_path, capsys, bad):
+    root = tmp_path / "shards"
+    root.mkdir()
+    pq.write_table(pa.table({"text": [f"row {i} of ordinary text" for i in range(400)]}), root / "ok.parquet")
+    pq.write_table(pa.table({"text": ["secret"] * 10}), tmp_path / "secret.parquet")
+    _spiky_log(tmp_path / "train.log")
+    bad = bad.format(tmp=tmp_path)
+    steps = np.arange(1, 301)
+    names = ["ok.parquet"] * 300
+    names[199] = bad  # the spike's own step
+    write_manifest(manifest_from_arrays(steps, names, steps - 1, steps), tmp_path / "manifest.parquet")
+    argv = ["run", "--log", str(tmp_path / "train.log"), "--manifest", str(tmp_path / "manifest.parquet"),
+            "--shards", str(root), "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"shard '{bad}'" in err[0] and ("--allow-outside-root" in err[0] or "--allow-urls" in err[0])
+    assert not (tmp_path / "out").exists()
