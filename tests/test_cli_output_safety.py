@@ -85,10 +85,10 @@ def test_run_refuses_a_manifest_name_outside_the_root_before_any_work(tmp_path, 
     pq.write_table(pa.table({"text": ["secret"] * 10}), tmp_path / "secret.parquet")
     _spiky_log(tmp_path / "train.log")
     bad = bad.format(tmp=tmp_path)
-    steps = np.arange(1, 301)
+    steps = np.arange(0, 300)  # batch indices: modded-nanogpt logs batch b as step:b+1
     names = ["ok.parquet"] * 300
-    names[199] = bad  # the spike's own step
-    write_manifest(manifest_from_arrays(steps, names, steps - 1, steps), tmp_path / "manifest.parquet")
+    names[199] = bad  # the spike's own batch (logged as step:200)
+    write_manifest(manifest_from_arrays(steps, names, steps, steps + 1), tmp_path / "manifest.parquet")
     argv = ["run", "--log", str(tmp_path / "train.log"), "--manifest", str(tmp_path / "manifest.parquet"),
             "--shards", str(root), "--out", str(tmp_path / "out")]
     assert main(argv) == 2
