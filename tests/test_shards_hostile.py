@@ -420,3 +420,14 @@ def test_shards_with_a_null_row_deep_in_a_shard_is_a_one_line_error(tmp_path, ca
     assert main(["shards", str(corpus), "--out", str(tmp_path / "out"), "--batch-rows", "16"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "s1.parquet: row 40: 'tokens' is null" in err[0], err
+
+
+def test_fifo_as_row_losses_or_tokenizer_is_refused_at_once(tmp_path):
+    from spike_audit.pipelines.run.row_losses import read_row_losses
+    from spike_audit.pipelines.tokenizer import load_tokenizer
+
+    os.mkfifo(tmp_path / "losses.npy")
+    os.mkfifo(tmp_path / "tokenizer.json")
+    for fn in (lambda: read_row_losses(str(tmp_path / "losses.npy")), lambda: load_tokenizer(tmp_path / "tokenizer.json")):
+        _out, err = _finishes(fn)
+        assert isinstance(err, UserError) and "not a regular file (a FIFO)" in str(err), err

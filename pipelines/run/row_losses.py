@@ -353,6 +353,10 @@ def read_row_losses(path: str, steps=None, *, first_step: int = 1) -> LossFile:
     path = str(path)
     if "://" not in path and not os.path.exists(path):
         raise UserError(f"{path}: per-row losses not found")
+    if "://" not in path:
+        from spike_audit.pipelines.files import check_regular
+
+        check_regular(path, "per-row losses file")  # a FIFO or a device is refused, never read
     fmt = _fmt(path)
     try:
         if fmt == "npy":
