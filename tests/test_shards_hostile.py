@@ -431,3 +431,12 @@ def test_fifo_as_row_losses_or_tokenizer_is_refused_at_once(tmp_path):
     for fn in (lambda: read_row_losses(str(tmp_path / "losses.npy")), lambda: load_tokenizer(tmp_path / "tokenizer.json")):
         _out, err = _finishes(fn)
         assert isinstance(err, UserError) and "not a regular file (a FIFO)" in str(err), err
+
+
+def test_shards_discovery_refuses_a_fifo_in_an_input_directory(tmp_path):
+    from spike_audit.pipelines.shard_audit.discover import discover
+
+    pq.write_table(_tokens_table(), tmp_path / "a.parquet")
+    os.mkfifo(tmp_path / "b.parquet")
+    _out, err = _finishes(lambda: discover((str(tmp_path),)))
+    assert isinstance(err, UserError) and str(err) == f"{tmp_path / 'b.parquet'}: not a regular file (a FIFO); expected a shard file"
