@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -83,3 +84,41 @@ def _json_default(o):
     if isinstance(o, np.ndarray):
         return o.tolist()
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+class RemoteOut:
+    """An output directory at a URL (``s3://``, ``gs://``), with the interface of
+    :class:`spike_audit.pipelines.outdir.OutDir` (``with RemoteOut(url) as out: files = out.stage() / "files";
+    ...; out.publish(files)``). Object stores have no atomic rename: the files are written locally and uploaded
+    by :func:`spike_audit.pipelines.fs.upload_dir`: the old completion marker (``_SUCCESS``) removed first, stale
+    files deleted, the new marker uploaded last, so readers go by the marker. Local staging is removed on exit."""
+
+    MARKER = "_SUCCESS"
+
+    def __init__(self, url: str):
+        self.raw = self.path = str(url)
+        self._tmp: list[str] = []
+
+    def __enter__(self) -> "RemoteOut":
+        from spike_audit.pipelines import fs
+
+        fs.check_reachable(self.raw)  # a missing s3fs/gcsfs, credentials or endpoint fail before any work
+        return self
+
+    def stage(self) -> Path:
+        d = tempfile.mkdtemp(prefix=".spike-audit-upload-")
+        self._tmp.append(d)
+        return Path(d)
+
+    def publish(self, files: Path) -> str:
+        from spike_audit.pipelines import fs
+
+        fs.upload_dir(str(files), self.raw, marker=self.MARKER)
+        log.info("wrote %s", self.raw)
+        return self.raw
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        for d in self._tmp:
+            shutil.rmtree(d, ignore_errors=True)
+        return False
+

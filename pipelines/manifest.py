@@ -57,14 +57,20 @@ def load_manifest_table(path) -> pa.Table:
     """Read and validate a manifest file; ``unit`` nulls become ``'row'``. Rows stay in file order."""
     import pyarrow.parquet as pq
 
+    from spike_audit.pipelines import fs
     from spike_audit.pipelines.files import check_regular
 
     src = str(path)
-    if not os.path.exists(src):
+    if not fs.exists(src):
         raise UserError(f"{src}: manifest not found")
-    check_regular(src, "Parquet manifest")
+    if not fs.is_url(src):
+        check_regular(src, "Parquet manifest")
     try:
-        table = pq.read_table(src)
+        if fs.is_url(src):
+            with fs.open(src, "rb") as f:
+                table = pq.read_table(f)
+        else:
+            table = pq.read_table(src)
         table.schema.names  # a corrupt footer can hold names that are not UTF-8
     except (pa.ArrowException, OSError, ValueError) as err:
         raise UserError(f"{src}: not a readable Parquet manifest ({reason(err)})") from None
@@ -91,7 +97,12 @@ def read_meta(path) -> dict:
     """The run description of a manifest file, from its footer only (``{}`` when it has none)."""
     import pyarrow.parquet as pq
 
+    from spike_audit.pipelines import fs
+
     try:
+        if fs.is_url(path):  # the one filesystem layer, as every other read of a manifest
+            with fs.open(str(path), "rb") as f:
+                return meta_of(pq.ParquetFile(f).schema_arrow)
         return meta_of(pq.read_schema(str(path)))
     except (pa.ArrowInvalid, OSError) as err:
         raise UserError(f"{path}: not a readable Parquet manifest ({err})") from None

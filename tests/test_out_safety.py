@@ -31,7 +31,8 @@ def _tree_digest(path: Path) -> dict:
 
 
 def _visible(out: Path) -> dict:
-    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if not p.name.startswith(".")}
+    """Every file a user sees, but the completion marker (_SUCCESS holds the time it completed)."""
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if not p.name.startswith(".") and p.name != "_SUCCESS"}
 
 
 @pytest.fixture(scope="module")
@@ -134,10 +135,17 @@ def test_a_foreign_state_directory_is_refused(small, tmp_path, capsys):
     assert sorted(os.listdir(st)) == ["state.json"]
 
 
-def test_out_s3_url_is_refused_and_no_local_folder_is_made(small, tmp_path, capsys, monkeypatch):
+def test_out_s3_url_unreachable_is_one_line_error_before_any_work_and_no_local_folder_is_made(
+        small, tmp_path, capsys, monkeypatch):
+    # a URL --out is uploaded (tests/test_cloud.py); one that cannot be reached fails first, as one line
     monkeypatch.chdir(tmp_path)
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     assert main(_shards(small, "s3://bucket/audit")) == 2
-    _one_line_error(capsys, "s3://bucket/audit: --out must be a local directory")
+    _one_line_error(capsys, "s3://bucket/audit")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -173,8 +181,8 @@ def test_shards_reruns_are_byte_identical_and_state_reruns_differ_only_in_the_sc
     assert main(_shards(small, b)) == 0
     assert main(_shards(small, c, "--state", st)) == 0
     va, vb, vc = _visible(a), _visible(b), _visible(c)
-    assert sorted(va) == ["duplicates.parquet", "quarantine.json", "report.html", "shard_scores.parquet",
-                          "summary.json"]
+    assert sorted(va) == ["config.toml", "duplicates.parquet", "metadata.json", "quarantine.json", "report.html",
+                          "shard_scores.parquet", "summary.json"]
     assert va == vb
     assert {k: v for k, v in vc.items() if k != "summary.json"} == {k: v for k, v in va.items() if k != "summary.json"}
     sa, sc = json.loads(va["summary.json"]), json.loads(vc["summary.json"])

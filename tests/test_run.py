@@ -153,8 +153,9 @@ def test_rerun_is_byte_identical(audited):
     root, _, _ = audited
     run_audit(_cfg(root, "audit2"))
     names = [f"{t}.parquet" for t in TABLES + ("loss_series",)]
-    names += ["skip_list.json", "quarantine.json", "summary.json", "report.html"]
-    assert sorted(p.name for p in (root / "audit").iterdir() if not p.name.startswith(".")) == sorted(names)
+    names += ["skip_list.json", "quarantine.json", "summary.json", "report.html", "metadata.json", "config.toml"]
+    assert sorted(p.name for p in (root / "audit").iterdir() if not p.name.startswith(".")) == sorted(
+        names + ["_SUCCESS"])
     for name in names:  # every output, not only the tables: nothing in them depends on time or the out path
         a = (root / "audit" / name).read_bytes()
         b = (root / "audit2" / name).read_bytes()

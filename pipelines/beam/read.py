@@ -21,6 +21,7 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 
+from spike_audit.pipelines.progress import tick
 from spike_audit.pipelines.shards.read import read_slices
 from spike_audit.pipelines.shards.slices import SLICES_SCHEMA, coalesce, expand_rows
 
@@ -74,6 +75,7 @@ class _ReadShardFn(beam.DoFn):
         key_ids: dict = {}
         kid = np.fromiter((key_ids.setdefault(k, len(key_ids)) for k in keys), np.int64, len(items))
         key_list = list(key_ids)
+        n_rows = n_tokens = 0
         for unit in ("row", "token"):
             sel = np.flatnonzero(units == unit)
             if not len(sel):
@@ -81,6 +83,8 @@ class _ReadShardFn(beam.DoFn):
             slices = np.stack([start[sel], end[sel]], axis=1)
             merged = coalesce(slices)
             batch = read_slices(self.shard_root, shard, merged, unit=unit, **self.reader_opts)
+            n_rows += int((slices[:, 1] - slices[:, 0]).sum()) if unit == "row" else len(slices)
+            n_tokens += _n_tokens(batch)
             # Sort this unit's slices by (key, order, start) and cut per key.
             srt = np.lexsort((end[sel], start[sel], order[sel], kid[sel]))
             ordered = slices[srt]
@@ -95,6 +99,16 @@ class _ReadShardFn(beam.DoFn):
                 lo, hi = int(row_off[a]), int(row_off[b])
                 # take (not slice) so each output owns compact buffers when pickled between stages
                 yield key_list[k_sorted[a]], out.take(pa.array(np.arange(lo, hi)))
+        tick("read", rows=n_rows, tokens=n_tokens, shards=1)
+
+
+def _n_tokens(batch: pa.RecordBatch) -> int:
+    """Tokens in a read batch (its token lists; text-only rows count 0)."""
+    tokens = batch.column("tokens")
+    if tokens.null_count == len(tokens):
+        return 0
+    off = np.asarray(tokens.offsets)
+    return int(off[-1] - off[0])
 
 
 def fill_text(rb: pa.RecordBatch, tok, source: str = "") -> pa.RecordBatch:

@@ -12,6 +12,7 @@ is given (and the two must agree).
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import sys
@@ -48,8 +49,12 @@ def register(subparsers) -> None:
     p.add_argument("--limit", type=int, default=20,
                    help="sequences shown per slice (default 20; 0 = all); counts always cover all")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
-    p.add_argument("--tokens-col", default="tokens", help="token column of Parquet/JSONL/HF shards")
-    p.add_argument("--text-col", default="text", help="text column of Parquet/JSONL/HF shards")
+    p.add_argument("--tokens-column", dest="tokens_col", default="tokens",
+                   help="token-id column of Parquet/JSONL/HF shards (default tokens)")
+    p.add_argument("--tokens-col", dest="tokens_col", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # old spelling
+    p.add_argument("--text-column", dest="text_col", default="text",
+                   help="text column of Parquet/JSONL/HF shards (default text)")
+    p.add_argument("--text-col", dest="text_col", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("--dtype", default=None,
                    help="dtype of raw token files (default: the manifest's recorded token dtype, else uint16; "
                    "headers auto-detected)")

@@ -20,6 +20,7 @@ import sys
 from spike_audit.pipelines.cli.terminal import printable
 from spike_audit.pipelines.errors import UserError
 from spike_audit.pipelines.outdir import Terminated
+from spike_audit.pipelines.settings import tool_version
 from spike_audit.schemas import SchemaError
 
 COMMANDS = ("spikes", "batch", "run", "shards", "demo", "manifest", "replay")
@@ -30,8 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="spike-audit",
         description="Tell whether a training run's loss spikes came from the data, and from which data.",
     )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    parser.add_argument("--version", action="version", version=f"spike-audit {tool_version()}")
+    add_verbosity(parser, default=0)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMANDS:
@@ -42,19 +43,61 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(sub)
+    for p in sub.choices.values():  # -v / -q also after the command (spike-audit run ... -v)
+        add_verbosity(p, default=argparse.SUPPRESS)
     return parser
 
 
+def add_verbosity(p: argparse.ArgumentParser, default) -> None:
+    p.add_argument("-v", "--verbose", action="count", default=default,
+                   help="-v: our debug lines and Beam's warnings; -vv: Beam's own logs too")
+    p.add_argument("-q", "--quiet", action="store_true", default=False if default == 0 else argparse.SUPPRESS,
+                   help="only warnings and errors (no progress)")
+
+
+class _ThirdPartyFilter(logging.Filter):
+    """Drops Beam's records below ``level`` (Beam logs some on the root logger at import, e.g. "apitools not
+    found"), whichever logger they come from."""
+
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= self.level:
+            return True
+        return not (record.name.startswith("apache_beam") or f"{os.sep}apache_beam{os.sep}" in record.pathname)
+
+
 def setup_logging(verbose: int, quiet: bool) -> None:
+    """-q: warnings and errors only; default: our INFO lines and the progress (a live line on a terminal);
+    -v: our DEBUG lines and Beam's warnings; -vv: everything, Beam's INFO/DEBUG included. Beam's warnings
+    are hidden at -q and by default."""
+    from spike_audit.pipelines.progress import LiveLineHandler
+
     level = logging.WARNING if quiet else (logging.INFO if verbose < 2 else logging.DEBUG)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for h in logging.getLogger().handlers:  # Beam's import-time note about BigQuery clients this tool never uses
-        h.addFilter(lambda r: not str(r.msg).startswith("apitools not found"))
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if isinstance(h, LiveLineHandler):
+            root.removeHandler(h)
+    if not root.handlers:  # as logging.basicConfig: a host that configured logging (pytest, a notebook) keeps it
+        handler = LiveLineHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.addFilter(_ThirdPartyFilter(logging.DEBUG if verbose >= 2 else
+                                            logging.WARNING if verbose == 1 else logging.ERROR))
+        root.addHandler(handler)
+        root.setLevel(level)
+    ours = logging.getLogger("spike_audit")
+    ours.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose >= 1 else logging.INFO)
+    logging.getLogger("spike_audit.progress.events").setLevel(logging.INFO)  # only a Progress collects them
     if verbose < 2:
         # Beam is chatty at INFO; keep our own progress lines readable.
-        logging.getLogger("apache_beam").setLevel(logging.WARNING)
-        # A user's mistake found inside a pipeline step is re-raised to us and printed as one line; Beam would
-        # also log it with its traceback first.
+        logging.getLogger("apache_beam").setLevel(logging.WARNING if verbose == 1 else logging.ERROR)
+    for h in root.handlers:  # Beam's import-time note about BigQuery clients this tool never uses
+        h.addFilter(lambda r: not str(r.msg).startswith("apitools not found"))
+    # A user's mistake found inside a pipeline step is re-raised to us and printed as one line; Beam would
+    # also log it with its traceback first.
+    if verbose < 2:
         logging.getLogger("apache_beam.runners.common").setLevel(logging.CRITICAL)
 
 
@@ -92,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return _stdout_closed()
     except (UserError, SchemaError) as err:
+        from spike_audit.pipelines.progress import LiveLineHandler
+
+        LiveLineHandler.clear_all()
         print(f"spike-audit {args.command}: error: {printable(one_line(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

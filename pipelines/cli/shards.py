@@ -2,15 +2,69 @@
 
 from __future__ import annotations
 
+import json
+import sys
+
+from spike_audit.pipelines.cli.options import S, add_columns, add_config, add_json, opt, settings_from_args
+from spike_audit.pipelines.shard_audit.config import ShardAuditConfig
+
+
+def config_from_args(args) -> tuple[ShardAuditConfig, list[str]]:
+    extra = {"inputs": tuple(args.inputs)} if getattr(args, "inputs", None) else {}
+    return settings_from_args(args, ShardAuditConfig, "shards", required=("inputs", "out"), extra=extra)
+
+
+def _score(x: float) -> str:
+    return f"{x:.1f}" if x < 1e4 else ">1e4"
+
+
+def result_summary(res, cfg) -> dict:
+    from spike_audit.pipelines.shard_audit.outputs import is_quarantined, quarantine_threshold
+
+    scores = res.tables["shard_scores"].to_pylist()
+    t = quarantine_threshold(len(scores), cfg.alpha)
+    keep = ("rank", "shard", "anomaly_score", "top_signal", "reason", "n_rows", "n_tokens")
+    return {"empty": list(res.empty), "out": str(res.out), "n_shards": res.n_shards, "n_read_now": res.n_scanned,
+            "n_from_state": res.n_shards - res.n_scanned, "tokens_read": res.n_tokens_scanned,
+            "seconds": round(res.seconds, 3), "alpha": cfg.alpha, "min_rows": cfg.min_rows,
+            "quarantined": [r["shard"] for r in scores if is_quarantined(r, t, cfg.min_rows)],
+            "unreadable": res.bad, "shards": [{k: r.get(k) for k in keep} for r in scores]}
+
+
+def _size(n) -> str:
+    from spike_audit.pipelines.cli.run import _size as size
+
+    return size(n)
+
+
+def format_plan(plan: dict) -> str:
+    lines = [f"plan: {plan['n_shards']} shards ({plan['n_to_read']} to read, {plan['n_unchanged']} unchanged in the "
+             f"state), {_size(plan['bytes_to_read'])} to read of {_size(plan['bytes_total'])}"
+]
+    for e in plan["shards"][:20]:
+        lines.append(f"  {'read' if e['read'] else 'kept':<5} {e['shard']:<48} {_size(e['size_bytes']):>10}")
+    if len(plan["shards"]) > 20:
+        lines.append(f"  ... {len(plan['shards']) - 20} more shards")
+    return "\n".join(lines)
+
 
 def _shards(args) -> int:
-    from spike_audit.pipelines.shard_audit.audit import run_shard_audit
-    from spike_audit.pipelines.shard_audit.config import ShardAuditConfig
+    from spike_audit.pipelines.beam.options import beam_options
+    from spike_audit.pipelines.shard_audit.audit import plan_shard_audit, run_shard_audit
 
-    fields = ShardAuditConfig.__dataclass_fields__
-    cfg = ShardAuditConfig(**{k: v for k, v in vars(args).items() if k in fields and k != "inputs"},
-                           inputs=tuple(args.inputs))
-    res = run_shard_audit(cfg, beam_args=args.extra)
+    cfg, beam = config_from_args(args)
+    if args.dry_run:
+        beam_options(beam)
+        plan = plan_shard_audit(cfg)
+        if args.json:
+            _dump(plan)
+        else:
+            print(format_plan(plan))
+        return 0
+    res = run_shard_audit(cfg, beam_args=beam)
+    if args.json:
+        _dump(result_summary(res, cfg))
+        return _found(args, res, cfg)
     scores = res.tables["shard_scores"].to_pylist()
     rate = res.n_tokens_scanned / res.seconds if res.seconds else 0.0
     print(f"{res.n_shards} shards ({res.n_scanned} read now, {res.n_shards - res.n_scanned} from state), "
@@ -21,17 +75,22 @@ def _shards(args) -> int:
     t = quarantine_threshold(len(scores), cfg.alpha)
     for r in scores[:10]:
         mark = "!" if is_quarantined(r, t, cfg.min_rows) else " "
-        score = f"{r['anomaly_score']:.1f}" if r["anomaly_score"] < 1e4 else ">1e4"
-        print(f" {mark}{r['rank']:>4}  {r['shard']:<40} {score:>8}  {r['reason']}")
+        print(f" {mark}{r['rank']:>4}  {r['shard']:<40} {_score(r['anomaly_score']):>8}  {r['reason']}")
     for b in res.bad:
         print(f"  unreadable: {b['shard']}: {b['error']}")
     for name in res.empty:
         print(f"  empty: {name}: 0 rows (listed, not scored)")
-    if args.fail_on:
-        import sys
+    return _found(args, res, cfg)
 
+
+def _found(args, res, cfg) -> int:
+    if args.fail_on:
         from spike_audit.pipelines.cli.run import EXIT_FOUND
 
+        from spike_audit.pipelines.shard_audit.outputs import is_quarantined, quarantine_threshold
+
+        scores = res.tables["shard_scores"].to_pylist()
+        t = quarantine_threshold(len(scores), cfg.alpha)
         n = sum(is_quarantined(r, t, cfg.min_rows) for r in scores) + len(res.bad)
         if n:
             print(f"spike-audit shards: exit {EXIT_FOUND} (--fail-on quarantine): {n} shard(s) quarantined "
@@ -40,32 +99,51 @@ def _shards(args) -> int:
     return 0
 
 
+def _dump(doc) -> None:
+    from spike_audit.pipelines.cli.spikes import _clean
+
+    json.dump(_clean(doc), sys.stdout, indent=2, sort_keys=True, allow_nan=False, default=str)
+    sys.stdout.write("\n")
+
+
 def register(sub) -> None:
+    c = ShardAuditConfig
     p = sub.add_parser("shards", help="audit shards without a loss log: which are anomalous, and why",
                        description="Rank shards by how unusual they are against the whole corpus, find duplicate "
                                    "clusters spanning shards, and write a quarantine list. Any other --option is "
                                    "passed to Beam (e.g. --runner).")
-    p.add_argument("inputs", nargs="+", help="shard files, directories or globs (local or gs://, s3:// ...)")
-    p.add_argument("--out", required=True, help="output directory (replaced in one atomic step; refused if it is not a spike-audit output or overlaps an input)")
-    p.add_argument("--root", help="shard names are relative to this (default: the inputs' common directory)")
-    p.add_argument("--allow-outside-root", action="store_true",
-                   help="accept files found in an input directory (or by a glob) that resolve outside it (symlinks)")
-    p.add_argument("--state", help="state directory: a rerun reads only new or changed shards")
-    p.add_argument("--skip-bad", action="store_true", help="continue without unreadable shards (they are listed)")
-    p.add_argument("--tokens-column", dest="tokens_col", default="tokens")
-    p.add_argument("--text-column", dest="text_col", default="text")
-    p.add_argument("--dtype", help="token dtype of raw .bin files (default uint16)")
-    p.add_argument("--batch-rows", type=int, default=4096, help="rows read per chunk (4096)")
-    p.add_argument("--alpha", type=float, default=0.05,
-                   help="significance of a quarantine, Bonferroni over shards, families and cuts (0.05)")
-    p.add_argument("--min-rows", type=int, default=2, help="a shard is quarantined for at least this many rows (2)")
-    p.add_argument("--threshold", type=float, default=0.8, help="Jaccard threshold of near duplicates (0.8)")
+    p.add_argument("inputs", nargs="*", default=S,
+                   help="shard files, directories or globs (local or s3://, gs:// ...); or `inputs` in --config")
+    opt(p, "--out", cls=c, dest="out", help="output directory (replaced in one atomic step; refused if it is not a "
+        "spike-audit output or overlaps an input; a URL is uploaded, _SUCCESS last); required")
+    add_config(p)
+    opt(p, "--root", cls=c, dest="root", help="shard names are relative to this (default: the inputs' common "
+        "directory)")
+    opt(p, "--allow-outside-root", cls=c, dest="allow_outside_root", action="store_true",
+        help="accept files found in an input directory (or by a glob) that resolve outside it (symlinks)")
+    opt(p, "--state", cls=c, dest="state", help="state directory: a rerun reads only new or changed shards")
+    opt(p, "--skip-bad", cls=c, dest="skip_bad", action="store_true",
+        help="continue without unreadable shards (they are listed)")
+    add_columns(p, c)
+    opt(p, "--dtype", cls=c, dest="dtype", help="token dtype of raw .bin files (default uint16)")
+    opt(p, "--batch-rows", cls=c, dest="batch_rows", type=int, help="rows read per chunk")
+    opt(p, "--alpha", cls=c, dest="alpha", type=float,
+        help="significance of a quarantine, Bonferroni over shards, families and cuts")
+    opt(p, "--min-rows", cls=c, dest="min_rows", type=int, help="a shard is quarantined for at least this many rows")
+    opt(p, "--threshold", cls=c, dest="threshold", type=float, help="Jaccard threshold of near duplicates")
     from spike_audit.pipelines.cli.tokens import add_token_arguments
 
     add_token_arguments(p, "the corpus's tokenizer (tokenizer.json or a directory holding one): token-only shards "
                            "are decoded with it for the text signals; EOS / pad ids from it")
-    p.add_argument("--seed", type=int, default=0)
+    for a in p._actions:  # config fields: only what the user gave overrides the config file
+        if a.dest in ("tokenizer", "eos_id", "pad_id", "rows", "seq_len"):
+            a.default = S
+    opt(p, "--seed", cls=c, dest="seed", type=int, help="seed of the row hashes and MinHash")
     p.add_argument("--fail-on", choices=("quarantine",), action="append", default=[],
                    help="exit 3 (for schedulers) when a shard is quarantined (unreadable ones listed by --skip-bad "
                         "included); the outputs are written either way")
+    add_json(p, "the result summary")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (shards and bytes to read, what the state keeps) and stop before reading "
+                        "any shard")
     p.set_defaults(func=_shards, accepts_extra=True)

@@ -160,9 +160,19 @@ def _parse_text(path: Path, fmt: str, strict: bool, kw: dict) -> tuple[_Parsed, 
 
 def read_log(path, *, format=None, run=None, metric=None, step_key=None, value_key=None, pattern=None,
              tag=None, strict=False) -> tuple[pa.Table, LogReport]:
-    """Read one training log into a ``LOSS_SERIES`` table (conforming to the schema) and a report."""
+    """Read one training log into a ``LOSS_SERIES`` table (conforming to the schema) and a report.
+
+    ``path`` may be a URL (``s3://``, ``gs://``): the log (or TensorBoard logdir) is copied to a temporary
+    directory through the one filesystem layer and read from there; the report names the URL."""
+    from spike_audit.pipelines import fs
     from spike_audit.pipelines.files import check_regular
 
+    if fs.is_url(path):
+        with fs.local_copy(path) as local:
+            table, report = read_log(local, format=format, run=run, metric=metric, step_key=step_key,
+                                     value_key=value_key, pattern=pattern, tag=tag, strict=strict)
+        report.path = str(path)
+        return table, report
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file or directory")
@@ -174,6 +184,12 @@ def read_log(path, *, format=None, run=None, metric=None, step_key=None, value_k
     if fmt not in FORMATS:
         raise UserError(f"unknown log format {fmt!r}; expected one of {', '.join(FORMATS)}")
     run = run or (path.name if path.is_dir() else Path(_strip_compression(path.name)).stem)
+    from spike_audit.pipelines.logs.multirun import split_runs
+
+    with split_runs(path, fmt, run) as parts:
+        if parts:
+            return _read_runs(path, fmt, parts, metric=metric, step_key=step_key, value_key=value_key,
+                              pattern=pattern, tag=tag, strict=strict)
     kw = dict(path=path, step_key=step_key, value_key=value_key, metric=metric, pattern=pattern, tag=tag)
     cut = None
     if fmt == "tensorboard":
@@ -248,4 +264,26 @@ def read_log(path, *, format=None, run=None, metric=None, step_key=None, value_k
     if len(malformed):
         log.warning("%s: %d malformed lines (first: %s)", path, len(malformed), report.malformed_lines[:5])
     log.info("%s", report.summary())
+    return table, report
+
+
+def _read_runs(path: Path, fmt: str, parts, **kw) -> tuple[pa.Table, LogReport]:
+    """A log holding several runs (see :mod:`.multirun`): each part read as its own run, the tables concatenated
+    and one report over all of them (its ``runs`` lists every run)."""
+    tables, reports = [], []
+    for name, part in parts:
+        try:
+            t, r = read_log(part, format=fmt, run=name, **kw)
+        except UserError as err:
+            raise UserError(str(err).replace(str(part), f"{path} (run {name})")) from None
+        tables.append(t)
+        reports.append(r)
+    table = LOSS_SERIES.sorted(LOSS_SERIES.conform(pa.concat_tables(tables), source=str(path)))
+    report = LogReport(
+        path=str(path), format=fmt, run=reports[0].run, n_lines=max(r.n_lines for r in reports),
+        n_values=table.num_rows, n_malformed=sum(r.n_malformed for r in reports),
+        malformed_lines=sorted({x for r in reports for x in r.malformed_lines})[:MAX_MALFORMED_REPORTED],
+        n_ignored=sum(r.n_ignored for r in reports), n_replaced=sum(r.n_replaced for r in reports),
+        metrics=sorted({m for r in reports for m in r.metrics}), runs=sorted({x for r in reports for x in r.runs}))
+    log.info("%s: %d runs (%s)", path, len(report.runs), ", ".join(report.runs[:10]))
     return table, report

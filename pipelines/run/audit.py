@@ -32,6 +32,82 @@ class RunResult:
     n_new_spikes: int  # events audited in this run (an event: the spikes of every metric within a few steps)
     n_tokens: int
     seconds: float
+    summary: dict | None = None
+
+
+def _prepare(cfg: RunConfig):
+    """The driver's small work before any shard is read: the log, its spikes, the state, the plan."""
+    from spike_audit.pipelines import fs
+
+    for path, what in ((cfg.log, "log"), (cfg.manifest, "manifest"), (cfg.shards, "shard root")):
+        if not fs.exists(path):
+            raise UserError(f"{path}: {what} not found")
+    loss, report, spikes = read_loss_and_spikes(cfg)
+    join, dtype = join_steps(cfg, loss, report)
+    state = load_state(cfg.state, cfg)
+    done = frozenset()
+    if state is not None:
+        done = frozenset(state["spikes_done"]) & frozenset(spikes.column("spike_id").to_pylist())
+    plan = plan_audit(cfg, loss, spikes, skip_spikes=done,
+                      fixed_controls=state["controls"] if state is not None else None, offset=join.offset, dtype=dtype)
+    return loss, report, spikes, state, done, plan, join, dtype
+
+
+def plan_totals(cfg: RunConfig, plan) -> dict:
+    """What the plan will read: slices, rows (sequences), tokens of token slices, shards, bytes."""
+    from spike_audit.pipelines import fs
+    from spike_audit.pipelines.shards.paths import resolve
+
+    per: dict[str, dict] = {}
+    for _, (shard, a, b, unit) in plan.slices:
+        e = per.setdefault(shard, {"shard": shard, "slices": 0, "rows": 0, "tokens": 0, "units": set()})
+        e["slices"] += 1
+        e["units"].add(unit)
+        if unit == "token":
+            e["rows"] += 1
+            e["tokens"] += b - a
+        else:
+            e["rows"] += b - a
+    est = 0
+    for shard, e in per.items():
+        try:
+            e["size_bytes"] = fs.stat_tree(resolve(cfg.shards, shard))[0]
+        except (OSError, UserError):
+            e["size_bytes"] = None
+        frac = []
+        for unit in sorted(e.pop("units")):
+            n = plan.shard_lengths.get((shard, unit))
+            done = e["tokens"] if unit == "token" else e["rows"]
+            if n:
+                frac.append(min(1.0, done / n))
+        e["bytes_to_read"] = int(round((e["size_bytes"] or 0) * max(frac, default=1.0)))
+        est += e["bytes_to_read"]
+    shards = [per[k] for k in sorted(per)]
+    return {"slices": len(plan.slices), "rows": sum(e["rows"] for e in shards),
+            "tokens_of_token_slices": sum(e["tokens"] for e in shards), "shards": len(shards),
+            "shard_bytes": sum(e["size_bytes"] or 0 for e in shards), "bytes_to_read": est, "per_shard": shards}
+
+
+def plan_run(cfg: RunConfig) -> dict:
+    """The plan of :func:`run_audit` without reading any shard's data (``run --dry-run``): the spikes, their
+    windows, the control steps and what would be read (slices, rows, shards, bytes). Shards' metadata is
+    opened to check every slice against its shard, as the real run does first."""
+    cfg = resolve_tokens(cfg)
+    loss, report, spikes, state, done, plan, join, _ = _prepare(cfg)
+    totals = plan_totals(cfg, plan)
+    rows = spikes.to_pylist()
+    return {"log": report.to_dict() if hasattr(report, "to_dict") else str(report),
+            "spikes": [{"spike_id": r["spike_id"], "run": r["run"], "metric": r["metric"], "kind": r["kind"],
+                        "start_step": r["start_step"], "peak_step": r["peak_step"], "end_step": r["end_step"],
+                        "audit": "from state" if r["spike_id"] in done else "now",
+                        "window": plan.windows.get(r["spike_id"], []),
+                        "window_steps_without_data": plan.missing.get(r["spike_id"], [])} for r in rows],
+            "n_spikes": spikes.num_rows, "n_to_audit": len(plan.windows), "n_from_state": len(done),
+            "events": [{"event_id": k, "start": ev.get("start"), "end": ev.get("end"), "peak_step": ev.get("peak_step"),
+                        "members": ev.get("members"), "window": plan.windows.get(k, [])}
+                       for k, ev in sorted(plan.events.items())],
+            "controls": list(plan.controls), "n_controls": len(plan.controls),
+            "step_join": join.to_dict(), "read": totals}
 
 
 def run_inputs(cfg: RunConfig) -> list[tuple[str, str]]:
@@ -47,10 +123,13 @@ def run_audit(cfg: RunConfig, beam_args: list[str] | None = None) -> RunResult:
 
     from spike_audit.pipelines.outdir import OutDir, check_apart
 
+    from spike_audit.pipelines import fs
+    from spike_audit.pipelines.io import RemoteOut
+
     t0 = time.time()
     flags = beam_options(beam_args)  # first: a misspelled option fails before any work
     for path, what in ((cfg.log, "log"), (cfg.manifest, "manifest"), (cfg.shards, "shard root")):
-        if "://" not in path and not Path(path).exists():
+        if not fs.exists(path):
             raise UserError(f"{path}: {what} not found")
     cfg = resolve_tokens(cfg)
     inputs = run_inputs(cfg)
@@ -58,28 +137,24 @@ def run_audit(cfg: RunConfig, beam_args: list[str] | None = None) -> RunResult:
         check_apart(cfg.replay_pack, inputs + [("output directory", cfg.out), ("state directory", cfg.state)],
                     flag="--replay-pack")
     with ExitStack() as stack:
-        out = stack.enter_context(OutDir(cfg.out, "run", inputs + [("state directory", cfg.state)]))
+        out = stack.enter_context(RemoteOut(cfg.out) if fs.is_url(cfg.out) else
+                                  OutDir(cfg.out, "run", inputs + [("state directory", cfg.state)]))
         st = None
         if cfg.state:
             st = stack.enter_context(OutDir(cfg.state, "run-state", inputs + [("output directory", cfg.out)],
                                             flag="--state"))
-        return _audit(cfg, flags, out, st, t0)
+        return _audit(cfg, flags, out, st, t0, beam_args)
 
 
-def _audit(cfg: RunConfig, flags: list[str], out, st, t0: float) -> RunResult:
+def _audit(cfg: RunConfig, flags: list[str], out, st, t0: float, beam_args=None) -> RunResult:
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from spike_audit.pipelines.io import write_json, write_table, write_text
+    from spike_audit.pipelines.progress import Progress
     from spike_audit.pipelines.report.run_page import render_run_report
+    from spike_audit.pipelines.settings import write_done_marker, write_run_metadata
 
-    loss, report, spikes = read_loss_and_spikes(cfg)
-    join, dtype = join_steps(cfg, loss, report)
-    state = load_state(cfg.state, cfg)
-    done = frozenset()
-    if state is not None:
-        done = frozenset(state["spikes_done"]) & frozenset(spikes.column("spike_id").to_pylist())
-    plan = plan_audit(cfg, loss, spikes, skip_spikes=done,
-                      fixed_controls=state["controls"] if state is not None else None, offset=join.offset, dtype=dtype)
+    loss, report, spikes, state, done, plan, join, dtype = _prepare(cfg)
     new_ids = sorted(plan.windows)
     log.info("%d spikes in the log, %d events already audited, %d to audit", spikes.num_rows, len(done),
              len(new_ids))
@@ -92,7 +167,10 @@ def _audit(cfg: RunConfig, flags: list[str], out, st, t0: float) -> RunResult:
         from spike_audit.pipelines.beam.sink import collect_tables
 
         parts = stage / "parts"
-        run_pipeline(lambda p: build_pipeline(p, cfg, plan, str(parts), dtype=dtype), opts, where=cfg.out)
+        totals = plan_totals(cfg, plan)
+        with Progress("audit: reading the planned rows", total_rows=totals["rows"], total_shards=totals["shards"],
+                      total_bytes=totals["bytes_to_read"]):
+            run_pipeline(lambda p: build_pipeline(p, cfg, plan, str(parts), dtype=dtype), opts, where=cfg.out)
         new_tables = collect_tables(str(parts), OUTPUT_SPECS)
         shutil.rmtree(parts, ignore_errors=True)
     else:
@@ -130,9 +208,13 @@ def _audit(cfg: RunConfig, flags: list[str], out, st, t0: float) -> RunResult:
                    "control_calibration": control_calibration(tables["batch_scores"], cfg),
                    "tokens": token_summary(cfg),
                    "step_join": join.to_dict()}
+        summary["slices_read"] = len(plan.slices) if new_ids else 0
         if loss_summary is not None:
             summary["row_losses"] = loss_summary
         write_json(summary, files / "summary.json")
+        write_run_metadata(files, "run", cfg, [("log", cfg.log), ("manifest", cfg.manifest),
+                                               ("row_losses", cfg.row_losses)], beam_args)
+        write_done_marker(files, time.time() - t0)
     except OSError as err:
         from spike_audit.pipelines.outdir import os_error
 
@@ -145,4 +227,4 @@ def _audit(cfg: RunConfig, flags: list[str], out, st, t0: float) -> RunResult:
 
         write_plan_pack(cfg, plan)
     dt = time.time() - t0
-    return RunResult(Path(cfg.out), tables, spikes.num_rows, len(new_ids), n_tokens, dt)
+    return RunResult(Path(cfg.out), tables, spikes.num_rows, len(new_ids), n_tokens, dt, summary)

@@ -68,6 +68,13 @@ class RunConfig:
     log_trainer: str | None = None  # whose step numbering the log uses, when its format does not say
     step_offset: int | None = None  # manifest step = log step + step_offset (overrides the convention)
     dtype: str | None = None  # token dtype of raw token files (default: the manifest's)
+    # how the log is read (passed to the log reader, as in `spike-audit spikes`)
+    step_key: str | None = None
+    value_key: str | None = None
+    tag: str | None = None
+    pattern: str | None = None
+    strict: bool = False
+    run: str | None = None  # the run to audit when the log holds several (TensorBoard subfolders, W&B export)
 
 
 @dataclass
@@ -84,6 +91,7 @@ class Plan:
     offset: int = 0  # manifest step = log step + offset (the step join, run.steps)
     events: dict[str, dict] = field(default_factory=dict)  # event id -> members, range, peaks per metric
     exclude_steps: list[int] = field(default_factory=list)  # every spike window (audited now or before)
+    shard_lengths: dict = field(default_factory=dict)  # (shard, unit) -> rows or tokens in the shard
 
 
 def needed_controls(m: int, alpha: float) -> int:
@@ -150,7 +158,10 @@ def read_loss_and_spikes(cfg: RunConfig):
     from spike_audit.auditors.spikes import DetectorConfig, detect_table
     from spike_audit.pipelines.logs.read import read_log
 
-    loss, report = read_log(cfg.log, format=cfg.log_format)
+    loss, report = read_log(cfg.log, format=cfg.log_format, step_key=cfg.step_key, value_key=cfg.value_key,
+                            tag=cfg.tag, pattern=cfg.pattern, strict=cfg.strict,
+                            metric=cfg.metric if (cfg.value_key or cfg.tag or cfg.pattern) else None)
+    loss = select_run(loss, cfg)
     log.info("log %s: %s format, %d values, %d malformed, %d replaced by a resume", cfg.log, report.format,
              report.n_values, report.n_malformed, report.n_replaced)
     metrics = set(loss.column("metric").to_pylist())
@@ -166,7 +177,7 @@ def join_steps(cfg: RunConfig, loss, report):
     from spike_audit.pipelines.manifest import read_meta, token_dtype
     from spike_audit.pipelines.run.steps import align
 
-    meta = read_meta(cfg.manifest) if "://" not in cfg.manifest else {}
+    meta = read_meta(cfg.manifest)  # the run description from the footer (a URL through the filesystem layer)
     join = align(loss, log_path=cfg.log, log_format=report.format, report_trainer=getattr(report, "trainer", None),
                  meta=meta, manifest_range=_manifest_steps_range(cfg.manifest), metric=cfg.metric,
                  log_trainer=cfg.log_trainer, step_offset=cfg.step_offset,
@@ -175,14 +186,43 @@ def join_steps(cfg: RunConfig, loss, report):
     return join, token_dtype(meta, cfg.dtype, cfg.manifest)
 
 
+def select_run(loss: pa.Table, cfg: RunConfig) -> pa.Table:
+    """The one run to audit: a manifest is one run's data order, so a log holding several runs (TensorBoard
+    run subfolders, a W&B export of several runs) needs ``--run``; several runs that are pieces of one file
+    (``NAME@N``, a resume that changed the planned total) are audited together as before."""
+    runs = sorted(set(loss.column("run").to_pylist()))
+    if cfg.run is not None:
+        if cfg.run not in runs:
+            raise UserError(f"{cfg.log}: no run {cfg.run!r} in the log (runs: {', '.join(runs)})")
+        return loss.filter(pc.equal(loss.column("run"), cfg.run))
+    bases = {r.split("@", 1)[0] for r in runs}
+    if len(bases) > 1:
+        raise UserError(f"{cfg.log}: holds {len(runs)} runs ({', '.join(runs[:10])}{', ...' if len(runs) > 10 else ''}); "
+                        f"a manifest is one run's data order: choose one with --run")
+    return loss
+
+
+def _parquet_file(path: str) -> pq.ParquetFile:
+    from spike_audit.pipelines import fs
+
+    try:
+        pf = pq.ParquetFile(fs.open(path, "rb") if fs.is_url(path) else path)
+        pf.schema_arrow.names  # a corrupt footer can hold names that are not UTF-8
+        return pf
+    except (pa.ArrowException, OSError, ValueError) as err:
+        msg = str(err).strip()
+        raise UserError(f"{path}: not a readable Parquet manifest ({msg.splitlines()[0] if msg else type(err).__name__})") from None
+
+
 def _manifest_steps_range(path: str) -> tuple[int, int]:
-    md = pq.ParquetFile(path).metadata
+    pf = _parquet_file(path)
+    md = pf.metadata
     lo, hi = None, None
     idx = md.schema.to_arrow_schema().get_field_index("step")
     for rg in range(md.num_row_groups):
         st = md.row_group(rg).column(idx).statistics
         if st is None or not st.has_min_max:
-            t = pq.read_table(path, columns=["step"]).column("step")
+            t = pf.read(columns=["step"]).column("step")
             return int(pc.min(t).as_py()), int(pc.max(t).as_py())
         lo = st.min if lo is None else min(lo, st.min)
         hi = st.max if hi is None else max(hi, st.max)
@@ -195,20 +235,19 @@ def read_manifest_steps(path: str, steps: list[int], offset: int = 0) -> pa.Tabl
     """The manifest rows of ``steps`` only (predicate push-down on row-group statistics), in file
     order; nothing manifest-sized is read on the driver. ``steps`` are the log's: the manifest's step of
     log step ``s`` is ``s + offset`` (the step join), and the rows come back numbered as the log."""
-    if not Path(path).exists() and "://" not in path:
+    from spike_audit.pipelines import fs
+
+    if not fs.exists(path):
         raise UserError(f"{path}: manifest not found")
-    if "://" not in path:
+    if not fs.is_url(path):
         from spike_audit.pipelines.files import check_regular
 
         check_regular(path, "Parquet manifest")  # a FIFO or a device is refused, never read
-    try:
-        schema = pq.read_schema(path)
-        schema.names  # a corrupt footer can hold names that are not UTF-8
-    except (pa.ArrowException, OSError, ValueError) as err:
-        raise UserError(f"{path}: not a readable Parquet manifest ({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__})") from None
+    schema = _parquet_file(path).schema_arrow
     validate(schema, STEP_MANIFEST, path)
     wanted = pa.array(sorted({int(s) + offset for s in steps}), pa.int64())
-    table = pads.dataset(path, format="parquet").to_table(filter=pads.field("step").isin(wanted), use_threads=False)
+    afs, apath = fs.arrow_fs(path)
+    table = pads.dataset(apath, format="parquet", filesystem=afs).to_table(filter=pads.field("step").isin(wanted), use_threads=False)
     table = STEP_MANIFEST.conform(table, path)
     if offset:  # back to the log's step numbers
         table = table.set_column(table.schema.get_field_index("step"), STEP_MANIFEST.schema.field("step"),
@@ -221,7 +260,7 @@ def manifest_row_numbers(path: str, steps: list[int]) -> np.ndarray:
     """0-based row numbers in the manifest file of the rows :func:`read_manifest_steps` returns
     (reads the step column: done only to name the row in an error message)."""
     wanted = pa.array(sorted(set(steps)), pa.int64())
-    all_steps = pq.read_table(path, columns=["step"]).column("step")
+    all_steps = _parquet_file(path).read(columns=["step"]).column("step")
     return np.flatnonzero(np.asarray(pc.is_in(all_steps, value_set=wanted).to_numpy(zero_copy_only=False)))
 
 
@@ -296,24 +335,24 @@ def plan_audit(cfg: RunConfig, loss: pa.Table, spikes: pa.Table, skip_spikes: fr
         for s, sh, a, b, u in zip(man.column("step").to_pylist(), man.column("shard").to_pylist(),
                                   man.column("row_start").to_pylist(), man.column("row_end").to_pylist(), units)
     ]
-    _check_slices(cfg, man, [w + offset for w in wanted], dtype)
+    lengths = _check_slices(cfg, man, [w + offset for w in wanted], dtype)
     log.info("audit plan: %d spikes, %d window steps, %d control steps, %d manifest slices", len(windows),
              len(spikes_of), len(controls), len(slices))
-    return Plan(spikes, windows, controls, spikes_of, slices, missing, offset, events, sorted(exclude))
+    return Plan(spikes, windows, controls, spikes_of, slices, missing, offset, events, sorted(exclude), lengths or {})
 
 
-def _check_slices(cfg: RunConfig, man: pa.Table, steps: list[int], dtype=None) -> None:
+def _check_slices(cfg: RunConfig, man: pa.Table, steps: list[int], dtype=None) -> dict:
     """Fail before any work if a selected slice is malformed, overlaps another in its step, points at
     a missing shard or past a shard's end (one line naming the manifest row and the shard)."""
     from spike_audit.pipelines.manifest import check_ranges, check_shard_bounds
 
     def check(row_ids):
         check_ranges(man, cfg.manifest, row_ids, allow_overlap=cfg.allow_overlap)
-        check_shard_bounds(man, cfg.manifest, cfg.shards, row_ids, tokens_col=cfg.tokens_col,
+        return check_shard_bounds(man, cfg.manifest, cfg.shards, row_ids, tokens_col=cfg.tokens_col,
                            text_col=cfg.text_col, rows=cfg.flat_rows, dtype=dtype)
 
     try:
-        check(None)
+        return check(None)
     except UserError:
         check(manifest_row_numbers(cfg.manifest, steps))  # the same error, naming the row in the file
         raise

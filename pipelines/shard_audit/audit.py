@@ -9,6 +9,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+import numpy as np
 import pyarrow as pa
 
 from spike_audit.pipelines.errors import UserError
@@ -35,12 +36,41 @@ class ShardAuditResult:
     empty: list[str] = ()  # shards with 0 rows: listed, not scored
 
 
+def _prepare(cfg: ShardAuditConfig):
+    """Discover the shards and split them by the state into kept (unchanged) and to read."""
+    shards = discover(cfg.inputs, cfg.root, cfg.allow_outside_root)
+    index = _load_index(cfg.state)
+    if index and index.get("settings") != _settings_key(cfg):
+        log.warning("state in %s was made with other settings; auditing every shard again", cfg.state)
+        index = {}
+    stored = index.get("shards", {})
+    keep = frozenset((s.name, s.fingerprint) for s in shards
+                     if stored.get(s.name, {}).get("fingerprint") == s.fingerprint)
+    kept_names = {n for n, _ in keep}
+    new = [s for s in shards if s.name not in kept_names]
+    return shards, stored, keep, kept_names, new
+
+
+def plan_shard_audit(cfg: ShardAuditConfig) -> dict:
+    """What :func:`run_shard_audit` would do, without opening any shard (``shards --dry-run``): the shards found,
+    which the state keeps, and the bytes to read."""
+    cfg = resolve_tokens(cfg)
+    shards, _, keep, kept_names, new = _prepare(cfg)
+    return {"n_shards": len(shards), "n_to_read": len(new), "n_unchanged": len(keep),
+            "bytes_total": sum(s.size for s in shards), "bytes_to_read": sum(s.size for s in new),
+            "state": cfg.state,
+            "shards": [{"shard": s.name, "path": s.path, "size_bytes": s.size, "read": s.name not in kept_names}
+                       for s in shards]}
+
+
 def run_shard_audit(cfg: ShardAuditConfig, beam_args: list[str] | None = None) -> ShardAuditResult:
     """The shard audit. ``--out`` and ``--state`` are checked against every input, created, marked and
     locked first; the new output is published in one atomic step (:mod:`spike_audit.pipelines.outdir`)."""
     from contextlib import ExitStack
 
     from spike_audit.pipelines.beam.options import beam_options
+    from spike_audit.pipelines import fs
+    from spike_audit.pipelines.io import RemoteOut
     from spike_audit.pipelines.outdir import OutDir, check_apart
 
     t0 = time.time()
@@ -53,22 +83,25 @@ def run_shard_audit(cfg: ShardAuditConfig, beam_args: list[str] | None = None) -
     shards = discover(cfg.inputs, cfg.root, cfg.allow_outside_root)
     found = [("shard", s.path) for s in shards]
     with ExitStack() as stack:
-        out = stack.enter_context(OutDir(cfg.out, "shards", given + found + [("state directory", cfg.state)]))
+        out = stack.enter_context(RemoteOut(cfg.out) if fs.is_url(cfg.out) else
+                                  OutDir(cfg.out, "shards", given + found + [("state directory", cfg.state)]))
         st = None
         if cfg.state:
             st = stack.enter_context(OutDir(cfg.state, "shards-state", given + found + [("output directory", cfg.out)],
                                             flag="--state"))
-        return _audit(cfg, flags, shards, out, st, t0)
+        return _audit(cfg, flags, shards, out, st, t0, beam_args)
 
 
-def _audit(cfg: ShardAuditConfig, flags, shards, out, st, t0: float) -> ShardAuditResult:
+def _audit(cfg: ShardAuditConfig, flags, shards, out, st, t0: float, beam_args=None) -> ShardAuditResult:
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from spike_audit.pipelines.beam.runner import run_pipeline
     from spike_audit.pipelines.beam.sink import collect_tables
     from spike_audit.pipelines.io import write_json, write_table, write_text
     from spike_audit.pipelines.outdir import os_error
+    from spike_audit.pipelines.progress import Progress
     from spike_audit.pipelines.report.shard_page import render_shard_report
+    from spike_audit.pipelines.settings import write_done_marker, write_run_metadata
 
     index = _load_index(cfg.state)
     if index and index.get("settings") != _settings_key(cfg):
@@ -80,7 +113,8 @@ def _audit(cfg: ShardAuditConfig, flags, shards, out, st, t0: float) -> ShardAud
     kept_names = {n for n, _ in keep}
     new = [s for s in shards if s.name not in kept_names]
     log.info("%d shards: %d unchanged since the last run, %d to read", len(shards), len(keep), len(new))
-    good, bad = check_shards(new, cfg)
+    with Progress("shards: checking", total_shards=len(new)):
+        good, bad = check_shards(new, cfg)
     if bad and not cfg.skip_bad:
         first = bad[0]
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
@@ -103,8 +137,11 @@ def _audit(cfg: ShardAuditConfig, flags, shards, out, st, t0: float) -> ShardAud
     opts = PipelineOptions(flags)
     old_parts = _old_parts(cfg.state, {stored[n]["run"] for n, _ in keep}) if cfg.state else {}
     roots = {k: str(state_stage) for k in ("state_accs", "state_keys")} if state_stage is not None else {}
-    run_pipeline(lambda p: build_pipeline(p, cfg, todo, old_parts, keep, names, str(parts), roots), opts,
-                 where=cfg.out)
+    known = [n for _, n in todo]
+    with Progress("shards: reading", total_rows=sum(known) if None not in known else None, total_shards=len(todo),
+                  total_bytes=sum(s.size for s, _ in todo)):
+        run_pipeline(lambda p: build_pipeline(p, cfg, todo, old_parts, keep, names, str(parts), roots),
+                     opts, where=cfg.out)
     tables = collect_tables(str(parts), (SHARD_SCORES, DUPLICATES))
     n_tokens = int(sum(r["n_tokens"] for r in tables["shard_scores"].to_pylist() if r["shard"] in
                        {s.name for s, _ in todo}))
@@ -121,6 +158,9 @@ def _audit(cfg: ShardAuditConfig, flags, shards, out, st, t0: float) -> ShardAud
         write_json({"shards": len(names), "scanned": len(todo), "from_state": len(keep), "bad": bad,
                     "empty": [{"shard": n, "n_rows": 0} for n in empty],
                     "tokens_scanned": n_tokens, "tokens": token_summary(cfg)}, files / "summary.json")
+        write_run_metadata(files, "shards", cfg, [("shards", i) for i in cfg.inputs],
+                           beam_args)
+        write_done_marker(files, time.time() - t0)
     except OSError as err:
         raise os_error(cfg.out, err, "cannot write the new output (the previous output is intact)") from None
     out.publish(files)

@@ -9,6 +9,7 @@ import os
 import numpy as np
 
 from spike_audit.pipelines.errors import UserError
+from spike_audit.pipelines.progress import tick
 from spike_audit.pipelines.shard_audit.config import Shard, ShardAuditConfig
 
 
@@ -47,23 +48,32 @@ def _confined(path: str, base: str, allow_outside: bool) -> None:
 
 
 def discover(inputs: tuple[str, ...], root: str | None = None, allow_outside_root: bool = False) -> list[Shard]:
-    """Expand paths, directories and globs (local, or any Beam FileSystems scheme) into shards. A path given
-    itself is the user's; a file found inside a given directory or by a glob must resolve inside that directory
-    (or the glob's base) unless ``allow_outside_root``. Only regular files (and datasets directories) are shards:
-    a FIFO or a device in a directory is refused at once."""
-    from apache_beam.io.filesystems import FileSystems
-
+    """Expand paths, directories and globs (local, or URLs through the one filesystem layer) into shards. A
+    local path given itself is the user's; a file found inside a given directory or by a glob must resolve
+    inside that directory (or the glob's base) unless ``allow_outside_root``. Only regular files (and datasets
+    directories) are shards: a FIFO or a device in a directory is refused at once."""
+    from spike_audit.pipelines import fs
     from spike_audit.pipelines.files import check_regular
 
     found: dict[str, tuple[int, float]] = {}
     for inp in inputs:
-        if "://" in inp:
-            res = FileSystems.match([inp])[0].metadata_list
+        if fs.is_url(inp):  # through the one filesystem layer (fsspec): s3://, gs://, ...
+            if fs.has_magic(inp):
+                res = fs.glob(inp)
+            elif fs.isdir(inp):
+                if fs.exists(fs.join(inp, "dataset_info.json")) or fs.exists(fs.join(inp, "state.json")):
+                    found[inp.rstrip("/")] = fs.stat_tree(inp)
+                    continue
+                res = fs.list_files(inp)
+            elif fs.exists(inp):
+                res = [(inp, *fs.stat(inp))]
+            else:
+                raise UserError(f"{inp}: not found")
+            res = [r for r in res if _is_shard_file(r[0])]
             if not res:
-                raise UserError(f"{inp}: matches no file")
-            for m in res:
-                if _is_shard_file(m.path):
-                    found[m.path] = (m.size_in_bytes, float(m.last_updated_in_seconds or 0.0))
+                raise UserError(f"{inp}: matches no shard file")
+            for path, size, mtime in res:
+                found[path] = (size, float(mtime))
             continue
         magic = glob.has_magic(inp)
         paths = sorted(glob.glob(inp, recursive=True)) if magic else [inp]
@@ -95,14 +105,42 @@ def discover(inputs: tuple[str, ...], root: str | None = None, allow_outside_roo
     if not found:
         raise UserError(f"no shards found in {', '.join(inputs)} (looked for {', '.join(SHARD_SUFFIXES)})")
     paths = sorted(found)
+    urls = [p for p in paths if "://" in p]
+    if urls and len(urls) < len(paths):
+        raise UserError("mix of local paths and URLs: audit them in one place (give all local or all URLs)")
+    if urls:
+        return _url_shards(paths, found, root)
     if root is None:
-        root = os.path.commonpath([p for p in paths if "://" not in p]) if all("://" not in p for p in paths) else ""
+        root = os.path.commonpath(paths)
         if len(paths) == 1 or os.path.isfile(root):
             root = os.path.dirname(root)
     shards = []
     for p in paths:
-        name = os.path.relpath(p, root) if root and "://" not in p else p
+        name = os.path.relpath(p, root) if root else p
         shards.append(Shard(name, p, found[p][0], found[p][1]))
+    return shards
+
+
+def _url_shards(paths: list[str], found: dict, root: str | None) -> list[Shard]:
+    """Shards at URLs, named relative to ``root`` or to the URLs' common directory (as local shards are)."""
+    import posixpath
+
+    protos = {p.split("://", 1)[0] for p in paths}
+    if len(protos) > 1:
+        raise UserError(f"shards under several protocols ({', '.join(sorted(protos))}): audit them separately")
+    proto = protos.pop()
+    bare = [p.split("://", 1)[1] for p in paths]
+    if root is None:
+        base = posixpath.commonpath(bare) if len(bare) > 1 else posixpath.dirname(bare[0])
+        if base in bare:  # one shard given by its own path
+            base = posixpath.dirname(base)
+    else:
+        base = root.split("://", 1)[1] if "://" in root else root
+    base = base.rstrip("/")
+    shards = []
+    for p, b in zip(paths, bare):
+        name = posixpath.relpath(b, base) if base and b.startswith(base + "/") else p
+        shards.append(Shard(name, f"{proto}://{b}", found[p][0], found[p][1]))
     return shards
 
 
@@ -151,6 +189,7 @@ def check_shards(shards: list[Shard], cfg: ShardAuditConfig) -> tuple[list[tuple
         except Exception as err:  # unreadable file: report it, do not crash on the first one
             msg = f"{type(err).__name__}: {err}".strip().splitlines()
             bad.append({"shard": s.name, "error": msg[0] if msg else type(err).__name__})
+        tick("check", shards=1)
         if (k + 1) % 100 == 0:
-            log.info("checked %d/%d shards", k + 1, len(shards))
+            log.debug("checked %d/%d shards", k + 1, len(shards))
     return good, bad

@@ -7,6 +7,7 @@ import logging
 import numpy as np
 import pyarrow as pa
 
+from spike_audit.pipelines.progress import tick
 from spike_audit.pipelines.beam.scoring import (concat_parts, entity_scores, finish, make_suite, score_batch,
                                                 split_by_bucket, suite_histogram, sum_histograms, to_token_batch)
 from spike_audit.pipelines.shard_audit.clusters import (attach_sketches, band_candidates, cluster_pairs,
@@ -38,8 +39,11 @@ class ReadChunk:
             rb = read_slices(None, path, np.array([[start, end]], dtype=np.int64), unit="row",
                              tokens_col=self.tokens_col, text_col=self.text_col, dtype=self.dtype, rows=self.rows)
         rb = rb.set_column(rb.schema.get_field_index("shard"), "shard", pa.array([name] * rb.num_rows, pa.string()))
+        tokens = rb.column("tokens")
+        n_tok = 0 if tokens.null_count == len(tokens) else int(tokens.offsets[-1].as_py() - tokens.offsets[0].as_py())
+        tick("shards", rows=rb.num_rows, tokens=n_tok, shards=int(end == n))  # the driver's progress line
         if end == n:
-            log.info("read shard %s (%d rows)", name, n)
+            log.debug("read shard %s (%d rows)", name, n)
         else:
             log.debug("read %s rows %d..%d of %s", name, start, end, n if n is not None else "?")
         return name, rb

@@ -28,6 +28,7 @@ import os
 import posixpath
 import re
 
+from spike_audit.pipelines import fs
 from spike_audit.pipelines.errors import UserError
 from spike_audit.pipelines.files import check_regular, open_regular, os_error
 
@@ -155,39 +156,25 @@ def confine_tree(shard_root: str | None, shard: str, path: str) -> None:
 
 
 def _exists(path: str) -> bool:
-    if is_url(path):
-        import fsspec
-
-        fs, p = fsspec.core.url_to_fs(path)
-        return fs.exists(p)
-    return os.path.exists(path)
+    return fs.exists(path)
 
 
 def _isdir(path: str) -> bool:
-    if is_url(path):
-        import fsspec
-
-        fs, p = fsspec.core.url_to_fs(path)
-        return fs.isdir(p)
-    return os.path.isdir(path)
+    return fs.isdir(path)
 
 
 def _size(path: str) -> int:
     if is_url(path):
-        import fsspec
-
-        fs, p = fsspec.core.url_to_fs(path)
-        return int(fs.size(p))
+        return int(fs.size(path))
     return int(check_regular(path, "shard file").st_size)
 
 
 def _open(path: str):
-    """Binary file object for a local regular file or a URL (fsspec)."""
+    """Binary file object for a local regular file or a URL (the one filesystem layer,
+    :mod:`spike_audit.pipelines.fs`)."""
     if is_url(path):
-        import fsspec
-
         try:
-            return fsspec.open(path, "rb").open()
+            return fs.open(path, "rb")
         except (OSError, ValueError) as err:
             raise UserError(f"{path}: cannot open ({err})") from None
     return open_regular(path, "shard file")
