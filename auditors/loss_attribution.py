@@ -134,7 +134,11 @@ def midmean(x: np.ndarray, axis: int = -1) -> np.ndarray:
     x = np.sort(np.asarray(x, dtype=np.float64), axis=axis)
     n = x.shape[axis]
     q = n // 4
-    return np.take(x, np.arange(q, n - q), axis=axis).mean(axis=axis)
+    mid = np.take(x, np.arange(q, n - q), axis=axis)
+    if n == 0:
+        return mid.mean(axis=axis)
+    # a float sum can round a hair outside the values it averages: keep the mean between them
+    return np.clip(mid.mean(axis=axis), np.take(mid, 0, axis=axis), np.take(mid, -1, axis=axis))
 
 
 def baseline_stats(baseline_losses: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, float]:
