@@ -44,7 +44,7 @@ LOCK = ".spike-audit.lock"
 CURRENT = ".current"
 LAYOUT = 1
 OUTPUT_KINDS = ("run", "shards", "spikes", "replay-pack")  # output directories: any may replace any other
-STATE_KINDS = ("run-state", "shards-state")
+STATE_KINDS = ("run-state", "shards-state", "baseline")  # "baseline": shards --save-baseline
 _VERSION = re.compile(r"^\.v-(\d{6,})$")
 _IGNORABLE = {"lost+found"}  # a fresh file system's mount point is "empty"
 
@@ -300,7 +300,8 @@ class OutDir:
 
 def _describe(kind) -> str:
     return {"run-state": "run state directory (--state of spike-audit run)",
-            "shards-state": "shard-audit state directory (--state of spike-audit shards)"}.get(
+            "shards-state": "shard-audit state directory (--state of spike-audit shards)",
+            "baseline": "baseline (--save-baseline of spike-audit shards)"}.get(
         kind, f"output directory ({kind})" if kind in OUTPUT_KINDS else f"directory of unknown kind {kind!r}")
 
 

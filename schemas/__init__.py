@@ -16,6 +16,8 @@ from __future__ import annotations
 from spike_audit.schemas.core import FieldSpec, SchemaError, TableSpec, validate
 from spike_audit.schemas.tables import (
     ALIGNED_SPIKES,
+    BASELINE_REFERENCE,
+    BASELINE_UNIGRAM,
     BATCH_SCORES,
     DUPLICATES,
     LOSS_ROWS,
@@ -31,6 +33,8 @@ from spike_audit.schemas.tables import (
 
 __all__ = [
     "ALIGNED_SPIKES",
+    "BASELINE_REFERENCE",
+    "BASELINE_UNIGRAM",
     "BATCH_SCORES",
     "DUPLICATES",
     "LOSS_ROWS",

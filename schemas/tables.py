@@ -341,5 +341,31 @@ LOSS_ROWS = TableSpec(
     sort_keys=("spike_id", "step", "position"),
 )
 
+BASELINE_REFERENCE = TableSpec(
+    name="baseline_reference",
+    version=1,
+    doc="A saved baseline's reference rows (`spike-audit shards --save-baseline`): how many of the trusted "
+    "corpus's rows fall in each bin of each oriented signal family (the row-level evidence's natural rates). "
+    "Bins as in `auditors.evidence` (0: zero or NaN; 1..768: 16 per octave); only non-zero counts are stored.",
+    fields=(
+        F("family", pa.string(), "Signal family (`name` or `name:low`)."),
+        F("bin", pa.int32(), "Bin of the oriented value (0..768)."),
+        F("count", pa.int64(), "Rows of the trusted corpus in that bin."),
+    ),
+    sort_keys=("family", "bin"),
+)
+
+BASELINE_UNIGRAM = TableSpec(
+    name="baseline_unigram",
+    version=1,
+    doc="A saved baseline's token unigram histogram: the reference distribution of the baseline-relative signals "
+    "(JS divergence, rare-token share, cross-entropy); only tokens that occur are stored.",
+    fields=(
+        F("token", pa.int64(), "Token id (a byte value for text-only shards audited as UTF-8)."),
+        F("count", pa.int64(), "Occurrences in the trusted corpus."),
+    ),
+    sort_keys=("token",),
+)
+
 TABLES = (LOSS_SERIES, SPIKES, ALIGNED_SPIKES, STEP_MANIFEST, BATCH_SCORES, SHARD_SCORES, ROW_FLAGS, VERDICTS,
-          DUPLICATES, ROW_LOSSES, LOSS_ROWS)
+          DUPLICATES, ROW_LOSSES, LOSS_ROWS, BASELINE_REFERENCE, BASELINE_UNIGRAM)

@@ -122,6 +122,12 @@ def register(sub) -> None:
     opt(p, "--allow-outside-root", cls=c, dest="allow_outside_root", action="store_true",
         help="accept files found in an input directory (or by a glob) that resolve outside it (symlinks)")
     opt(p, "--state", cls=c, dest="state", help="state directory: a rerun reads only new or changed shards")
+    opt(p, "--save-baseline", cls=c, dest="save_baseline",
+        help="save this (trusted) corpus as a baseline directory: later audits judge new shards against it "
+             "(--baseline) without reading this corpus again")
+    opt(p, "--baseline", cls=c, dest="baseline",
+        help="judge the shards against a baseline saved by --save-baseline (its rows' natural rates, unigram "
+             "histogram and row hashes) instead of against each other")
     opt(p, "--skip-bad", cls=c, dest="skip_bad", action="store_true",
         help="continue without unreadable shards (they are listed)")
     add_columns(p, c)

@@ -77,22 +77,39 @@ def run_shard_audit(cfg: ShardAuditConfig, beam_args: list[str] | None = None) -
     flags = beam_options(beam_args)  # first: a misspelled option fails before any work
     cfg = resolve_tokens(cfg)
     given = [("input", i) for i in cfg.inputs if not glob.has_magic(i)] + [("shard root", cfg.root)]
-    check_apart(cfg.out, given + [("state directory", cfg.state)])
+    if cfg.baseline and cfg.save_baseline:
+        raise UserError("--baseline and --save-baseline: give one (save a baseline from a trusted corpus, then judge "
+                        "new shards against it)")
+    bl = None
+    if cfg.baseline:  # validated before anything is created
+        from spike_audit.pipelines.beam.baseline import load_baseline
+
+        bl = load_baseline(cfg.baseline, cfg)
+        given = given + [("baseline", cfg.baseline)]
+    check_apart(cfg.out, given + [("state directory", cfg.state), ("baseline", cfg.save_baseline)])
     if cfg.state:
-        check_apart(cfg.state, given + [("output directory", cfg.out)], flag="--state")
+        check_apart(cfg.state, given + [("output directory", cfg.out), ("baseline", cfg.save_baseline)],
+                    flag="--state")
     shards = discover(cfg.inputs, cfg.root, cfg.allow_outside_root)
     found = [("shard", s.path) for s in shards]
     with ExitStack() as stack:
         out = stack.enter_context(RemoteOut(cfg.out) if fs.is_url(cfg.out) else
-                                  OutDir(cfg.out, "shards", given + found + [("state directory", cfg.state)]))
+                                  OutDir(cfg.out, "shards", given + found + [("state directory", cfg.state),
+                                                                           ("baseline", cfg.save_baseline)]))
         st = None
         if cfg.state:
-            st = stack.enter_context(OutDir(cfg.state, "shards-state", given + found + [("output directory", cfg.out)],
+            st = stack.enter_context(OutDir(cfg.state, "shards-state", given + found + [("output directory", cfg.out),
+                                                                                     ("baseline", cfg.save_baseline)],
                                             flag="--state"))
-        return _audit(cfg, flags, shards, out, st, t0, beam_args)
+        sb = None
+        if cfg.save_baseline:
+            sb = stack.enter_context(OutDir(cfg.save_baseline, "baseline", given + found + [
+                ("output directory", cfg.out), ("state directory", cfg.state)], flag="--save-baseline"))
+        return _audit(cfg, flags, shards, out, st, t0, beam_args, baseline=bl, save=sb)
 
 
-def _audit(cfg: ShardAuditConfig, flags, shards, out, st, t0: float, beam_args=None) -> ShardAuditResult:
+def _audit(cfg: ShardAuditConfig, flags, shards, out, st, t0: float, beam_args=None, baseline=None,
+           save=None) -> ShardAuditResult:
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from spike_audit.pipelines.beam.runner import run_pipeline
@@ -137,12 +154,18 @@ def _audit(cfg: ShardAuditConfig, flags, shards, out, st, t0: float, beam_args=N
     opts = PipelineOptions(flags)
     old_parts = _old_parts(cfg.state, {stored[n]["run"] for n, _ in keep}) if cfg.state else {}
     roots = {k: str(state_stage) for k in ("state_accs", "state_keys")} if state_stage is not None else {}
+    save_stage = save.stage() if save is not None else None
+    if save_stage is not None:
+        from spike_audit.pipelines.beam.baseline import HASH_KIND
+
+        roots[HASH_KIND] = str(save_stage)
     known = [n for _, n in todo]
     with Progress("shards: reading", total_rows=sum(known) if None not in known else None, total_shards=len(todo),
                   total_bytes=sum(s.size for s, _ in todo)):
-        run_pipeline(lambda p: build_pipeline(p, cfg, todo, old_parts, keep, names, str(parts), roots),
-                     opts, where=cfg.out)
+        run_pipeline(lambda p: build_pipeline(p, cfg, todo, old_parts, keep, names, str(parts), roots,
+                                              baseline=baseline), opts, where=cfg.out)
     tables = collect_tables(str(parts), (SHARD_SCORES, DUPLICATES))
+    counts = _baseline_counts(parts) if save is not None else None  # before publishing removes the parts
     n_tokens = int(sum(r["n_tokens"] for r in tables["shard_scores"].to_pylist() if r["shard"] in
                        {s.name for s, _ in todo}))
     q = shard_quarantine(tables["shard_scores"], bad, cfg.alpha, cfg.min_rows)
@@ -157,13 +180,53 @@ def _audit(cfg: ShardAuditConfig, flags, shards, out, st, t0: float, beam_args=N
         # no timings here: the outputs of identical inputs are byte-identical (the command prints the time)
         write_json({"shards": len(names), "scanned": len(todo), "from_state": len(keep), "bad": bad,
                     "empty": [{"shard": n, "n_rows": 0} for n in empty],
-                    "tokens_scanned": n_tokens, "tokens": token_summary(cfg)}, files / "summary.json")
+                    "tokens_scanned": n_tokens, "tokens": token_summary(cfg),
+                    "reference": _reference_summary(baseline)}, files / "summary.json")
         write_run_metadata(files, "shards", cfg, [("shards", i) for i in cfg.inputs],
                            beam_args)
         write_done_marker(files, time.time() - t0)
     except OSError as err:
         raise os_error(cfg.out, err, "cannot write the new output (the previous output is intact)") from None
     out.publish(files)
+    if save is not None:
+        _save_baseline(cfg, save, save_stage, counts, len(names))
     if st is not None:
         _save_state(cfg, state_stage, run_id, names, {s.name: s.fingerprint for s in shards}, keep, stored)
     return ShardAuditResult(Path(cfg.out), tables, len(names), len(todo), n_tokens, bad, time.time() - t0, empty)
+
+
+def _reference_summary(baseline) -> dict:
+    """What the shards were judged against (``summary.json``): each other, or a saved baseline."""
+    if baseline is None:
+        return {"kind": "leave-one-out", "baseline": None}
+    m = baseline.meta
+    return {"kind": "baseline", "baseline": baseline.path, "baseline_shards": m["shards"], "baseline_rows": m["rows"],
+            "baseline_tokens": m.get("tokens"), "baseline_tool_version": m.get("tool_version")}
+
+
+def _baseline_counts(parts: Path) -> dict:
+    """The corpus counts the pipeline wrote for ``--save-baseline`` (one small record: unigram, reference)."""
+    from spike_audit.pipelines import records as rec_io
+
+    found = sorted((parts / "baseline_counts").glob(f"part-*{rec_io.SUFFIX}"))
+    recs = [r for p in found for r in rec_io.from_bytes(p.read_bytes(), str(p), "baseline_counts")]
+    if len(recs) != 1:
+        raise RuntimeError(f"expected one baseline_counts record, got {len(recs)}")
+    return recs[0]
+
+
+def _save_baseline(cfg: ShardAuditConfig, save, stage: Path, counts: dict, n_shards: int) -> None:
+    """``--save-baseline``: the corpus counts and its row-hash parts (moved, never read by the driver) published
+    as one version of the baseline directory."""
+    from spike_audit.pipelines.beam.baseline import write_baseline
+    from spike_audit.pipelines.outdir import os_error
+
+    files = stage / "files"
+    try:
+        files.mkdir()
+        meta = write_baseline(files, stage, counts["unigram"], counts["reference"], n_shards, cfg)
+    except OSError as err:
+        raise os_error(cfg.save_baseline, err, "cannot write the baseline (the previous one is intact)") from None
+    save.publish(files)
+    log.info("baseline saved in %s: %d shards, %d rows, %d tokens", cfg.save_baseline, meta["shards"], meta["rows"],
+             meta["tokens"])

@@ -39,6 +39,8 @@ class ShardAuditConfig:
     vocab_size: int | None = None
     seed: int = 0
     allow_outside_root: bool = False  # files found in an input directory may resolve outside it (symlinks)
+    baseline: str | None = None  # judge against a saved baseline (pipelines.beam.baseline), not leave-one-out
+    save_baseline: str | None = None  # save this corpus as a baseline
 
 
 def resolve_tokens(cfg: ShardAuditConfig) -> ShardAuditConfig:

@@ -126,11 +126,11 @@ def score_chunk(name_rb, cfg_dict: dict):
     return name, {"suite": acc, "rows": bin_hist(bin_matrix(rows.matrix(), SIGNAL_ORDER, FAMILIES))}
 
 
-def finish_shard(key_acc, hist, cfg: dict):
+def finish_shard(key_acc, hist, cfg: dict, own_in_hist: bool = True):
     """(shard, ShardAcc) -> (shard, n_rows, n_tokens, signals, row-bin histogram); suite signals leave-one-out
-    against the corpus histogram."""
+    against the corpus histogram (or against a saved baseline's, which the shard is not part of)."""
     key, acc = key_acc
-    k, n_rows, n_tokens, sig = finish((key, acc["suite"]), hist, cfg, frozenset(), True)
+    k, n_rows, n_tokens, sig = finish((key, acc["suite"]), hist, cfg, frozenset(), own_in_hist)
     return k, n_rows, n_tokens, sig, acc["rows"], acc["suite"]
 
 
@@ -160,16 +160,17 @@ def with_shard_counts(kv):
         yield key, n_rows, n_tokens, sig, hist
 
 
-def shard_evidence(item, corpus) -> dict:
-    """A shard's rows against every other shard's rows (its own out of the corpus histogram)."""
+def shard_evidence(item, corpus, own_in_corpus: bool = True) -> dict:
+    """A shard's rows against every other shard's rows (its own out of the corpus histogram), or, with
+    ``own_in_corpus`` False, against a saved baseline's rows (``corpus`` is then the baseline's reference)."""
     from spike_audit.auditors.evidence import candidates_from_hists, cut_value, hist_to_tail, scan
     from spike_audit.auditors.rows import FAMILIES
 
     key, n_rows, n_tokens, sig, hist = item
     R = int(corpus.sum(axis=1).max()) if corpus.size else 0
     tail = hist_to_tail(corpus)
-    ev = scan([candidates_from_hists(hist[None], tail, np.ones(1, bool))], np.array([n_rows]),
-              np.array([R - n_rows]), len(FAMILIES))
+    ev = scan([candidates_from_hists(hist[None], tail, np.full(1, own_in_corpus))], np.array([n_rows]),
+              np.array([R - n_rows if own_in_corpus else R]), len(FAMILIES))
     e = ev.e[0]
     order = [int(f) for f in np.lexsort((np.arange(len(e)), -e)) if e[f] > 0][:8]
     fams = [{"name": FAMILIES[f].name, "rows": int(ev.k[0, f]), "cut": float(cut_value(FAMILIES[f], int(ev.cut[0, f]))),
@@ -234,6 +235,23 @@ def shard_seen_elsewhere(kv):
     yield from zip(keys.tolist(), counts.tolist())
 
 
+def shard_seen_in_baseline(kv, base_node: int):
+    """One exact-hash bucket of new shards' rows and a saved baseline's row hashes (node ``base_node``) ->
+    (shard index, rows whose hash is in the baseline). Against a baseline, "seen elsewhere" is measured against
+    that fixed reference only: a clean shard does not become anomalous because a new shard copied its rows
+    (those copies are in the duplicates table)."""
+    cols = concat_parts(kv[1])
+    if cols is None:
+        return
+    h, nodes = np.asarray(cols[0], dtype=np.uint64), np.asarray(cols[1], dtype=np.int64)
+    base = nodes == base_node
+    if not base.any() or base.all():
+        return
+    hit = np.isin(h[~base], h[base])
+    keys, counts = np.unique(nodes[~base][hit] >> NODE_SHIFT, return_counts=True)
+    yield from zip(keys.tolist(), counts.tolist())
+
+
 def split_bands(rec: dict, buckets: int):
     """Partition a chunk's (LSH band key, node) pairs by band-key bucket (sketches travel separately, once per
     row, and only candidates' sketches reach the verification: row-sized state stays a few arrays per bucket)."""
@@ -246,7 +264,12 @@ def split_bands(rec: dict, buckets: int):
 
 
 def build_pipeline(p, cfg: ShardAuditConfig, todo: list[tuple[Shard, int]], old_parts: dict[str, list[str]],
-                   keep: frozenset, names: list[str], staging: str, roots: dict[str, str] | None = None):
+                   keep: frozenset, names: list[str], staging: str, roots: dict[str, str] | None = None,
+                   baseline=None):
+    """The shard audit. ``baseline`` (a loaded :class:`~spike_audit.pipelines.beam.baseline.Baseline`): the
+    shards are judged against its reference rows, unigram histogram and row hashes instead of against each
+    other; ``cfg.save_baseline``: this corpus's accumulators are written out as one (kinds ``baseline_counts``
+    and ``baseline_row_hashes``)."""
     import apache_beam as beam
     from apache_beam.pvalue import AsSingleton
 
@@ -282,9 +305,12 @@ def build_pipeline(p, cfg: ShardAuditConfig, todo: list[tuple[Shard, int]], old_
                 | "AccKV" >> beam.Map(lambda r: (r["shard"], r["acc"])))
     accs = (new_accs, old_accs) | "AllAccs" >> beam.Flatten()
 
-    # the corpus baseline: every shard's histogram; each shard is then scored leave-one-out
-    hist = (accs | "Hists" >> beam.Map(lambda kv: suite_histogram(kv[1]["suite"]))
-            | "Baseline" >> beam.CombineGlobally(sum_histograms))
+    # the corpus baseline: every shard's histogram; each shard is then scored leave-one-out (or a saved one)
+    if baseline is not None:
+        hist = p | "SavedUnigram" >> beam.Create([baseline.unigram])
+    else:
+        hist = (accs | "Hists" >> beam.Map(lambda kv: suite_histogram(kv[1]["suite"]))
+                | "Baseline" >> beam.CombineGlobally(sum_histograms))
     new_keys = batches | "RowKeys" >> beam.Map(row_keys, shard_index, cfg_dict)
     old_keys = (p | "OldKeyParts" >> beam.Create(old_parts.get("keys", []))
                 | "LoadKeys" >> beam.FlatMap(load_state_records, keep)
@@ -292,16 +318,29 @@ def build_pipeline(p, cfg: ShardAuditConfig, todo: list[tuple[Shard, int]], old_
     keys = (new_keys, old_keys) | "AllKeys" >> beam.Flatten()
     exact_buckets = (keys | "ExactBuckets" >> beam.FlatMap(split_exact, cfg.buckets)
                      | "GroupExact" >> beam.GroupByKey())
-    seen = (exact_buckets | "SeenElsewhere" >> beam.FlatMap(shard_seen_elsewhere)
-            | "SumSeen" >> beam.CombinePerKey(sum)
+    if baseline is not None:  # the baseline's row hashes, read by workers, as the fixed duplicate reference
+        from spike_audit.pipelines.beam.baseline import baseline_hash_items
+
+        base_node = len(names) << NODE_SHIFT
+        saved = (p | "SavedHashParts" >> beam.Create(list(baseline.hash_parts))
+                 | "SavedHashes" >> beam.FlatMap(baseline_hash_items, cfg.buckets, base_node))
+        seen = ((keys | "SeenBuckets" >> beam.FlatMap(split_exact, cfg.buckets), saved)
+                | "WithSaved" >> beam.Flatten() | "GroupSeen" >> beam.GroupByKey()
+                | "SeenInBaseline" >> beam.FlatMap(shard_seen_in_baseline, base_node))
+    else:
+        seen = exact_buckets | "SeenElsewhere" >> beam.FlatMap(shard_seen_elsewhere)
+    seen = (seen | "SumSeen" >> beam.CombinePerKey(sum)
             | "SeenByName" >> beam.Map(lambda kv, nm: (nm[kv[0]], kv[1]), names))
-    finished = (accs | "Finish" >> beam.Map(finish_shard, AsSingleton(hist), cfg_dict)
+    finished = (accs | "Finish" >> beam.Map(finish_shard, AsSingleton(hist), cfg_dict, baseline is None)
                 | "KeyFinished" >> beam.Map(lambda it: (it[0], it)))
     shards = ({"scores": finished, "seen": seen} | "JoinSeen" >> beam.CoGroupByKey()
               | "ShardCounts" >> beam.FlatMap(with_shard_counts))
-    corpus = (shards | "RowHists" >> beam.Map(lambda it: it[4])
-              | "Corpus" >> beam.CombineGlobally(sum_arrays))
-    scores = (shards | "Evidence" >> beam.Map(shard_evidence, AsSingleton(corpus))
+    if baseline is not None:
+        corpus = p | "SavedReference" >> beam.Create([baseline.reference])
+    else:
+        corpus = (shards | "RowHists" >> beam.Map(lambda it: it[4])
+                  | "Corpus" >> beam.CombineGlobally(sum_arrays))
+    scores = (shards | "Evidence" >> beam.Map(shard_evidence, AsSingleton(corpus), baseline is None)
               | "AllShards" >> beam.combiners.ToList()
               | "Rank" >> beam.FlatMap(rank_shards, all_fp(names, todo, keep)))
 
@@ -329,7 +368,15 @@ def build_pipeline(p, cfg: ShardAuditConfig, todo: list[tuple[Shard, int]], old_
             new_keys | "KeyState" >> beam.Map(
                 lambda r, fps: ("state_keys", dict(_portable_keys(r), fingerprint=fps[r["shard"]])), fp),
         ]
+    if cfg.save_baseline:
+        from spike_audit.pipelines.beam.baseline import bucket_hashes
+
+        counts = (p | "BaselineSeed" >> beam.Create([None])
+                  | "BaselineCounts" >> beam.Map(lambda _, h, c: ("baseline_counts", {"unigram": h, "reference": c}),
+                                                 AsSingleton(hist), AsSingleton(corpus)))
+        outputs += [counts, exact_buckets | "BaselineHashes" >> beam.FlatMap(bucket_hashes)]
     n_parts = max(1, min(64, len(todo)))
     (outputs | "AllOutputs" >> beam.Flatten()
-     | "Write" >> WriteTables(staging, parts={"state_accs": n_parts, "state_keys": n_parts, "duplicates": 4},
+     | "Write" >> WriteTables(staging, parts={"state_accs": n_parts, "state_keys": n_parts, "duplicates": 4,
+                                                "baseline_row_hashes": cfg.buckets},
                               roots=roots))

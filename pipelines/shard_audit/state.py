@@ -102,7 +102,7 @@ def _settings_key(cfg: ShardAuditConfig) -> str:
     d = asdict(cfg)
     d["state_format"] = STATE_FORMAT
     for k in ("inputs", "out", "root", "state", "skip_bad", "alpha", "min_rows", "batch_rows", "buckets",
-              "allow_outside_root"):
+              "allow_outside_root", "baseline", "save_baseline"):
         d.pop(k, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
