@@ -142,3 +142,40 @@ def test_corrupt_foreign_and_incompatible_baselines_are_refused(split, saved, tm
         from spike_audit.pipelines import api
 
         api.audit_shards(new, out=out, save_baseline=str(root / "o-trusted"))
+
+
+def test_run_takes_its_unigram_reference_from_a_saved_baseline(demo, tmp_path, capsys):
+    """`run --baseline`: the baseline-relative signals are against the saved unigram histogram (the step signals
+    change), the control rows still give the natural rates and calibrate p (the planted data spikes stay data);
+    a baseline made with other token settings is refused before anything is read."""
+    from spike_audit.pipelines import api
+    from spike_audit.pipelines.demo import INJECTIONS
+
+    root, truth = demo
+    run = root / "run"
+    B = tmp_path / "B"
+    api.audit_shards(str(run / "shards"), out=str(tmp_path / "sh"), save_baseline=str(B),
+                     tokenizer=str(run / "tokenizer.json"))
+    common = dict(log=str(run / "train.log"), manifest=str(run / "manifest.parquet"), shards=str(run / "shards"),
+                  tokenizer=str(run / "tokenizer.json"))
+    with_b = api.audit_run(out=str(tmp_path / "r1"), baseline=str(B), **common)
+    plain = api.audit_run(out=str(tmp_path / "r0"), **common)
+    ref = json.loads((tmp_path / "r1" / "summary.json").read_text())["reference"]
+    assert ref["unigram"] == "saved baseline" and ref["baseline_rows"] > 0
+    verdicts = {v["spike_id"]: v for v in with_b.tables["verdicts"].to_pylist()}
+    for step, kind in INJECTIONS.items():
+        v = next(v for k, v in verdicts.items() if k.endswith(f"/train_loss/{step}"))
+        assert (v["verdict"] == "data") == (kind != "optimizer"), (kind, v)
+
+    def xent(res):
+        return {(r["step"], r["role"]): {s["name"]: s["value"] for s in r["signals"]}.get("baseline_xent")
+                for r in res.tables["batch_scores"].to_pylist()}
+    a, b = xent(with_b), xent(plain)
+    assert a.keys() == b.keys() and any(a[k] != b[k] for k in a)
+    # made without the tokenizer (no EOS id): refused by the run, in one line, before anything is read
+    api.audit_shards(str(run / "shards"), out=str(tmp_path / "sh2"), save_baseline=str(tmp_path / "B2"))
+    argv = ["run", "--log", common["log"], "--manifest", common["manifest"], "--shards", common["shards"],
+            "--tokenizer", common["tokenizer"], "--out", str(tmp_path / "r2"), "--baseline", str(tmp_path / "B2")]
+    err = _err(capsys, argv)
+    assert "B2" in err and "eos_id" in err
+    assert not (tmp_path / "r2").exists()

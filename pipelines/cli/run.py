@@ -65,6 +65,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     opt(p, "--dtype", cls=c, dest="dtype", help="token dtype of raw token files (default: the one the manifest "
         "records, else uint16)")
     opt(p, "--state", cls=c, dest="state", help="state directory: a rerun audits only spikes not audited before")
+    opt(p, "--baseline", cls=c, dest="baseline",
+        help="a baseline saved by shards --save-baseline: its unigram histogram is the reference of the "
+             "baseline-relative signals (the control steps still give the natural rates and calibrate p)")
     opt(p, "--allow-overlap", cls=c, dest="allow_overlap", action="store_true",
         help="accept slices of one shard that overlap within a step (Megatron epochs can do that)")
     add_confinement_arguments(p)

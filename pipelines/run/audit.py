@@ -93,6 +93,7 @@ def plan_run(cfg: RunConfig) -> dict:
     windows, the control steps and what would be read (slices, rows, shards, bytes). Shards' metadata is
     opened to check every slice against its shard, as the real run does first."""
     cfg = resolve_tokens(cfg)
+    _load_baseline(cfg)  # a bad baseline fails the dry run too
     loss, report, spikes, state, done, plan, join, _ = _prepare(cfg)
     totals = plan_totals(cfg, plan)
     rows = spikes.to_pylist()
@@ -112,7 +113,7 @@ def plan_run(cfg: RunConfig) -> dict:
 
 def run_inputs(cfg: RunConfig) -> list[tuple[str, str]]:
     return [("log", cfg.log), ("manifest", cfg.manifest), ("shard root", cfg.shards), ("tokenizer", cfg.tokenizer),
-            ("row losses", cfg.row_losses)]
+            ("row losses", cfg.row_losses), ("baseline", cfg.baseline)]
 
 
 def run_audit(cfg: RunConfig, beam_args: list[str] | None = None) -> RunResult:
@@ -132,6 +133,7 @@ def run_audit(cfg: RunConfig, beam_args: list[str] | None = None) -> RunResult:
         if not fs.exists(path):
             raise UserError(f"{path}: {what} not found")
     cfg = resolve_tokens(cfg)
+    baseline = _load_baseline(cfg)
     inputs = run_inputs(cfg)
     if cfg.replay_pack:
         check_apart(cfg.replay_pack, inputs + [("output directory", cfg.out), ("state directory", cfg.state)],
@@ -143,10 +145,29 @@ def run_audit(cfg: RunConfig, beam_args: list[str] | None = None) -> RunResult:
         if cfg.state:
             st = stack.enter_context(OutDir(cfg.state, "run-state", inputs + [("output directory", cfg.out)],
                                             flag="--state"))
-        return _audit(cfg, flags, out, st, t0, beam_args)
+        return _audit(cfg, flags, out, st, t0, beam_args, baseline)
 
 
-def _audit(cfg: RunConfig, flags: list[str], out, st, t0: float, beam_args=None) -> RunResult:
+def _load_baseline(cfg: RunConfig):
+    """The saved baseline of ``--baseline``, validated (refused if made with other token settings)."""
+    if not cfg.baseline:
+        return None
+    from spike_audit.pipelines.beam.baseline import RUN_KEYS, load_baseline
+
+    return load_baseline(cfg.baseline, cfg, RUN_KEYS)
+
+
+def _reference_summary(cfg: RunConfig, baseline) -> dict:
+    """What the rows were judged against (``summary.json``)."""
+    out = {"natural_rates": "control rows (leave-one-out)", "calibration": "control steps (exact ranks)",
+           "unigram": "control steps' tokens (leave-one-step-out)", "baseline": None}
+    if baseline is not None:
+        out.update(unigram="saved baseline", baseline=baseline.path, baseline_shards=baseline.meta["shards"],
+                   baseline_rows=baseline.meta["rows"], baseline_tokens=baseline.meta.get("tokens"))
+    return out
+
+
+def _audit(cfg: RunConfig, flags: list[str], out, st, t0: float, beam_args=None, baseline=None) -> RunResult:
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from spike_audit.pipelines.io import write_json, write_table, write_text
@@ -170,7 +191,8 @@ def _audit(cfg: RunConfig, flags: list[str], out, st, t0: float, beam_args=None)
         totals = plan_totals(cfg, plan)
         with Progress("audit: reading the planned rows", total_rows=totals["rows"], total_shards=totals["shards"],
                       total_bytes=totals["bytes_to_read"]):
-            run_pipeline(lambda p: build_pipeline(p, cfg, plan, str(parts), dtype=dtype), opts, where=cfg.out)
+            run_pipeline(lambda p: build_pipeline(p, cfg, plan, str(parts), dtype=dtype, baseline=baseline), opts,
+                         where=cfg.out)
         new_tables = collect_tables(str(parts), OUTPUT_SPECS)
         shutil.rmtree(parts, ignore_errors=True)
     else:
@@ -206,7 +228,7 @@ def _audit(cfg: RunConfig, flags: list[str], out, st, t0: float, beam_args=None)
                    "verdicts": {v: int(c) for v, c in zip(*np.unique(
                        np.asarray(tables["verdicts"].column("verdict").to_pylist(), dtype=str), return_counts=True))},
                    "control_calibration": control_calibration(tables["batch_scores"], cfg),
-                   "tokens": token_summary(cfg),
+                   "tokens": token_summary(cfg), "reference": _reference_summary(cfg, baseline),
                    "step_join": join.to_dict()}
         summary["slices_read"] = len(plan.slices) if new_ids else 0
         if loss_summary is not None:

@@ -286,7 +286,10 @@ def rank_shards(records):
 # ----------------------------------------------------------------------------------------- graph
 
 
-def build_pipeline(p, cfg: RunConfig, plan: Plan, staging: str, dtype=None):
+def build_pipeline(p, cfg: RunConfig, plan: Plan, staging: str, dtype=None, baseline=None):
+    """The audit (see the package docstring). ``baseline`` (a loaded saved baseline): its unigram histogram is
+    the reference of the baseline-relative signals instead of the control steps' tokens (no step's own tokens
+    are in it, so nothing is taken out); the control rows still give the natural rates and calibrate p."""
     import apache_beam as beam
     from apache_beam.pvalue import AsSingleton
 
@@ -309,12 +312,17 @@ def build_pipeline(p, cfg: RunConfig, plan: Plan, staging: str, dtype=None):
     if cfg.tokenizer:  # text signals for token-only shards: decode with the run's tokenizer
         batches = batches | "Decode" >> beam.ParDo(DecodeText(cfg.tokenizer))
     batches = batches | "ByStep" >> beam.GroupByKey() | "StepBatch" >> beam.FlatMap(step_batch)
-    controls = batches | "IsControl" >> beam.Filter(lambda kv, cs: kv[0] in cs, control_set)
-    hist = (controls | "CtrlTokens" >> beam.Map(lambda kv: to_token_batch(kv[1], tokens_col, text_col))
-            | "BaselineHist" >> beam.CombineGlobally(AuditorCombineFn(Histogram(), output="accumulator")))
+    if baseline is not None:
+        hist = p | "SavedUnigram" >> beam.Create([baseline.unigram])
+        own_out = frozenset()  # no audited step's tokens are in a saved baseline
+    else:
+        controls = batches | "IsControl" >> beam.Filter(lambda kv, cs: kv[0] in cs, control_set)
+        hist = (controls | "CtrlTokens" >> beam.Map(lambda kv: to_token_batch(kv[1], tokens_col, text_col))
+                | "BaselineHist" >> beam.CombineGlobally(AuditorCombineFn(Histogram(), output="accumulator")))
+        own_out = control_set
 
     # the one scoring pass per row
-    scored = batches | "ScoreSteps" >> beam.Map(score_step, AsSingleton(hist), cfg_dict, control_set, window_set)
+    scored = batches | "ScoreSteps" >> beam.Map(score_step, AsSingleton(hist), cfg_dict, own_out, window_set)
 
     # the fixed duplicate reference: every slice the manifest consumed, hashed, matched to the audited hashes
     if cfg.dup_reference == "manifest":

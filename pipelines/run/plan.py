@@ -75,6 +75,7 @@ class RunConfig:
     pattern: str | None = None
     strict: bool = False
     run: str | None = None  # the run to audit when the log holds several (TensorBoard subfolders, W&B export)
+    baseline: str | None = None  # a saved baseline (shards --save-baseline): its unigram histogram is the reference
 
 
 @dataclass

@@ -28,7 +28,7 @@ def _inputs_fingerprint(cfg: RunConfig) -> str:
         if d.get("row_losses") is None:
             d.pop(k, None)
     for k, unset in (("step_key", None), ("value_key", None), ("tag", None), ("pattern", None), ("strict", False),
-                     ("run", None)):  # log-reading options: as before they existed when unset
+                     ("run", None), ("baseline", None)):  # options added later: as before they existed when unset
         if d.get(k) == unset:
             d.pop(k, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
