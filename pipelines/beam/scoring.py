@@ -203,13 +203,14 @@ def make_scorer(cfg: dict):
                      near_dup=cfg.get("row_near_dup", True))
 
 
-def score_batch(tb: TokenBatch, cfg: dict, baseline_hist=None, suite_acc: bool = False):
+def score_batch(tb: TokenBatch, cfg: dict, baseline_hist=None, suite_acc: bool = False, cache=None):
     """The one scoring pass over a batch's rows, shared by ``run`` (a step) and ``shards`` (a chunk):
     every row signal (:class:`spike_audit.auditors.rows.RowScores`) and, with ``suite_acc``, the suite's
-    accumulator of the same batch built from the same :class:`BatchCache` (no per-row work done twice)."""
+    accumulator of the same batch built from the same :class:`BatchCache` (no per-row work done twice); pass
+    ``cache`` to share it with further work on the batch."""
     from spike_audit.auditors.batch_cache import BatchCache
 
-    cache = BatchCache(tb)
+    cache = cache if cache is not None else BatchCache(tb)
     rows = make_scorer(cfg).score(tb, baseline_hist, cache)
     if not suite_acc:
         return rows, None

@@ -113,17 +113,33 @@ class ShardAcc:
         return acc
 
 
-def score_chunk(name_rb, cfg_dict: dict):
-    """(shard, RecordBatch) -> (shard, {suite accumulator, row-bin histogram}): the one scoring pass per row."""
+def score_chunk(name_rb, cfg_dict: dict, shard_index: dict | None = None):
+    """(shard, RecordBatch) -> (shard, {suite accumulator, row-bin histogram}): the one scoring pass per row.
+    With ``shard_index``, also the chunk's row keys (:func:`_row_keys`) from the same batch cache (row hashes and
+    MinHash signatures computed once): ``((shard, acc), keys)``."""
+    from spike_audit.auditors.batch_cache import BatchCache
     from spike_audit.auditors.evidence import bin_hist, bin_matrix
     from spike_audit.auditors.rows import FAMILIES, SIGNAL_ORDER
 
     name, rb = name_rb
     tb = to_token_batch(rb, cfg_dict["tokens_col"], cfg_dict["text_col"])
+    cache = BatchCache(tb)
     # near duplicates within a shard come from the shard's own MinHash accumulator (with_shard_counts), not
     # from every pair of a chunk's rows
-    rows, acc = score_batch(tb, dict(cfg_dict, row_near_dup=False), None, suite_acc=True)
-    return name, {"suite": acc, "rows": bin_hist(bin_matrix(rows.matrix(), SIGNAL_ORDER, FAMILIES))}
+    rows, acc = score_batch(tb, dict(cfg_dict, row_near_dup=False), None, suite_acc=True, cache=cache)
+    scored = name, {"suite": acc, "rows": bin_hist(bin_matrix(rows.matrix(), SIGNAL_ORDER, FAMILIES))}
+    if shard_index is None:
+        return scored
+    return scored, _row_keys(name, rb, tb, shard_index, cfg_dict, cache)
+
+
+def score_and_keys(name_rb, cfg_dict: dict, shard_index: dict):
+    """:func:`score_chunk` with the chunk's row keys as the tagged output ``keys`` (one pass, one cache)."""
+    from apache_beam import pvalue
+
+    scored, keys = score_chunk(name_rb, cfg_dict, shard_index)
+    yield scored
+    yield pvalue.TaggedOutput("keys", keys)
 
 
 def finish_shard(key_acc, hist, cfg: dict, own_in_hist: bool = True):
@@ -193,17 +209,16 @@ def rank_shards(recs, fps):
         yield "shard_scores", rec
 
 
-def row_keys(name_rb, shard_index: dict, cfg_dict: dict) -> dict:
-    """Per chunk, vectorised: node ids, exact row hashes, LSH band keys and 8-bit MinHash sketches."""
+def _row_keys(name, rb, tb, shard_index: dict, cfg_dict: dict, cache) -> dict:
+    """A chunk's row keys, vectorised: node ids, exact row hashes, LSH band keys and 8-bit MinHash sketches
+    (from ``cache``, the scoring pass's batch cache, where it already holds them)."""
     from spike_audit.auditors.dedup import row_hashes
     from spike_audit.auditors.minhash import band_keys, signatures
 
-    name, rb = name_rb
-    tb = to_token_batch(rb, cfg_dict["tokens_col"], cfg_dict["text_col"])
     nodes = (np.int64(shard_index[name]) << NODE_SHIFT) | np.asarray(rb.column("row"), dtype=np.int64)
     ne = tb.lengths > 0
-    h = row_hashes(tb, cfg_dict["seed"])
-    sig = signatures(tb, seed=cfg_dict["seed"])[ne]
+    h = row_hashes(tb, cfg_dict["seed"], cache)
+    sig = signatures(tb, seed=cfg_dict["seed"], cache=cache)[ne]
     return {"shard": name, "nodes": nodes, "hash": h, "ne_nodes": nodes[ne],
             "bands": band_keys(sig, cfg_dict["threshold"], cfg_dict["seed"]), "sketch": (sig & 0xFF).astype(np.uint8)}
 
@@ -298,7 +313,10 @@ def build_pipeline(p, cfg: ShardAuditConfig, todo: list[tuple[Shard, int]], old_
         from spike_audit.pipelines.beam.read import DecodeText
 
         batches = batches | "Decode" >> beam.ParDo(DecodeText(cfg.tokenizer))
-    new_accs = (batches | "Score" >> beam.Map(score_chunk, cfg_dict)
+    # one scoring pass per chunk: the suite accumulator, the row-bin histogram and the row keys (one cache)
+    scored = batches | "Score" >> beam.FlatMap(score_and_keys, cfg_dict, shard_index).with_outputs("keys",
+                                                                                                  main="scores")
+    new_accs = (scored.scores
                 | "AuditShards" >> beam.CombinePerKey(AuditorCombineFn(ShardAcc(cfg_dict), output="accumulator")))
     old_accs = (p | "OldAccParts" >> beam.Create(old_parts.get("accs", []))
                 | "LoadAccs" >> beam.FlatMap(load_state_records, keep)
@@ -311,7 +329,7 @@ def build_pipeline(p, cfg: ShardAuditConfig, todo: list[tuple[Shard, int]], old_
     else:
         hist = (accs | "Hists" >> beam.Map(lambda kv: suite_histogram(kv[1]["suite"]))
                 | "Baseline" >> beam.CombineGlobally(sum_histograms))
-    new_keys = batches | "RowKeys" >> beam.Map(row_keys, shard_index, cfg_dict)
+    new_keys = scored.keys
     old_keys = (p | "OldKeyParts" >> beam.Create(old_parts.get("keys", []))
                 | "LoadKeys" >> beam.FlatMap(load_state_records, keep)
                 | "Reindex" >> beam.Map(_reindex, shard_index))
