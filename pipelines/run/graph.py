@@ -17,6 +17,7 @@ from spike_audit.pipelines.run.dupref import position_keys, seen_elsewhere
 from spike_audit.pipelines.run.plan import Plan, RunConfig
 
 FAMILY_LIST = list(FAMILIES)
+SCORE_BUNDLE_TOKENS = 1 << 18  # steps are scored in bundles of about this many tokens (text signals per bundle)
 
 
 # ------------------------------------------------------------------------------------------ scoring
@@ -33,14 +34,47 @@ def step_batch(kv):
     yield int(step), t.to_batches()[0] if t.num_rows else parts[0]
 
 
-def score_step(kv, hist, cfg: dict, control_set: frozenset, window_set: frozenset) -> tuple[int, dict]:
+def step_tokens(kv) -> int:
+    """Tokens (or, for text-only rows, rows) of a (step, RecordBatch): its weight in a scoring bundle."""
+    col = kv[1].column("tokens")
+    if col.null_count == len(col):
+        return kv[1].num_rows
+    return int(col.offsets[-1].as_py() - col.offsets[0].as_py()) + kv[1].num_rows
+
+
+def score_steps(bundle, hist, cfg: dict, control_set: frozenset, window_set: frozenset):
+    """A bundle of steps (:class:`~spike_audit.pipelines.beam.bundle.BundleByTokens`) -> :func:`score_step` of
+    each, the text signals of all their rows computed in one call (a document's text signals do not depend on the
+    batch it is scored in, so each step gets the values it would get alone; the call's fixed cost is paid once
+    per bundle instead of once per step)."""
+    from spike_audit.auditors import text as text_mod
+    from spike_audit.auditors.batch_cache import BatchCache
+
+    tbs = [to_token_batch(rb, cfg["tokens_col"], cfg["text_col"]) for _, rb in bundle]
+    caches = [BatchCache(tb) for tb in tbs]
+    texts = [tb.text for tb in tbs]
+    if len(tbs) > 1 and all(isinstance(t, pa.Array) and len(t) for t in texts):
+        types = {t.type for t in texts}
+        parts = texts if len(types) == 1 else [t.cast(pa.large_string()) for t in texts]
+        sig = text_mod.text_row_signals(pa.chunked_array(parts))
+        a = 0
+        for tb, cache in zip(tbs, caches):
+            b = a + tb.n_rows
+            cache.memo(("text",), lambda a=a, b=b: {k: v[a:b] for k, v in sig.items()})
+            a = b
+    for (step, rb), tb, cache in zip(bundle, tbs, caches):
+        yield score_step((step, rb), hist, cfg, control_set, window_set, tb, cache)
+
+
+def score_step(kv, hist, cfg: dict, control_set: frozenset, window_set: frozenset, tb=None,
+               cache=None) -> tuple[int, dict]:
     """The one scoring pass over a step's rows: every row signal, the step's suite signals from the same
     cache, row identities and hashes. A control step's own tokens are taken out of the baseline."""
     from spike_audit.auditors.suite import COUNTS
     from spike_audit.pipelines.beam.scoring import make_suite, sum_histograms
 
     step, rb = kv
-    tb = to_token_batch(rb, cfg["tokens_col"], cfg["text_col"])
+    tb = tb if tb is not None else to_token_batch(rb, cfg["tokens_col"], cfg["text_col"])
     base = None
     if hist is not None and int(np.sum(hist)) > 0:
         base = sum_histograms([hist])
@@ -49,7 +83,7 @@ def score_step(kv, hist, cfg: dict, control_set: frozenset, window_set: frozense
             base[: len(own)] -= own[: len(base)]
         if int(base.sum()) <= 0:
             base = None
-    rows, acc = score_batch(tb, cfg, base, suite_acc=True)
+    rows, acc = score_batch(tb, cfg, base, suite_acc=True, cache=cache)
     sig = {k: float(v) for k, v in make_suite(cfg, baseline_hist=base).result(acc).items() if k not in COUNTS}
     n = tb.n_rows
     units = rb.column("unit").to_numpy(zero_copy_only=False).astype(object)
@@ -294,6 +328,7 @@ def build_pipeline(p, cfg: RunConfig, plan: Plan, staging: str, dtype=None, base
     from apache_beam.pvalue import AsSingleton
 
     from spike_audit.auditors.tokens import Histogram
+    from spike_audit.pipelines.beam.bundle import BundleByTokens
     from spike_audit.pipelines.beam.combine import AuditorCombineFn
     from spike_audit.pipelines.beam.read import DecodeText, ReadSlices
     from spike_audit.pipelines.beam.sink import WriteTables
@@ -322,7 +357,8 @@ def build_pipeline(p, cfg: RunConfig, plan: Plan, staging: str, dtype=None, base
         own_out = control_set
 
     # the one scoring pass per row
-    scored = batches | "ScoreSteps" >> beam.Map(score_step, AsSingleton(hist), cfg_dict, own_out, window_set)
+    scored = (batches | "Bundle" >> beam.ParDo(BundleByTokens(step_tokens, SCORE_BUNDLE_TOKENS))
+              | "ScoreSteps" >> beam.FlatMap(score_steps, AsSingleton(hist), cfg_dict, own_out, window_set))
 
     # the fixed duplicate reference: every slice the manifest consumed, hashed, matched to the audited hashes
     if cfg.dup_reference == "manifest":
