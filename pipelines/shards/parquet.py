@@ -55,17 +55,27 @@ class ParquetReader(_TableRowsMixin, ShardReader):
         pieces = []
         for lo, hi in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(order)]])):
             g = int(rg_sorted[lo])
+            local = rows[order[lo:hi]] - self.rg_start[g]
             try:
-                group = self.pf.read_row_group(g, columns=cols)
+                group = self._read_group(g, int(local.max()) + 1, cols)
             except (pa.ArrowException, OSError, ValueError) as err:
                 raise UserError(f"{self.name}: row group {g} (rows {int(self.rg_start[g])}.."
                                 f"{int(self.rg_start[g + 1]) - 1}) is unreadable: corrupt Parquet data "
                                 f"({_first_line(err)})") from None
-            pieces.append(group.take(pa.array(rows[order[lo:hi]] - self.rg_start[g])))
+            pieces.append(group.take(pa.array(local)))
         table = pa.concat_tables(pieces).combine_chunks()
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))
         return self._split(table.take(pa.array(inverse)), rows)
+
+    def _read_group(self, g: int, upto: int, cols) -> pa.Table:
+        """Row group ``g``, or only its first ``upto`` rows when they are a small part of it (a probe of the first
+        row, a few rows of a manifest slice): the pages after them are then neither read nor decoded."""
+        n = int(self.rg_start[g + 1] - self.rg_start[g])
+        if upto * 4 > n:
+            return self.pf.read_row_group(g, columns=cols)
+        batch = next(self.pf.iter_batches(batch_size=upto, row_groups=[g], columns=cols, use_threads=False))
+        return pa.Table.from_batches([batch])
 
     def close(self):
         if self._file is not None:
