@@ -261,3 +261,86 @@ def test_fuzzed_shards_are_read_or_refused(tmp_path, case):
                 pass
     except UserError as err:
         assert "\n" not in str(err).strip()
+
+
+# ------------------------------------------------------------------- flat token files, Megatron, MDS
+
+MDS_FIX = Path(__file__).parent / "fixtures" / "mds" / "mixed_zstd"
+
+
+def _megatron_files(docs, dtype, code) -> tuple[bytes, bytes]:
+    """A Megatron .bin/.idx pair (the MMIDIDX layout, written here independently of the reader)."""
+    lengths = np.array([len(d) for d in docs], np.int32)
+    pointers = (np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) * np.dtype(dtype).itemsize
+                if len(docs) else np.zeros(0, np.int64))
+    body = b"".join(np.asarray(d, dtype).tobytes() for d in docs)
+    idx = (b"MMIDIDX\x00\x00" + struct.pack("<Q", 1) + struct.pack("<B", code) + struct.pack("<Q", len(docs))
+           + struct.pack("<Q", len(docs) + 1) + lengths.tobytes() + pointers.tobytes()
+           + np.arange(len(docs) + 1, dtype=np.int64).tobytes())
+    return body, idx
+
+
+@st.composite
+def flat_case(draw):
+    """(files {name: bytes}, shard name, reader kwargs): a raw .bin read with a row definition, a Megatron
+    .bin/.idx pair, or an MDS dataset (streaming's own fixture), any of its files mutated."""
+    from spike_audit.pipelines.shards.rows import RowDef
+
+    kind = draw(st.sampled_from(["bin", "megatron", "mds"]))
+    if kind == "bin":
+        dt = draw(st.sampled_from([np.uint16, np.uint32, np.int32]))
+        vals = draw(st.lists(st.integers(0, 70000), max_size=60))
+        data = draw(mutated(np.asarray(vals).astype(dt).tobytes()))
+        rows = draw(st.sampled_from([None, RowDef("windows", draw(st.integers(1, 9))),
+                                     RowDef("documents", eos_id=draw(st.integers(0, 3))), RowDef("idx")]))
+        return {"t.bin": data}, "t.bin", {"dtype": np.dtype(dt).name if draw(st.booleans()) else None, "rows": rows}
+    if kind == "megatron":
+        dt, code = draw(st.sampled_from([(np.uint16, 8), (np.int32, 4), (np.int64, 5)]))
+        docs = draw(st.lists(st.lists(st.integers(0, 60000), min_size=0, max_size=8), max_size=8))
+        body, idx = _megatron_files(docs, dt, code)
+        which = draw(st.sampled_from(["idx", "bin", "none"]))
+        if which == "idx":
+            idx = draw(mutated(idx))
+        elif which == "bin":
+            body = draw(mutated(body))
+        return {"m.bin": body, "m.idx": idx}, draw(st.sampled_from(["m.bin", "m.idx"])), {}
+    files = {f"mds/{p.name}": p.read_bytes() for p in sorted(MDS_FIX.iterdir())}
+    target = draw(st.sampled_from(sorted(files)))
+    if target.endswith(".zstd") and draw(st.booleans()):  # damage inside the compression: the MDS layout itself
+        raw = zstandard.ZstdDecompressor().decompress(files[target])
+        files[target] = zstandard.ZstdCompressor().compress(draw(mutated(raw)))
+    else:
+        files[target] = draw(mutated(files[target]))
+    col, dtype = draw(st.sampled_from([("tokens", None), ("j", None), ("u", None), ("b", "int64"), ("b", None),
+                                       ("text", None)]))
+    return files, "mds", {"tokens_col": col, "dtype": dtype}
+
+
+@FUZZ(90)
+@given(case=flat_case(), slices=st.lists(st.tuples(st.integers(-2, 30), st.integers(-2, 40)), max_size=3))
+def test_fuzzed_token_files_megatron_and_mds_are_read_or_refused(tmp_path, case, slices):
+    files, name, kw = case
+    root = tmp_path / "root"
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    try:
+        reader = open_shard(str(root), name, **kw)
+        units = reader.units
+        getattr(reader, "close", lambda: None)()
+        kw_len = {k: v for k, v in kw.items() if k in ("dtype", "rows")}
+        for unit in units:
+            n = shard_length(str(root), name, unit, **kw_len)
+            assert n >= 0
+            b = read_slices(str(root), name, [[0, min(n, 200)]], unit=unit, **kw)
+            assert len(b) == (min(n, 200) if unit == "row" else 1)
+            if b.column("tokens").null_count < len(b):
+                vals = b.column("tokens").values.to_numpy()
+                assert len(vals) == 0 or vals.min() >= 0
+        for a, z in slices:
+            try:
+                read_slices(str(root), name, [[a, z]], unit=units[0], **kw)
+            except UserError as err:
+                assert "\n" not in str(err).strip()
+    except UserError as err:
+        assert "\n" not in str(err).strip()

@@ -249,6 +249,24 @@ def test_jsonl_large_numbers(tmp_path):
     assert rep.malformed_lines == [4]
 
 
+@pytest.mark.parametrize("bad", [b'{"step": 2, "loss": \xff2.5}', b'{"step": 2, "loss": 2\xc3.5}',
+                                 b'{"step": \xd9\xa3, "loss": 2.5}', b'{"step": "\xff", "loss": 2.5}',
+                                 b'{"step": 2\x80, "loss": 2.5}', '{"step": "\u0663", "loss": 2.5}'.encode()])
+def test_jsonl_non_utf8_or_non_ascii_numbers_are_malformed_with_line_numbers(tmp_path, bad, capsys):
+    """Invalid UTF-8 inside a number, or digits of another script (Python's int() would take '\u0663' as 3): the
+    line is malformed, counted with its number, and --strict names it in one line; never a traceback."""
+    p = tmp_path / "run.jsonl"
+    p.write_bytes(b'{"step": 1, "loss": 2.5}\n' + bad + b'\n{"step": 3, "loss": 2.4}\n')
+    table, rep = read_log(p)
+    s, v, _ = _train(table)
+    assert s == [1, 3] and v == [2.5, 2.4] and rep.malformed_lines == [2]
+    with pytest.raises(UserError, match=rf"^{p}:2: expected"):
+        read_log(p, strict=True)
+    assert main(["spikes", str(p), "--strict"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err and f"{p}:2:" in err, err
+
+
 def test_jsonl_keys_first_seen_in_a_later_chunk(tmp_path, monkeypatch):
     monkeypatch.setattr(lines_mod, "CHUNK_BYTES", 64)
     rows = [json.dumps({"_step": i, "lr": 1e-4}) for i in range(30)]

@@ -294,6 +294,47 @@ def test_a_signal_cleans_staging_and_keeps_the_previous_output(small, tmp_path, 
     assert _tree_digest(out) == before
 
 
+def test_a_kill_leaves_the_previous_output_and_the_next_run_removes_its_staging(small, tmp_path):
+    """SIGKILL (no handler runs: the OOM killer, a preempted node) at a random moment while the run is writing:
+    --out still holds the previous complete output; the next run removes the left-over staging and publishes."""
+    out = tmp_path / "o"
+    assert main(_shards(small, out)) == 0
+    before, visible = _tree_digest(out), _visible(out)
+    cmd = [sys.executable, "-m", "spike_audit.pipelines.cli", *_shards(small, out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    deadline = time.time() + 120
+    while not [e for e in os.listdir(out) if e.startswith(".staging-")]:
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it staged anything"
+        time.sleep(0.01)
+    time.sleep(0.5)
+    proc.kill()
+    proc.wait(timeout=60)
+    assert _tree_digest(out) == before  # every visible file is the previous version's
+    assert main(_shards(small, out)) == 0
+    assert not [e for e in os.listdir(out) if e.startswith(".staging-")]
+    assert len([e for e in os.listdir(out) if e.startswith(".v-")]) == 1
+    assert _visible(out) == visible
+
+
+def test_output_and_state_directories_follow_the_umask(small, tmp_path):
+    """Directories and files a run creates get the modes the user's umask gives (never a private 0700)."""
+    import stat
+
+    old = os.umask(0o027)
+    try:
+        assert main(_shards(small, tmp_path / "o", "--state", str(tmp_path / "st"))) == 0
+    finally:
+        os.umask(old)
+    seen = 0
+    for d in (tmp_path / "o", tmp_path / "st"):
+        for p in [d, *d.rglob("*")]:
+            if p.is_symlink():
+                continue
+            seen += 1
+            assert stat.S_IMODE(os.stat(p).st_mode) == (0o750 if p.is_dir() else 0o640), p
+    assert seen > 10
+
+
 # -- exit codes for schedulers --------------------------------------------------------------------------------
 
 def test_shards_fail_on_quarantine_exits_3_and_still_writes(small, tmp_path, capsys):

@@ -205,6 +205,21 @@ def test_damaged_token_files(tmp_path, damage):
             read_slices(str(tmp_path), "m.bin", [[0, 2]])
 
 
+def test_a_raw_token_file_cut_mid_token_is_refused_never_read_as_a_prefix(tmp_path):
+    """A raw .bin whose size is not a whole number of tokens (a writer killed mid-token, or another dtype) is
+    refused naming the file; documents asked for nothing scan nothing (no IndexError on an empty request)."""
+    from spike_audit.pipelines.shards.rows import RowDef
+
+    (tmp_path / "t.bin").write_bytes(np.arange(50, dtype=np.uint32).tobytes()[:-1])
+    for dtype in (None, "uint16", "uint32"):
+        with pytest.raises(UserError, match=r"t\.bin: 199 bytes is not a whole number of uint(16|32) tokens"):
+            read_slices(str(tmp_path), "t.bin", [[0, 4]], unit="token", dtype=dtype)
+    (tmp_path / "d.bin").write_bytes(np.array([5, 0, 7, 7, 0], np.uint16).tobytes())
+    docs = RowDef("documents", eos_id=0)
+    assert len(read_slices(str(tmp_path), "d.bin", [[0, 0]], rows=docs)) == 0
+    assert read_slices(str(tmp_path), "d.bin", [[0, 2]], rows=docs).column("tokens").to_pylist() == [[5, 0], [7, 7, 0]]
+
+
 # ------------------------------------------------------------------------------ non-regular files, access
 
 

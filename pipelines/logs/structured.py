@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from spike_audit.pipelines.errors import UserError
-from spike_audit.pipelines.logs.lines import _Parsed, _Series, _bools, _floats, _np
+from spike_audit.pipelines.logs.lines import _NUMBER, _Parsed, _Series, _bools, _floats, _np
 
 
 STEP_KEYS = ("step", "_step", "iteration", "global_step", "iter", "trainer/global_step", "train/step")
@@ -108,6 +108,9 @@ class _KeyColumn:
         return present, fval, fok, ival, iok
 
 
+_ASCII_NUMBER = re.compile(_NUMBER, re.ASCII)  # what the text readers accept: ASCII digits only
+
+
 def _py_value(v) -> tuple[bool, float, bool, int, bool]:
     """(present, float value, value ok, int step, step ok) of one JSON value."""
     if v is None:
@@ -120,6 +123,8 @@ def _py_value(v) -> tuple[bool, float, bool, int, bool]:
         except OverflowError:  # an integer beyond float64: it overflowed
             f = math.inf if v > 0 else -math.inf
         return True, f, True, (v if 0 <= v <= _INT64_MAX else 0), 0 <= v <= _INT64_MAX
+    if isinstance(v, str) and not _ASCII_NUMBER.fullmatch(v):  # float() would take '\u0663' (3), ' 3', '1_0'
+        return True, np.nan, False, 0, False
     try:
         f = float(v)
     except (ValueError, OverflowError):

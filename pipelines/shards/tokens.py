@@ -119,6 +119,8 @@ def document_bounds(tf: TokenFile, eos_id: int, max_docs: int | None = None) -> 
     """Token offsets of EOS-delimited documents: row ``i`` is ``[b[i], b[i + 1])``, each ending in its EOS
     (tokens after the last EOS are one more row); ``n_docs + 1`` int64. One pass over the file, or only as
     far as the first ``max_docs`` documents. Returns ``(b, complete)``."""
+    if max_docs is not None and max_docs <= 0:  # nothing asked for: no scan
+        return np.zeros(1, np.int64), False
     parts, found = [], 0
     for p in eos_positions(tf, eos_id):
         parts.append(p + 1)
@@ -202,8 +204,9 @@ def open_token_file(path: str, dtype=None) -> TokenFile:
                             f"file has {size} bytes")
         return TokenFile(path, MODDED_HEADER_BYTES, dt, ntok)
     dt = np.dtype(dtype) if dtype is not None else np.dtype(np.uint16)
-    if size % dt.itemsize:
-        log.warning("%s: %d bytes is not a multiple of %s; ignoring the trailing bytes", path, size, dt)
+    if size % dt.itemsize:  # a writer killed mid-token, or another dtype: never read a silent prefix
+        raise UserError(f"{path}: {size} bytes is not a whole number of {dt.name} tokens ({dt.itemsize} bytes each): "
+                        f"truncated, or written with another dtype (--dtype)")
     return TokenFile(path, 0, dt, size // dt.itemsize)
 
 
