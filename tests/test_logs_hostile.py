@@ -262,7 +262,7 @@ def test_jsonl_non_utf8_or_non_ascii_numbers_are_malformed_with_line_numbers(tmp
     assert s == [1, 3] and v == [2.5, 2.4] and rep.malformed_lines == [2]
     with pytest.raises(UserError, match=rf"^{p}:2: expected"):
         read_log(p, strict=True)
-    assert main(["spikes", str(p), "--strict"]) == 2
+    assert main(["-q", "spikes", str(p), "--strict"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "Traceback" not in err and f"{p}:2:" in err, err
 
