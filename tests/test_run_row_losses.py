@@ -84,7 +84,7 @@ def test_loss_rows_name_the_planted_rows_and_the_report_shows_both_verdicts(audi
                 and "/train_loss/" in r["spike_id"]]
         assert {r["position"] for r in mine if r["outlier"]} == {g - (step - 1) * 16 for g in t["rows"]}
     html = (out / "report.html").read_text()
-    assert "model verdict (per-row losses)" in html and "per-row loss: baseline steps" in html
+    assert "model verdict (per-row losses)" in html and "Per-row loss: the baseline steps pooled" in html
 
 
 def test_the_replay_pack_holds_the_audited_batches(audited):

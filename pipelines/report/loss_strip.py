@@ -8,7 +8,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-MAX_DOTS = 256  # rows drawn one by one per step; above it, the band plus the rows outside it
+from spike_audit.pipelines.report.charts import _svg_open, fmt_num
+
+MAX_DOTS = 32  # flagged or outlier rows drawn one by one per window step (the most extreme losses first)
 
 
 def _e(x) -> str:
@@ -16,11 +18,14 @@ def _e(x) -> str:
 
 
 def loss_strip_svg(loss_rows: pa.Table, spike_id: str, model_step=None, width: int = 760,
-                   max_baseline: int = 16) -> str:
-    """One line per step, baseline steps (grey) above the window steps: every row's loss as a dot
-    (flagged rows red, loss outliers ringed), the step's 5-95% band and median. Empty string when the
-    spike has no per-row losses."""
-    t = loss_rows.filter(pc.equal(loss_rows.column("spike_id"), spike_id))
+                   max_baseline: int | None = None) -> str:
+    """The baseline steps' rows pooled on one line (grey), then one line per window step (black): each line the
+    rows' 5-95% band and median, with the rows that matter as dots: flagged by the signals (red), loss outliers
+    (ringed) on the judged step (every step without a model step), counts on the others, at most
+    :data:`MAX_DOTS` per line (so the strip's size does not grow with the batch). Empty string
+    when the spike has no per-row losses. ``max_baseline`` is accepted for compatibility (the baseline is pooled)."""
+    ids = loss_rows.column("spike_id")
+    t = loss_rows if pc.all(pc.equal(ids, spike_id)).as_py() else loss_rows.filter(pc.equal(ids, spike_id))
     if t.num_rows == 0:
         return ""
     step = np.asarray(t.column("step").to_numpy(), np.int64)
@@ -28,52 +33,60 @@ def loss_strip_svg(loss_rows: pa.Table, spike_id: str, model_step=None, width: i
     loss = np.asarray(t.column("loss").to_numpy(zero_copy_only=False), np.float64)
     flag = np.asarray(t.column("flagged").to_numpy(zero_copy_only=False), bool)
     out = np.asarray(t.column("outlier").to_numpy(zero_copy_only=False), bool)
-    base_steps = sorted(set(step[role == "baseline"].tolist()))
-    if len(base_steps) > max_baseline:  # evenly spaced subset, always the same for the same table
-        base_steps = [base_steps[i] for i in np.linspace(0, len(base_steps) - 1, max_baseline).round().astype(int)]
-    win_steps = sorted(set(step[role == "window"].tolist()))
-    lines = [(s, "baseline") for s in base_steps] + [(s, "window") for s in win_steps]
     ok = np.isfinite(loss)
     if not ok.any():
         return "<p class='muted'>No finite per-row losses.</p>"
+    base = role == "baseline"
+    n_base = len(set(step[base].tolist()))
+    lines = ([(f"baseline ({n_base} steps)", base, "#999")] if base.any() else []) + [
+        (f"step {s}" + (" (judged)" if model_step is not None and s == model_step else ""),
+         (step == s) & (role == "window"), "#222") for s in sorted(set(step[role == "window"].tolist()))]
     lo, hi = float(np.min(loss[ok])), float(np.max(loss[ok]))
     pad = 0.04 * ((hi - lo) or 1.0)
     lo, hi = lo - pad, hi + pad
-    L, R, T = 150, 20, 22
+    L, R, T = 150, 20, 6
     h = T + 16 * len(lines) + 30
 
     def px(v):
         return L + (v - lo) / (hi - lo) * (width - L - R)
 
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{h}" style="background:#fff">',
-             f'<text x="{L}" y="13" font-size="11" fill="#666">per-row loss: baseline steps (grey) and window '
-             f'steps (black); red = flagged by the signals, ringed = loss outlier; band 5-95%, tick = median</text>']
-    for k, (s, r) in enumerate(lines):
+    parts = [f"<p class='muted'>Per-row loss: the baseline steps pooled (grey), the window steps (black); band "
+             f"5-95%, tick = median; red = flagged by the signals, ringed = loss outlier.</p>",
+             _svg_open(width, h, "per-row loss")]
+    for k, (label, sel, colour) in enumerate(lines):
         y = T + 10 + 16 * k
-        sel = (step == s) & (role == r)
         v = loss[sel & ok]
-        colour = "#999" if r == "baseline" else "#222"
-        label = f"step {s}" + (" (judged)" if r == "window" and model_step is not None and s == model_step else "")
-        parts.append(f'<text x="{L - 8}" y="{y + 4}" font-size="11" text-anchor="end" fill="{colour}">{_e(label)}</text>')
+        parts.append(f'<text class="lbs" x="{L - 8}" y="{y + 4}" fill="{colour}">{_e(label)}</text>')
         if not len(v):
             continue
         q5, q50, q95 = np.quantile(v, [0.05, 0.5, 0.95])
         parts.append(f'<rect x="{px(q5):.1f}" y="{y - 4}" width="{max(1.0, px(q95) - px(q5)):.1f}" height="8" '
-                     f'fill="{colour}" fill-opacity="0.15"/><line x1="{px(q50):.1f}" x2="{px(q50):.1f}" y1="{y - 6}" '
-                     f'y2="{y + 6}" stroke="{colour}"/>')
-        idx = np.flatnonzero(sel & ok)
-        if len(idx) > MAX_DOTS:
-            idx = idx[(loss[idx] < q5) | (loss[idx] > q95) | flag[idx] | out[idx]][: 4 * MAX_DOTS]
-        for i in idx.tolist():  # bounded per step
-            c = "#d62728" if flag[i] else colour
-            ring = ' stroke="#d62728" stroke-width="1.2" fill-opacity="0.9"' if out[i] else ""
-            parts.append(f'<circle cx="{px(loss[i]):.1f}" cy="{y}" r="{3 if out[i] else 2}" fill="{c}" '
-                         f'fill-opacity="0.6"{ring}/>')
+                     f'fill="{colour}" fill-opacity="0.15"/><path d="M{px(q50):.1f} {y - 6}v12" stroke="{colour}"/>')
+        if colour == "#999" or (model_step is not None and not label.endswith("(judged)")):
+            n_flag, n_out = int(np.count_nonzero(sel & flag)), int(np.count_nonzero(sel & out))
+            if colour != "#999" and (n_flag or n_out):
+                parts.append(f'<text class="cnt" x="{width - R}" y="{y + 4}">'
+                             f'{n_flag} flagged, {n_out} outliers</text>')
+            continue
+        idx = np.flatnonzero(sel & ok & (flag | out))
+        if len(idx) > MAX_DOTS:  # the most extreme losses first, the same for the same table
+            idx = idx[np.lexsort((idx, -loss[idx]))[:MAX_DOTS]]
+        for cls, pick, style in (("flag", flag[idx], 'stroke="#d62728" stroke-opacity="0.7" stroke-width="5"'),
+                                 ("ring", out[idx], 'stroke="#d62728" stroke-width="1.2" fill="none"')):
+            xs = [px(x) for x in loss[idx[pick]]]
+            if not xs:
+                continue
+            if cls == "flag":
+                d = "".join(f"M{x:.1f} {y}h0" for x in xs)
+                parts.append(f'<path d="{d}" {style} stroke-linecap="round"/>')
+            else:
+                d = "".join(f"M{x - 3:.1f} {y}a3 3 0 1 0 6 0a3 3 0 1 0 -6 0" for x in xs)
+                parts.append(f'<path d="{d}" {style}/>')
     ya = T + 16 * len(lines) + 12
     for k in range(6):
         v = lo + (hi - lo) * k / 5
-        parts.append(f'<text x="{px(v):.1f}" y="{ya + 10}" font-size="10" text-anchor="middle" fill="#666">'
-                     f'{v:.2f}</text>')
+        parts.append(f'<text class="tk" x="{px(v):.1f}" y="{ya + 10}">'
+                     f'{_e(fmt_num(v))}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
