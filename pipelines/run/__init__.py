@@ -1,7 +1,8 @@
 """``spike-audit run``: the end-to-end spike audit.
 
 Modules: ``audit`` (``run_audit``, the driver), ``plan`` (log -> spikes -> what to read), ``graph`` (the Beam
-graph), ``outputs`` (skip list, quarantine, calibration), ``state`` (scheduled mode); the model-based verdict from
+graph), ``outputs`` (skip list, quarantine, calibration), ``state`` (scheduled mode), ``control_cache`` (the control
+steps' scores kept in the state); the model-based verdict from
 per-row losses: ``row_losses`` (read them, join them to the manifest's batch positions), ``model_verdict`` (loss
 attribution per spike, :mod:`spike_audit.auditors.loss_attribution`), ``replay`` (recompute them with a local
 checkpoint: torch and transformers, the optional ``replay`` extra) and ``replay_pack`` (the audited batches

@@ -95,7 +95,15 @@ def plan_run(cfg: RunConfig) -> dict:
     cfg = resolve_tokens(cfg)
     _load_baseline(cfg)  # a bad baseline fails the dry run too
     loss, report, spikes, state, done, plan, join, _ = _prepare(cfg)
-    totals = plan_totals(cfg, plan)
+    from dataclasses import replace
+
+    from spike_audit.pipelines.run import control_cache as cc
+
+    kept = state.get("control_cache") if state is not None else None
+    use_kept = bool(plan.windows) and cc.usable(kept, plan.controls, bool(cfg.baseline))
+    ctrl = set(plan.controls)
+    totals = plan_totals(cfg, replace(plan, slices=[s for s in plan.slices if s[0] not in ctrl]) if use_kept else plan)
+    totals["controls_from_state"] = len(plan.controls) if use_kept else 0
     rows = spikes.to_pylist()
     return {"log": report.to_dict() if hasattr(report, "to_dict") else str(report),
             "spikes": [{"spike_id": r["spike_id"], "run": r["run"], "metric": r["metric"], "kind": r["kind"],
@@ -181,6 +189,20 @@ def _audit(cfg: RunConfig, flags: list[str], out, st, t0: float, beam_args=None,
              len(new_ids))
 
     stage = out.stage()
+    from dataclasses import replace
+
+    from spike_audit.pipelines.run import control_cache as cc
+
+    kept = state.get("control_cache") if state is not None else None
+    use_kept = bool(new_ids) and cc.usable(kept, plan.controls, baseline is not None)
+    if kept is not None and new_ids and not use_kept:
+        log.info("the control draw changed since the kept control scores: reading the control steps again")
+    control_set = set(plan.controls)
+    read_plan = replace(plan, slices=[s for s in plan.slices if s[0] not in control_set]) if use_kept else plan
+    st_stage = st.stage() if st is not None and new_ids else None
+    roots = {k: str(st_stage) for k in cc.KINDS} if st_stage is not None and not use_kept else None
+    read = {"slices": 0, "rows": 0, "tokens_of_token_slices": 0, "controls_from_state": len(plan.controls)
+            if use_kept else 0}
     if new_ids:
         opts = PipelineOptions(flags)
         log.info("running the audit pipeline (%s)", opts.get_all_options().get("runner"))
@@ -188,11 +210,13 @@ def _audit(cfg: RunConfig, flags: list[str], out, st, t0: float, beam_args=None,
         from spike_audit.pipelines.beam.sink import collect_tables
 
         parts = stage / "parts"
-        totals = plan_totals(cfg, plan)
+        totals = plan_totals(cfg, read_plan)
+        read.update(slices=totals["slices"], rows=totals["rows"], tokens_of_token_slices=totals["tokens_of_token_slices"])
         with Progress("audit: reading the planned rows", total_rows=totals["rows"], total_shards=totals["shards"],
                       total_bytes=totals["bytes_to_read"]):
-            run_pipeline(lambda p: build_pipeline(p, cfg, plan, str(parts), dtype=dtype, baseline=baseline), opts,
-                         where=cfg.out)
+            run_pipeline(lambda p: build_pipeline(p, cfg, read_plan, str(parts), dtype=dtype, baseline=baseline,
+                                                  kept_controls=kept if use_kept else None, roots=roots),
+                         opts, where=cfg.out)
         new_tables = collect_tables(str(parts), OUTPUT_SPECS)
         shutil.rmtree(parts, ignore_errors=True)
     else:
@@ -230,7 +254,8 @@ def _audit(cfg: RunConfig, flags: list[str], out, st, t0: float, beam_args=None,
                    "control_calibration": control_calibration(tables["batch_scores"], cfg),
                    "tokens": token_summary(cfg), "reference": _reference_summary(cfg, baseline),
                    "step_join": join.to_dict()}
-        summary["slices_read"] = len(plan.slices) if new_ids else 0
+        summary["slices_read"] = read["slices"]
+        summary["read"] = read  # what this run read of the shards (window and control slices; not the dup reference)
         if loss_summary is not None:
             summary["row_losses"] = loss_summary
         write_json(summary, files / "summary.json")
@@ -243,7 +268,7 @@ def _audit(cfg: RunConfig, flags: list[str], out, st, t0: float, beam_args=None,
         raise os_error(cfg.out, err, "cannot write the new output (the previous output is intact)") from None
     out.publish(files)
     if st is not None:
-        save_state(st, cfg, tables, plan, state)
+        save_state(st, cfg, tables, plan, state, stage=st_stage, cache_used=use_kept)
     if cfg.replay_pack:
         from spike_audit.pipelines.run.replay_pack import write_plan_pack
 

@@ -320,10 +320,16 @@ def rank_shards(records):
 # ----------------------------------------------------------------------------------------- graph
 
 
-def build_pipeline(p, cfg: RunConfig, plan: Plan, staging: str, dtype=None, baseline=None):
+def build_pipeline(p, cfg: RunConfig, plan: Plan, staging: str, dtype=None, baseline=None, kept_controls=None,
+                   roots: dict | None = None):
     """The audit (see the package docstring). ``baseline`` (a loaded saved baseline): its unigram histogram is
     the reference of the baseline-relative signals instead of the control steps' tokens (no step's own tokens
-    are in it, so nothing is taken out); the control rows still give the natural rates and calibrate p."""
+    are in it, so nothing is taken out); the control rows still give the natural rates and calibrate p.
+    ``kept_controls`` (the run state's control cache, :mod:`.control_cache`): the control steps' scores and
+    unigram histogram come from its part files (``plan.slices`` then holds no control step); else, with
+    ``roots`` naming where, the control steps' scores are written out for the next run."""
+    from spike_audit.pipelines.run import control_cache as cc
+
     import apache_beam as beam
     from apache_beam.pvalue import AsSingleton
 
@@ -350,6 +356,10 @@ def build_pipeline(p, cfg: RunConfig, plan: Plan, staging: str, dtype=None, base
     if baseline is not None:
         hist = p | "SavedUnigram" >> beam.Create([baseline.unigram])
         own_out = frozenset()  # no audited step's tokens are in a saved baseline
+    elif kept_controls is not None:
+        hist = (p | "KeptHistParts" >> beam.Create(kept_controls["parts"][cc.HIST_KIND])
+                | "KeptHist" >> beam.FlatMap(cc.load_hist) | "SumKeptHist" >> beam.CombineGlobally(cc.sum_hist))
+        own_out = control_set
     else:
         controls = batches | "IsControl" >> beam.Filter(lambda kv, cs: kv[0] in cs, control_set)
         hist = (controls | "CtrlTokens" >> beam.Map(lambda kv: to_token_batch(kv[1], tokens_col, text_col))
@@ -359,6 +369,16 @@ def build_pipeline(p, cfg: RunConfig, plan: Plan, staging: str, dtype=None, base
     # the one scoring pass per row
     scored = (batches | "Bundle" >> beam.ParDo(BundleByTokens(step_tokens, SCORE_BUNDLE_TOKENS))
               | "ScoreSteps" >> beam.FlatMap(score_steps, AsSingleton(hist), cfg_dict, own_out, window_set))
+    state_out = []
+    if kept_controls is not None:
+        kept = (p | "KeptControlParts" >> beam.Create(kept_controls["parts"][cc.KIND])
+                | "KeptControls" >> beam.FlatMap(cc.load_controls, control_set))
+        scored = (scored, kept) | "WithKeptControls" >> beam.Flatten()
+    elif roots and cc.KIND in roots:
+        state_out.append(scored | "ScoredControls" >> beam.Filter(lambda kv, cs: kv[0] in cs, control_set)
+                         | "ControlRecords" >> beam.Map(cc.to_record))
+        if baseline is None:
+            state_out.append(hist | "HistRecord" >> beam.Map(cc.hist_record))
 
     # the fixed duplicate reference: every slice the manifest consumed, hashed, matched to the audited hashes
     if cfg.dup_reference == "manifest":
@@ -397,5 +417,5 @@ def build_pipeline(p, cfg: RunConfig, plan: Plan, staging: str, dtype=None, base
                     | "AllShards" >> beam.combiners.ToList()
                     | "RankShards" >> beam.FlatMap(rank_shards))
 
-    ((ctrl_scores, event_out, shard_scores) | "AllOutputs" >> beam.Flatten()
-     | "Write" >> WriteTables(staging, parts={"row_flags": 4, "batch_scores": 4}))
+    ((ctrl_scores, event_out, shard_scores, *state_out) | "AllOutputs" >> beam.Flatten()
+     | "Write" >> WriteTables(staging, parts={"row_flags": 4, "batch_scores": 4, cc.KIND: 4}, roots=roots))

@@ -77,6 +77,9 @@ def load_state(state_dir: str | None, cfg: RunConfig) -> dict | None:
         except (OSError, pa.ArrowException) as err:
             raise UserError(f"{f}: not a readable {spec.name} table ({' '.join(str(err).split())[:300]})") from None
     st["tables"] = tables
+    from spike_audit.pipelines.run.control_cache import check_entry
+
+    st["control_cache"] = check_entry(st.get("control_cache"), state_dir)
     return st
 
 
@@ -103,20 +106,30 @@ def merge_with_state(state, new_tables, done):
     return out
 
 
-def save_state(st_dir, cfg: RunConfig, tables, plan: Plan, state) -> None:
-    """Publish the new state as one version of the (locked) state directory: one atomic step."""
+def save_state(st_dir, cfg: RunConfig, tables, plan: Plan, state, stage=None, cache_used: bool = False) -> None:
+    """Publish the new state as one version of the (locked) state directory: one atomic step. ``stage``: where
+    this run's pipeline wrote the control steps' scores (:mod:`.control_cache`); ``cache_used``: the kept ones
+    stood for them (carried into the new version)."""
     from spike_audit.pipelines.io import write_json, write_table
     from spike_audit.pipelines.outdir import os_error
+    from spike_audit.pipelines.run.control_cache import save_cache
 
     controls = state["controls"] if state is not None else plan.controls
-    files = st_dir.stage() / "files"
+    files = (stage if stage is not None else st_dir.stage()) / "files"
     try:
         files.mkdir()
         for spec in OUTPUT_SPECS:
             write_table(tables[spec.name], files / f"{spec.name}.parquet", spec)
-        write_json({"version": STATE_VERSION, "fingerprint": _inputs_fingerprint(cfg),
-                    "controls": sorted(int(c) for c in controls),
-                    "spikes_done": sorted(tables["verdicts"].column("spike_id").to_pylist())}, files / "state.json")
+        old = state.get("control_cache") if state is not None else None
+        entry = save_cache(files, stage, cfg.state, old, cache_used, plan.controls, bool(cfg.baseline))
+        if entry is None and old is not None:  # nothing read now (no new spike): the kept scores stay
+            entry = save_cache(files, None, cfg.state, old, True, plan.controls, bool(cfg.baseline))
+        doc = {"version": STATE_VERSION, "fingerprint": _inputs_fingerprint(cfg),
+               "controls": sorted(int(c) for c in controls),
+               "spikes_done": sorted(tables["verdicts"].column("spike_id").to_pylist())}
+        if entry is not None:
+            doc["control_cache"] = entry
+        write_json(doc, files / "state.json")
     except OSError as err:
         raise os_error(cfg.state, err, "cannot write the new state (the previous state is intact)") from None
     st_dir.publish(files)
