@@ -116,6 +116,8 @@ def test_corrupt_foreign_and_incompatible_baselines_are_refused(split, saved, tm
     out = str(tmp_path / "out")
     assert "made with seed=0, this audit has seed=1" in _err(capsys, ["shards", new, "--out", out, "--baseline", str(B),
                                                                       "--seed", "1"])
+    assert "made with seed=0" in _err(capsys, ["shards", new, "--out", out, "--baseline", str(B), "--seed", "1",
+                                              "--dry-run"])
     d = copy()
     meta = json.loads((d / "baseline.json").read_text())
     (d / "baseline.json").write_text(json.dumps(dict(meta, version=99)))

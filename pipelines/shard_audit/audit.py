@@ -55,8 +55,13 @@ def plan_shard_audit(cfg: ShardAuditConfig) -> dict:
     """What :func:`run_shard_audit` would do, without opening any shard (``shards --dry-run``): the shards found,
     which the state keeps, and the bytes to read."""
     cfg = resolve_tokens(cfg)
+    ref = None
+    if cfg.baseline:  # a bad baseline fails the dry run too
+        from spike_audit.pipelines.beam.baseline import load_baseline
+
+        ref = _reference_summary(load_baseline(cfg.baseline, cfg))
     shards, _, keep, kept_names, new = _prepare(cfg)
-    return {"n_shards": len(shards), "n_to_read": len(new), "n_unchanged": len(keep),
+    return {"reference": ref or _reference_summary(None), "save_baseline": cfg.save_baseline,"n_shards": len(shards), "n_to_read": len(new), "n_unchanged": len(keep),
             "bytes_total": sum(s.size for s in shards), "bytes_to_read": sum(s.size for s in new),
             "state": cfg.state,
             "shards": [{"shard": s.name, "path": s.path, "size_bytes": s.size, "read": s.name not in kept_names}
