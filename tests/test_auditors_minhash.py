@@ -200,3 +200,11 @@ def test_components_label_each_node_with_the_smallest_of_its_component():
     assert not ok1 and lab1[63] != 0  # one round cannot close a path of 63 edges
     lab2, ok2 = components(64, chain, chain + 1)
     assert ok2 and not lab2.any()
+
+
+def test_known_bands_are_the_search_result():
+    """The written-down answers of optimal_bands are what the search gives (they only save its cost)."""
+    from spike_audit.auditors.minhash import KNOWN_BANDS, _search_bands
+
+    for (t, k, fp, fn), answer in KNOWN_BANDS.items():
+        assert _search_bands(t, k, fp, fn) == answer
