@@ -148,6 +148,10 @@ MEGATRON_SETTINGS: dict[str, dict] = {
     # a train/valid split of the documents (the train split sees a subset)
     "split_90_10": {"prefixes": [dict(_DOCS, name="a", seed=12, n_docs=60)], "split": "90,10,0", "seq_len": 16,
                     "global_batch_size": 8, "train_iters": 20, "eval_iters": 2, "eval_interval": 10},
+    # a tokenizer with a pad id (not its EOD) that occurs in the data (a 64-token vocabulary): megatron-core
+    # feeds 0 there and masks the loss; the manifest records the id (--pad-id) and the reads show the 0
+    "pad_id_in_data": {"prefixes": [dict(_DOCS, name="a", seed=13)], "vocab_size": 64, "eod_id": 63, "pad_id": 5,
+                       "seq_len": 16, "global_batch_size": 8, "train_iters": 12, "expect_pad_fed": True},
 }
 
 
@@ -227,10 +231,11 @@ def compare_steps(manifest: str, shard_root: str, fed: dict, *, manifest_step_of
     script (``tokens`` (steps, gbs, L), ``batch_index``, ``rank``, ``micro_batch``)."""
     from spike_audit.pipelines.cli.batch import step_report
     from spike_audit.pipelines.errors import UserError
-    from spike_audit.pipelines.manifest import load_manifest_table, step_rows
+    from spike_audit.pipelines.manifest import fed_tokens, load_manifest_table, read_meta, step_rows
     from spike_audit.pipelines.shards.read import read_slices
 
     table = load_manifest_table(manifest)
+    meta = read_meta(manifest)
     shard = np.asarray(table.column("shard").to_pylist(), dtype=object)
     unit = np.asarray(table.column("unit").to_pylist(), dtype=object)
     start, end = table.column("row_start").to_numpy(), table.column("row_end").to_numpy()
@@ -250,7 +255,7 @@ def compare_steps(manifest: str, shard_root: str, fed: dict, *, manifest_step_of
         pieces = []
         for i in ids:
             batch = read_slices(shard_root, shard[i], np.array([[start[i], end[i]]]), unit=unit[i])
-            for t in batch.column("tokens").to_pylist():
+            for t in fed_tokens(batch.column("tokens"), meta)[0].to_pylist():  # as `batch` shows them
                 pieces.append((rank[i], micro[i], np.asarray(t, np.int64)))
         samples = fed["tokens"][k]
         have_groups = len(ids) and all(r is not None for r, _, _ in pieces) and all(m is not None for _, m, _ in pieces)
@@ -344,6 +349,8 @@ def check_megatron(name: str, spec: dict, out: Path) -> Result:
     b0 = int(fed["batch_index"][0])
     if info["consumed_samples_start"]:
         args += ["--consumed-samples", str(info["consumed_samples_start"])]
+    if spec.get("pad_id") is not None:
+        args += ["--pad-id", str(spec["pad_id"])]  # the run's tokenizer's pad id
     # only the steps the loader fed (the caches hold more): batch indices b0 .. b0 + n - 1
     r = _cli(args + ["--check"])
     if r.returncode:
@@ -358,6 +365,14 @@ def check_megatron(name: str, spec: dict, out: Path) -> Result:
         return res
     step_of = lambda b: b  # noqa: E731
     res.steps_checked, res.steps_equal, res.failures = compare_steps(manifest, root, fed, manifest_step_of=step_of)
+    if spec.get("expect_pad_fed"):  # the setting really has the pad id in the data, fed as 0
+        from spike_audit.pipelines.cli.batch import step_report
+
+        n_pad = sum(step_report(manifest, root, int(b), limit=1)["n_pad_fed_as_0"] for b in fed["batch_index"])
+        if not n_pad:
+            res.note = "setting does not exercise the pad id (it never occurs in the fed steps)"
+        elif not res.failures:
+            res.note = f"{n_pad} pad ids fed as 0"
     if res.failures and not res.note:
         res.note = res.failures[0]["reason"]
     # the log check of `spike-audit run`

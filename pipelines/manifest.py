@@ -46,7 +46,7 @@ META_KEY = b"spike_audit.manifest"
 #: the keys of the run description, in the order they are written (see the STEP_MANIFEST doc)
 META_FIELDS = ("step_convention", "trainer", "token_dtype", "seq_len", "extra_token", "samples_per_step",
                "tokens_per_step", "first_step", "samples_before_first_step", "tokens_before_first_step",
-               "flat_rows")
+               "flat_rows", "fed_pad_id")
 
 
 def _name(path) -> str:
@@ -124,6 +124,29 @@ def _encode(meta: dict) -> bytes:
 
 def _attach(table: pa.Table, meta: dict) -> pa.Table:
     return table.replace_schema_metadata({**(table.schema.metadata or {}), META_KEY: _encode(meta)})
+
+
+def fed_tokens(tokens: pa.Array, meta: dict) -> tuple[pa.Array, int]:
+    """``tokens`` (list<int64>, as read from the shards) as the trainer fed them, and how many ids changed:
+    the manifest's ``fed_pad_id`` becomes 0 (megatron-core's GPTDataset: ``tokens[tokens == pad] = 0``, loss
+    masked there). Vectorised over the flat values; nulls and offsets unchanged."""
+    pad = meta.get("fed_pad_id")
+    if pad is None or len(tokens) == 0 or tokens.null_count == len(tokens):
+        return tokens, 0
+    tokens = tokens.combine_chunks() if isinstance(tokens, pa.ChunkedArray) else tokens
+    flat = tokens.flatten()
+    values = np.asarray(flat.to_numpy(zero_copy_only=False), np.int64)
+    hit = values == int(pad)
+    n = int(hit.sum())
+    if not n:
+        return tokens, 0
+    values = np.where(hit, 0, values)
+    offsets = tokens.offsets
+    if tokens.offset or offsets[0].as_py():
+        offsets = pa.array(np.asarray(offsets.to_numpy(), np.int64) - offsets[0].as_py(), pa.int32()
+                           if offsets.type == pa.int32() else pa.int64())
+    out = type(tokens).from_arrays(offsets, pa.array(values, tokens.type.value_type), mask=tokens.is_null())
+    return out, n
 
 
 def token_dtype(meta: dict, given=None, source: str = "manifest"):

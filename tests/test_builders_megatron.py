@@ -10,12 +10,15 @@ import pytest
 import hashlib
 import json
 
+import pyarrow as pa
 import pyarrow.compute as pc
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from spike_audit.pipelines.builders.megatron import build_megatron_manifest, load_cache
 from spike_audit.pipelines.cli.main import main
 from spike_audit.pipelines.errors import UserError
-from spike_audit.pipelines.manifest import meta_of, read_manifest, write_manifest
+from spike_audit.pipelines.manifest import load_manifest_table, meta_of, read_manifest, write_manifest
 from spike_audit.pipelines.shards.read import read_slices
 
 SEQ = 16
@@ -408,3 +411,59 @@ def test_blend_cli_and_member_matching(blend, tmp_path, capsys):
     assert "a blend of 3 datasets (web, code, books)" in err and len(err.strip().splitlines()) == 1
     assert main(args + ["data/web.bin", "data/code.bin", "data/novels.bin"]) == 2
     assert "no file named books.bin" in capsys.readouterr().err
+
+
+def test_pad_id_is_shown_as_the_zero_megatron_feeds_and_is_padding_for_run(run, tmp_path, capsys):
+    """megatron-core's GPTDataset feeds ``tokens[tokens == pad] = 0`` (loss masked) for its tokenizer's pad id:
+    the manifest records the id, `batch` shows the 0 that was fed, `run` counts those positions as padding."""
+    import json
+
+    from spike_audit.pipelines.cli.batch import step_report
+    from spike_audit.pipelines.manifest import fed_tokens, read_meta
+    from spike_audit.pipelines.run.plan import RunConfig, resolve_tokens
+
+    root, base, gpt = run
+    gbs = 8
+    fed = megatron_train(gpt, gbs=gbs, mbs=gbs, dp=1, iterations=3)
+    pad = int(fed[(1, 0, 0)][3])  # an id that occurs in batch 1
+    out = str(tmp_path / "m.parquet")
+    common = ["-q", "manifest", "megatron", "--data", "data/corpus_text_document.bin", "--cache", str(root / "cache"),
+              "--shards", str(root), "--global-batch-size", str(gbs), "--out", out]
+    assert main(common + ["--pad-id", str(pad)]) == 0
+    assert read_meta(out)["fed_pad_id"] == pad
+    for b in range(3):
+        want = np.where(fed[(b, 0, 0)] == pad, 0, fed[(b, 0, 0)])  # what megatron-core feeds
+        rep = step_report(out, str(root), b, limit=0)
+        assert rep["fed_pad_id"] == pad
+        table = load_manifest_table(out)
+        one = table.filter(np.asarray(table.column("step").to_numpy() == b)).sort_by(
+            [("batch_pos", "ascending"), ("seq_piece", "ascending")])  # the global batch's order
+        got = _tokens_by_key(root, one, cols=("step",))[(b,)]
+        stored = pa.array([got], pa.list_(pa.int64()))
+        shown, n = fed_tokens(stored, read_meta(out))
+        assert shown.to_pylist()[0] == want.tolist() and n == int((fed[(b, 0, 0)] == pad).sum())
+        if b == 1:
+            assert rep["n_pad_fed_as_0"] >= 1
+    capsys.readouterr()
+    assert main(["batch", "--manifest", out, "--shards", str(root), "--step", "1"]) == 0
+    assert f"of pad id {pad} shown as 0, as the trainer fed them" in capsys.readouterr().out
+    cfg = RunConfig(log="x.log", manifest=out, shards=str(root), out=str(tmp_path / "o"))
+    assert resolve_tokens(cfg).pad_id == pad  # the positions fed as 0 with the loss masked are padding
+    assert resolve_tokens(RunConfig(log="x.log", manifest=out, shards=str(root), out="o", pad_id=7)).pad_id == 7
+    assert main(common + ["--pad-id", "-1"]) == 0  # megatron-core's "no pad"
+    assert read_meta(out)["fed_pad_id"] is None
+    rep = step_report(out, str(root), 1, limit=0)
+    assert rep["n_pad_fed_as_0"] == 0 and json.dumps(rep)
+
+
+@given(rows=st.lists(st.one_of(st.none(), st.lists(st.integers(0, 9), max_size=6)), max_size=8),
+       pad=st.one_of(st.none(), st.integers(0, 9)), cut=st.integers(0, 3))
+@settings(max_examples=60, deadline=None)
+def test_fed_tokens_maps_only_the_pad_id_and_keeps_rows_and_nulls(rows, pad, cut):
+    from spike_audit.pipelines.manifest import fed_tokens
+
+    arr = pa.array(rows, pa.list_(pa.int64())).slice(min(cut, len(rows)))
+    got, n = fed_tokens(arr, {"fed_pad_id": pad})
+    want = [None if r is None else [0 if (pad is not None and t == pad) else t for t in r] for r in arr.to_pylist()]
+    assert got.to_pylist() == want
+    assert n == sum(1 for r in arr.to_pylist() if r for t in r if pad is not None and t == pad)

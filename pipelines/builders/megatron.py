@@ -35,7 +35,9 @@ Each document piece becomes one ``unit='token'`` slice into the ``.bin``:
 ``[pointer / itemsize + start, pointer / itemsize + end)``; empty pieces are dropped. Its ``epoch``
 is the pass over the data it belongs to: the k-th time that document occurs in ``document_index``
 (0-based), so a document that a multi-epoch shuffle puts twice into one batch is two passes, not an
-overlap. Older caches named ``*_doc_idx.npy``, ``*_sample_idx.npy``, ``*_shuffle_idx.npy`` are found too.
+overlap. Where the run's tokenizer has a pad id (not colliding with its EOD), ``GPTDataset.__getitem__`` feeds
+``tokens[tokens == pad] = 0`` and masks the loss there: the builder records that id as ``fed_pad_id``. Older
+caches named ``*_doc_idx.npy``, ``*_sample_idx.npy``, ``*_shuffle_idx.npy`` are found too.
 """
 
 from __future__ import annotations
@@ -332,14 +334,16 @@ def build_megatron_manifest(data, cache: MegatronCache, *, global_batch_size: in
                             shard_root: str | None = None, first_step: int | None = None,
                             consumed_samples: int = 0, steps: tuple[int, int] | None = None,
                             add_extra_token: bool = True, micro_batch_size: int | None = None,
-                            data_parallel_size: int | None = None) -> pa.Table:
+                            data_parallel_size: int | None = None, pad_id: int | None = None) -> pa.Table:
     """STEP_MANIFEST of a Megatron-LM run, with its run description attached (token dtype from the
     ``.idx``, sequence length from the cache description, batch size and consumed samples).
 
     ``data``: the ``.bin`` of each data prefix (or one), as the manifest should name them, relative to
     ``shard_root``. ``first_step``: the 0-based index of the batch after ``consumed_samples`` (default
     ``consumed_samples / global_batch_size``). ``steps``: optional inclusive ``(first, last)`` range of
-    batch indices (default: every full global batch the cache holds).
+    batch indices (default: every full global batch the cache holds). ``pad_id``: the pad id of the run's
+    Megatron tokenizer when it has one that collides with no other special token: megatron-core feeds 0 where it
+    occurs in the data (and masks the loss), recorded as ``fed_pad_id`` so readers show what was fed.
     """
     if global_batch_size <= 0:
         raise UserError(f"--global-batch-size must be positive, got {global_batch_size}")
@@ -403,7 +407,10 @@ def build_megatron_manifest(data, cache: MegatronCache, *, global_batch_size: in
     dtypes = sorted({np.dtype(ix.dtype).name for ix in indexes})
     seq_lens = {m.description.get("sequence_length") for m in cache.members if m.description}
     seq_len = seq_lens.pop() if len(seq_lens) == 1 else None
+    if pad_id is not None and pad_id < 0:
+        pad_id = None  # megatron-core's "no pad" (-1): nothing in the data is changed
     return with_meta(table, trainer="megatron", token_dtype=dtypes[0] if len(dtypes) == 1 else None,
+                     fed_pad_id=int(pad_id) if pad_id is not None else None,
                      seq_len=int(seq_len) if seq_len is not None else None, extra_token=bool(add_extra_token),
                      samples_per_step=int(global_batch_size), first_step=int(first_step),
                      samples_before_first_step=int(consumed_samples),

@@ -75,8 +75,8 @@ def step_report(manifest: str, shard_root: str | None, step: int, *, tokenizer: 
     """What ``step`` consumed, as a JSON-able dict (the ``--json`` output). ``rows``: the row definition of
     flat token files (checked against the one the manifest records). ``log_step``: the step as the
     trainer's log numbers it instead (``step`` is then ignored)."""
-    from spike_audit.pipelines.manifest import (_name, check_ranges, check_shard_bounds, load_manifest_table,
-                                                manifest_rows, read_meta, step_rows, token_dtype)
+    from spike_audit.pipelines.manifest import (_name, check_ranges, check_shard_bounds, fed_tokens,
+                                                load_manifest_table, manifest_rows, read_meta, step_rows, token_dtype)
     from spike_audit.pipelines.shards.read import read_slices
     from spike_audit.schemas.steps import STEP_CONVENTION, step_base
 
@@ -115,13 +115,15 @@ def step_report(manifest: str, shard_root: str | None, step: int, *, tokenizer: 
     micro = sub.column("micro_batch").to_pylist()
     epoch = sub.column("epoch").to_pylist()
     slices_out: list[dict | None] = [None] * len(ids)
+    n_fed_pad = 0
     for s_name, u in sorted({(a, b) for a, b in zip(shard, unit)}):
         sel = np.flatnonzero((shard == s_name) & (unit == u))
         batch = read_slices(shard_root, s_name, np.stack([start[sel], end[sel]], axis=1), unit=u,
                             tokens_col=tokens_col, text_col=text_col, dtype=dtype, rows=row_def)
         per = (end[sel] - start[sel]) if u == "row" else np.ones(len(sel), np.int64)
         off = np.concatenate([[0], np.cumsum(per)])
-        tokens = batch.column("tokens")
+        tokens, n_pad = fed_tokens(batch.column("tokens"), meta)  # what the trainer fed (Megatron's pad -> 0)
+        n_fed_pad += n_pad
         n_tok = np.asarray(tokens.value_lengths().fill_null(0).to_numpy(zero_copy_only=False), np.int64)
         texts = batch.column("text").to_pylist()
         rows = batch.column("row").to_numpy()
@@ -163,7 +165,8 @@ def step_report(manifest: str, shard_root: str | None, step: int, *, tokenizer: 
         "manifest": str(manifest), "step": step, "step_convention": meta.get("step_convention"),
         "trainer": trainer, "log_step": step + base if base is not None else None, "n_slices": len(out),
         "n_sequences": sum(s["n_sequences"] for s in out), "n_tokens": sum(s["n_tokens"] for s in out),
-        "n_shards": len(set(shard)), "flat_rows": row_def.to_meta() if row_def is not None else None, "slices": out,
+        "n_shards": len(set(shard)), "flat_rows": row_def.to_meta() if row_def is not None else None,
+        "fed_pad_id": meta.get("fed_pad_id"), "n_pad_fed_as_0": n_fed_pad, "slices": out,
     }
 
 
@@ -174,6 +177,9 @@ def format_report(rep: dict) -> str:
     as_logged = f" ({shown})" if shown else ""
     lines = [f"step {rep['step']}{as_logged}: {rep['n_slices']} slices, {rep['n_sequences']:,} sequences, "
              f"{rep['n_tokens']:,} tokens from {rep['n_shards']} shard(s)  [{rep['manifest']}]"]
+    if rep.get("n_pad_fed_as_0"):
+        lines.append(f"  {rep['n_pad_fed_as_0']:,} occurrence(s) of pad id {rep['fed_pad_id']} shown as 0, as the "
+                     f"trainer fed them (loss masked)")
     for s in rep["slices"]:
         extra = "".join(f" {k}={s[k]}" for k in ("rank", "micro_batch", "epoch") if s.get(k) is not None)
         what = "rows" if s["unit"] == "row" else "tokens"

@@ -92,6 +92,12 @@ def register(subparsers) -> None:
     m.add_argument("--no-extra-token", action="store_true", help="samples hold seq_len tokens, not seq_len + 1")
     m.add_argument("--micro-batch-size", type=int, default=None, help="micro batch size (records micro-batches)")
     m.add_argument("--data-parallel-size", type=int, default=None, help="data-parallel size (records ranks)")
+    m.add_argument("--pad-id", type=int, default=None,
+                   help="the pad id of the run's Megatron tokenizer (megatron-core feeds 0 where it occurs in the data "
+                   "and masks its loss; recorded so batch shows what was fed); -1: none")
+    m.add_argument("--tokenizer", default=None,
+                   help="the run's tokenizer (tokenizer.json or a directory): its pad id, when it is not its EOS, "
+                   "is the pad id above")
     _common(m, "root the --data path is relative to")
     m.set_defaults(func=run)
 
@@ -248,12 +254,20 @@ def run(args) -> int:
             raise UserError("--rampup-batch-size is not supported: the batch size changes during the ramp-up, so "
                             "the batch of an iteration is not a fixed slice of the samples")
         cache = load_cache(args.cache, split=args.split)
+        pad_id = args.pad_id
+        if pad_id is None and args.tokenizer:
+            from spike_audit.pipelines.tokenizer import special_ids
+
+            pad_id = special_ids(args.tokenizer).pad_id  # a pad equal to the EOS is none, as megatron-core resets it
+        if pad_id is None:
+            log.info("no --pad-id / --tokenizer: the manifest assumes the Megatron tokenizer has no pad id in the "
+                     "data (megatron-core feeds 0 where its pad id occurs)")
         table = build_megatron_manifest(args.data, cache, global_batch_size=args.global_batch_size,
                                         shard_root=args.shards, first_step=args.first_step,
                                         consumed_samples=args.consumed_samples, steps=steps,
                                         add_extra_token=not args.no_extra_token,
                                         micro_batch_size=args.micro_batch_size,
-                                        data_parallel_size=args.data_parallel_size)
+                                        data_parallel_size=args.data_parallel_size, pad_id=pad_id)
         dtype = None
     elif args.trainer == "streaming":
         from spike_audit.pipelines.builders.streaming import build_streaming_manifest, check_settings, stream_sizes

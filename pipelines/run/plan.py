@@ -141,7 +141,12 @@ def resolve_tokens(cfg: RunConfig) -> RunConfig:
     from spike_audit.pipelines.shards.rows import row_def
     from spike_audit.pipelines.tokenizer import resolve_special
 
-    eos, pad, special = resolve_special(cfg.tokenizer, cfg.eos_id, cfg.pad_id)
+    pad_id = cfg.pad_id
+    if pad_id is None:  # a pad id the trainer fed as 0 with its loss masked: padding, whatever the tokenizer says
+        from spike_audit.pipelines.manifest import read_meta
+
+        pad_id = read_meta(cfg.manifest).get("fed_pad_id")
+    eos, pad, special = resolve_special(cfg.tokenizer, cfg.eos_id, pad_id)
     rows = manifest_rows(cfg.manifest, cfg.flat_rows or row_def(cfg.rows, cfg.seq_len, eos))
     return replace(cfg, eos_id=eos, pad_id=pad, flat_rows=rows,
                    tokenizer_special=tuple(sorted(special.items())) if special else None)
