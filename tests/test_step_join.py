@@ -156,3 +156,25 @@ def test_replay_steps_are_numbered_as_the_log(tmp_path):
     assert steps == [5, 6] and offset == -1  # Megatron iterations 5, 6 are batches 4, 5
     hand = _manifest(tmp_path / "h.parquet", range(0, 20))  # no trainer recorded: the manifest's own numbers
     assert plan_steps(ReplayConfig(model="m", manifest=str(hand), shards=".", out="o", steps=[5]))[3] == 0
+
+
+def test_run_reads_flat_files_with_the_manifests_dtype_and_refuses_another(tmp_path, capsys):
+    """uint32 token files (a vocabulary over 65,535): `run` takes the dtype the manifest records, and a --dtype
+    that contradicts it is a one-line error before any work (read as uint16 they would be other data)."""
+    from spike_audit.pipelines.logs.read import read_log
+    from spike_audit.pipelines.run.plan import RunConfig, join_steps
+
+    (tmp_path / "shards").mkdir()
+    (np.arange(400, dtype=np.uint32) + 70_000).tofile(tmp_path / "shards" / "t.bin")
+    man = _manifest(tmp_path / "m.parquet", range(0, 20), token_dtype="uint32", **MEGATRON_META)
+    log = _megatron_log(tmp_path / "train.log", range(1, 21))
+    loss, report = read_log(log)
+    cfg = RunConfig(log=str(log), manifest=str(man), shards=str(tmp_path / "shards"), out=str(tmp_path / "o"))
+    join, dtype = join_steps(cfg, loss, report)
+    assert dtype == "uint32" and join.offset == -1
+    rc = main(["run", "--log", str(log), "--manifest", str(man), "--shards", str(tmp_path / "shards"),
+               "--out", str(tmp_path / "out"), "--dtype", "uint16"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert "--dtype uint16 but the manifest records token dtype uint32" in err
+    assert not (tmp_path / "out").exists()
