@@ -17,6 +17,7 @@ from spike_audit.schemas.core import FieldSpec, SchemaError, TableSpec, validate
 from spike_audit.schemas.tables import (
     ALIGNED_SPIKES,
     BASELINE_REFERENCE,
+    BASELINE_SHARD_SIGNALS,
     BASELINE_UNIGRAM,
     BATCH_SCORES,
     DUPLICATES,
@@ -34,6 +35,7 @@ from spike_audit.schemas.tables import (
 __all__ = [
     "ALIGNED_SPIKES",
     "BASELINE_REFERENCE",
+    "BASELINE_SHARD_SIGNALS",
     "BASELINE_UNIGRAM",
     "BATCH_SCORES",
     "DUPLICATES",

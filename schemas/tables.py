@@ -369,5 +369,19 @@ BASELINE_UNIGRAM = TableSpec(
     sort_keys=("token",),
 )
 
+BASELINE_SHARD_SIGNALS = TableSpec(
+    name="baseline_shard_signals",
+    version=1,
+    doc="A saved baseline's per-shard suite signals (the values `shard_scores.signals` shows): judging against the "
+    "baseline, a new shard's signals get their robust z against these shards.",
+    fields=(
+        F("shard", pa.string(), "Shard of the trusted corpus."),
+        F("signal", pa.string(), "Suite signal name."),
+        F("value", pa.float64(), "The shard's value (null when not defined).", nullable=True),
+    ),
+    sort_keys=("shard", "signal"),
+)
+
 TABLES = (LOSS_SERIES, SPIKES, ALIGNED_SPIKES, STEP_MANIFEST, BATCH_SCORES, SHARD_SCORES, ROW_FLAGS, VERDICTS,
-          DUPLICATES, ROW_LOSSES, LOSS_ROWS, BASELINE_REFERENCE, BASELINE_UNIGRAM)
+          DUPLICATES, ROW_LOSSES, LOSS_ROWS, BASELINE_REFERENCE, BASELINE_UNIGRAM,
+          BASELINE_SHARD_SIGNALS)

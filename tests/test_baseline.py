@@ -60,6 +60,13 @@ def test_planted_shards_flagged_against_a_clean_baseline_without_reading_it(spli
     scores = {r["shard"]: r for r in doc["shards"]}
     q = json.loads((tmp_path / "o" / "quarantine.json").read_text())
     assert max(r["anomaly_score"] for n, r in scores.items() if n not in planted) < q["threshold_evidence"]
+    # the suite signals' robust z is against the baseline's shards: the planted ones stand out, the clean ones not
+    import pyarrow.parquet as pq
+
+    def maxz(r):
+        return max(abs(s["z"]) for s in r["signals"] if s["z"] is not None)
+    tab = {r["shard"]: r for r in pq.read_table(tmp_path / "o" / "shard_scores.parquet").to_pylist()}
+    assert min(maxz(tab[n]) for n in planted) > 10 > max(maxz(r) for n, r in tab.items() if n not in planted)
 
 
 def test_baseline_round_trip_and_determinism(split, saved, tmp_path):
@@ -73,10 +80,11 @@ def test_baseline_round_trip_and_determinism(split, saved, tmp_path):
     n_rows = sum(r["n_rows"] for r in res.tables["shard_scores"].to_pylist())
     assert bl.rows == n_rows == bl.meta["rows"] and bl.meta["shards"] == 18
     assert (bl.reference.sum(axis=1) == n_rows).all()
+    assert len(bl.shard_signals) == 18 and all("token_jsd" in d for d in bl.shard_signals)
     assert bl.unigram.sum() == sum(r["n_tokens"] for r in res.tables["shard_scores"].to_pylist())
     # the same corpus saved again: the same baseline (tables byte for byte, the same row hashes)
     api.audit_shards(str(root / "trusted"), out=str(tmp_path / "o2"), save_baseline=str(tmp_path / "B2"))
-    for name in ("reference.parquet", "unigram.parquet"):
+    for name in ("reference.parquet", "unigram.parquet", "shard_signals.parquet"):
         assert (B / name).read_bytes() == (tmp_path / "B2" / name).read_bytes()
     bl2 = load_baseline(str(tmp_path / "B2"), ShardAuditConfig(inputs=("x",), out="y"))
     from spike_audit.pipelines import records as rec_io

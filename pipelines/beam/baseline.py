@@ -10,6 +10,8 @@ A baseline is a directory of data, never pickles:
   natural rates of the row-level evidence (:mod:`spike_audit.auditors.evidence`);
 * ``unigram.parquet`` (schema ``baseline_unigram``): the token unigram histogram, the reference distribution of
   the baseline-relative signals;
+* ``shard_signals.parquet`` (schema ``baseline_shard_signals``): every trusted shard's suite signals, the
+  reference of a new shard's signals' robust z;
 * ``row_hashes/part-*.records.parquet`` (:mod:`spike_audit.pipelines.records`, kind ``baseline_row_hashes``):
   the distinct 64-bit row hashes of the corpus (8 bytes a distinct row), for "seen elsewhere": a new row is
   seen elsewhere when its tokens are in the baseline. They are read inside the pipeline, never by the driver.
@@ -36,6 +38,7 @@ VERSION = 1
 META_FILE = "baseline.json"
 REFERENCE_FILE = "reference.parquet"
 UNIGRAM_FILE = "unigram.parquet"
+SIGNALS_FILE = "shard_signals.parquet"
 HASH_DIR = "row_hashes"
 HASH_KIND = "baseline_row_hashes"
 
@@ -82,6 +85,7 @@ class Baseline:
     reference: np.ndarray  # families x NBINS, int64, in FAMILIES order
     unigram: np.ndarray  # int64 counts by token id
     hash_parts: tuple[str, ...]
+    shard_signals: tuple = ()  # one {signal: value} per trusted shard (the reference of the signals' z)
 
     @property
     def rows(self) -> int:
@@ -102,13 +106,13 @@ def bucket_hashes(kv):
 
 
 def write_baseline(files: Path, hash_stage: Path | None, unigram: np.ndarray, reference: np.ndarray, n_shards: int,
-                   cfg) -> dict:
+                   cfg, shard_signals: list[dict] = ()) -> dict:
     """Write a baseline into ``files`` (a staging directory published by the caller): the tables, the row-hash
     parts moved from ``hash_stage`` (where the pipeline wrote them), and ``baseline.json`` last."""
     from spike_audit.auditors.evidence import NBINS
     from spike_audit.pipelines.io import write_json, write_table
     from spike_audit.pipelines.settings import tool_version
-    from spike_audit.schemas import BASELINE_REFERENCE, BASELINE_UNIGRAM
+    from spike_audit.schemas import BASELINE_REFERENCE, BASELINE_SHARD_SIGNALS, BASELINE_UNIGRAM
 
     fams = _families()
     reference = np.asarray(reference, dtype=np.int64)
@@ -121,12 +125,15 @@ def write_baseline(files: Path, hash_stage: Path | None, unigram: np.ndarray, re
     tok = np.flatnonzero(unigram)
     write_table(BASELINE_UNIGRAM.from_arrays({"token": tok.astype(np.int64), "count": unigram[tok]}),
                 files / UNIGRAM_FILE, BASELINE_UNIGRAM)
+    rows = [(r["shard"], k, v if v == v else None) for r in shard_signals for k, v in sorted(r["signals"].items())]
+    write_table(BASELINE_SHARD_SIGNALS.from_pylist([{"shard": a, "signal": k, "value": v} for a, k, v in rows]),
+                files / SIGNALS_FILE, BASELINE_SHARD_SIGNALS)
     (files / HASH_DIR).mkdir()
     src = hash_stage / HASH_KIND if hash_stage is not None else None
     if src is not None and src.is_dir():
         for p in sorted(src.iterdir()):
             os.replace(p, files / HASH_DIR / p.name)
-    listed = {REFERENCE_FILE: None, UNIGRAM_FILE: None}
+    listed = {REFERENCE_FILE: None, UNIGRAM_FILE: None, SIGNALS_FILE: None}
     listed.update({f"{HASH_DIR}/{p.name}": None for p in sorted((files / HASH_DIR).iterdir())})
     meta = {"format": FORMAT, "version": VERSION, "tool": "spike-audit", "tool_version": tool_version(),
             "settings": compat_settings(cfg), "families": fams, "nbins": NBINS, "shards": int(n_shards),
@@ -149,7 +156,7 @@ def load_baseline(path: str, cfg, keys: tuple[str, ...] = SHARD_KEYS) -> Baselin
 
     from spike_audit.auditors.evidence import NBINS
     from spike_audit.pipelines import fs
-    from spike_audit.schemas import BASELINE_REFERENCE, BASELINE_UNIGRAM, SchemaError
+    from spike_audit.schemas import BASELINE_REFERENCE, BASELINE_SHARD_SIGNALS, BASELINE_UNIGRAM, SchemaError
 
     if fs.is_url(str(path)):
         raise UserError(f"{path}: --baseline must be a local directory (saved by shards --save-baseline)")
@@ -187,7 +194,7 @@ def load_baseline(path: str, cfg, keys: tuple[str, ...] = SHARD_KEYS) -> Baselin
             raise _bad(mf, f"made with {k}={have!r}, this audit has {k}={want!r}: use the baseline's settings or "
                            "save a new baseline")
     files = meta["files"]
-    for name in (REFERENCE_FILE, UNIGRAM_FILE):
+    for name in (REFERENCE_FILE, UNIGRAM_FILE, SIGNALS_FILE):
         if name not in files:
             raise _bad(mf, f"does not list {name}")
     hash_parts = []
@@ -240,7 +247,13 @@ def load_baseline(path: str, cfg, keys: tuple[str, ...] = SHARD_KEYS) -> Baselin
         raise _bad(root / UNIGRAM_FILE, "expected token ids in 0..2^31 and counts >= 0")
     unigram = np.zeros(int(tok.max()) + 1 if len(tok) else 0, dtype=np.int64)
     np.add.at(unigram, tok, ucnt)
-    return Baseline(str(root), meta, reference, unigram, tuple(hash_parts))
+    sig_t = table(SIGNALS_FILE, BASELINE_SHARD_SIGNALS)
+    by_shard: dict[str, dict] = {}
+    for a, k, v in zip(sig_t.column("shard").to_pylist(), sig_t.column("signal").to_pylist(),
+                       sig_t.column("value").to_pylist()):
+        by_shard.setdefault(a, {})[k] = float("nan") if v is None else float(v)
+    return Baseline(str(root), meta, reference, unigram, tuple(hash_parts),
+                    tuple(by_shard[a] for a in sorted(by_shard)))
 
 
 def baseline_hash_items(path: str, buckets: int, node: int):

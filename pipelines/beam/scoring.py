@@ -100,16 +100,22 @@ def opt_float(v) -> float | None:
     return v if np.isfinite(v) else None
 
 
-def entity_scores(items, key_name: str):
+def entity_scores(items, key_name: str, reference: list[dict] | None = None):
     """[(key, n_rows, n_tokens, signals)] -> records with the leave-one-out robust z of each signal
-    (each item against all the others),
-    the combined anomaly score (max |z|), the top signal, a reason and a 1-based rank."""
+    (each item against all the others; with ``reference``, a list of signal dicts such as a saved baseline's
+    shards, against those instead), the combined anomaly score (max |z|), the top signal, a reason and a
+    1-based rank."""
+    from spike_audit.auditors.robust import robust_z
+
     items = sorted(items, key=lambda it: it[0])
     names = signal_names([it[3] for it in items])
     m = matrix([it[3] for it in items], names)
     if not len(items):
         return []
-    zall = loo_z(to_scoring_scale(names, m))  # each entity against all the others
+    if reference:
+        zall = robust_z(to_scoring_scale(names, m), to_scoring_scale(names, matrix(reference, names)))
+    else:
+        zall = loo_z(to_scoring_scale(names, m))  # each entity against all the others
     out = []
     for k, (key, n_rows, n_tokens, _) in enumerate(items):
         z = zall[k]

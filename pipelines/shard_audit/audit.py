@@ -217,7 +217,9 @@ def _baseline_counts(parts: Path) -> dict:
     recs = [r for p in found for r in rec_io.from_bytes(p.read_bytes(), str(p), "baseline_counts")]
     if len(recs) != 1:
         raise RuntimeError(f"expected one baseline_counts record, got {len(recs)}")
-    return recs[0]
+    sig = sorted((parts / "baseline_shard_signals").glob(f"part-*{rec_io.SUFFIX}"))
+    shards = [r for p in sig for r in rec_io.from_bytes(p.read_bytes(), str(p), "baseline_shard_signals")]
+    return dict(recs[0], shard_signals=shards)
 
 
 def _save_baseline(cfg: ShardAuditConfig, save, stage: Path, counts: dict, n_shards: int) -> None:
@@ -229,7 +231,8 @@ def _save_baseline(cfg: ShardAuditConfig, save, stage: Path, counts: dict, n_sha
     files = stage / "files"
     try:
         files.mkdir()
-        meta = write_baseline(files, stage, counts["unigram"], counts["reference"], n_shards, cfg)
+        meta = write_baseline(files, stage, counts["unigram"], counts["reference"], n_shards, cfg,
+                              counts["shard_signals"])
     except OSError as err:
         raise os_error(cfg.save_baseline, err, "cannot write the baseline (the previous one is intact)") from None
     save.publish(files)

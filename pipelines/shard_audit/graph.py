@@ -198,10 +198,16 @@ def shard_evidence(item, corpus, own_in_corpus: bool = True) -> dict:
                                 f"{100 * x['natural_rate']:.2g}%, e={x['evidence']:.1f})" for x in fams[:3])}
 
 
-def rank_shards(recs, fps):
-    """Shards ranked by evidence (ties by name), with their suite signals' robust z across shards."""
+def shard_signal_record(item):
+    """A finished shard -> its suite signals, for a saved baseline."""
+    return "baseline_shard_signals", {"shard": item[0], "signals": {k: float(v) for k, v in item[3].items()}}
+
+
+def rank_shards(recs, fps, reference=None):
+    """Shards ranked by evidence (ties by name), with their suite signals' robust z across shards (or, with
+    ``reference``, a saved baseline's shards' signals, against those)."""
     zs = {r["shard"]: r for r in entity_scores([(r["shard"], r["n_rows"], r["n_tokens"], r["signals_raw"])
-                                               for r in recs], "shard")}
+                                               for r in recs], "shard", reference)}
     out = sorted(recs, key=lambda r: (-r["anomaly_score"], r["shard"]))
     for rank, r in enumerate(out, 1):
         rec = {k: v for k, v in r.items() if k != "signals_raw"}
@@ -360,7 +366,8 @@ def build_pipeline(p, cfg: ShardAuditConfig, todo: list[tuple[Shard, int]], old_
                   | "Corpus" >> beam.CombineGlobally(sum_arrays))
     scores = (shards | "Evidence" >> beam.Map(shard_evidence, AsSingleton(corpus), baseline is None)
               | "AllShards" >> beam.combiners.ToList()
-              | "Rank" >> beam.FlatMap(rank_shards, all_fp(names, todo, keep)))
+              | "Rank" >> beam.FlatMap(rank_shards, all_fp(names, todo, keep),
+                                       baseline.shard_signals if baseline is not None else None))
 
     exact = (exact_buckets
              | "ExactGroups" >> beam.FlatMap(exact_groups)
@@ -392,7 +399,8 @@ def build_pipeline(p, cfg: ShardAuditConfig, todo: list[tuple[Shard, int]], old_
         counts = (p | "BaselineSeed" >> beam.Create([None])
                   | "BaselineCounts" >> beam.Map(lambda _, h, c: ("baseline_counts", {"unigram": h, "reference": c}),
                                                  AsSingleton(hist), AsSingleton(corpus)))
-        outputs += [counts, exact_buckets | "BaselineHashes" >> beam.FlatMap(bucket_hashes)]
+        outputs += [counts, exact_buckets | "BaselineHashes" >> beam.FlatMap(bucket_hashes),
+                    shards | "BaselineSignals" >> beam.Map(shard_signal_record)]
     n_parts = max(1, min(64, len(todo)))
     (outputs | "AllOutputs" >> beam.Flatten()
      | "Write" >> WriteTables(staging, parts={"state_accs": n_parts, "state_keys": n_parts, "duplicates": 4,
