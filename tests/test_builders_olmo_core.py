@@ -111,3 +111,16 @@ def test_refusals(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "larger than the 29 instances" in err[0]
     assert not (tmp_path / "m.parquet").exists()
+
+
+@pytest.mark.parametrize("cls, said", [
+    ("NumpyPaddedFSLDataset", "pads each document"), ("NumpyPackedFSLDatasetConfig", "packs documents"),
+    ("NumpyInterleavedFSLDataset", "interleaves"), ("NumpyFSLDatasetMixture", "source mixture"),
+    ("NumpyVSLDataset", "variable sequence lengths"), ("MyDataset", "not an OLMo-core dataset class")])
+def test_dataset_classes_it_does_not_replay_are_refused_by_name_before_any_read(tmp_path, capsys, cls, said):
+    rc = main(["manifest", "olmo", "--global-indices", str(tmp_path / "missing.npy"), "--data-files", "f0.npy",
+               "--shards", str(tmp_path), "--seq-len", str(SEQ), "--global-batch-size", "2", "--dataset", cls,
+               "--out", str(tmp_path / "m.parquet")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and f"--dataset {cls}" in err and said in err, err
+    assert not (tmp_path / "m.parquet").exists()

@@ -120,6 +120,29 @@ def build_olmo_manifest(global_indices, paths: list[str], *, seq_len: int, globa
                      first_step=int(first_step), samples_before_first_step=0, tokens_before_first_step=0)
 
 
+#: OLMo-core 3.0 dataset classes whose instances are not fixed windows of the token files in global-indices
+#: order (what this builder replays), with why
+UNSUPPORTED_DATASETS = {
+    "numpypaddedfsldataset": "pads each document to its own instance (instances are not fixed windows of the files)",
+    "numpypackedfsldataset": "packs documents into instances (best-fit decreasing, not fixed windows)",
+    "numpyinterleavedfsldataset": "interleaves chunks of several documents into each instance",
+    "numpyfsldatasetmixture": "keeps a per-source share of instances chosen by its source mixture (path_offset_index)",
+    "numpyvsldataset": "variable sequence lengths (instances bucketed by document length)",
+}
+
+
+def check_dataset_class(name: str) -> None:
+    """Refuse, by name, an OLMo-core dataset class whose data order this builder does not replay."""
+    key = str(name).strip().lower().removesuffix("config")
+    if key in ("numpyfsldataset", "fsl"):
+        return
+    why = UNSUPPORTED_DATASETS.get(key)
+    if why is None:
+        raise UserError(f"--dataset {name}: not an OLMo-core dataset class this builder knows (expected "
+                        f"NumpyFSLDataset)")
+    raise UserError(f"--dataset {name} is not supported: it {why}; only NumpyFSLDataset is")
+
+
 _EPOCH_RE = re.compile(r"(?:^|_)epoch(\d+)(?:_|\.|$)")
 _SIZE_RE = re.compile(r"(?:^|_)dataset_size(\d+)(?:_|\.|$)")
 _CHUNK_RE = re.compile(r"(?:^|_)chunk(\d+)(?:_|\.|$)")

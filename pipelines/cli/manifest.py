@@ -65,6 +65,10 @@ def register(subparsers) -> None:
                    help="OLMo-core's max_target_sequence_length (changes the instances of each file)")
     o.add_argument("--source-permutation-seed", type=int, default=None,
                    help="OLMo-core's source_permutation_seed (data files permuted as it does; give them in config order)")
+    o.add_argument("--dataset", default="NumpyFSLDataset",
+                   help="OLMo-core's dataset class (its config's class without 'Config'): only NumpyFSLDataset "
+                   "(fixed-length instances, the default) is supported; the padded, packed, interleaved, mixture and "
+                   "variable-length (VSL) datasets are refused by name")
     o.add_argument("--epoch", type=int, default=None, help="epoch of a single indices file whose name does not say it")
     o.add_argument("--world-size", type=int, default=None, help="data-parallel world size (records ranks)")
     mb = o.add_mutually_exclusive_group()
@@ -211,7 +215,9 @@ def run(args) -> int:
     steps = _steps(args.steps)
     allow_overlap = False
     if args.trainer == "olmo":
-        from spike_audit.pipelines.builders.olmo import build_olmo_core_manifest
+        from spike_audit.pipelines.builders.olmo import build_olmo_core_manifest, check_dataset_class
+
+        check_dataset_class(args.dataset)  # before any file is read
 
         table = build_olmo_core_manifest(args.global_indices, _data_files(args), seq_len=args.seq_len,
                                          global_batch_size=args.global_batch_size,
