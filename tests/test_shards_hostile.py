@@ -455,3 +455,22 @@ def test_shards_discovery_refuses_a_fifo_in_an_input_directory(tmp_path):
     os.mkfifo(tmp_path / "b.parquet")
     _out, err = _finishes(lambda: discover((str(tmp_path),)))
     assert isinstance(err, UserError) and str(err) == f"{tmp_path / 'b.parquet'}: not a regular file (a FIFO); expected a shard file"
+
+
+def test_litdata_chunks_and_index_are_refused_by_name_never_read_as_tokens(tmp_path):
+    """litdata's optimized datasets (litgpt's data format: index.json with 'chunks' + chunk-R-I.bin) are not
+    supported: refused naming litdata, never read as MDS nor as a raw uint16 token file."""
+    d = tmp_path / "lit"
+    d.mkdir()
+    (d / "index.json").write_text(json.dumps({"chunks": [{"chunk_bytes": 64, "chunk_size": 2, "filename":
+                                                          "chunk-0-0.bin", "dim": 8}],
+                                              "config": {"chunk_bytes": 1 << 20, "data_format": ["no_header_tensor:16"]},
+                                              "updated_at": "1"}))
+    for name in ("chunk-0-0.bin", "chunk-0-1.zstd.bin"):
+        (d / name).write_bytes(np.arange(32, dtype=np.uint16).tobytes())
+    for name in ("lit", "lit/index.json", "lit/chunk-0-0.bin", "lit/chunk-0-1.zstd.bin"):
+        with pytest.raises(UserError, match="litdata"):
+            read_slices(str(tmp_path), name, [[0, 1]], unit="row" if not name.endswith(".bin") else "token")
+    # a raw token file that merely has such a name, with no litdata index beside it, is still a token file
+    (tmp_path / "chunk-0-0.bin").write_bytes(np.arange(8, dtype=np.uint16).tobytes())
+    assert read_slices(str(tmp_path), "chunk-0-0.bin", [[0, 4]], unit="token").column("tokens").to_pylist() == [[0, 1, 2, 3]]

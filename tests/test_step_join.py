@@ -178,3 +178,21 @@ def test_run_reads_flat_files_with_the_manifests_dtype_and_refuses_another(tmp_p
     assert rc == 2 and len(err.splitlines()) == 1, err
     assert "--dtype uint16 but the manifest records token dtype uint32" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_olmo_log_numbered_from_0_against_an_olmo_manifest_is_refused_as_off_by_one(tmp_path):
+    """OLMo-core's global_step is 1-based (step 1 trained batch 0). A log whose steps start at 0 (another logger,
+    or a manifest built for --first-step 1 by hand) cannot be joined silently: the range check names the shift."""
+    def olmo_log(path, steps):
+        path.write_text("".join(f"2025-01-01 INFO [step={s}/40,epoch=1]\n    train/CE loss={2.5 + 0.01 * s}\n"
+                                f"    optim/total grad norm=1.0\n" for s in steps))
+        return path
+
+    meta = dict(trainer="olmo", samples_per_step=GBS, first_step=0, samples_before_first_step=0)
+    man = _manifest(tmp_path / "m.parquet", range(0, 40), **meta)
+    join = _align(olmo_log(tmp_path / "ok.log", range(1, 41)), man)
+    assert join.offset == -1 and join.log_trainer == "olmo" and join.batch_index(1) == 0
+    with pytest.raises(UserError) as err:
+        _align(olmo_log(tmp_path / "zero.log", range(0, 40)), man)
+    msg = str(err.value)
+    assert "\n" not in msg and "outside the manifest's steps 0..39" in msg and "off by one batch" in msg, msg

@@ -85,6 +85,9 @@ def read_mds_index(path: str, name: str | None = None) -> list[MDSShard]:
             obj = json.loads(f.read())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{idx}: not a valid JSON index ({err})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("chunks"), list) and "config" in obj:
+        raise UserError(f"{idx}: a litdata (litgpt) optimized dataset: its chunk format and sample order are not "
+                        f"supported (only mosaicml-streaming MDS datasets have an index.json here)")
     if not isinstance(obj, dict) or not isinstance(obj.get("shards"), list):
         raise UserError(f"{idx}: expected an object with a 'shards' list (mosaicml-streaming index.json)")
     if obj.get("version") != 2:

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import os
+import re
+
 import numpy as np
 import pyarrow as pa
 
@@ -16,6 +18,10 @@ from spike_audit.pipelines.shards.paths import _exists, _isdir, _open, _size, co
 from spike_audit.pipelines.shards.rows import RowDef
 from spike_audit.pipelines.shards.tokens import (FlatReader, MegatronReader, TokenFile, _NPY_MAGIC,
                                                  _read_npy_header, megatron_paths, open_token_file)
+
+
+#: litdata's chunk files (``litdata.optimize``): ``chunk-RANK-INDEX[.COMPRESSION].bin`` beside an index.json
+_LITDATA_CHUNK = re.compile(r"^chunk-\d+-\d+(\.[a-z0-9]+)?\.bin$")
 
 
 def shard_format(path: str) -> str:
@@ -37,7 +43,11 @@ def shard_format(path: str) -> str:
     if low.endswith(".idx"):
         return "megatron"
     if low.endswith(".bin"):
-        return "megatron" if _exists(p[:-4] + ".idx") else "bin"
+        if _exists(p[:-4] + ".idx"):
+            return "megatron"
+        if _LITDATA_CHUNK.match(os.path.basename(low)) and _exists(os.path.join(os.path.dirname(p), "index.json")):
+            raise UserError(f"{p}: a litdata (litgpt) chunk: its format is not a flat token file and is not supported")
+        return "bin"
     if low.endswith(".npy"):
         with _open(p) as f:
             magic = f.read(len(_NPY_MAGIC))
