@@ -9,6 +9,11 @@ as the command line, which is built on the same config dataclasses (:class:`RunC
     res = api.audit_run(log="train.log", manifest="manifest.parquet", shards="shards/", out="audit/")
     res.tables["verdicts"]                                   # pyarrow Tables, as written
     res = api.audit_shards(["shards/"], out="shard-audit/")
+    api.audit_shards("trusted/", out="a/", save_baseline="baseline/")  # a saved baseline (TFDV-style) ...
+    res = api.audit_shards("new/", out="b/", baseline="baseline/")      # ... new shards judged against it
+    res = api.audit_run(log="train.log", manifest="manifest.parquet", shards="shards/", out="audit/",
+                        state="state/")                       # scheduled: the state keeps the controls' scores
+    res.summary["read"]                                       # what this run read (slices, rows, controls_from_state)
     tables = api.load_results("audit/")                      # every table of an output, + its JSON files
     cfg = api.load_config("audit/config.toml", "run")        # the settings an output was made with
 
