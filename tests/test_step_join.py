@@ -196,3 +196,28 @@ def test_an_olmo_log_numbered_from_0_against_an_olmo_manifest_is_refused_as_off_
         _align(olmo_log(tmp_path / "zero.log", range(0, 40)), man)
     msg = str(err.value)
     assert "\n" not in msg and "outside the manifest's steps 0..39" in msg and "off by one batch" in msg, msg
+
+
+def test_olmo_core_total_tokens_in_a_jsonl_log_pin_each_step_to_its_batch(tmp_path):
+    """OLMo-core's metrics (W&B / JSONL) carry ``throughput/total tokens`` (global_train_tokens_seen, exact): after
+    step s (1-based) the run has seen s batches of tokens. `run` checks it, so a manifest numbered one batch off
+    is refused even when every logged step still maps into the manifest."""
+    per = 8 * 64
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(json.dumps({"_step": s, "train/CE loss": 2.5 + 0.01 * s, "throughput/total tokens": s * per})
+                           + "\n" for s in range(1, 21)))
+    meta = dict(trainer="olmo", samples_per_step=8, tokens_per_step=per, first_step=0, samples_before_first_step=0,
+                tokens_before_first_step=0)
+    man = _manifest(tmp_path / "m.parquet", range(0, 30), **meta)
+    join = _align(log, man, log_trainer="olmo")
+    assert join.offset == -1 and any("consumed tokens agree at 20 logged steps" in c for c in join.checked)
+    off = _manifest(tmp_path / "off.parquet", range(1, 31), **dict(meta, first_step=1))  # built for --first-step 1
+    with pytest.raises(UserError) as err:
+        _align(log, off, log_trainer="olmo")
+    msg = str(err.value)
+    assert "\n" not in msg and "outside the manifest's steps 1..30" in msg and "off by one batch" in msg, msg
+    # a manifest whose steps still cover the log but whose batches are one off: only the token count can tell
+    off2 = _manifest(tmp_path / "off2.parquet", range(0, 30), **dict(meta, tokens_before_first_step=per))
+    with pytest.raises(UserError, match=r"consumed tokens 512 but its manifest step 0 ends at 1024 .*1 batch\(es\) "
+                                        r"behind"):
+        _align(log, off2, log_trainer="olmo")

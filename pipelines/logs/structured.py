@@ -29,6 +29,13 @@ GRAD_KEYS = ("grad_norm", "train/grad_norm", "grad norm", "optim/total grad norm
 VAL_KEYS = ("val_loss", "eval_loss", "val/loss", "eval/loss", "validation/loss", "loss/val", "valid/loss")
 
 
+#: exact counts of what the run consumed, which pin a step to its batch (``run`` checks them against the manifest):
+#: Megatron's consumed samples; OLMo-core's ``throughput/total tokens`` (its ``global_train_tokens_seen``, exact in
+#: W&B / JSONL metrics; the console rounds it, so the console reader does not take it)
+CONSUMED_SAMPLES_KEYS = ("consumed_samples", "consumed samples", "consumed-samples")
+CONSUMED_TOKENS_KEYS = ("consumed_tokens", "throughput/total tokens", "throughput/total_tokens")
+
+
 def _pick(columns, explicit, candidates, what, path):
     if explicit:
         if explicit in columns:
@@ -59,7 +66,8 @@ def _kv_metrics(columns, step_key, value_key, metric, path):
     if main is not None:
         wanted[metric or "train_loss"] = main
     if not value_key:
-        for name, cands in (("grad_norm", GRAD_KEYS), ("val_loss", VAL_KEYS)):
+        for name, cands in (("grad_norm", GRAD_KEYS), ("val_loss", VAL_KEYS),
+                            ("consumed_samples", CONSUMED_SAMPLES_KEYS), ("consumed_tokens", CONSUMED_TOKENS_KEYS)):
             c = _pick(columns, None, cands, name, path)
             if c is not None and c not in wanted.values():
                 wanted[name] = c
@@ -75,7 +83,7 @@ _EXPECTED_JSONL = '{"step": <int>, "loss": <float>} (step a non-negative integer
 _MAX_KEYS_LISTED = 4096
 _MAX_GRAD_LIKE = 8  # keys kept because they look like a grad norm (the first seen; the alphabetically first wins)
 _GRAD_RE = re.compile(r"grad(?:ient)?[_ ]?norm")
-_ALL_KEYS = frozenset(STEP_KEYS + LOSS_KEYS + GRAD_KEYS + VAL_KEYS)
+_ALL_KEYS = frozenset(STEP_KEYS + LOSS_KEYS + GRAD_KEYS + VAL_KEYS + CONSUMED_SAMPLES_KEYS + CONSUMED_TOKENS_KEYS)
 
 
 def _base(key: str) -> str:
