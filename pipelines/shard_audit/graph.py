@@ -133,15 +133,6 @@ def score_chunk(name_rb, cfg_dict: dict, shard_index: dict | None = None):
     return scored, _row_keys(name, rb, tb, shard_index, cfg_dict, cache)
 
 
-def score_and_keys(name_rb, cfg_dict: dict, shard_index: dict):
-    """:func:`score_chunk` with the chunk's row keys as the tagged output ``keys`` (one pass, one cache)."""
-    from apache_beam import pvalue
-
-    scored, keys = score_chunk(name_rb, cfg_dict, shard_index)
-    yield scored
-    yield pvalue.TaggedOutput("keys", keys)
-
-
 def finish_shard(key_acc, hist, cfg: dict, own_in_hist: bool = True):
     """(shard, ShardAcc) -> (shard, n_rows, n_tokens, signals, row-bin histogram); suite signals leave-one-out
     against the corpus histogram (or against a saved baseline's, which the shard is not part of)."""
@@ -320,9 +311,10 @@ def build_pipeline(p, cfg: ShardAuditConfig, todo: list[tuple[Shard, int]], old_
 
         batches = batches | "Decode" >> beam.ParDo(DecodeText(cfg.tokenizer))
     # one scoring pass per chunk: the suite accumulator, the row-bin histogram and the row keys (one cache)
-    scored = batches | "Score" >> beam.FlatMap(score_and_keys, cfg_dict, shard_index).with_outputs("keys",
-                                                                                                  main="scores")
-    new_accs = (scored.scores
+    # (one element per chunk split by two Maps, not a tagged output: Beam 2.77's DaskRunner, with the receivers
+    # shim of beam.dask_compat, hands a ParDo's tagged outputs to its main output too)
+    both = batches | "Score" >> beam.Map(score_chunk, cfg_dict, shard_index)
+    new_accs = (both | "Scores" >> beam.Map(lambda sk: sk[0])
                 | "AuditShards" >> beam.CombinePerKey(AuditorCombineFn(ShardAcc(cfg_dict), output="accumulator")))
     old_accs = (p | "OldAccParts" >> beam.Create(old_parts.get("accs", []))
                 | "LoadAccs" >> beam.FlatMap(load_state_records, keep)
@@ -335,7 +327,7 @@ def build_pipeline(p, cfg: ShardAuditConfig, todo: list[tuple[Shard, int]], old_
     else:
         hist = (accs | "Hists" >> beam.Map(lambda kv: suite_histogram(kv[1]["suite"]))
                 | "Baseline" >> beam.CombineGlobally(sum_histograms))
-    new_keys = scored.keys
+    new_keys = both | "Keys" >> beam.Map(lambda sk: sk[1])
     old_keys = (p | "OldKeyParts" >> beam.Create(old_parts.get("keys", []))
                 | "LoadKeys" >> beam.FlatMap(load_state_records, keep)
                 | "Reindex" >> beam.Map(_reindex, shard_index))
