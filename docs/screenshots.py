@@ -160,11 +160,14 @@ def main(argv=None) -> int:
         sys.exit("chromium not found (apt-get install -y chromium, or set CHROMIUM)")
     tmp = None if a.dir else tempfile.TemporaryDirectory()
     d = Path(a.dir or tmp.name)
-    exe = shutil.which("spike-audit") or "spike-audit"
+    # the installed command of the Python running this script (its virtualenv), else the one on PATH
+    sibling = Path(sys.executable).parent / "spike-audit"
+    exe = [str(sibling)] if sibling.exists() else [shutil.which("spike-audit")] if shutil.which("spike-audit") else \
+        [sys.executable, "-c", "import sys; from spike_audit.pipelines.cli.main import main; sys.exit(main())"]
     if not (d / "audit" / "report.html").exists():
-        _run([exe, "-q", "demo", "--dir", str(d)])
+        _run(exe + ["-q", "demo", "--dir", str(d)])
     if not (d / "shards" / "report.html").exists():
-        _run([exe, "-q", "shards", str(d / "run" / "shards"), "--out", str(d / "shards")])
+        _run(exe + ["-q", "shards", str(d / "run" / "shards"), "--out", str(d / "shards")])
     reports = {"run": d / "audit" / "report.html", "shards": d / "shards" / "report.html"}
     failed = False
     for name, path in reports.items():
@@ -179,6 +182,7 @@ def main(argv=None) -> int:
                 print(f"    {x}")
     if not a.check_only:
         out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
         event = _first_data_event(reports["run"])
         shots = [("report-run.png", reports["run"], 1280, 1180, ""),
                  ("report-run-event.png", reports["run"], 1280, 900, event),

@@ -182,7 +182,7 @@ def test_shards_reruns_are_byte_identical_and_state_reruns_differ_only_in_the_sc
     assert main(_shards(small, c, "--state", st)) == 0
     va, vb, vc = _visible(a), _visible(b), _visible(c)
     assert sorted(va) == ["config.toml", "duplicates.parquet", "metadata.json", "quarantine.json", "report.html",
-                          "shard_scores.parquet", "summary.json"]
+                          "row_flags.parquet", "shard_scores.parquet", "summary.json"]
     assert va == vb
     assert {k: v for k, v in vc.items() if k != "summary.json"} == {k: v for k, v in va.items() if k != "summary.json"}
     sa, sc = json.loads(va["summary.json"]), json.loads(vc["summary.json"])

@@ -34,3 +34,15 @@ def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
     ci = (README.parent / ".ci" / "run").read_text()
     test_cmd = commands[1].split("&& ", 3)[-1]
     assert test_cmd in ci, (test_cmd, ci)
+
+
+def test_readme_images_exist_and_are_small():
+    """The report screenshots the README shows are checked in (docs/screenshots.py writes them) and stay small."""
+    import re
+
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", README.read_text())
+    assert {"docs/report-run.png", "docs/report-shards.png"} <= set(images)
+    for rel in images:
+        path = README.parent / rel
+        assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", rel
+        assert path.stat().st_size < 200_000, (rel, path.stat().st_size)

@@ -80,6 +80,31 @@ def test_outputs_follow_their_schemas_and_report_renders(audited):
     assert all(s in html for s in truth["planted"]) and "<svg" in html
 
 
+def test_report_excerpts_are_each_shards_anomalous_rows(audited):
+    """row_flags: the top shards' rows at their anomalous families' cuts (not their first rows), strongest first,
+    and the report shows them; duplicate clusters list their members with a text."""
+    from spike_audit.schemas import ROW_FLAGS
+
+    res, truth, out = audited
+    assert pq.read_schema(out / "row_flags.parquet").equals(ROW_FLAGS.schema, check_metadata=False)
+    flags = pq.read_table(out / "row_flags.parquet").to_pylist()
+    by_shard = {}
+    for f in flags:
+        by_shard.setdefault(f["shard"], []).append(f)
+    for shard, kind in truth["planted"].items():
+        if kind == "duplication":  # shard-level families: its rows are the duplicate clusters' members
+            continue
+        rows = by_shard[shard]
+        assert 1 <= len(rows) <= 5 and all(f["step"] is None and f["excerpt"] for f in rows)
+        assert any(set(f["signals"]) & EXPECTED[kind] for f in rows), (kind, rows[0]["signals"])
+    html = (out / "report.html").read_text()
+    assert "<th>anomalous rows</th>" in html
+    rep = next(s for s, k in truth["planted"].items() if k == "random_tokens")
+    first = by_shard[rep][0]
+    assert f"row {first['row']:,}" in html
+    assert "members (shard: row)" in html and "(not read)" not in html
+
+
 def _copy(src, dst, names):
     dst.mkdir(parents=True, exist_ok=True)
     for n in names:
@@ -87,7 +112,7 @@ def _copy(src, dst, names):
 
 
 def _table_bytes(out):
-    return {n: (out / f"{n}.parquet").read_bytes() for n in ("shard_scores", "duplicates")}
+    return {n: (out / f"{n}.parquet").read_bytes() for n in ("shard_scores", "duplicates", "row_flags")}
 
 
 def test_incremental_rerun_equals_a_full_run(corpus, tmp_path):

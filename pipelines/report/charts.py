@@ -334,8 +334,8 @@ def distribution_svg(z: np.ndarray, highlight: np.ndarray | None = None,
         if not math.isfinite(mz):
             continue
         x = x0 + float(u(mz)) * (x1 - x0)
-        anchor = "end" if x > width / 2 else "start"
-        tx = x - 4 if anchor == "end" else x + 4
+        # the label in the corner away from the mark (it always fits the panel, whatever the mark's position)
+        anchor, tx = ("start", x0) if x > width / 2 else ("end", x1)
         parts.append(f'<g class="sel {cls}"><line x1="{x:.1f}" x2="{x:.1f}" y1="4" y2="{base}" stroke="#1f57c3" '
                      f'stroke-width="2"/><text x="{tx:.1f}" y="12" font-size="10" text-anchor="{anchor}" '
                      f'fill="#1f57c3">{_e(label)}</text></g>')

@@ -110,8 +110,8 @@ def render_run_report(loss: pa.Table, spikes: pa.Table, tables: dict[str, pa.Tab
                 if v["anomalous_rows"] is not None else "")
         model = (f"<td>{_badge(v.get('model_verdict')) if v.get('model_verdict') else ''} "
                  f"{_e(v.get('model_reason'))}</td>" if has_model else "")
-        parts.append(f"<tr><td class='id'><a href='#{_e(v['spike_id'])}'>{_e(v['spike_id'])}</a></td><td>{v['peak_step']}</td>"
-                     f"<td>{_badge(v['verdict'])}</td><td>{_p(v['p_value'])}</td><td>{_e(rows)}</td>"
+        parts.append(f"<tr><td class='id'><a href='#{_e(v['spike_id'])}'>{_e(v['spike_id'])}</a></td><td class='n'>{v['peak_step']}</td>"
+                     f"<td>{_badge(v['verdict'])}</td><td class='n'>{_p(v['p_value'])}</td><td>{_e(rows)}</td>"
                      f"<td>{_e(v['top_signal'])}</td>"
                      f"<td class='id'>{'<br>'.join(_e(s) for s in v['top_shards'])}</td><td>{_e(v['reason'])}</td>{model}</tr>")
     parts.append("</table>")

@@ -13,11 +13,11 @@ import numpy as np
 import pyarrow as pa
 
 from spike_audit.pipelines.errors import UserError
-from spike_audit.schemas import DUPLICATES, SHARD_SCORES
+from spike_audit.schemas import DUPLICATES, ROW_FLAGS, SHARD_SCORES
 from spike_audit.pipelines.shard_audit.config import ShardAuditConfig, resolve_tokens, token_summary
 from spike_audit.pipelines.shard_audit.discover import check_shards, discover
 from spike_audit.pipelines.shard_audit.graph import build_pipeline
-from spike_audit.pipelines.shard_audit.outputs import excerpts, shard_quarantine
+from spike_audit.pipelines.shard_audit.outputs import cluster_texts, shard_quarantine
 from spike_audit.pipelines.shard_audit.state import _load_index, _old_parts, _save_state, _settings_key
 
 
@@ -168,8 +168,9 @@ def _audit(cfg: ShardAuditConfig, flags, shards, out, st, t0: float, beam_args=N
     with Progress("shards: reading", total_rows=sum(known) if None not in known else None, total_shards=len(todo),
                   total_bytes=sum(s.size for s, _ in todo)):
         run_pipeline(lambda p: build_pipeline(p, cfg, todo, old_parts, keep, names, str(parts), roots,
-                                              baseline=baseline), opts, where=cfg.out)
-    tables = collect_tables(str(parts), (SHARD_SCORES, DUPLICATES))
+                                              baseline=baseline, paths={s.name: s.path for s in shards}),
+                     opts, where=cfg.out)
+    tables = collect_tables(str(parts), (SHARD_SCORES, DUPLICATES, ROW_FLAGS))
     counts = _baseline_counts(parts) if save is not None else None  # before publishing removes the parts
     n_tokens = int(sum(r["n_tokens"] for r in tables["shard_scores"].to_pylist() if r["shard"] in
                        {s.name for s, _ in todo}))
@@ -179,8 +180,10 @@ def _audit(cfg: ShardAuditConfig, flags, shards, out, st, t0: float, beam_args=N
         files.mkdir()
         write_table(tables["shard_scores"], files / "shard_scores.parquet", SHARD_SCORES)
         write_table(tables["duplicates"], files / "duplicates.parquet", DUPLICATES)
+        write_table(tables["row_flags"], files / "row_flags.parquet", ROW_FLAGS)
         write_json(q, files / "quarantine.json")
-        write_text(render_shard_report(tables, bad, cfg, excerpts(tables["shard_scores"], shards, cfg), q),
+        write_text(render_shard_report(tables, bad, cfg, {}, q,
+                                       cluster_texts(tables["duplicates"], shards, cfg)),
                    files / "report.html")
         # no timings here: the outputs of identical inputs are byte-identical (the command prints the time)
         write_json({"shards": len(names), "scanned": len(todo), "from_state": len(keep), "bad": bad,

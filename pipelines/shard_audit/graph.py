@@ -277,7 +277,7 @@ def split_bands(rec: dict, buckets: int):
 
 def build_pipeline(p, cfg: ShardAuditConfig, todo: list[tuple[Shard, int]], old_parts: dict[str, list[str]],
                    keep: frozenset, names: list[str], staging: str, roots: dict[str, str] | None = None,
-                   baseline=None):
+                   baseline=None, paths: dict[str, str] | None = None):
     """The shard audit. ``baseline`` (a loaded :class:`~spike_audit.pipelines.beam.baseline.Baseline`): the
     shards are judged against its reference rows, unigram histogram and row hashes instead of against each
     other; ``cfg.save_baseline``: this corpus's accumulators are written out as one (kinds ``baseline_counts``
@@ -377,7 +377,25 @@ def build_pipeline(p, cfg: ShardAuditConfig, todo: list[tuple[Shard, int]], old_
             | "Components" >> beam.FlatMap(cluster_pairs, cfg.cc_iterations)
             | "NearRecords" >> beam.FlatMap(near_clusters, names, cfg.max_group))
 
-    outputs = [scores, exact, near]
+    # the top shards' anomalous rows, read again on workers once the ranking is known (``flags``); ``paths``
+    # names every shard's file, the ones the state kept too
+    from spike_audit.pipelines.shard_audit.flags import (ReadFlagChunk, flag_chunks, flag_rows, flag_targets,
+                                                         strongest_rows)
+
+    paths = paths if paths is not None else {s.name: s.path for s, _ in todo}
+    targets = (scores | "FlagInputs" >> beam.combiners.ToList() | "FlagTargets" >> beam.Map(flag_targets, paths))
+    flag_batches = (targets | "FlagChunks" >> beam.FlatMap(flag_chunks, cfg.batch_rows)
+                    | "SpreadFlagChunks" >> beam.Reshuffle()
+                    | "ReadFlagChunks" >> beam.FlatMap(ReadFlagChunk(cfg.tokens_col, cfg.text_col, cfg.dtype,
+                                                                     cfg.flat_rows)))
+    if cfg.tokenizer:
+        from spike_audit.pipelines.beam.read import DecodeText
+
+        flag_batches = flag_batches | "DecodeFlagChunks" >> beam.ParDo(DecodeText(cfg.tokenizer))
+    flags = (flag_batches | "FlagRows" >> beam.FlatMap(flag_rows, AsSingleton(targets), cfg_dict)
+             | "GroupFlags" >> beam.GroupByKey() | "StrongestRows" >> beam.FlatMap(strongest_rows))
+
+    outputs = [scores, exact, near, flags]
     if cfg.state:
         outputs += [
             new_accs | "AccState" >> beam.Map(

@@ -38,11 +38,22 @@ def shard_quarantine(scores: pa.Table, bad: list[dict], alpha: float, min_rows: 
             "unreadable": bad}
 
 
-def excerpts(scores: pa.Table, shards: list[Shard], cfg: ShardAuditConfig, top: int = 8, rows: int = 2) -> dict:
-    """The first rows of the most anomalous shards, for the report (bounded: top x rows; token-only rows
-    decoded with the tokenizer when there is one)."""
+def cluster_texts(dups: pa.Table, shards: list[Shard], cfg: ShardAuditConfig, top: int = 20) -> dict[str, str]:
+    """One member's text for each of the ``top`` largest duplicate clusters (the report's cluster table; bounded:
+    one row read per cluster; token-only rows decoded with the tokenizer when there is one)."""
+    import pyarrow.compute as pc
+
     from spike_audit.pipelines.shards.read import read_slices
 
+    if dups.num_rows == 0:
+        return {}
+    summary = dups.group_by(["cluster_id"]).aggregate([("n_members", "max")])
+    ids = summary.sort_by([("n_members_max", "descending"), ("cluster_id", "ascending")]).column("cluster_id")[:top]
+    first = (dups.filter(pc.is_in(dups.column("cluster_id"), value_set=ids.combine_chunks()))
+             .sort_by([("cluster_id", "ascending"), ("shard", "ascending"), ("row", "ascending")]).to_pylist())
+    member: dict[str, dict] = {}
+    for m in first:  # bounded: the top clusters' members
+        member.setdefault(m["cluster_id"], m)
     tok = None
     if cfg.tokenizer:
         from spike_audit.pipelines.tokenizer import load_tokenizer
@@ -50,18 +61,19 @@ def excerpts(scores: pa.Table, shards: list[Shard], cfg: ShardAuditConfig, top: 
         tok = load_tokenizer(cfg.tokenizer)
     paths = {s.name: s.path for s in shards}
     out = {}
-    for r in scores.to_pylist()[:top]:
+    for cid, m in sorted(member.items()):
+        if m["shard"] not in paths:
+            continue
         try:
-            rb = read_slices(None, paths[r["shard"]], np.array([[0, rows]]), unit="row", tokens_col=cfg.tokens_col,
-                             text_col=cfg.text_col, dtype=cfg.dtype, rows=cfg.flat_rows)
+            rb = read_slices(None, paths[m["shard"]], np.array([[m["row"], m["row"] + 1]]), unit="row",
+                             tokens_col=cfg.tokens_col, text_col=cfg.text_col, dtype=cfg.dtype, rows=cfg.flat_rows)
             if tok is not None:
                 from spike_audit.pipelines.beam.read import fill_text
 
-                rb = fill_text(rb, tok, r["shard"])
-        except (UserError, OSError):
+                rb = fill_text(rb, tok, m["shard"])
+        except (UserError, OSError, ValueError, RuntimeError):
             continue
-        texts = rb.column("text").to_pylist()
-        toks = rb.column("tokens").to_pylist()
-        out[r["shard"]] = [t[:300] if t is not None else (" ".join(map(str, k[:60])) if k else "")
-                           for t, k in zip(texts, toks)]
+        if rb.num_rows:
+            t, k = rb.column("text")[0].as_py(), rb.column("tokens")[0].as_py()
+            out[cid] = t[:300] if t is not None else (" ".join(map(str, k[:60])) if k else "")
     return out
