@@ -9,7 +9,8 @@ results are merges of those (:mod:`.suite`, :mod:`.evidence`).
 
 Every row signal is defined in :data:`ROW_SIGNALS`; :data:`FAMILIES` says in which tail each is anomalous.
 Within-batch duplication is exchangeable across steps (a step is judged on its own rows only); duplication
-*elsewhere* (``seen_elsewhere``) is measured by the pipelines against a fixed reference and is NaN here.
+*elsewhere* (``seen_elsewhere``, ``replay_rows``) is measured by the pipelines against a fixed reference and is
+NaN here.
 """
 
 from __future__ import annotations
@@ -44,13 +45,22 @@ ROW_SIGNALS: dict[str, str] = {
     "repeat_any_token_frac": "Share of the row's tokens inside any repeated n-gram run (>= 3 repeats, period 1..13).",
     "max_repeat_run": "Largest repeat count of any n-gram run in the row (period 1..13).",
     "repeat_run_row": "1 when the row holds a run of >= 32 repeats (OLMo's instance filter would drop it), else 0.",
-    "dup_in_batch": "1 when an identical row (64-bit token hash) is elsewhere in the same batch, else 0.",
+    "dup_in_batch": "1 when an identical row (64-bit token hash) is earlier in the same batch, else 0 (the first of "
+    "a group of copies is 0: a pair of copies is one duplicate, counted once; the skip list names the first copy "
+    "with the later ones).",
     "dup_doc_frac": "Share of the row's EOS-separated documents that occur again in the same batch.",
-    "near_dup_jaccard": "Largest estimated Jaccard similarity of the row's 5-gram shingles with another row of the same "
-    "batch (share of equal values of their 128-value MinHash signatures; every pair compared); 0 below 0.2 (code and "
-    "boilerplate share common 5-grams: that is not duplication) and without a partner.",
+    "near_dup_jaccard": "Largest estimated Jaccard similarity of the row's 5-gram shingles with an earlier row of the "
+    "same batch (share of equal values of their 128-value MinHash signatures; every pair compared); 0 below 0.2 (code "
+    "and boilerplate share common 5-grams: that is not duplication) and without an earlier partner (the first of a "
+    "group of near copies is 0, counted once like dup_in_batch; the skip list names it with the later ones).",
+    "chars_per_token": "Characters of the row's text per token (the tokenizer's fertility: base64, hex dumps, numbers "
+    "and other strings unlike the tokenizer's training text break into short tokens); NaN without text.",
     "seen_elsewhere": "1 when a row with identical tokens is at another position of the fixed duplicate reference "
     "(spike-audit run: the rows the manifest consumed; spike-audit shards: another shard), else 0.",
+    "replay_rows": "Rows of the batch (this one included) whose copies elsewhere in the fixed duplicate reference were "
+    "consumed together at one other step: the largest such count over the steps where this row's copies were "
+    "consumed (a natural duplicate: 1; k rows of an earlier batch consumed again: k); 0 when not seen elsewhere; NaN "
+    "without a reference of steps (spike-audit shards).",
     **{k: f"Text: {v}" for k, v in text_mod.SIGNALS.items()},
 }
 
@@ -70,6 +80,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("max_repeat_run", "high", _P), Family("repeat_run_row", "high", _FL),
     Family("dup_in_batch", "high", _FL), Family("dup_doc_frac", "high", _F),
     Family("near_dup_jaccard", "high", _F), Family("seen_elsewhere", "high", _FL),
+    Family("chars_per_token", "low", _P), Family("replay_rows", "high", _P),
     *(Family(k, "high", _F) for k in text_mod.SIGNALS if k.startswith("gopher_")),
     Family("non_alnum_frac", "high", _F),
     Family("mean_word_len", "high", _P), Family("mean_word_len", "low", _P),
@@ -97,16 +108,23 @@ def rows_markdown() -> str:
 NEAR_DUP_FLOOR = 0.2
 
 
+#: Families whose rows are later copies of an earlier row of the batch (:attr:`RowScores.partner`): a row flagged on
+#: one of them brings its partner into the skip list.
+PAIRED_SIGNALS: tuple[str, ...] = ("dup_in_batch", "near_dup_jaccard")
+
 #: Row signals in a fixed column order (the columns of :meth:`RowScores.matrix`).
 SIGNAL_ORDER: tuple[str, ...] = tuple(ROW_SIGNALS)
 
 
 @dataclass
 class RowScores:
-    """Every row signal of a batch (``values[name]``: float64 per row) and each row's 64-bit token hash."""
+    """Every row signal of a batch (``values[name]``: float64 per row), each row's 64-bit token hash and its
+    ``partner``: the earlier row it copies (identical, else its most similar earlier row at or above the near
+    duplicate floor), -1 for none."""
 
     values: dict[str, np.ndarray]
     hash: np.ndarray
+    partner: np.ndarray | None = None
 
     @property
     def n_rows(self) -> int:
@@ -137,6 +155,46 @@ def max_jaccard_all(sig: np.ndarray, block: int = 256) -> np.ndarray:
             best[a:a + block] = np.maximum(best[a:a + block], eq.max(axis=1))
             best[b:b + block] = np.maximum(best[b:b + block], eq.max(axis=0))
     return best / k
+
+
+def chars_per_token(text, lengths: np.ndarray) -> np.ndarray:
+    """Characters of each row's text per token (NaN for a missing text or a row without tokens)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    arr = text if isinstance(text, (pa.Array, pa.ChunkedArray)) else pa.array(list(text), type=pa.string())
+    try:
+        chars = pc.utf8_length(arr)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # not a string column: no text to measure
+        return np.full(len(lengths), np.nan)
+    if isinstance(chars, pa.ChunkedArray):
+        chars = chars.combine_chunks()
+    c = np.asarray(chars.to_numpy(zero_copy_only=False), dtype=np.float64)
+    lengths = np.asarray(lengths, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(lengths > 0, c / np.where(lengths > 0, lengths, 1.0), np.nan)
+
+
+def max_jaccard_earlier(sig: np.ndarray, block: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: the largest share of equal MinHash values with an *earlier* row (``rows x K`` uint32
+    signatures) and that row's index (the first of equals; -1 for the first row); every pair, in blocks."""
+    n, k = sig.shape
+    best = np.zeros(n, dtype=np.int64)
+    arg = np.full(n, -1, dtype=np.int64)
+    for b in range(0, n, block):
+        y = sig[b:b + block]
+        jy = np.arange(b, b + len(y))
+        for a in range(0, b + len(y), block):
+            x = sig[a:min(a + block, b + len(y))]
+            ix = np.arange(a, a + len(x))
+            eq = (x[:, None, :] == y[None, :, :]).sum(axis=2)
+            eq = np.where(ix[:, None] < jy[None, :], eq, -1)
+            top = eq.argmax(axis=0)
+            val = eq[top, np.arange(len(y))]
+            upd = val > best[jy]
+            best[jy[upd]] = val[upd]
+            arg[jy[upd]] = ix[top[upd]]
+    return best / k, arg
 
 
 class RowScorer:
@@ -174,32 +232,56 @@ class RowScorer:
         out["repeat_run_row"] = rep["repeat_run_rows_frac"]
         h, _, _ = hash_rows_and_docs(cache, self.seed, self.eos_id)
         d = self._dedup.row_signals(batch, cache)
-        out["dup_in_batch"] = d["dup_row_frac"]
+        h = np.asarray(h, dtype=np.uint64)
+        # exact copies: every copy after the first of its group (a pair is one duplicate, counted once)
+        _, first, inv = np.unique(h, return_index=True, return_inverse=True)
+        first_of = first[np.asarray(inv).reshape(-1)] if n else np.zeros(0, np.int64)
+        later = (d["dup_row_frac"] > 0) & (first_of != np.arange(n))
+        out["dup_in_batch"] = later.astype(np.float64)
         out["dup_doc_frac"] = d["dup_doc_frac"]
-        out["near_dup_jaccard"] = self._near_dup(batch, cache) if self.near_dup else np.full(n, np.nan)
+        partner = np.full(n, -1, dtype=np.int64)
+        if self.near_dup:
+            out["near_dup_jaccard"], partner = self._near_dup(batch, cache)
+        else:
+            out["near_dup_jaccard"] = np.full(n, np.nan)
+        partner = np.where(later, first_of, partner)
         out["seen_elsewhere"] = np.full(n, np.nan)
+        out["replay_rows"] = np.full(n, np.nan)
+        out["chars_per_token"] = np.full(n, np.nan)
         if self.text and batch.text is not None:
             out.update(text_mod.TextStats().row_signals(batch, cache))
-        return RowScores(out, np.asarray(h, dtype=np.uint64))
+            out["chars_per_token"] = chars_per_token(batch.text, lengths)
+        return RowScores(out, h, partner)
 
-    def _near_dup(self, batch: TokenBatch, cache: BatchCache) -> np.ndarray:
+    def _near_dup(self, batch: TokenBatch, cache: BatchCache) -> tuple[np.ndarray, np.ndarray]:
+        """Per row: the best estimated Jaccard with an earlier row (0 under the floor) and that row (-1)."""
         n = batch.n_rows
         out = np.zeros(n)
+        partner = np.full(n, -1, dtype=np.int64)
         ne = np.flatnonzero(cache.lengths() > 0)
         if len(ne) < 2:
-            return out
+            return out, partner
         sig = signatures(batch, self.ngram, self.num_perm, self.seed, cache=cache)[ne]
         if len(ne) <= self.max_pairwise_rows:
-            j = max_jaccard_all(sig)
-            out[ne] = np.where(j >= NEAR_DUP_FLOOR, j, 0.0)
-            return out
+            j, arg = max_jaccard_earlier(sig)
+            ok = (j >= NEAR_DUP_FLOOR) & (arg >= 0)
+            out[ne] = np.where(ok, j, 0.0)
+            partner[ne[ok]] = ne[arg[ok]]
+            return out, partner
         # very large batches: LSH candidates at ``near_threshold``, their estimated Jaccard (lower pairs: 0)
         from spike_audit.auditors.minhash import band_keys, near_duplicates
 
         keys = band_keys(sig, max(self.near_threshold, NEAR_DUP_FLOOR), self.seed)
         lo, hi, jac = near_duplicates(keys, (sig & 0xFF).astype(np.uint8), max(self.near_threshold, NEAR_DUP_FLOOR))
         best = np.zeros(len(ne))
-        np.maximum.at(best, lo, jac)
-        np.maximum.at(best, hi, jac)
+        arg = np.full(len(ne), -1, dtype=np.int64)
+        a, b = np.minimum(lo, hi), np.maximum(lo, hi)  # the later row of each pair gets its earlier partner
+        order = np.lexsort((a, -np.asarray(jac)))  # best similarity first, then the earliest partner
+        b_o, a_o, j_o = b[order], a[order], np.asarray(jac)[order]
+        _, first = np.unique(b_o, return_index=True)
+        best[b_o[first]] = j_o[first]
+        arg[b_o[first]] = a_o[first]
         out[ne] = np.clip(best, 0.0, 1.0)
-        return out
+        ok = arg >= 0
+        partner[ne[ok]] = ne[arg[ok]]
+        return out, partner

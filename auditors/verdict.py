@@ -365,19 +365,28 @@ def judge(families: Sequence[Family], window_steps: Sequence[int], window: Evide
 FLAG_SLACK = 0.05
 
 
-def step_flags(bins: np.ndarray, found: Sequence[Finding]) -> tuple[np.ndarray, list[list[int]]]:
+def step_flags(bins: np.ndarray, found: Sequence[Finding], partner: np.ndarray | None = None,
+               paired: Iterable[int] = ()) -> tuple[np.ndarray, list[list[int]]]:
     """Rows of one step flagged by its anomalous findings: (row indices, families flagging each). The step's
     strongest anomalous family names all rows at its cut; any other anomalous family names its rows only when
     its cut is selective (``N * natural rate <= FLAG_SLACK * rows``): a broad cut of a secondary family would
-    add normal rows that merely lie above an ordinary quantile."""
+    add normal rows that merely lie above an ordinary quantile. ``paired``: families whose rows are later
+    copies of an earlier row (``partner[row]``, -1 for none); a row flagged on one brings its partner along
+    (the first copy of a group is part of the duplicate too)."""
     bins = np.asarray(bins)
+    paired = set(int(f) for f in paired)
     hit: dict[int, list[int]] = {}
     anomalous = [x for x in found if x.anomalous]
     for i, x in enumerate(anomalous):
         if i > 0 and x.n_rows * x.rate > FLAG_SLACK * x.rows:
             continue
-        for r in np.flatnonzero(bins[:, x.family] >= x.cut).tolist():
-            hit.setdefault(r, []).append(x.family)
+        rows = np.flatnonzero(bins[:, x.family] >= x.cut)
+        if partner is not None and x.family in paired and len(rows):
+            p = np.asarray(partner, dtype=np.int64)[rows]
+            rows = np.union1d(rows, p[p >= 0])
+        for r in rows.tolist():
+            if x.family not in hit.get(r, []):
+                hit.setdefault(r, []).append(x.family)
     rows = np.asarray(sorted(hit), dtype=np.int64)
     return rows, [hit[r] for r in rows.tolist()]
 

@@ -213,3 +213,30 @@ def test_bin_matrix_equals_orient_then_bins_column_by_column(seed):
         if fam.signal in NAMES:
             want[:, f] = to_bins(orient(v, NAMES.index(fam.signal), fam))
     assert np.array_equal(bin_matrix(v, NAMES, fams), want)
+
+
+def test_copies_in_a_batch_count_once_per_group_and_the_skip_list_names_every_copy():
+    # a pair of identical rows is one duplicate: only the later copy is counted (so a natural pair in a control
+    # weighs as one odd row, not two), and its flag brings the first copy along
+    from spike_audit.auditors.base import TokenBatch
+    from spike_audit.auditors.rows import FAMILY_NAMES, PAIRED_SIGNALS, SIGNAL_ORDER, FAMILIES, RowScorer
+
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(2, 5000, 300) for _ in range(5)]
+    near = docs[1].copy()
+    near[rng.choice(300, 18, replace=False)] = rng.integers(2, 5000, 18)  # 6% of tokens substituted
+    rows = [docs[0], docs[1], docs[2], docs[0], near, docs[3], docs[0], docs[4]]
+    tb = TokenBatch(np.concatenate(rows), np.r_[0, np.cumsum([len(r) for r in rows])])
+    sc = RowScorer().score(tb)
+    assert sc.values["dup_in_batch"].tolist() == [0, 0, 0, 1, 0, 0, 1, 0]
+    nd = sc.values["near_dup_jaccard"]
+    assert nd[[0, 1, 2, 5, 7]].tolist() == [0, 0, 0, 0, 0] and nd[3] == nd[6] == 1.0 and 0.3 < nd[4] < 0.9
+    assert sc.partner.tolist() == [-1, -1, -1, 0, 1, -1, 0, -1]
+    bins = bin_matrix(sc.matrix(), SIGNAL_ORDER, FAMILIES)
+    f = FAMILY_NAMES.index("dup_in_batch")
+    from spike_audit.auditors.verdict import Finding
+
+    x = Finding(f, 1, 2, 8, int(bins[3, f]), 9.0, 0.001, 0, None, True)
+    paired = [i for i, fam in enumerate(FAMILIES) if fam.signal in PAIRED_SIGNALS]
+    assert step_flags(bins, [x])[0].tolist() == [3, 6]
+    assert step_flags(bins, [x], sc.partner, paired)[0].tolist() == [0, 3, 6]

@@ -58,8 +58,8 @@ def manifest_row_groups(path: str) -> list[int]:
 
 
 def row_group_slices(rg: int, path: str, exclude_steps: frozenset = frozenset()):
-    """One manifest row group -> ``(shard, (starts, ends, is_token))`` per shard in it (numpy arrays), without
-    the slices consumed at ``exclude_steps`` (the spike windows)."""
+    """One manifest row group -> ``(shard, (starts, ends, is_token, steps))`` per shard in it (numpy arrays),
+    without the slices consumed at ``exclude_steps`` (the spike windows)."""
     import pyarrow.parquet as pq
 
     t = pq.ParquetFile(path).read_row_group(rg, columns=["step", "shard", "row_start", "row_end", "unit"])
@@ -74,11 +74,12 @@ def row_group_slices(rg: int, path: str, exclude_steps: frozenset = frozenset())
     starts = np.asarray(t.column("row_start"), dtype=np.int64)
     ends = np.asarray(t.column("row_end"), dtype=np.int64)
     is_tok = np.asarray(pc.equal(unit, "token").to_numpy(zero_copy_only=False), dtype=bool)
+    steps = np.asarray(t.column("step"), dtype=np.int64)
     order = np.argsort(idx, kind="stable")
     cuts = np.flatnonzero(np.diff(idx[order])) + 1
     for part in np.split(order, cuts):
         if len(part):
-            yield names[int(idx[part[0]])], (starts[part], ends[part], is_tok[part])
+            yield names[int(idx[part[0]])], (starts[part], ends[part], is_tok[part], steps[part])
 
 
 def _read(root, shard, slices, unit, cfg):
@@ -93,8 +94,20 @@ def _read(root, shard, slices, unit, cfg):
                            dtype=cfg.get("dtype"), rows=cfg.get("flat_rows"))
 
 
+def _slice_steps(start, end, unit, sl, st):
+    """The step that consumed each read row: for rows, the latest-starting slice of ``sl`` (sorted by start)
+    that contains it; for token ranges, the slice equal to it (-1 when none)."""
+    if unit == "row":
+        i = np.searchsorted(sl[:, 0], start, side="right") - 1
+        ok = (i >= 0) & (sl[np.maximum(i, 0), 1] > start)
+        return np.where(ok, st[np.maximum(i, 0)], -1)
+    look = {(int(a), int(b)): int(c) for (a, b), c in zip(sl.tolist(), st.tolist())}
+    return np.asarray([look.get((int(a), int(b)), -1) for a, b in zip(start.tolist(), end.tolist())], dtype=np.int64)
+
+
 def hash_shard(kv, audited, root, cfg):
-    """(shard, parts of its slices) -> ``(hashes, positions)`` of its rows whose hash is audited."""
+    """(shard, parts of its slices) -> ``(hashes, positions, steps)`` of its rows whose hash is audited (the
+    step: one step that consumed the row there)."""
     from spike_audit.auditors.dedup import row_hashes
     from spike_audit.pipelines.beam.scoring import to_token_batch
     from spike_audit.pipelines.shards.slices import coalesce
@@ -106,11 +119,14 @@ def hash_shard(kv, audited, root, cfg):
     starts = np.concatenate([p[0] for p in parts])
     ends = np.concatenate([p[1] for p in parts])
     tok = np.concatenate([p[2] for p in parts])
-    hs, ps = [], []
+    stp = np.concatenate([p[3] if len(p) > 3 else np.full(len(p[0]), -1, np.int64) for p in parts])
+    hs, ps, ss = [], [], []
     for unit, sel in (("row", ~tok), ("token", tok)):
         if not sel.any():
             continue
         sl = np.stack([starts[sel], ends[sel]], axis=1)
+        o = np.lexsort((sl[:, 1], sl[:, 0]))
+        sl_sorted, st_sorted = sl[o], stp[sel][o]
         if unit == "row":  # every consumed row once
             # cut the coalesced ranges into pieces of at most READ_ROWS rows, grouped up to READ_ROWS per read
             pieces = [(x, min(b, x + READ_ROWS)) for a, b in coalesce(sl).tolist() for x in range(a, b, READ_ROWS)]
@@ -139,33 +155,43 @@ def hash_shard(kv, audited, root, cfg):
             end = np.asarray(rb.column("row_end"), dtype=np.int64)[hit]
             hs.append(h[hit])
             ps.append(position_keys(np.full(len(start), shard, dtype=object), start, end))
+            ss.append(_slice_steps(start, end, unit, sl_sorted, st_sorted))
     if hs:
-        yield np.concatenate(hs), np.concatenate(ps)
+        yield np.concatenate(hs), np.concatenate(ps), np.concatenate(ss)
 
 
 class DupReference:
-    """``(hash, position)`` pairs of the reference rows whose hash is audited, as a mergeable accumulator;
-    ``result``: ``{"pairs": sorted unique pair keys, "hash": hashes of those pairs (aligned)}``."""
+    """``(hash, position, step)`` triples of the reference rows whose hash is audited, as a mergeable
+    accumulator; ``result``: the triples sorted by hash then step, and the sorted pair keys of the distinct
+    ``(hash, position)`` pairs."""
 
     name = "dup_reference"
 
     def create(self):
-        return (np.zeros(0, np.uint64), np.zeros(0, np.uint64))
+        return (np.zeros(0, np.uint64), np.zeros(0, np.uint64), np.zeros(0, np.int64))
 
     def add(self, acc, item):
         return self.merge([acc, item])
 
     def merge(self, accs):
-        accs = list(accs)
+        accs = [a if len(a) == 3 else (a[0], a[1], np.full(len(a[0]), -1, np.int64)) for a in accs]
         h = np.concatenate([a[0] for a in accs]) if accs else np.zeros(0, np.uint64)
-        p = np.concatenate([a[1] for a in accs]) if accs else np.zeros(0, np.uint64)
         if not len(h):
             return self.create()
-        code = np.unique(np.stack([h, p], axis=1), axis=0)
-        return code[:, 0].copy(), code[:, 1].copy()
+        p = np.concatenate([a[1] for a in accs])
+        st = np.concatenate([a[2] for a in accs]).astype(np.int64)
+        order = np.lexsort((st, p, h))
+        h, p, st = h[order], p[order], st[order]
+        keep = np.r_[True, (h[1:] != h[:-1]) | (p[1:] != p[:-1]) | (st[1:] != st[:-1])]
+        return h[keep], p[keep], st[keep]
 
     def result(self, acc):
-        return {"hash": acc[0], "pos": acc[1]}
+        h, p, st = acc
+        order = np.lexsort((st, h))
+        pk = pair_keys(h, p)
+        u_pk, first = np.unique(pk, return_index=True)
+        return {"hash": h[order], "pos": p[order], "step": st[order], "pair_keys": u_pk,
+                "pair_hash": np.sort(h[first])}
 
 
 def seen_elsewhere(ref: dict | None, h: np.ndarray, pos: np.ndarray) -> np.ndarray:
@@ -174,9 +200,48 @@ def seen_elsewhere(ref: dict | None, h: np.ndarray, pos: np.ndarray) -> np.ndarr
     h = np.asarray(h, dtype=np.uint64)
     if ref is None:
         return np.full(len(h), np.nan)
-    rh, rp = ref["hash"], ref["pos"]
-    order = np.argsort(rh, kind="stable")
-    srt = rh[order]
+    if "pair_hash" in ref:  # distinct (hash, position) pairs, precomputed by the accumulator
+        srt, pks = ref["pair_hash"], ref["pair_keys"]
+    else:
+        code = np.unique(np.stack([np.asarray(ref["hash"], np.uint64), np.asarray(ref["pos"], np.uint64)], axis=1),
+                         axis=0) if len(ref["hash"]) else np.zeros((0, 2), np.uint64)
+        srt, pks = np.sort(code[:, 0]), np.sort(pair_keys(code[:, 0], code[:, 1]))
     n_at = np.searchsorted(srt, h, side="right") - np.searchsorted(srt, h, side="left")
-    own = np.isin(pair_keys(h, pos), pair_keys(rh, rp))
+    own = np.isin(pair_keys(h, pos), pks)
     return ((n_at - own.astype(np.int64)) >= 1).astype(np.float64)
+
+
+#: At most this many reference copies of one row are looked at for :func:`replay_rows` (the first by step): a
+#: row with more copies is common boilerplate, and the expansion stays bounded whatever the corpus.
+MAX_COPIES = 1024
+
+
+def replay_rows(ref: dict | None, h: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """Per row: how many rows of this batch (the row included) have copies consumed together at one other step
+    of the reference: the largest such count over the steps where the row's copies (same hash, another
+    position) were consumed; 0 for a row not seen elsewhere; NaN without a reference. A natural duplicate
+    shares its other step with no other row of the batch (1); a replay of ``k`` rows of one earlier batch
+    gives ``k`` to each of them."""
+    h = np.asarray(h, dtype=np.uint64)
+    n = len(h)
+    if ref is None or "step" not in ref:
+        return np.full(n, np.nan)
+    out = np.zeros(n)
+    rh, rp, rs = ref["hash"], ref["pos"], ref["step"]
+    if not n or not len(rh):
+        return out
+    lo = np.searchsorted(rh, h, side="left")
+    hi = np.minimum(np.searchsorted(rh, h, side="right"), lo + MAX_COPIES)
+    cnt = np.maximum(hi - lo, 0)
+    if not cnt.sum():
+        return out
+    row = np.repeat(np.arange(n), cnt)
+    idx = np.arange(int(cnt.sum())) - np.repeat(np.cumsum(cnt) - cnt, cnt) + np.repeat(lo, cnt)
+    other = (rp[idx] != np.asarray(pos, np.uint64)[row]) & (rs[idx] >= 0)
+    row, st = row[other], rs[idx][other]
+    if not len(row):
+        return out
+    pairs = np.unique(np.stack([st, row], axis=1), axis=0)
+    steps, inv, c = np.unique(pairs[:, 0], return_inverse=True, return_counts=True)
+    np.maximum.at(out, pairs[:, 1], c[np.asarray(inv).reshape(-1)].astype(np.float64))
+    return out

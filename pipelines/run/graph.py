@@ -9,15 +9,17 @@ import numpy as np
 import pyarrow as pa
 
 from spike_audit.auditors.evidence import NBINS, bin_hist, bin_matrix, candidates_from_hists, cut_value, scan
-from spike_audit.auditors.rows import FAMILIES, SIGNAL_ORDER
+from spike_audit.auditors.rows import FAMILIES, PAIRED_SIGNALS, SIGNAL_ORDER
 from spike_audit.auditors.verdict import (ReferenceBuilder, VerdictConfig, judge, null_model,
                                           step_flags, window_evidence)
 from spike_audit.pipelines.beam.scoring import opt_float, score_batch, to_token_batch
-from spike_audit.pipelines.run.dupref import position_keys, seen_elsewhere
+from spike_audit.pipelines.run.dupref import position_keys, replay_rows, seen_elsewhere
 from spike_audit.pipelines.run.plan import Plan, RunConfig
 
 FAMILY_LIST = list(FAMILIES)
 SCORE_BUNDLE_TOKENS = 1 << 18  # steps are scored in bundles of about this many tokens (text signals per bundle)
+#: Families of later copies (their rows bring their earlier partner into the skip list).
+PAIRED = tuple(i for i, f in enumerate(FAMILIES) if f.signal in PAIRED_SIGNALS)
 
 
 # ------------------------------------------------------------------------------------------ scoring
@@ -88,6 +90,7 @@ def score_step(kv, hist, cfg: dict, control_set: frozenset, window_set: frozense
     n = tb.n_rows
     units = rb.column("unit").to_numpy(zero_copy_only=False).astype(object)
     out = {"n_rows": n, "n_tokens": tb.n_tokens, "signals": sig, "values": rows.matrix(), "hash": rows.hash,
+           "partner": rows.partner,
            "shard": np.asarray(tb.shard, dtype=object), "row": np.asarray(rb.column("row"), dtype=np.int64),
            "row_end": np.asarray(rb.column("row_end"), dtype=np.int64), "unit": units,
            "row_tokens": np.asarray(tb.lengths, dtype=np.int64),
@@ -105,14 +108,18 @@ def union_hashes(arrays) -> np.ndarray:
 
 
 _SEEN = SIGNAL_ORDER.index("seen_elsewhere")
+_REPLAY = SIGNAL_ORDER.index("replay_rows")
 
 
 def bin_step(item, dupref) -> tuple[int, dict]:
-    """Fill ``seen_elsewhere`` from the fixed duplicate reference and bin every row on every family."""
+    """Fill ``seen_elsewhere`` and ``replay_rows`` from the fixed duplicate reference and bin every row on every
+    family."""
     step, d = item
     values = d["values"].copy()
-    seen = seen_elsewhere(dupref, d["hash"], position_keys(d["shard"], d["row"], d["row_end"]))
+    pos = position_keys(d["shard"], d["row"], d["row_end"])
+    seen = seen_elsewhere(dupref, d["hash"], pos)
     values[:, _SEEN] = seen
+    values[:, _REPLAY] = replay_rows(dupref, d["hash"], pos)
     sig = dict(d["signals"])
     sig["cross_dup_frac"] = float(seen.mean()) if len(seen) and np.isfinite(seen).all() else float("nan")
     out = {k: v for k, v in d.items() if k not in ("values", "signals")}
@@ -207,7 +214,7 @@ class EventOutputs(beam.DoFn):
                                    "p_value": v.step_p.get(step), "top_signal": FAMILY_LIST[top].name if T > 0 else None,
                                    "top_rows": int(ev.k[g, top]) if T > 0 else None,
                                    "families": _families_list(ev, g), "signals": _signals_list(d["signals"])}
-            rows, fams = step_flags(d["bins"], found)
+            rows, fams = step_flags(d["bins"], found, d.get("partner"), PAIRED)
             by_f = {x.family: x for x in found}
             for r, fs in zip(rows.tolist(), fams):
                 flags.append((step, d, r, fs, max(by_f[f].e for f in fs), max(by_f[f].rate for f in fs)))

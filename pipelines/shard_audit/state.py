@@ -14,6 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 import numpy as np
 
+from spike_audit.auditors.rows import FAMILY_NAMES
 from spike_audit.pipelines.errors import UserError
 from spike_audit.pipelines.shard_audit.config import NODE_SHIFT, ShardAuditConfig
 
@@ -94,13 +95,16 @@ def _load_index(state: str | None) -> dict:
     return index
 
 
-#: Bumped when the stored accumulators change form (2: suite accumulator + row-bin histogram per shard).
-STATE_FORMAT = 2
+#: Bumped when the stored accumulators change form (2: suite accumulator + row-bin histogram per shard; 3: the
+#: row signals' definitions changed: copies within a batch counted once, chars_per_token). The row families' names
+#: are part of the settings key too, so a histogram is never read with another family layout.
+STATE_FORMAT = 3
 
 
 def _settings_key(cfg: ShardAuditConfig) -> str:
     d = asdict(cfg)
     d["state_format"] = STATE_FORMAT
+    d["row_families"] = list(FAMILY_NAMES)
     for k in ("inputs", "out", "root", "state", "skip_bad", "alpha", "min_rows", "batch_rows", "buckets",
               "allow_outside_root", "baseline", "save_baseline"):
         d.pop(k, None)
