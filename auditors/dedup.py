@@ -162,6 +162,13 @@ class ExactDup:
         return out
 
 
+def later_copies(acc: dict) -> int:
+    """Rows of an :class:`ExactDup` accumulator that copy an earlier row of it: ``k - 1`` for each group of ``k``
+    identical rows (a pair of copies is one duplicate)."""
+    _, c = _merge_counts(acc["rows"])
+    return int((c[c >= 2] - 1).sum()) if len(c) else 0
+
+
 def seen_elsewhere(hashes: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Rows whose hash also occurs under another key (another step, another shard).
 

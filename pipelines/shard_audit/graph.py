@@ -144,14 +144,17 @@ def finish_shard(key_acc, hist, cfg: dict, own_in_hist: bool = True):
 def with_shard_counts(kv):
     """CoGroupByKey of finished shards and their seen-elsewhere counts -> the finished shard with
     ``cross_dup_frac`` and its shard-level binary families set in the histogram: rows seen in another shard
-    (``seen_elsewhere``), rows duplicated within the shard (``dup_in_batch``), rows with a near duplicate
+    (``seen_elsewhere``), later copies of a row within the shard (``dup_in_batch``: a group of ``k`` copies
+    counts ``k - 1``, as in a step), rows with a near duplicate
     within the shard (``near_dup_jaccard``: the suite's MinHash LSH at its threshold)."""
     from spike_audit.auditors.evidence import NBINS, to_bins
     from spike_audit.auditors.rows import FAMILY_NAMES
 
+    from spike_audit.auditors.dedup import later_copies
+
     key, grouped = kv
     one = int(to_bins(1.0))
-    for _, n_rows, n_tokens, sig, hist, _acc in grouped["scores"]:
+    for _, n_rows, n_tokens, sig, hist, acc in grouped["scores"]:
         seen = int(sum(grouped["seen"]))
         sig = dict(sig, cross_dup_frac=(seen / n_rows) if n_rows else float("nan"))
         hist = hist.copy()
@@ -159,7 +162,7 @@ def with_shard_counts(kv):
             v = sig.get(k)
             return int(round(v * n_rows)) if v is not None and v == v else 0
 
-        for fam, c in (("seen_elsewhere", seen), ("dup_in_batch", count("dup_row_frac_acc")),
+        for fam, c in (("seen_elsewhere", seen), ("dup_in_batch", later_copies(acc["dedup"])),
                        ("near_dup_jaccard", count("near_dup_frac"))):
             f = FAMILY_NAMES.index(fam)
             hist[f] = np.zeros(NBINS, dtype=hist.dtype)
