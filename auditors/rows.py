@@ -48,7 +48,8 @@ ROW_SIGNALS: dict[str, str] = {
     "dup_in_batch": "1 when an identical row (64-bit token hash) is earlier in the same batch, else 0 (the first of "
     "a group of copies is 0: a pair of copies is one duplicate, counted once; the skip list names the first copy "
     "with the later ones).",
-    "dup_doc_frac": "Share of the row's EOS-separated documents that occur again in the same batch.",
+    "dup_doc_frac": "Share of the row's EOS-separated documents that copy a document earlier in the same batch (the "
+    "first occurrence is not counted, as in dup_in_batch).",
     "near_dup_jaccard": "Largest estimated Jaccard similarity of the row's 5-gram shingles with an earlier row of the "
     "same batch (share of equal values of their 128-value MinHash signatures; every pair compared); 0 below 0.2 (code "
     "and boilerplate share common 5-grams: that is not duplication) and without an earlier partner (the first of a "
@@ -110,7 +111,7 @@ NEAR_DUP_FLOOR = 0.2
 
 #: Families whose rows are later copies of an earlier row of the batch (:attr:`RowScores.partner`): a row flagged on
 #: one of them brings its partner into the skip list.
-PAIRED_SIGNALS: tuple[str, ...] = ("dup_in_batch", "near_dup_jaccard")
+PAIRED_SIGNALS: tuple[str, ...] = ("dup_in_batch", "near_dup_jaccard", "dup_doc_frac")
 
 #: Row signals in a fixed column order (the columns of :meth:`RowScores.matrix`).
 SIGNAL_ORDER: tuple[str, ...] = tuple(ROW_SIGNALS)
@@ -230,7 +231,7 @@ class RowScorer:
         out["repeat_any_token_frac"] = rep["repeat_any_token_frac"]
         out["max_repeat_run"] = rep["max_repeat_run"]
         out["repeat_run_row"] = rep["repeat_run_rows_frac"]
-        h, _, _ = hash_rows_and_docs(cache, self.seed, self.eos_id)
+        h, dh, drow = hash_rows_and_docs(cache, self.seed, self.eos_id)
         d = self._dedup.row_signals(batch, cache)
         h = np.asarray(h, dtype=np.uint64)
         # exact copies: every copy after the first of its group (a pair is one duplicate, counted once)
@@ -238,13 +239,28 @@ class RowScorer:
         first_of = first[np.asarray(inv).reshape(-1)] if n else np.zeros(0, np.int64)
         later = (d["dup_row_frac"] > 0) & (first_of != np.arange(n))
         out["dup_in_batch"] = later.astype(np.float64)
-        out["dup_doc_frac"] = d["dup_doc_frac"]
+        doc_partner = np.full(n, -1, dtype=np.int64)
+        if self.eos_id is None or not len(dh):
+            out["dup_doc_frac"] = d["dup_doc_frac"]
+        else:  # documents that copy an earlier document of the batch (in row, then position order)
+            dh, drow = np.asarray(dh), np.asarray(drow, dtype=np.int64)
+            _, dfirst, dinv = np.unique(dh, return_index=True, return_inverse=True)
+            dfirst_of = dfirst[np.asarray(dinv).reshape(-1)]
+            dlater = dfirst_of != np.arange(len(dh))
+            per_row_docs = np.bincount(drow, minlength=n).astype(np.float64)
+            per_row_later = np.bincount(drow, weights=dlater.astype(np.float64), minlength=n)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out["dup_doc_frac"] = np.where(per_row_docs > 0, per_row_later / per_row_docs, np.nan)
+            src = drow[dfirst_of[dlater]]
+            lat = drow[dlater]
+            ok = src != lat  # a copy of an earlier document of another row: that row is its partner
+            doc_partner[lat[ok][::-1]] = src[ok][::-1]  # the first such document's row wins
         partner = np.full(n, -1, dtype=np.int64)
         if self.near_dup:
             out["near_dup_jaccard"], partner = self._near_dup(batch, cache)
         else:
             out["near_dup_jaccard"] = np.full(n, np.nan)
-        partner = np.where(later, first_of, partner)
+        partner = np.where(later, first_of, np.where(partner >= 0, partner, doc_partner))
         out["seen_elsewhere"] = np.full(n, np.nan)
         out["replay_rows"] = np.full(n, np.nan)
         out["chars_per_token"] = np.full(n, np.nan)

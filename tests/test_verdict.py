@@ -240,3 +240,9 @@ def test_copies_in_a_batch_count_once_per_group_and_the_skip_list_names_every_co
     paired = [i for i, fam in enumerate(FAMILIES) if fam.signal in PAIRED_SIGNALS]
     assert step_flags(bins, [x])[0].tolist() == [3, 6]
     assert step_flags(bins, [x], sc.partner, paired)[0].tolist() == [0, 3, 6]
+    # documents too: a row whose documents copy earlier documents of the batch (not the first occurrence)
+    a, b, c = [5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16]
+    rows = [a + [0] + b, c, b + [0] + a + [0], [20, 21, 22]]
+    tb = TokenBatch(np.concatenate(rows), np.r_[0, np.cumsum([len(r) for r in rows])])
+    sc = RowScorer(eos_id=0).score(tb)
+    assert sc.values["dup_doc_frac"].tolist() == [0, 0, 1, 0] and sc.partner.tolist() == [-1, -1, 0, -1]
