@@ -184,6 +184,29 @@ def special_ids(path, tok=None) -> SpecialIds:
     return SpecialIds(eos, pad, eos_tok, pad_tok, source)
 
 
+_OTHER_SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "cls_token", "mask_token")
+
+
+def megatron_pad_id(path) -> int | None:
+    """The pad id megatron-core's GPTDataset feeds as 0: the tokenizer's pad, unless it is the same token as
+    another special token of the tokenizer (megatron-core then resets it to -1, "no pad": nothing is changed)."""
+    sp = special_ids(path)
+    if sp.pad_id is None:
+        return None
+    p = str(path)
+    if os.path.isdir(p):
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+            d = _read_json(os.path.join(p, name))
+            others = {_token_content(d.get(k)) for k in _OTHER_SPECIAL_KEYS}
+            extra = d.get("additional_special_tokens")
+            others |= {_token_content(t) for t in extra} if isinstance(extra, list) else set()
+            if sp.pad_token in others:
+                log.info("%s: the pad token %r is also another special token: megatron-core feeds no pad", p,
+                         sp.pad_token)
+                return None
+    return sp.pad_id
+
+
 def _added_special(tok):
     try:
         return [t for t in tok.get_added_tokens_decoder().values() if getattr(t, "special", False)]

@@ -45,6 +45,21 @@ def test_special_ids_from_names_configs_and_pad_equal_to_eos(tmp_path):
     assert (special_ids(tmp_path / "b.json").eos_id, special_ids(tmp_path / "b.json").pad_id) == (None, None)
 
 
+def test_megatron_pad_is_the_tokenizers_unless_it_is_another_special_token(tmp_path):
+    """megatron-core keeps a pad id only when it collides with no other special token (else -1: no pad)."""
+    from spike_audit.pipelines.tokenizer import megatron_pad_id
+
+    d = tmp_path / "tok"
+    d.mkdir()
+    tok = _tokenizer(d / "tokenizer.json", ["<unk>", "<pad>", "</s>"])
+    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}))
+    assert megatron_pad_id(d) == tok.token_to_id("<pad>")
+    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "pad_token": "<unk>", "unk_token": "<unk>"}))
+    assert megatron_pad_id(d) is None  # pad = unk (a common setting): megatron-core feeds no pad
+    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "pad_token": "</s>"}))
+    assert megatron_pad_id(d) is None  # pad = EOS
+
+
 def test_decode_tokens_equals_decoding_each_row(tmp_path):
     tok = _tokenizer(tmp_path / "t.json", ["<|endoftext|>"])
     rows = [tok.encode("the lazy dog").ids + [0] + tok.encode("five jugs").ids, None, [], tok.encode("fox").ids]

@@ -262,9 +262,9 @@ def run(args) -> int:
         cache = load_cache(args.cache, split=args.split)
         pad_id = args.pad_id
         if pad_id is None and args.tokenizer:
-            from spike_audit.pipelines.tokenizer import special_ids
+            from spike_audit.pipelines.tokenizer import megatron_pad_id
 
-            pad_id = special_ids(args.tokenizer).pad_id  # a pad equal to the EOS is none, as megatron-core resets it
+            pad_id = megatron_pad_id(args.tokenizer)  # none when it collides with a special token, as megatron-core does
         if pad_id is None:
             log.info("no --pad-id / --tokenizer: the manifest assumes the Megatron tokenizer has no pad id in the "
                      "data (megatron-core feeds 0 where its pad id occurs)")
