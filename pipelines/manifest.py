@@ -76,8 +76,27 @@ def load_manifest_table(path) -> pa.Table:
         raise UserError(f"{src}: not a readable Parquet manifest ({reason(err)})") from None
     validate(table, STEP_MANIFEST, source=src)
     table = STEP_MANIFEST.conform(table, source=src)
+    for col in ("shard", "unit"):
+        _check_utf8(table.column(col), col, src)
     unit = pc.fill_null(table.column("unit"), "row")
     return table.set_column(table.schema.get_field_index("unit"), STEP_MANIFEST.schema.field("unit"), unit)
+
+
+def _check_utf8(column: pa.ChunkedArray, name: str, src: str) -> None:
+    """Parquet does not check that strings are UTF-8: a damaged file can hold bytes that are not (one-line error
+    naming the first such row, instead of a UnicodeDecodeError wherever the value is first used)."""
+    base = 0
+    for chunk in column.chunks:
+        try:
+            chunk.validate(full=True)
+        except pa.ArrowInvalid:
+            for i in range(len(chunk)):  # the error path only: find the row to name
+                try:
+                    chunk[i].as_py()
+                except UnicodeDecodeError:
+                    raise UserError(f"{src}: row {base + i}: {name} is not valid UTF-8 (a damaged manifest?)") from None
+            raise UserError(f"{src}: column {name} is not valid UTF-8 (a damaged manifest?)") from None
+        base += len(chunk)
 
 
 def meta_of(table_or_schema) -> dict:

@@ -143,3 +143,20 @@ def test_run_description_round_trips_and_stamps_the_convention(tmp_path):
     assert read_meta(tmp_path / "bare.parquet") == {}
     with pytest.raises(ValueError, match="unknown manifest metadata"):
         with_meta(t, token_type="int32")
+
+
+def test_a_shard_name_that_is_not_utf8_is_a_one_line_error(tmp_path):
+    """Found by the fuzz test: Parquet stores strings unchecked, so a damaged manifest can name a shard with bytes
+    that are not UTF-8; refused naming the row instead of a UnicodeDecodeError later."""
+    import pyarrow.parquet as pq
+
+    from spike_audit.pipelines.errors import UserError
+    from spike_audit.pipelines.manifest import load_manifest_table
+
+    p = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"step": [0, 1], "shard": ["a.parquet", "bXXXX.parquet"], "row_start": [0, 0],
+                             "row_end": [1, 1]}), p, compression="none")
+    data = p.read_bytes()
+    p.write_bytes(data.replace(b"bXXXX", b"b\xff\xfe\x80X"))
+    with pytest.raises(UserError, match=r"m\.parquet: row 1: shard is not valid UTF-8"):
+        load_manifest_table(p)

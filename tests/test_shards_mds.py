@@ -96,3 +96,23 @@ def test_open_shard_and_the_cli_read_mds(tmp_path):
     assert shard_length(str(FIX), "mixed_zstd") == len(TRUTH)
     b = read_slices(str(FIX), "mixed_zstd", np.array([[5, 7]]))
     assert b.column("tokens").to_pylist() == TRUTH[5:7]
+
+
+def test_a_shard_too_short_for_its_offsets_or_sizes_is_a_one_line_error(tmp_path):
+    """Found by the fuzz test: a shard holding only its sample count (or offsets that leave no room for the
+    per-sample size fields) is refused naming the shard file, never an IndexError."""
+    import struct
+
+    import zstandard
+
+    d = tmp_path / "m"
+    shutil.copytree(FIX / "mixed_zstd", d)
+    first = read_mds_index(str(d))[0]
+    Path(first.zip).write_bytes(zstandard.ZstdCompressor().compress(struct.pack("<I", first.samples)))
+    with pytest.raises(UserError, match=r"shard\.00000\.mds: 4 bytes cannot hold the offsets of its 1 samples"):
+        MDSReader(str(d), "m").read(np.array([[0, 1]]))
+    # offsets pointing at a sample too short for its size fields
+    body = struct.pack("<I", 1) + struct.pack("<II", 12, 14) + b"\0\0"
+    Path(first.zip).write_bytes(zstandard.ZstdCompressor().compress(body))
+    with pytest.raises(UserError, match=r"shard\.00000\.mds: sample offsets are corrupt"):
+        MDSReader(str(d), "m").read(np.array([[0, 1]]))

@@ -228,11 +228,14 @@ class MDSReader(ShardReader):
         if len(buf) < 4 or _u32(buf, np.array([0]))[0] != s.samples:
             raise UserError(f"{self.name}: {os.path.basename(s.raw)} does not start with its sample count "
                             f"{s.samples} (not an MDS shard, or index.json is stale)")
+        if len(buf) < 8 + 4 * s.samples:  # the count and its samples + 1 offsets
+            raise UserError(f"{self.name}: {os.path.basename(s.raw)}: {len(buf)} bytes cannot hold the offsets of "
+                            f"its {s.samples} samples (truncated?)")
         begin = _u32(buf, 4 + 4 * local)
         end = _u32(buf, 8 + 4 * local)
-        if (end < begin).any() or (end > len(buf)).any():
-            raise UserError(f"{self.name}: {os.path.basename(s.raw)}: sample offsets are corrupt")
         var = [i for i, z in enumerate(s.sizes) if not z]
+        if (end < begin + 4 * len(var)).any() or (end > len(buf)).any():
+            raise UserError(f"{self.name}: {os.path.basename(s.raw)}: sample offsets are corrupt")
         sizes = np.zeros((len(local), len(s.names)), np.int64)
         for i, z in enumerate(s.sizes):
             if z:
