@@ -196,7 +196,8 @@ ROW_FLAGS = TableSpec(
     version=2,
     doc="Rows (sequences) that carry a spike event's anomaly: at every window step, the rows at the cut of each "
     "family anomalous there (evidence beyond every control step, at least min_rows rows, more than any control "
-    "step has at the cut).",
+    "step has at the cut). In a shard audit (`step` and `spike_id` null): the strongest rows of the most "
+    "anomalous shards at their anomalous families' cuts (families with a per-row value).",
     fields=(
         F("shard", pa.string(), "Shard the row lives in."),
         F("row", pa.int64(), "Row index (or token offset for `unit` = `token`)."),
