@@ -276,6 +276,9 @@ def scan(candidates: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
         g, f, b, k, a = (np.concatenate([c[i] for c in candidates]) for i in range(5))
     else:
         g = f = b = k = a = np.zeros(0, np.int64)
+    # a group with no reference rows (one shard audited alone) has nothing to be anomalous against
+    keep = ref_rows[g] > 0
+    g, f, b, k, a = g[keep], f[keep], b[keep], k[keep], a[keep]
     if len(g):
         r = (a + 0.5) / (ref_rows[g] + 1.0)
         ev = evidence_of(k, n[g], r)

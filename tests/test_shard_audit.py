@@ -178,3 +178,36 @@ def test_missing_input_is_a_one_line_error(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "matches no file" in err
+
+
+def test_one_shard_alone_is_ranked_but_never_quarantined_against_nothing(corpus, tmp_path, capsys):
+    """An ad hoc audit of one shard has no other rows to judge it against: no evidence, no quarantine, and the
+    reason says so (it had e=120 on every family against an empty reference)."""
+    import json
+
+    root, truth = corpus
+    one = sorted((root / "shards").glob("*.parquet"))[0]
+    rc = main(["shards", str(one), "--out", str(tmp_path / "one"), "--json"])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["quarantined"] == []
+    (rec,) = res["shards"]
+    assert rec["anomaly_score"] == 0.0 and "no other rows" in rec["reason"]
+
+
+def test_an_mds_dataset_directory_is_one_shard(tmp_path, capsys):
+    """A mosaicml-streaming dataset (index.json + shard files, written by streaming's own MDSWriter) given to
+    `shards`, alone or inside a folder, is one shard; a pickled one beside it is refused, never unpickled."""
+    import json
+    from pathlib import Path
+
+    fix = Path(__file__).parent / "fixtures" / "mds"
+    rc = main(["shards", str(fix / "mixed_zstd"), "--out", str(tmp_path / "a"), "--json"])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out)
+    assert [s["shard"] for s in res["shards"]] == ["mixed_zstd"] and res["shards"][0]["n_rows"] > 0
+    rc = main(["shards", str(fix), "--out", str(tmp_path / "b"), "--skip-bad", "--json"])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out)
+    assert [s["shard"] for s in res["shards"]] == ["mixed_zstd"]
+    assert [b["shard"] for b in res["unreadable"]] == ["pickled"] and "pickled" in res["unreadable"][0]["error"]

@@ -21,8 +21,11 @@ SHARD_SUFFIXES = (".parquet", ".pq", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".json
 
 
 def _is_hf_dir(path: str) -> bool:
+    """A dataset directory read as one shard: a Hugging Face ``datasets`` directory, or a mosaicml-streaming
+    MDS dataset (``index.json`` beside its ``shard.NNNNN.mds[.zstd]`` files)."""
     return os.path.isdir(path) and (os.path.exists(os.path.join(path, "dataset_info.json"))
-                                    or os.path.exists(os.path.join(path, "state.json")))
+                                    or os.path.exists(os.path.join(path, "state.json"))
+                                    or os.path.isfile(os.path.join(path, "index.json")))
 
 
 def _is_shard_file(path: str) -> bool:

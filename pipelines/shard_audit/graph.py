@@ -189,7 +189,9 @@ def shard_evidence(item, corpus, own_in_corpus: bool = True) -> dict:
             "anomaly_score": float(min(ev.T[0], 300.0)), "top_signal": fams[0]["name"] if fams else "",
             "top_rows": fams[0]["rows"] if fams else 0, "natural_rate": fams[0]["natural_rate"] if fams else None,
             "reason": "; ".join(f"{x['rows']} of {n_rows} rows on {x['name']} (natural rate "
-                                f"{100 * x['natural_rate']:.2g}%, e={x['evidence']:.1f})" for x in fams[:3])}
+                                f"{100 * x['natural_rate']:.2g}%, e={x['evidence']:.1f})" for x in fams[:3])
+            if (R - n_rows if own_in_corpus else R) > 0 else
+            "no other rows to judge it against (audit it with other shards, or against --baseline)"}
 
 
 def shard_signal_record(item):
