@@ -176,9 +176,53 @@ def chars_per_token(text, lengths: np.ndarray) -> np.ndarray:
         return np.where(lengths > 0, c / np.where(lengths > 0, lengths, 1.0), np.nan)
 
 
-def max_jaccard_earlier(sig: np.ndarray, block: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def max_jaccard_earlier(sig: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per row: the largest share of equal MinHash values with an *earlier* row (``rows x K`` uint32
-    signatures) and that row's index (the first of equals; -1 for the first row); every pair, in blocks."""
+    signatures) and that row's index (the earliest of equally similar rows; -1 when no earlier row shares a
+    value). Exact, from the pairs that share a value: the (column, value, row) triples are sorted once and
+    every run of equal values yields its pairs, so the cost follows the shared values (a few per row in
+    natural text) instead of ``rows^2 x K``; where most pairs share values (a batch of copies), or the triple
+    does not fit 64 bits, every pair is compared in blocks."""
+    n, k = sig.shape
+    best = np.zeros(n, dtype=np.int64)
+    arg = np.full(n, -1, dtype=np.int64)
+    if n < 2 or k == 0:
+        return best / max(k, 1), arg
+    rb, cb = int(n - 1).bit_length(), int(k - 1).bit_length()
+    if rb + cb + 32 > 64:
+        return _max_jaccard_earlier_blocks(sig)
+    trip = np.arange(k, dtype=np.uint64)[None, :] << np.uint64(32 + rb)
+    trip = trip | (sig.astype(np.uint64) << np.uint64(rb)) | np.arange(n, dtype=np.uint64)[:, None]
+    trip = np.sort(trip.ravel())  # by column, then value, then row
+    cv = trip >> np.uint64(rb)  # (column, value): a run of equal cv is rows sharing one value
+    rows = (trip & np.uint64((1 << rb) - 1)).astype(np.int64)
+    start = np.ones(cv.size, dtype=bool)
+    start[1:] = cv[1:] != cv[:-1]
+    pos = np.arange(cv.size, dtype=np.int64)
+    run_first = np.maximum.accumulate(np.where(start, pos, 0))
+    r = pos - run_first  # earlier positions of the same run: the pairs this position closes
+    n_pairs = int(r.sum())
+    if n_pairs == 0:
+        return best / k, arg
+    if n_pairs > (n * n * k) // 8:
+        return _max_jaccard_earlier_blocks(sig)
+    first = np.cumsum(r) - r
+    earlier = np.repeat(run_first - first, r) + np.arange(n_pairs, dtype=np.int64)
+    key = rows[earlier] * n + np.repeat(rows, r)  # earlier row * n + later row (rows ascend within a run)
+    key.sort()
+    new = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    cnt = np.diff(np.r_[new, key.size])
+    ii, jj = np.divmod(key[new], n)
+    o = np.lexsort((ii, -cnt, jj))  # per later row: most shared values first, then the earliest row
+    jj_o = jj[o]
+    top = o[np.flatnonzero(np.r_[True, jj_o[1:] != jj_o[:-1]])]
+    best[jj[top]] = cnt[top]
+    arg[jj[top]] = ii[top]
+    return best / k, arg
+
+
+def _max_jaccard_earlier_blocks(sig: np.ndarray, block: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`max_jaccard_earlier` comparing every pair of rows, in blocks (``O(rows^2 K)``)."""
     n, k = sig.shape
     best = np.zeros(n, dtype=np.int64)
     arg = np.full(n, -1, dtype=np.int64)
