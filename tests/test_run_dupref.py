@@ -2,6 +2,8 @@
 (a replay of an earlier batch) as opposed to natural duplicates scattered over the run."""
 
 import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from spike_audit.pipelines.run.dupref import DupReference, replay_rows, seen_elsewhere
 
@@ -41,3 +43,16 @@ def test_replay_counts_are_invariant_to_the_order_of_the_batch_rows():
     want = replay_rows(ref, h, pos)
     perm = rng.permutation(16)
     assert replay_rows(ref, h[perm], pos[perm]).tolist() == want[perm].tolist()
+
+
+@settings(max_examples=100, deadline=None)
+@given(x=st.lists(st.integers(0, 2**64 - 1) | st.integers(0, 20), max_size=40),
+       keys=st.lists(st.integers(0, 2**64 - 1) | st.integers(0, 20), max_size=40))
+def test_membership_in_the_sorted_reference_is_isin(x, keys):
+    """The reference lookups (is this row hash audited? is this (hash, position) pair the row's own?) answer
+    exactly what np.isin answers, for any hashes, including none and repeated ones."""
+    from spike_audit.pipelines.run.dupref import _in_sorted
+
+    x = np.asarray(x, dtype=np.uint64)
+    ref = np.unique(np.asarray(keys, dtype=np.uint64))
+    np.testing.assert_array_equal(_in_sorted(x, ref), np.isin(x, ref))

@@ -148,7 +148,7 @@ def hash_shard(kv, audited, root, cfg):
                 continue
             tb = to_token_batch(rb, cfg["tokens_col"], cfg["text_col"])
             h = row_hashes(tb, cfg["seed"])
-            hit = np.isin(h, audited)
+            hit = _in_sorted(h, audited)  # audited: sorted distinct hashes (union_hashes)
             if not hit.any():
                 continue
             start = np.asarray(rb.column("row"), dtype=np.int64)[hit]
@@ -194,6 +194,15 @@ class DupReference:
                 "pair_hash": np.sort(h[first])}
 
 
+def _in_sorted(x: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
+    """``np.isin(x, sorted_keys)`` for sorted ``sorted_keys``: a binary search per element of ``x`` (isin sorts
+    both arrays on every call: the reference's size per audited step)."""
+    if not len(sorted_keys):
+        return np.zeros(len(x), dtype=bool)
+    i = np.minimum(np.searchsorted(sorted_keys, x), len(sorted_keys) - 1)
+    return sorted_keys[i] == x
+
+
 def seen_elsewhere(ref: dict | None, h: np.ndarray, pos: np.ndarray) -> np.ndarray:
     """1.0 where a row's hash ``h`` occurs in the reference at a position other than ``pos``, else 0.0; NaN
     for every row without a reference."""
@@ -207,7 +216,7 @@ def seen_elsewhere(ref: dict | None, h: np.ndarray, pos: np.ndarray) -> np.ndarr
                          axis=0) if len(ref["hash"]) else np.zeros((0, 2), np.uint64)
         srt, pks = np.sort(code[:, 0]), np.sort(pair_keys(code[:, 0], code[:, 1]))
     n_at = np.searchsorted(srt, h, side="right") - np.searchsorted(srt, h, side="left")
-    own = np.isin(pair_keys(h, pos), pks)
+    own = _in_sorted(pair_keys(h, pos), pks)
     return ((n_at - own.astype(np.int64)) >= 1).astype(np.float64)
 
 
