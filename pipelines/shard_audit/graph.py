@@ -29,12 +29,14 @@ class ReadChunk:
     def __init__(self, tokens_col: str, text_col: str, dtype: str | None, rows=None):
         self.tokens_col, self.text_col, self.dtype, self.rows = tokens_col, text_col, dtype, rows
 
-    def __call__(self, item):
+    def __call__(self, item, reader=None):
         from spike_audit.pipelines.shards.read import read_slices
 
         name, path, start, end, n = item[:5]
         if len(item) > 5:
             rb = _documents_batch(path, item[5], item[6], start, end, self.rows, self.dtype, name)
+        elif reader is not None:  # the shard opened once for all its chunks (ScoreShard)
+            rb = reader.read(np.array([[start, end]], dtype=np.int64), "row")
         else:
             rb = read_slices(None, path, np.array([[start, end]], dtype=np.int64), unit="row",
                              tokens_col=self.tokens_col, text_col=self.text_col, dtype=self.dtype, rows=self.rows)
@@ -81,13 +83,29 @@ def document_chunk_items(shard, rows, dtype, batch_rows: int):
         items.append((a, b, ta, tb))
         if last:
             n = b
-    for a, b, ta, tb in items:
-        yield name, path, a, b, n, ta, tb
+    yield from group_chunks(name, path, n, items)
+
+
+#: Chunks scored by one element of the shard audit (a whole shard up to this many chunks of ``batch_rows`` rows):
+#: a shard scored in one element has its within-shard state (exact hashes, MinHash sketches) finished there, so only
+#: a few numbers per shard cross the pipeline's stages.
+GROUP_CHUNKS = 64
+
+
+def group_chunks(name, path, n, ranges, per: int = GROUP_CHUNKS):
+    """A shard's chunk ranges ``(start, end)`` (or ``(start, end, token_start, token_end)``) -> its work elements
+    ``(name, path, n, ranges, whole)``: consecutive chunks, at most ``per`` each; ``whole`` when one element holds
+    every chunk of the shard."""
+    ranges = [tuple(r) for r in ranges]
+    whole = len(ranges) <= per
+    for i in range(0, len(ranges), per):
+        yield name, path, n, tuple(ranges[i:i + per]), whole
 
 
 class ShardAcc:
     """Per shard: the suite's accumulator and the histogram of every row's bins on every family (one scoring
-    pass per chunk gives both, :func:`score_chunk`); merged by the suite's merge and addition."""
+    pass per chunk gives both, :func:`score_chunk`); merged by the suite's merge and addition. The result is
+    :func:`compact_acc`: no per-row state leaves the combine."""
 
     name = "shard_acc"
 
@@ -106,11 +124,36 @@ class ShardAcc:
             return None
         if len(accs) == 1:
             return accs[0]
+        if any("pre" in a for a in accs):
+            raise RuntimeError("a finished shard accumulator merged with another (a shard scored twice?)")
         suite = make_suite(self.cfg_dict)
         return {"suite": suite.merge([a["suite"] for a in accs]), "rows": sum(a["rows"] for a in accs)}
 
     def result(self, acc):
+        return compact_acc(acc, self.cfg_dict)
+
+
+#: The suite auditors whose state is per row (hashes, sketches) and whose result needs no baseline: a whole shard's
+#: state is finished into their signals by :func:`compact_acc`.
+ROW_STATE = ("dedup", "minhash")
+
+
+def compact_acc(acc, cfg_dict: dict):
+    """A whole shard's accumulator with its per-row state (exact row and document hashes, MinHash band keys and
+    sketches) replaced by what the audit reads from it: those auditors' signals (``pre``) and the rows that copy
+    an earlier row of the shard (``later``). Every later use of the accumulator (the baseline, the shard's signals,
+    the state) sees the same values; an accumulator already compact is returned as it is."""
+    from spike_audit.auditors.dedup import later_copies
+
+    if acc is None or "pre" in acc:
         return acc
+    suite = make_suite(cfg_dict)
+    sub = acc["suite"]
+    pre = {}
+    for k in ROW_STATE:
+        pre.update({n: float(v) for n, v in suite.auditors[k].result(sub[k]).items()})
+    small = dict(sub, **{k: suite.auditors[k].create() for k in ROW_STATE})
+    return {"suite": small, "rows": acc["rows"], "pre": pre, "later": later_copies(sub["dedup"])}
 
 
 def score_chunk(name_rb, cfg_dict: dict, shard_index: dict | None = None):
@@ -133,12 +176,74 @@ def score_chunk(name_rb, cfg_dict: dict, shard_index: dict | None = None):
     return scored, _row_keys(name, rb, tb, shard_index, cfg_dict, cache)
 
 
+class ScoreShard:
+    """A work element ``(name, path, n, ranges, whole)`` (:func:`group_chunks`) -> ``((shard, accumulator), keys)``:
+    each chunk read (the shard opened once) and scored by :func:`score_chunk` as its own batch, the chunks'
+    accumulators merged and their row keys concatenated; an element holding the whole shard gives the compact
+    accumulator (:func:`compact_acc`), so the shard's per-row state never leaves it. With ``tokenizer``, token-only
+    rows are decoded first (:class:`~spike_audit.pipelines.beam.read.DecodeText`, loaded once per instance)."""
+
+    def __init__(self, cfg_dict: dict, shard_index: dict, read: ReadChunk, tokenizer: str | None = None):
+        self.cfg_dict, self.shard_index, self.read, self.tokenizer = cfg_dict, shard_index, read, tokenizer
+        self._tok = None
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_tok"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _tok=None)
+
+    def __call__(self, item):
+        from spike_audit.pipelines.shards.read import _close, open_shard
+
+        name, path, n, ranges, whole = item
+        reader = None
+        if ranges and len(ranges[0]) == 2:
+            reader = open_shard(None, path, tokens_col=self.read.tokens_col, text_col=self.read.text_col,
+                                dtype=self.read.dtype, rows=self.read.rows)
+        accs, keys = [], []
+        try:
+            for r in ranges:
+                kv = self.read((name, path, r[0], r[1], n, *r[2:]), reader)
+                if self.tokenizer:
+                    kv = (kv[0], self._decode(kv[1], name))
+                (_, acc), k = score_chunk(kv, self.cfg_dict, self.shard_index)
+                accs.append(acc)
+                keys.append(k)
+        finally:
+            if reader is not None:
+                _close(reader)
+        fn = ShardAcc(self.cfg_dict)
+        acc = fn.merge(accs)
+        return (name, fn.result(acc) if whole else acc), concat_keys(keys)
+
+    def _decode(self, rb, name):
+        from spike_audit.pipelines.beam.read import fill_text
+        from spike_audit.pipelines.tokenizer import load_tokenizer
+
+        if self._tok is None:
+            self._tok = load_tokenizer(self.tokenizer)
+        return fill_text(rb, self._tok, source=rb.column("shard")[0].as_py() if rb.num_rows else "")
+
+
+def concat_keys(keys: list[dict]) -> dict:
+    """Row keys of consecutive chunks of one shard as one record (the same arrays, in chunk order)."""
+    if len(keys) == 1:
+        return keys[0]
+    out = {"shard": keys[0]["shard"]}
+    for k in ("nodes", "hash", "ne_nodes", "bands", "sketch"):
+        out[k] = np.concatenate([r[k] for r in keys])
+    return out
+
+
 def finish_shard(key_acc, hist, cfg: dict, own_in_hist: bool = True):
     """(shard, ShardAcc) -> (shard, n_rows, n_tokens, signals, row-bin histogram); suite signals leave-one-out
     against the corpus histogram (or against a saved baseline's, which the shard is not part of)."""
     key, acc = key_acc
+    acc = compact_acc(acc, cfg)
     k, n_rows, n_tokens, sig = finish((key, acc["suite"]), hist, cfg, frozenset(), own_in_hist)
-    return k, n_rows, n_tokens, sig, acc["rows"], acc["suite"]
+    sig.update(acc["pre"])  # (same keys, same order: the suite's result lists every signal)
+    return k, n_rows, n_tokens, sig, acc["rows"], acc["later"]
 
 
 def with_shard_counts(kv):
@@ -150,11 +255,9 @@ def with_shard_counts(kv):
     from spike_audit.auditors.evidence import NBINS, to_bins
     from spike_audit.auditors.rows import FAMILY_NAMES
 
-    from spike_audit.auditors.dedup import later_copies
-
     key, grouped = kv
     one = int(to_bins(1.0))
-    for _, n_rows, n_tokens, sig, hist, acc in grouped["scores"]:
+    for _, n_rows, n_tokens, sig, hist, later in grouped["scores"]:
         seen = int(sum(grouped["seen"]))
         sig = dict(sig, cross_dup_frac=(seen / n_rows) if n_rows else float("nan"))
         hist = hist.copy()
@@ -162,7 +265,7 @@ def with_shard_counts(kv):
             v = sig.get(k)
             return int(round(v * n_rows)) if v is not None and v == v else 0
 
-        for fam, c in (("seen_elsewhere", seen), ("dup_in_batch", later_copies(acc["dedup"])),
+        for fam, c in (("seen_elsewhere", seen), ("dup_in_batch", later),
                        ("near_dup_jaccard", count("near_dup_frac"))):
             f = FAMILY_NAMES.index(fam)
             hist[f] = np.zeros(NBINS, dtype=hist.dtype)
@@ -298,8 +401,9 @@ def build_pipeline(p, cfg: ShardAuditConfig, todo: list[tuple[Shard, int]], old_
                 "tokens_col": cfg.tokens_col, "text_col": cfg.text_col}
     shard_index = {n: i for i, n in enumerate(names)}
     fp = {s.name: s.fingerprint for s, _ in todo}
-    chunks = [(s.name, s.path, a, min(a + cfg.batch_rows, n), n) for s, n in todo if n is not None
-              for a in range(0, n, cfg.batch_rows)]
+    chunks = [g for s, n in todo if n is not None
+              for g in group_chunks(s.name, s.path, n, [(a, min(a + cfg.batch_rows, n))
+                                                         for a in range(0, n, cfg.batch_rows)])]
     doc_files = [(s.name, s.path) for s, n in todo if n is None]  # EOS-delimited documents: cut on workers
     tokens_col, text_col = cfg.tokens_col, cfg.text_col
 
@@ -309,16 +413,13 @@ def build_pipeline(p, cfg: ShardAuditConfig, todo: list[tuple[Shard, int]], old_
         all_chunks = (p | "Chunks" >> beam.Create(chunks), doc_chunks) | "AllChunks" >> beam.Flatten()
     else:
         all_chunks = p | "Chunks" >> beam.Create(chunks)
-    batches = (all_chunks | "Spread" >> beam.Reshuffle()
-               | "Read" >> beam.Map(ReadChunk(cfg.tokens_col, cfg.text_col, cfg.dtype, cfg.flat_rows)))
-    if cfg.tokenizer:  # text signals for token-only shards: decode with the run's tokenizer
-        from spike_audit.pipelines.beam.read import DecodeText
-
-        batches = batches | "Decode" >> beam.ParDo(DecodeText(cfg.tokenizer))
-    # one scoring pass per chunk: the suite accumulator, the row-bin histogram and the row keys (one cache)
-    # (one element per chunk split by two Maps, not a tagged output: Beam 2.77's DaskRunner, with the receivers
-    # shim of beam.dask_compat, hands a ParDo's tagged outputs to its main output too)
-    both = batches | "Score" >> beam.Map(score_chunk, cfg_dict, shard_index)
+    # one scoring pass per chunk, a shard's chunks in one element: the suite accumulator, the row-bin histogram and
+    # the row keys (one cache per chunk); one element out per work element, split by two Maps, not a tagged output
+    # (Beam 2.77's DaskRunner, with the receivers shim of beam.dask_compat, hands a ParDo's tagged outputs to its
+    # main output too)
+    both = (all_chunks | "Spread" >> beam.Reshuffle()
+            | "Score" >> beam.Map(ScoreShard(cfg_dict, shard_index, ReadChunk(cfg.tokens_col, cfg.text_col, cfg.dtype,
+                                                                              cfg.flat_rows), cfg.tokenizer)))
     new_accs = (both | "Scores" >> beam.Map(lambda sk: sk[0])
                 | "AuditShards" >> beam.CombinePerKey(AuditorCombineFn(ShardAcc(cfg_dict), output="accumulator")))
     old_accs = (p | "OldAccParts" >> beam.Create(old_parts.get("accs", []))
