@@ -58,10 +58,12 @@ ROW_SIGNALS: dict[str, str] = {
     "and other strings unlike the tokenizer's training text break into short tokens); NaN without text.",
     "seen_elsewhere": "1 when a row with identical tokens is at another position of the fixed duplicate reference "
     "(spike-audit run: the rows the manifest consumed; spike-audit shards: another shard), else 0.",
-    "replay_rows": "Rows of the batch (this one included) whose copies elsewhere in the fixed duplicate reference were "
-    "consumed together at one other step: the largest such count over the steps where this row's copies were "
-    "consumed (a natural duplicate: 1; k rows of an earlier batch consumed again: k); 0 when not seen elsewhere; NaN "
-    "without a reference of steps (spike-audit shards).",
+    "replay_rows": "Distinct rows of the batch whose copies elsewhere in the fixed duplicate reference were consumed "
+    "together at one other step (a block), given to every row of the block but its first in batch order (counted "
+    "once, like dup_in_batch: the first gets 1 and the skip list names it with the later ones): the largest over the "
+    "row's blocks (a natural duplicate: 1; two natural duplicates consumed together elsewhere: 2 for the later one; "
+    "k rows of an earlier batch consumed again: k for k - 1 of them); 0 when not seen elsewhere; NaN without a "
+    "reference of steps (spike-audit shards).",
     **{k: f"Text: {v}" for k, v in text_mod.SIGNALS.items()},
 }
 
@@ -111,7 +113,7 @@ NEAR_DUP_FLOOR = 0.2
 
 #: Families whose rows are later copies of an earlier row of the batch (:attr:`RowScores.partner`): a row flagged on
 #: one of them brings its partner into the skip list.
-PAIRED_SIGNALS: tuple[str, ...] = ("dup_in_batch", "near_dup_jaccard", "dup_doc_frac")
+PAIRED_SIGNALS: tuple[str, ...] = ("dup_in_batch", "near_dup_jaccard", "dup_doc_frac", "replay_rows")
 
 #: Row signals in a fixed column order (the columns of :meth:`RowScores.matrix`).
 SIGNAL_ORDER: tuple[str, ...] = tuple(ROW_SIGNALS)

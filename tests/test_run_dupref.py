@@ -27,7 +27,10 @@ def test_a_replayed_block_is_counted_together_and_natural_duplicates_are_not():
     h = np.arange(1, 7, dtype=np.uint64)
     pos = np.arange(101, 107, dtype=np.uint64)
     assert seen_elsewhere(ref, h, pos).tolist() == [1, 1, 1, 1, 1, 0]
-    assert replay_rows(ref, h, pos).tolist() == [3, 3, 3, 1, 1, 0]
+    # the block of 3 counted once: its first row 1, the two later ones 3 (like a group of copies in a batch)
+    assert replay_rows(ref, h, pos).tolist() == [1, 3, 3, 1, 1, 0]
+    vals, part = replay_rows(ref, h, pos, with_partner=True)
+    assert part.tolist() == [-1, 0, 0, -1, -1, -1]  # the skip list names the block's first row with the others
     assert np.isnan(replay_rows(None, h, pos)).all()
     # the same position consumed at another step (another epoch) is not elsewhere
     ref2 = _ref([(6, 106, 12), (6, 106, 700)])
@@ -36,13 +39,48 @@ def test_a_replayed_block_is_counted_together_and_natural_duplicates_are_not():
 
 def test_replay_counts_are_invariant_to_the_order_of_the_batch_rows():
     rng = np.random.default_rng(0)
-    trip = [(int(rng.integers(1, 30)), int(rng.integers(1000, 2000)), int(rng.integers(0, 6))) for _ in range(80)]
+    # every row's copies at one other step (the blocks are disjoint: which row heads a block follows the batch
+    # order, the counts at every cut do not)
+    trip = [(x, int(rng.integers(1000, 2000)), x % 6) for x in rng.integers(1, 30, 80).tolist()]
     ref = _ref(trip)
     h = rng.integers(1, 30, 16).astype(np.uint64)
     pos = rng.integers(0, 999, 16).astype(np.uint64)
     want = replay_rows(ref, h, pos)
     perm = rng.permutation(16)
-    assert replay_rows(ref, h[perm], pos[perm]).tolist() == want[perm].tolist()
+    assert sorted(replay_rows(ref, h[perm], pos[perm]).tolist()) == sorted(want.tolist())
+
+
+def test_natural_duplicates_consumed_together_elsewhere_are_one_odd_row():
+    # rows 1 and 2 of this batch are natural duplicates (each also elsewhere) that happen to share step 50; the
+    # batch also holds row 1 twice (an identical pair within the batch is dup_in_batch's, not a block of 2)
+    ref = _ref([(1, 501, 50), (2, 502, 50), (3, 503, 60)])
+    h = np.array([1, 2, 1, 3, 4], np.uint64)
+    pos = np.arange(101, 106, dtype=np.uint64)
+    v = replay_rows(ref, h, pos)
+    assert int((v >= 2).sum()) == 1  # one row at the block's count, not two
+    assert v.tolist() == [1, 2, 1, 1, 0]
+
+
+@settings(max_examples=40, deadline=None)
+@given(k=st.integers(1, 12), n_nat=st.integers(0, 6), seed=st.integers(0, 2**16))
+def test_a_replay_of_k_rows_gives_k_minus_1_rows_at_k(k, n_nat, seed):
+    rng = np.random.default_rng(seed)
+    n = k + n_nat + 3
+    h = rng.permutation(np.arange(1, n + 1)).astype(np.uint64)
+    pos = np.arange(1000, 1000 + n, dtype=np.uint64)
+    rows = rng.permutation(n)
+    replayed, natural = rows[:k], rows[k:k + n_nat]
+    trip = [(int(h[r]), 5000 + i, 7) for i, r in enumerate(replayed)]  # consumed together at step 7
+    trip += [(int(h[r]), 6000 + i, 100 + i) for i, r in enumerate(natural)]  # each at its own step
+    ref = _ref(trip)
+    v, part = replay_rows(ref, h, pos, with_partner=True)
+    assert int((v >= k).sum()) == (k - 1 if k > 1 else k + n_nat)
+    assert int((v > 0).sum()) == k + n_nat  # every row seen elsewhere
+    head = int(replayed.min())
+    if k > 1:
+        assert set(np.flatnonzero(part >= 0).tolist()) == set(replayed.tolist()) - {head}
+        assert set(part[part >= 0].tolist()) == {head}
+
 
 
 @settings(max_examples=100, deadline=None)

@@ -225,32 +225,54 @@ def seen_elsewhere(ref: dict | None, h: np.ndarray, pos: np.ndarray) -> np.ndarr
 MAX_COPIES = 1024
 
 
-def replay_rows(ref: dict | None, h: np.ndarray, pos: np.ndarray) -> np.ndarray:
-    """Per row: how many rows of this batch (the row included) have copies consumed together at one other step
-    of the reference: the largest such count over the steps where the row's copies (same hash, another
-    position) were consumed; 0 for a row not seen elsewhere; NaN without a reference. A natural duplicate
-    shares its other step with no other row of the batch (1); a replay of ``k`` rows of one earlier batch
-    gives ``k`` to each of them."""
+def replay_rows(ref: dict | None, h: np.ndarray, pos: np.ndarray, with_partner: bool = False):
+    """Per row: how many distinct rows of this batch have copies consumed together at one other step of the
+    reference, counted once per block like a group of copies within a batch: for every other step where
+    copies of the batch's rows were consumed, the block is its rows (the first of identical rows of the batch
+    only) and its count ``c`` their distinct hashes; every row of a block but its first (in batch order) gets
+    ``c``, its first 1. A row's value is the largest over its blocks; 1 for a row seen elsewhere in no block
+    where it is later; 0 for a row not seen elsewhere; NaN without a reference. A natural duplicate shares its
+    other step with no other row of the batch (1); two natural duplicates that happen to be consumed together
+    at another step are one block (one row at 2, like a pair of copies: one odd row); a replay of ``k`` rows of
+    one earlier batch gives ``k`` to ``k - 1`` of them. With ``with_partner``, also each row's block's first
+    row (-1 for none), which the skip list names with it."""
     h = np.asarray(h, dtype=np.uint64)
     n = len(h)
     if ref is None or "step" not in ref:
-        return np.full(n, np.nan)
+        out = np.full(n, np.nan)
+        return (out, np.full(n, -1, dtype=np.int64)) if with_partner else out
     out = np.zeros(n)
+    partner = np.full(n, -1, dtype=np.int64)
     rh, rp, rs = ref["hash"], ref["pos"], ref["step"]
     if not n or not len(rh):
-        return out
+        return (out, partner) if with_partner else out
     lo = np.searchsorted(rh, h, side="left")
     hi = np.minimum(np.searchsorted(rh, h, side="right"), lo + MAX_COPIES)
     cnt = np.maximum(hi - lo, 0)
     if not cnt.sum():
-        return out
+        return (out, partner) if with_partner else out
     row = np.repeat(np.arange(n), cnt)
     idx = np.arange(int(cnt.sum())) - np.repeat(np.cumsum(cnt) - cnt, cnt) + np.repeat(lo, cnt)
     other = (rp[idx] != np.asarray(pos, np.uint64)[row]) & (rs[idx] >= 0)
     row, st = row[other], rs[idx][other]
     if not len(row):
-        return out
-    pairs = np.unique(np.stack([st, row], axis=1), axis=0)
-    steps, inv, c = np.unique(pairs[:, 0], return_inverse=True, return_counts=True)
-    np.maximum.at(out, pairs[:, 1], c[np.asarray(inv).reshape(-1)].astype(np.float64))
-    return out
+        return (out, partner) if with_partner else out
+    out[np.unique(row)] = 1.0  # seen elsewhere
+    # identical rows of the batch are one row of a block (the first of them stands for the group)
+    _, first_idx, inv = np.unique(h, return_index=True, return_inverse=True)
+    is_first = first_idx[np.asarray(inv).reshape(-1)] == np.arange(n)
+    keep = is_first[row]
+    row, st = row[keep], st[keep]
+    pairs = np.unique(np.stack([st, row], axis=1), axis=0)  # sorted by step, then row
+    steps, start, c = np.unique(pairs[:, 0], return_index=True, return_counts=True)
+    g = np.repeat(np.arange(len(steps)), c)
+    head = pairs[start[g], 1]  # the block's first row
+    later = pairs[:, 1] != head
+    val = c[g].astype(np.float64)
+    r_l, v_l, h_l = pairs[later, 1], val[later], head[later]
+    np.maximum.at(out, r_l, v_l)
+    if with_partner and len(r_l):
+        order = np.lexsort((h_l, -v_l, r_l))  # per row: its largest block, then the earliest head
+        first = order[np.r_[True, r_l[order][1:] != r_l[order][:-1]]]
+        partner[r_l[first]] = h_l[first]
+    return (out, partner) if with_partner else out

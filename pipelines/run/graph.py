@@ -119,12 +119,15 @@ def bin_step(item, dupref) -> tuple[int, dict]:
     pos = position_keys(d["shard"], d["row"], d["row_end"])
     seen = seen_elsewhere(dupref, d["hash"], pos)
     values[:, _SEEN] = seen
-    values[:, _REPLAY] = replay_rows(dupref, d["hash"], pos)
+    values[:, _REPLAY], rpart = replay_rows(dupref, d["hash"], pos, with_partner=True)
     sig = dict(d["signals"])
     sig["cross_dup_frac"] = float(seen.mean()) if len(seen) and np.isfinite(seen).all() else float("nan")
     out = {k: v for k, v in d.items() if k not in ("values", "signals")}
     out["signals"] = sig
     out["bins"] = bin_matrix(values, SIGNAL_ORDER, FAMILIES)
+    if (rpart >= 0).any():  # a replayed row's block's first row is named with it in the skip list
+        part = np.asarray(d["partner"], dtype=np.int64).copy() if d.get("partner") is not None else np.full(len(rpart), -1)
+        out["partner"] = np.where(part >= 0, part, rpart)
     return step, out
 
 
