@@ -260,9 +260,11 @@ class Evidence:
 
 
 def scan(candidates: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], n: np.ndarray,
-         ref_rows: np.ndarray, n_families: int) -> Evidence:
+         ref_rows: np.ndarray, n_families: int, max_expected: float | None = None) -> Evidence:
     """The scan statistic from candidate cuts ``(group, family, k, a)`` (parallel arrays; several calls'
-    candidates concatenated) for groups of ``n`` rows against ``ref_rows`` reference rows each."""
+    candidates concatenated) for groups of ``n`` rows against ``ref_rows`` reference rows each. With
+    ``max_expected``, only *row-selective* cuts count: those where a group of ``n`` rows at the natural rate
+    expects at most that many rows (``n * rate <= max_expected``)."""
     n = np.asarray(n, dtype=np.int64)
     ref_rows = np.asarray(ref_rows, dtype=np.int64)
     g_n = len(n)
@@ -279,6 +281,9 @@ def scan(candidates: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
     # a group with no reference rows (one shard audited alone) has nothing to be anomalous against
     keep = ref_rows[g] > 0
     g, f, b, k, a = g[keep], f[keep], b[keep], k[keep], a[keep]
+    if max_expected is not None and len(g):
+        sel = n[g] * ((a + 0.5) / (ref_rows[g] + 1.0)) <= max_expected
+        g, f, b, k, a = g[sel], f[sel], b[sel], k[sel], a[sel]
     if len(g):
         r = (a + 0.5) / (ref_rows[g] + 1.0)
         ev = evidence_of(k, n[g], r)

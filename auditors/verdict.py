@@ -8,7 +8,9 @@ steps away from every spike), over the oriented row signal families of :mod:`.ro
    significant cut of "``k`` of the step's ``N`` rows at least this extreme, where ``a`` of the ``R``
    reference rows are" as a binomial tail at the natural rate ``(a + 0.5) / (R + 1)``. A control step is
    judged **leave-one-out**: its own rows are taken out of the reference (thresholds and natural rates),
-   so window and control steps are judged by the same rule.
+   so window and control steps are judged by the same rule. Only *row-selective* cuts count (a normal batch
+   of the step's size expects at most :data:`MAX_EXPECTED_ROWS` rows at the cut): a batch shifted as a whole is
+   not a batch of anomalous rows.
 2. **Step statistic** ``T = max_f e_f`` (the maximum over families is the multiple-comparison correction,
    calibrated next).
 3. **Calibration.** ``p_step = (1 + #{controls c : T_c >= T_step}) / (n + 1)``: under the null (the window
@@ -85,6 +87,14 @@ class Reference:
         return i if i < self.n and self.steps[i] == step else None
 
 
+#: A step's evidence counts only *row-selective* cuts: those at which a normal batch of the step's size expects at
+#: most this many rows (``N * natural rate <= 1``). Rows of a batch are not independent (a batch drawn from one
+#: source or one region of a shard is shifted as a whole: 15 of 16 rows above a control quantile that 30% of rows
+#: reach), and the binomial would count such a shift as 15 independent anomalies; the verdict is about rows that
+#: are individually unusual.
+MAX_EXPECTED_ROWS = 1.0
+
+
 def window_evidence(bins_list: Sequence[np.ndarray], ref: Reference) -> Evidence:
     """Evidence of window steps (not part of the reference), one group per entry of ``bins_list``."""
     n = np.asarray([len(b) for b in bins_list], dtype=np.int64)
@@ -93,13 +103,13 @@ def window_evidence(bins_list: Sequence[np.ndarray], ref: Reference) -> Evidence
     allb = np.concatenate([np.asarray(b).reshape(-1, ref.n_families) for b in bins_list])
     group = np.repeat(np.arange(len(bins_list)), n)
     cand = candidates_from_rows(allb, group, ref.tail, loo=False)
-    return scan([cand], n, np.full(len(n), ref.rows), ref.n_families)
+    return scan([cand], n, np.full(len(n), ref.rows), ref.n_families, MAX_EXPECTED_ROWS)
 
 
 def control_evidence(ref: Reference) -> Evidence:
-    """Every control step's evidence, leave-one-out (its own rows out of the reference)."""
+    """Every control step's evidence, leave-one-out (its own rows out of the reference), by the same rule."""
     cand = candidates_from_rows(ref.bins, ref.group, ref.tail, loo=True)
-    return scan([cand], ref.n_rows, ref.rows - ref.n_rows, ref.n_families)
+    return scan([cand], ref.n_rows, ref.rows - ref.n_rows, ref.n_families, MAX_EXPECTED_ROWS)
 
 
 @dataclass

@@ -246,3 +246,54 @@ def test_copies_in_a_batch_count_once_per_group_and_the_skip_list_names_every_co
     tb = TokenBatch(np.concatenate(rows), np.r_[0, np.cumsum([len(r) for r in rows])])
     sc = RowScorer(eos_id=0).score(tb)
     assert sc.values["dup_doc_frac"].tolist() == [0, 0, 1, 0] and sc.partner.tolist() == [-1, -1, 0, -1]
+
+
+def test_a_whole_batch_shift_is_not_row_evidence_but_rows_beyond_the_controls_are():
+    # every control row has xent uniform over [8, 12]; a window whose 16 rows all sit at the 70% quantile is a
+    # batch shifted as a whole: the binomial alone would give e > 6 (16 of 16 rows where 30% of rows are), but
+    # no row is individually unusual (a normal batch expects 4.8 rows at that cut)
+    rng = np.random.default_rng(7)
+
+    def step(x):
+        v = null_step(rng)
+        v[:, 0] = x
+        return bins_of(v)
+
+    ref = Reference([(s, step(rng.uniform(8.0, 12.0, 16))) for s in range(100)], len(FAMS))
+    shifted = step(np.full(16, 10.8))
+    from spike_audit.auditors.evidence import candidates_from_rows, scan
+
+    cand = candidates_from_rows(shifted, np.zeros(16, np.int64), ref.tail, loo=False)
+    raw = scan([cand], np.array([16]), np.array([ref.rows]), len(FAMS))
+    assert raw.e[0, 0] > 6  # what the binomial alone says
+    ev = window_evidence([shifted], ref)
+    assert ev.e[0, 0] == 0.0
+    # 3 rows beyond every control row: a selective cut, full evidence
+    x = rng.uniform(8.0, 12.0, 16)
+    x[[1, 4, 9]] = 30.0
+    ev2 = window_evidence([step(x)], ref)
+    assert ev2.k[0, 0] == 3 and ev2.e[0, 0] > 6
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**31), st.floats(0.1, 4.0))
+def test_row_selective_cuts_keep_only_cuts_a_normal_batch_rarely_reaches(seed, bound):
+    from spike_audit.auditors.evidence import candidates_from_rows, scan
+
+    rng = np.random.default_rng(seed)
+    ref, _ = setup(rng, n=40)
+    steps = [bins_of(null_step(rng)) for _ in range(3)]
+    allb = np.concatenate(steps)
+    group = np.repeat(np.arange(3), 16)
+    cand = candidates_from_rows(allb, group, ref.tail, loo=False)
+    full = scan([cand], np.full(3, 16), np.full(3, ref.rows), len(FAMS))
+    sel = scan([cand], np.full(3, 16), np.full(3, ref.rows), len(FAMS), bound)
+    has = sel.e > 0
+    assert np.all(16 * sel.rate[has] <= bound + 1e-12)  # every reported cut is row-selective
+    assert np.all(sel.e <= full.e + 1e-12)  # a subset of the cuts: never more evidence
+    # where the full scan's reported cut (within FLAG_TOLERANCE of its best) is selective, the selective scan
+    # keeps that cut: at most the tolerance below
+    from spike_audit.auditors.evidence import FLAG_TOLERANCE
+
+    same = (full.e > 0) & (16 * np.nan_to_num(full.rate, nan=1.0) <= bound)
+    assert np.all(sel.e[same] >= full.e[same] - FLAG_TOLERANCE - 1e-9)
