@@ -1,5 +1,6 @@
 """Cross-shard duplicate clusters: exact groups by row hash and near-duplicate pairs verified with MinHash
-sketches per bucket, then connected components, as ``duplicates`` records."""
+sketches per bucket (the candidates and their sketches come from the key files of :mod:`.spill`), then connected
+components, as ``duplicates`` records."""
 
 from __future__ import annotations
 
@@ -27,57 +28,6 @@ def exact_groups(kv):
         members = nodes[s : s + n]
         if len(np.unique(members >> NODE_SHIFT)) >= 2:
             yield f"{int(h[s]):016x}", members
-
-
-def band_candidates(kv, buckets: int):
-    """One band bucket of (band key, node) pairs -> the pairs whose band key another row shares, keyed by node
-    bucket (with their band bucket) so that only these rows' sketches are fetched. Rows sharing no band key
-    cannot be near duplicates, so the verification sees exactly the groups it saw with every row's sketch."""
-    cols = concat_parts(kv[1])
-    if cols is None or len(cols[0]) < 2:
-        return
-    keys, nodes = cols
-    order = np.argsort(keys, kind="stable")
-    ks = keys[order]
-    dup = np.zeros(len(ks), dtype=bool)
-    same = ks[1:] == ks[:-1]
-    dup[1:] |= same
-    dup[:-1] |= same
-    if not dup.any():
-        return
-    sel = order[dup]
-    k, n = keys[sel], nodes[sel]
-    yield from split_by_bucket(n.view(np.uint64), buckets, k, n, np.full(len(n), kv[0], dtype=np.int64))
-
-
-def split_sketches(rec: dict, buckets: int):
-    """Partition a chunk's (node, 8-bit sketch) pairs of non-empty rows by node bucket."""
-    nodes, sk = rec["ne_nodes"], rec["sketch"]
-    if len(nodes):
-        yield from split_by_bucket(nodes.view(np.uint64), buckets, nodes, sk)
-
-
-def attach_sketches(kv):
-    """One node bucket: candidate (band key, node, band bucket) pairs and every row's sketch -> per band bucket,
-    (band key, node, sketch) of the candidates."""
-    want = concat_parts(kv[1]["want"])
-    have = concat_parts(kv[1]["have"])
-    if want is None or have is None:
-        return
-    keys, nodes, bb = want
-    hn, hs = have
-    order = np.argsort(hn, kind="stable")
-    hn, hs = hn[order], hs[order]
-    pos = np.minimum(np.searchsorted(hn, nodes), len(hn) - 1)
-    found = hn[pos] == nodes
-    if not found.all():  # a node whose keys were read but whose sketch was not: a bug, never silent
-        raise RuntimeError(f"{int((~found).sum())} near-duplicate candidates without a sketch")
-    sk = hs[pos]
-    order = np.argsort(bb, kind="stable")
-    cuts = np.flatnonzero(np.diff(bb[order])) + 1
-    for idx in np.split(order, cuts):
-        if len(idx):
-            yield int(bb[idx[0]]), (keys[idx], nodes[idx], sk[idx])
 
 
 def near_pairs(kv, threshold: float):

@@ -10,9 +10,8 @@ import pyarrow as pa
 from spike_audit.pipelines.progress import tick
 from spike_audit.pipelines.beam.scoring import (concat_parts, entity_scores, finish, make_suite, score_batch,
                                                 split_by_bucket, suite_histogram, sum_histograms, to_token_batch)
-from spike_audit.pipelines.shard_audit.clusters import (attach_sketches, band_candidates, cluster_pairs,
-                                                        duplicate_records, exact_groups, near_clusters, near_pairs,
-                                                        split_sketches)
+from spike_audit.pipelines.shard_audit.clusters import (cluster_pairs, duplicate_records, exact_groups, near_clusters,
+                                                        near_pairs)
 from spike_audit.pipelines.shard_audit.config import NODE_SHIFT, Shard, ShardAuditConfig
 from spike_audit.pipelines.shard_audit.state import _portable_keys, _reindex, all_fp, load_state_records
 
@@ -372,17 +371,6 @@ def shard_seen_in_baseline(kv, base_node: int):
     yield from zip(keys.tolist(), counts.tolist())
 
 
-def split_bands(rec: dict, buckets: int):
-    """Partition a chunk's (LSH band key, node) pairs by band-key bucket (sketches travel separately, once per
-    row, and only candidates' sketches reach the verification: row-sized state stays a few arrays per bucket)."""
-    keys, nodes = rec["bands"], rec["ne_nodes"]
-    if not len(nodes):
-        return
-    rows = np.repeat(np.arange(len(nodes)), keys.shape[1])
-    flat = keys.ravel()
-    yield from split_by_bucket(flat, buckets, flat, nodes[rows])
-
-
 def build_pipeline(p, cfg: ShardAuditConfig, todo: list[tuple[Shard, int]], old_parts: dict[str, list[str]],
                    keep: frozenset, names: list[str], staging: str, roots: dict[str, str] | None = None,
                    baseline=None, paths: dict[str, str] | None = None):
@@ -434,10 +422,13 @@ def build_pipeline(p, cfg: ShardAuditConfig, todo: list[tuple[Shard, int]], old_
         hist = (accs | "Hists" >> beam.Map(lambda kv: suite_histogram(kv[1]["suite"]))
                 | "Baseline" >> beam.CombineGlobally(sum_histograms))
     new_keys = both | "Keys" >> beam.Map(lambda sk: sk[1])
-    old_keys = (p | "OldKeyParts" >> beam.Create(old_parts.get("keys", []))
-                | "LoadKeys" >> beam.FlatMap(load_state_records, keep)
-                | "Reindex" >> beam.Map(_reindex, shard_index))
-    keys = (new_keys, old_keys) | "AllKeys" >> beam.Flatten()
+    if old_parts.get("keys"):
+        old_keys = (p | "OldKeyParts" >> beam.Create(old_parts["keys"])
+                    | "LoadKeys" >> beam.FlatMap(load_state_records, keep)
+                    | "Reindex" >> beam.Map(_reindex, shard_index))
+        keys = (new_keys, old_keys) | "AllKeys" >> beam.Flatten()
+    else:  # no Flatten: the in-process runner materialises a Flatten's output, here every row's keys
+        keys = new_keys
     exact_buckets = (keys | "ExactBuckets" >> beam.FlatMap(split_exact, cfg.buckets)
                      | "GroupExact" >> beam.GroupByKey())
     if baseline is not None:  # the baseline's row hashes, read by workers, as the fixed duplicate reference
@@ -471,12 +462,17 @@ def build_pipeline(p, cfg: ShardAuditConfig, todo: list[tuple[Shard, int]], old_
              | "ExactGroups" >> beam.FlatMap(exact_groups)
              | "ExactRecords" >> beam.FlatMap(lambda g, nm, mg: duplicate_records("exact", g, nm, mg), names,
                                               cfg.max_group))
-    wanted = (keys | "BandBuckets" >> beam.FlatMap(split_bands, cfg.buckets)
-              | "GroupBands" >> beam.GroupByKey()
-              | "Candidates" >> beam.FlatMap(band_candidates, cfg.buckets))
-    sketches = keys | "SketchBuckets" >> beam.FlatMap(split_sketches, cfg.buckets)
-    near = ({"want": wanted, "have": sketches} | "JoinSketches" >> beam.CoGroupByKey()
-            | "AttachSketches" >> beam.FlatMap(attach_sketches)
+    # near duplicates: every element's band keys and sketches go to a key file (``spill``); per band bucket, the
+    # keys two rows share are found in that bucket's slices of the files, and only those rows' sketches are read
+    from apache_beam.pvalue import AsList
+
+    from spike_audit.pipelines.shard_audit.spill import attach_file_sketches, band_bucket_candidates, write_key_file
+
+    key_files = keys | "SpillKeys" >> beam.FlatMap(write_key_file, f"{staging}/spill", cfg.buckets)
+    near = (p | "BandBuckets" >> beam.Create(list(range(cfg.buckets)))
+            | "Candidates" >> beam.FlatMap(band_bucket_candidates, AsList(key_files))
+            | "GroupByFile" >> beam.GroupByKey()
+            | "AttachSketches" >> beam.FlatMap(attach_file_sketches)
             | "GroupCandidates" >> beam.GroupByKey()
             | "NearPairs" >> beam.FlatMap(near_pairs, cfg.threshold)
             | "GroupPairs" >> beam.GroupByKey()
