@@ -62,8 +62,13 @@ class ParquetReader(_TableRowsMixin, ShardReader):
                 raise UserError(f"{self.name}: row group {g} (rows {int(self.rg_start[g])}.."
                                 f"{int(self.rg_start[g + 1]) - 1}) is unreadable: corrupt Parquet data "
                                 f"({_first_line(err)})") from None
-            pieces.append(group.take(pa.array(local)))
+            if len(local) and local[-1] - local[0] == len(local) - 1 and (np.diff(local) == 1).all():
+                pieces.append(group.slice(int(local[0]), len(local)))  # a run of rows (a chunk): no gather
+            else:
+                pieces.append(group.take(pa.array(local)))
         table = pa.concat_tables(pieces).combine_chunks()
+        if (np.diff(order) == 1).all():  # the rows were asked in file order: already in place
+            return self._split(table, rows)
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))
         return self._split(table.take(pa.array(inverse)), rows)
