@@ -152,7 +152,26 @@ def compact_acc(acc, cfg_dict: dict):
     for k in ROW_STATE:
         pre.update({n: float(v) for n, v in suite.auditors[k].result(sub[k]).items()})
     small = dict(sub, **{k: suite.auditors[k].create() for k in ROW_STATE})
-    return {"suite": small, "rows": acc["rows"], "pre": pre, "later": later_copies(sub["dedup"])}
+    small["tokens"] = dict(small["tokens"], hist=_narrow(small["tokens"]["hist"]))
+    rows = acc["rows"]
+    nz = np.flatnonzero(rows)  # most (family, bin) cells of a shard are empty: the bins travel as (cell, count)
+    return {"suite": small, "rows": (rows.shape, nz.astype(np.int32), _narrow(rows.ravel()[nz])), "pre": pre,
+            "later": later_copies(sub["dedup"])}
+
+
+def _narrow(a: np.ndarray) -> np.ndarray:
+    """Counts as int32 in transit where they fit (:func:`expand_acc` restores the int64 arrays exactly)."""
+    return a.astype(np.int32) if a.dtype == np.int64 and (not a.size or (a.min() >= 0 and a.max() < 2**31)) else a
+
+
+def expand_acc(acc):
+    """A compact accumulator with its count arrays as the suite and the evidence compute with them (int64, the row
+    bins dense): exactly the arrays :func:`compact_acc` was given."""
+    shape, nz, vals = acc["rows"]
+    rows = np.zeros(int(np.prod(shape)), dtype=np.int64)
+    rows[np.asarray(nz, dtype=np.int64)] = vals
+    tokens = dict(acc["suite"]["tokens"], hist=np.asarray(acc["suite"]["tokens"]["hist"], dtype=np.int64))
+    return dict(acc, suite=dict(acc["suite"], tokens=tokens), rows=rows.reshape(tuple(shape)))
 
 
 def score_chunk(name_rb, cfg_dict: dict, shard_index: dict | None = None):
@@ -239,7 +258,7 @@ def finish_shard(key_acc, hist, cfg: dict, own_in_hist: bool = True):
     """(shard, ShardAcc) -> (shard, n_rows, n_tokens, signals, row-bin histogram); suite signals leave-one-out
     against the corpus histogram (or against a saved baseline's, which the shard is not part of)."""
     key, acc = key_acc
-    acc = compact_acc(acc, cfg)
+    acc = expand_acc(compact_acc(acc, cfg))
     k, n_rows, n_tokens, sig = finish((key, acc["suite"]), hist, cfg, frozenset(), own_in_hist)
     sig.update(acc["pre"])  # (same keys, same order: the suite's result lists every signal)
     return k, n_rows, n_tokens, sig, acc["rows"], acc["later"]
@@ -419,7 +438,7 @@ def build_pipeline(p, cfg: ShardAuditConfig, todo: list[tuple[Shard, int]], old_
     if baseline is not None:
         hist = p | "SavedUnigram" >> beam.Create([baseline.unigram])
     else:
-        hist = (accs | "Hists" >> beam.Map(lambda kv: suite_histogram(kv[1]["suite"]))
+        hist = (accs | "Hists" >> beam.Map(lambda kv: suite_histogram(expand_acc(kv[1])["suite"]))
                 | "Baseline" >> beam.CombineGlobally(sum_histograms))
     new_keys = both | "Keys" >> beam.Map(lambda sk: sk[1])
     if old_parts.get("keys"):
