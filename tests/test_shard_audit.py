@@ -211,3 +211,36 @@ def test_an_mds_dataset_directory_is_one_shard(tmp_path, capsys):
     res = json.loads(capsys.readouterr().out)
     assert [s["shard"] for s in res["shards"]] == ["mixed_zstd"]
     assert [b["shard"] for b in res["unreadable"]] == ["pickled"] and "pickled" in res["unreadable"][0]["error"]
+
+
+def test_near_copies_of_another_shards_rows_count_on_near_dup(corpus, tmp_path):
+    """A shard whose rows are near copies (6% of tokens substituted, 5-gram Jaccard ~0.5-0.7) of rows held in
+    another shard counts them on ``near_dup_jaccard`` (a verified near duplicate anywhere in the audited
+    shards), and ranks first; before, only near copies within the same shard counted."""
+    import numpy as np
+
+    root, truth = corpus
+    clean = sorted(n for n in os.listdir(root / "shards") if n not in truth["planted"])[:12]
+    src = tmp_path / "shards"
+    src.mkdir()
+    for n in clean:
+        shutil.copy(root / "shards" / n, src / n)
+    a = pq.read_table(src / clean[0])
+    b = pq.read_table(src / clean[1])
+    rng = np.random.default_rng(0)
+    toks = b.column("tokens").to_pylist()
+    donor = a.column("tokens").to_pylist()
+    vocab = int(max(max(r) for r in donor if r)) + 1
+    n_near = 30
+    for i in range(n_near):
+        row = np.asarray(donor[i], dtype=np.int64)
+        sub = rng.random(len(row)) < 0.06
+        row[sub] = rng.integers(1, vocab, int(sub.sum()))
+        toks[i] = row.tolist()
+    b = b.set_column(b.schema.get_field_index("tokens"), "tokens", pa.array(toks, b.schema.field("tokens").type))
+    pq.write_table(b, src / clean[1])
+    res = run_shard_audit(ShardAuditConfig(inputs=(str(src),), out=str(tmp_path / "out")))
+    scores = res.tables["shard_scores"].to_pylist()
+    near = {r["shard"]: next((f["rows"] for f in r["families"] if f["name"] == "near_dup_jaccard"), 0) for r in scores}
+    assert near[clean[1]] >= n_near - 3, near
+    assert scores[0]["shard"] in (clean[0], clean[1]), scores[0]

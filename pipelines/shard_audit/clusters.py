@@ -83,6 +83,18 @@ def duplicate_records(kind: str, label_of_members, names: list[str], max_group: 
                              "n_members": n_members, "n_shards": n_shards}
 
 
+def near_member_counts(item):
+    """(node ids, cluster label per node) of the near-duplicate components -> ``(shard index, rows)`` for each
+    shard: its rows with a verified near duplicate anywhere in the audited corpus (every node of a component is
+    in at least one verified pair; pairs within one shard and across shards alike)."""
+    uniq, _ = item
+    if not len(uniq):
+        return
+    shard, count = np.unique(np.asarray(uniq, dtype=np.int64) >> NODE_SHIFT, return_counts=True)
+    for s, c in zip(shard.tolist(), count.tolist()):
+        yield int(s), int(c)
+
+
 def near_clusters(item, names, max_group: int = 1000):
     uniq, lab = item
     order = np.argsort(lab, kind="stable")

@@ -25,7 +25,7 @@ class ShardAuditConfig:
     batch_rows: int = 4096
     alpha: float = 0.05
     min_rows: int = 2
-    threshold: float = 0.8
+    threshold: float = 0.5
     buckets: int = 16
     max_group: int = 1000
     cc_iterations: int = 32

@@ -11,7 +11,7 @@ from spike_audit.pipelines.progress import tick
 from spike_audit.pipelines.beam.scoring import (concat_parts, entity_scores, finish, make_suite, score_batch,
                                                 split_by_bucket, suite_histogram, sum_histograms, to_token_batch)
 from spike_audit.pipelines.shard_audit.clusters import (cluster_pairs, duplicate_records, exact_groups, near_clusters,
-                                                        near_pairs)
+                                                        near_member_counts, near_pairs)
 from spike_audit.pipelines.shard_audit.config import NODE_SHIFT, Shard, ShardAuditConfig
 from spike_audit.pipelines.shard_audit.state import _portable_keys, _reindex, all_fp, load_state_records
 
@@ -268,8 +268,9 @@ def with_shard_counts(kv):
     """CoGroupByKey of finished shards and their seen-elsewhere counts -> the finished shard with
     ``cross_dup_frac`` and its shard-level binary families set in the histogram: rows seen in another shard
     (``seen_elsewhere``), later copies of a row within the shard (``dup_in_batch``: a group of ``k`` copies
-    counts ``k - 1``, as in a step), rows with a near duplicate
-    within the shard (``near_dup_jaccard``: the suite's MinHash LSH at its threshold)."""
+    counts ``k - 1``, as in a step), rows with a near duplicate (``near_dup_jaccard``: a verified near duplicate
+    anywhere in the audited shards, from the near-duplicate join, or, against a saved baseline, within the shard
+    by the suite's MinHash LSH; both at the ``--threshold`` Jaccard)."""
     from spike_audit.auditors.evidence import NBINS, to_bins
     from spike_audit.auditors.rows import FAMILY_NAMES
 
@@ -283,8 +284,8 @@ def with_shard_counts(kv):
             v = sig.get(k)
             return int(round(v * n_rows)) if v is not None and v == v else 0
 
-        for fam, c in (("seen_elsewhere", seen), ("dup_in_batch", later),
-                       ("near_dup_jaccard", count("near_dup_frac"))):
+        near = max(count("near_dup_frac"), int(sum(grouped.get("near", []))))
+        for fam, c in (("seen_elsewhere", seen), ("dup_in_batch", later), ("near_dup_jaccard", near)):
             f = FAMILY_NAMES.index(fam)
             hist[f] = np.zeros(NBINS, dtype=hist.dtype)
             hist[f, 0], hist[f, one] = n_rows - c, c
@@ -465,7 +466,28 @@ def build_pipeline(p, cfg: ShardAuditConfig, todo: list[tuple[Shard, int]], old_
             | "SeenByName" >> beam.Map(lambda kv, nm: (nm[kv[0]], kv[1]), names))
     finished = (accs | "Finish" >> beam.Map(finish_shard, AsSingleton(hist), cfg_dict, baseline is None)
                 | "KeyFinished" >> beam.Map(lambda it: (it[0], it)))
-    shards = ({"scores": finished, "seen": seen} | "JoinSeen" >> beam.CoGroupByKey()
+    # near duplicates: every element's band keys and sketches go to a key file (``spill``); per band bucket, the
+    # keys two rows share are found in that bucket's slices of the files, and only those rows' sketches are read
+    from apache_beam.pvalue import AsList
+
+    from spike_audit.pipelines.shard_audit.spill import attach_file_sketches, band_bucket_candidates, write_key_file
+
+    key_files = keys | "SpillKeys" >> beam.FlatMap(write_key_file, f"{staging}/spill", cfg.buckets)
+    components = (p | "BandBuckets" >> beam.Create(list(range(cfg.buckets)))
+                  | "Candidates" >> beam.FlatMap(band_bucket_candidates, AsList(key_files))
+                  | "GroupByFile" >> beam.GroupByKey()
+                  | "AttachSketches" >> beam.FlatMap(attach_file_sketches)
+                  | "GroupCandidates" >> beam.GroupByKey()
+                  | "NearPairs" >> beam.FlatMap(near_pairs, cfg.threshold)
+                  | "GroupPairs" >> beam.GroupByKey()
+                  | "Components" >> beam.FlatMap(cluster_pairs, cfg.cc_iterations))
+    near = components | "NearRecords" >> beam.FlatMap(near_clusters, names, cfg.max_group)
+    join = {"scores": finished, "seen": seen}
+    if baseline is None:  # rows with a near duplicate anywhere in the audited shards (a baseline has no near keys)
+        join["near"] = (components | "NearMembers" >> beam.FlatMap(near_member_counts)
+                        | "SumNear" >> beam.CombinePerKey(sum)
+                        | "NearByName" >> beam.Map(lambda kv, nm: (nm[kv[0]], kv[1]), names))
+    shards = (join | "JoinSeen" >> beam.CoGroupByKey()
               | "ShardCounts" >> beam.FlatMap(with_shard_counts))
     if baseline is not None:
         corpus = p | "SavedReference" >> beam.Create([baseline.reference])
@@ -481,23 +503,6 @@ def build_pipeline(p, cfg: ShardAuditConfig, todo: list[tuple[Shard, int]], old_
              | "ExactGroups" >> beam.FlatMap(exact_groups)
              | "ExactRecords" >> beam.FlatMap(lambda g, nm, mg: duplicate_records("exact", g, nm, mg), names,
                                               cfg.max_group))
-    # near duplicates: every element's band keys and sketches go to a key file (``spill``); per band bucket, the
-    # keys two rows share are found in that bucket's slices of the files, and only those rows' sketches are read
-    from apache_beam.pvalue import AsList
-
-    from spike_audit.pipelines.shard_audit.spill import attach_file_sketches, band_bucket_candidates, write_key_file
-
-    key_files = keys | "SpillKeys" >> beam.FlatMap(write_key_file, f"{staging}/spill", cfg.buckets)
-    near = (p | "BandBuckets" >> beam.Create(list(range(cfg.buckets)))
-            | "Candidates" >> beam.FlatMap(band_bucket_candidates, AsList(key_files))
-            | "GroupByFile" >> beam.GroupByKey()
-            | "AttachSketches" >> beam.FlatMap(attach_file_sketches)
-            | "GroupCandidates" >> beam.GroupByKey()
-            | "NearPairs" >> beam.FlatMap(near_pairs, cfg.threshold)
-            | "GroupPairs" >> beam.GroupByKey()
-            | "Components" >> beam.FlatMap(cluster_pairs, cfg.cc_iterations)
-            | "NearRecords" >> beam.FlatMap(near_clusters, names, cfg.max_group))
-
     # the top shards' anomalous rows, read again on workers once the ranking is known (``flags``); ``paths``
     # names every shard's file, the ones the state kept too
     from spike_audit.pipelines.shard_audit.flags import (ReadFlagChunk, flag_chunks, flag_rows, flag_targets,
