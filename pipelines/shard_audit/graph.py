@@ -269,8 +269,8 @@ def with_shard_counts(kv):
     ``cross_dup_frac`` and its shard-level binary families set in the histogram: rows seen in another shard
     (``seen_elsewhere``), later copies of a row within the shard (``dup_in_batch``: a group of ``k`` copies
     counts ``k - 1``, as in a step), rows with a near duplicate (``near_dup_jaccard``: a verified near duplicate
-    anywhere in the audited shards, from the near-duplicate join, or, against a saved baseline, within the shard
-    by the suite's MinHash LSH; both at the ``--threshold`` Jaccard)."""
+    anywhere in the audited shards, from the near-duplicate join at the ``--threshold`` Jaccard, or within the
+    shard by the suite's MinHash LSH, whichever counts more)."""
     from spike_audit.auditors.evidence import NBINS, to_bins
     from spike_audit.auditors.rows import FAMILY_NAMES
 
@@ -482,11 +482,12 @@ def build_pipeline(p, cfg: ShardAuditConfig, todo: list[tuple[Shard, int]], old_
                   | "GroupPairs" >> beam.GroupByKey()
                   | "Components" >> beam.FlatMap(cluster_pairs, cfg.cc_iterations))
     near = components | "NearRecords" >> beam.FlatMap(near_clusters, names, cfg.max_group)
-    join = {"scores": finished, "seen": seen}
-    if baseline is None:  # rows with a near duplicate anywhere in the audited shards (a baseline has no near keys)
-        join["near"] = (components | "NearMembers" >> beam.FlatMap(near_member_counts)
-                        | "SumNear" >> beam.CombinePerKey(sum)
-                        | "NearByName" >> beam.Map(lambda kv, nm: (nm[kv[0]], kv[1]), names))
+    # rows with a near duplicate anywhere in the audited shards (against a saved baseline: among the audited
+    # shards, whose keys are the only ones the join has; the baseline's own rates counted its shards' alike)
+    near_rows = (components | "NearMembers" >> beam.FlatMap(near_member_counts)
+                 | "SumNear" >> beam.CombinePerKey(sum)
+                 | "NearByName" >> beam.Map(lambda kv, nm: (nm[kv[0]], kv[1]), names))
+    join = {"scores": finished, "seen": seen, "near": near_rows}
     shards = (join | "JoinSeen" >> beam.CoGroupByKey()
               | "ShardCounts" >> beam.FlatMap(with_shard_counts))
     if baseline is not None:
