@@ -183,3 +183,22 @@ def test_batch_positions_are_the_global_batch_order(run):
     for i in range(0, table.num_rows, 5):
         want = ds[int(gi[step[i] * gbs + pos[i]])]
         assert _read(root, table, i).tolist() == want.tolist()
+
+
+def test_indices_shorter_than_an_epoch_of_the_settings_is_one_line(run, tmp_path, capsys):
+    """A wrong --seq-len (half the run's) makes an epoch twice as many instances as the indices file holds: one
+    line naming the file, both counts and what to check, exit 2; no manifest written."""
+    root, names = run
+    out = tmp_path / "m.parquet"
+    rc = main(["manifest", "olmo", "--global-indices", str(root / "global_indices.npy"), "--data-files", *names,
+               "--shards", str(root), "--seq-len", str(SEQ // 2), "--global-batch-size", "4", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and not out.exists()
+    assert len(err) == 1 and "global_indices.npy" in err[0] and "check seq_len" in err[0], err
+    import re
+
+    m = re.search(r": (\d+) indices, but an epoch of these settings is (\d+) batches of 4 instances = (\d+) ", err[0])
+    assert m, err
+    have, batches, need = map(int, m.groups())
+    assert have == sum(s // SEQ for s in (SEQ * 10 + 5, SEQ * 7, SEQ * 13 + 3))  # one epoch at the run's seq_len
+    assert need == batches * 4 and need > have, err

@@ -255,8 +255,9 @@ def build_olmo_core_manifest(indices_files: list, paths: list[str], *, seq_len: 
             continue
         indices = gi if isinstance(gi, np.ndarray) else load_global_indices(gi)
         if len(indices) < per_epoch * global_batch_size:
-            raise UserError(f"{gi}: {len(indices)} indices are fewer than the {per_epoch} batches of "
-                            f"{global_batch_size} instances of an epoch")
+            raise UserError(f"{gi}: {len(indices)} indices, but an epoch of these settings is {per_epoch} batches of "
+                            f"{global_batch_size} instances = {per_epoch * global_batch_size} (check seq_len, the "
+                            "data files and dtype)")
         tables.append(build_olmo_manifest(np.asarray(indices[:per_epoch * global_batch_size]), paths,
                                           seq_len=seq_len, global_batch_size=global_batch_size, dtype=dtype,
                                           shard_root=shard_root, first_step=step0, steps=steps,
