@@ -164,3 +164,19 @@ def test_two_sequences_at_one_position_are_an_error():
     tok = manifest_from_arrays(step=[1, 1], shard=["d.bin"] * 2, row_start=[0, 50], row_end=[10, 60], unit="token")
     with pytest.raises(UserError, match="both hold position 0"):
         BatchIndex.from_manifest(_with_positions(tok, [0, 0]))  # no seq_piece: two sequences, not two pieces
+
+
+def test_replay_out_without_a_table_suffix_is_one_line_before_the_model_loads(demo, tmp_path, capsys):
+    """`replay --out X` with no .parquet/.jsonl suffix wrote a Parquet file that `run --row-losses` then refused
+    (it tells formats apart by the suffix): now refused up front, one line, exit 2, nothing written, and before
+    torch or the model are needed (the model path here is not a model)."""
+    from spike_audit.pipelines.cli.main import main
+
+    root, _ = demo
+    run = root / "run"
+    out = tmp_path / "losses"
+    rc = main(["replay", "--model", str(tmp_path), "--manifest", str(run / "manifest.parquet"), "--shards",
+               str(run / "shards"), "--log", str(run / "train.log"), "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and not out.exists()
+    assert len(err) == 1 and "--out" in err[0] and ".parquet or .jsonl" in err[0], err

@@ -209,6 +209,9 @@ def _check_out(cfg: ReplayConfig) -> None:
     inputs = [("model", cfg.model), ("manifest", cfg.manifest), ("shard root", cfg.shards), ("log", cfg.log),
               ("tokenizer", cfg.tokenizer)]
     out = str(cfg.out)
+    if not out.lower().endswith((".parquet", ".jsonl", ".ndjson")):
+        raise UserError(f"--out {out}: expected a .parquet or .jsonl path (the per-row loss table that "
+                        "spike-audit run --row-losses reads, which it tells apart by the suffix)")
     if not out.lower().endswith((".jsonl", ".ndjson")):
         check_file_output(out, inputs, "row_losses")
         return
