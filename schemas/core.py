@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 META_TABLE = b"spike_audit.table"
 META_VERSION = b"spike_audit.version"
@@ -90,7 +91,7 @@ class TableSpec:
             if f.name in table.column_names:
                 col = table.column(f.name)
                 if col.type != f.type:
-                    col = col.cast(f.type)
+                    col = _cast(col, f, self, source)
                 arrays.append(col)
             else:
                 arrays.append(pa.nulls(table.num_rows, type=f.type))
@@ -104,6 +105,29 @@ class TableSpec:
         if self.sort_keys:
             lines += ["", f"Rows are written sorted by {', '.join(f'`{k}`' for k in self.sort_keys)}."]
         return "\n".join(lines) + "\n"
+
+
+def _cast(col: pa.ChunkedArray, f: FieldSpec, spec: TableSpec, source: str) -> pa.ChunkedArray:
+    """``col`` cast to ``f``'s type; a value that does not fit (a uint64 step beyond int64, a rank beyond int32)
+    is a one-line error naming the first such row, never a wrapped value or a traceback."""
+    try:
+        return col.cast(f.type)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+        first = None
+        if pa.types.is_integer(f.type) and pa.types.is_integer(col.type):
+            bits = f.type.bit_width
+            lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if pa.types.is_signed_integer(f.type) else (0, 2 ** bits - 1)
+            wide = pa.uint64() if pa.types.is_unsigned_integer(col.type) else pa.int64()
+            out = pc.greater(col, pa.scalar(min(hi, 2 ** 64 - 1 if wide == pa.uint64() else 2 ** 63 - 1), wide))
+            if pa.types.is_signed_integer(col.type):
+                out = pc.or_(out, pc.less(col, pa.scalar(max(lo, -(2 ** 63)), pa.int64())))
+            hits = pc.indices_nonzero(pc.fill_null(out, False))
+            first = hits[0].as_py() if len(hits) else None
+        if first is not None:
+            raise SchemaError(f"{source}: row {first}: column {f.name!r} value {col[first].as_py()!r} does not fit "
+                              f"{f.type} ({spec.name} v{spec.version})") from None
+        raise SchemaError(f"{source}: column {f.name!r} cannot be read as {f.type} "
+                          f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
 
 
 def _castable(actual: pa.DataType, expected: pa.DataType) -> bool:
@@ -152,6 +176,9 @@ def validate(table: pa.Table | pa.Schema, spec: TableSpec, source: str = "<table
             first = next(i for i, v in enumerate(col.is_null().to_pylist()) if v)
             raise SchemaError(f"{source}: row {first}: column {f.name!r} is null, expected a value")
     version = (schema.metadata or {}).get(META_VERSION)
+    if version is not None and not version.strip().isdigit():
+        raise SchemaError(f"{source}: table version {version.decode('utf-8', 'replace')!r} in its metadata, expected "
+                          f"an integer ({spec.name} v{spec.version}; a damaged file?)")
     if version is not None and int(version) > spec.version:
         raise SchemaError(
             f"{source}: written by a newer spike-audit ({spec.name} v{int(version)}); "
