@@ -78,6 +78,10 @@ def load_manifest_table(path) -> pa.Table:
     table = STEP_MANIFEST.conform(table, source=src)
     for col in ("shard", "unit"):
         _check_utf8(table.column(col), col, src)
+    neg = np.flatnonzero(table.column("step").to_numpy() < 0) if table.num_rows else []
+    if len(neg):
+        raise UserError(f"{src}: row {int(neg[0])}: step {table.column('step')[int(neg[0])].as_py()}, expected a "
+                        f"non-negative batch index (0-based)")
     unit = pc.fill_null(table.column("unit"), "row")
     return table.set_column(table.schema.get_field_index("unit"), STEP_MANIFEST.schema.field("unit"), unit)
 
@@ -112,8 +116,57 @@ def meta_of(table_or_schema) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
+_META_INTS = ("seq_len", "samples_per_step", "tokens_per_step", "first_step", "samples_before_first_step",
+              "tokens_before_first_step", "fed_pad_id")
+
+
+def check_meta(raw: bytes | None, source: str) -> dict:
+    """A manifest's run description (its footer's ``spike_audit.manifest`` JSON), checked: a damaged or mistyped
+    one is a one-line error, never dropped (dropping it would silently change the step join and the dtype)."""
+    if not raw:
+        return {}
+    try:
+        meta = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise UserError(f"{source}: the run description in its metadata (spike_audit.manifest) is not valid JSON; "
+                        f"expected a JSON object (a damaged manifest? rebuild it)") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{source}: the run description in its metadata (spike_audit.manifest) is a "
+                        f"{type(meta).__name__}, expected a JSON object")
+    for key in ("step_convention", "trainer"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise UserError(f"{source}: manifest metadata {key} = {meta[key]!r}, expected a string or null")
+    for key in _META_INTS:
+        v = meta.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise UserError(f"{source}: manifest metadata {key} = {v!r}, expected a non-negative integer or null")
+    if meta.get("extra_token") is not None and not isinstance(meta["extra_token"], bool):
+        raise UserError(f"{source}: manifest metadata extra_token = {meta['extra_token']!r}, expected true, false or null")
+    dt = meta.get("token_dtype")
+    if dt is not None:
+        try:
+            ok = isinstance(dt, str) and np.dtype(dt).kind in "iu"
+        except TypeError:
+            ok = False
+        if not ok:
+            raise UserError(f"{source}: manifest metadata token_dtype = {dt!r}, expected an integer dtype name "
+                            f"(uint16, uint32, int32, ...) or null")
+    fr = meta.get("flat_rows")
+    if fr is not None:
+        good = isinstance(fr, dict) and (
+            (fr.get("kind") == "windows" and type(fr.get("seq_len")) is int and fr["seq_len"] > 0)
+            or (fr.get("kind") == "documents" and type(fr.get("eos_id")) is int and fr["eos_id"] >= 0)
+            or fr.get("kind") == "idx")
+        if not good:
+            raise UserError(f"{source}: manifest metadata flat_rows = {json.dumps(fr)[:200]}, expected "
+                            f'{{"kind": "windows", "seq_len": <positive int>}}, {{"kind": "documents", "eos_id": '
+                            f'<int>}} or {{"kind": "idx"}}')
+    return meta
+
+
 def read_meta(path) -> dict:
-    """The run description of a manifest file, from its footer only (``{}`` when it has none)."""
+    """The run description of a manifest file, from its footer only (``{}`` when it has none); a damaged or
+    mistyped one is a :class:`UserError` (:func:`check_meta`)."""
     import pyarrow.parquet as pq
 
     from spike_audit.pipelines import fs
@@ -121,10 +174,12 @@ def read_meta(path) -> dict:
     try:
         if fs.is_url(path):  # the one filesystem layer, as every other read of a manifest
             with fs.open(str(path), "rb") as f:
-                return meta_of(pq.ParquetFile(f).schema_arrow)
-        return meta_of(pq.read_schema(str(path)))
+                schema = pq.ParquetFile(f).schema_arrow
+        else:
+            schema = pq.read_schema(str(path))
     except (pa.ArrowInvalid, OSError) as err:
-        raise UserError(f"{path}: not a readable Parquet manifest ({err})") from None
+        raise UserError(f"{path}: not a readable Parquet manifest ({reason(err)})") from None
+    return check_meta((schema.metadata or {}).get(META_KEY), _name(path))
 
 
 def with_meta(table: pa.Table, **meta) -> pa.Table:

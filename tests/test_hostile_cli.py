@@ -1,0 +1,95 @@
+"""Regressions from the hostile-input campaign against the installed command line (session 5): each case once
+gave a traceback, a misleading message, or silently dropped or shifted data. Every one is now a one-line error
+naming the file and the row or line, exit code 2 (or, where the input is valid, the right reading)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from spike_audit.pipelines.cli.main import main
+from spike_audit.pipelines.manifest import manifest_from_arrays, write_manifest
+
+
+def _one_line_error(capsys, pattern):
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if " INFO " not in ln and " WARNING " not in ln]
+    assert len(err) == 1 and re.search(pattern, err[0]), err
+    return err[0]
+
+
+@pytest.fixture()
+def root(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    pq.write_table(pa.table({"tokens": pa.array([[1, 2, 3, 4]] * 8, pa.list_(pa.int64()))}), shards / "a.parquet")
+    return tmp_path
+
+
+def _manifest(root, **replace_cols):
+    m = manifest_from_arrays([0, 1, 2, 3], ["a.parquet"] * 4, [0, 2, 4, 6], [2, 4, 6, 8])
+    for name, arr in replace_cols.items():
+        m = m.set_column(m.schema.get_field_index(name), name, arr)
+    path = root / "manifest.parquet"
+    write_manifest(m, path) if not replace_cols else pq.write_table(m, path)
+    return path
+
+
+def _batch(root, man, step=1):
+    return main(["batch", "--manifest", str(man), "--shards", str(root / "shards"), "--step", str(step)])
+
+
+def test_uint64_step_beyond_int64_is_a_one_line_error_naming_the_row(root, capsys):
+    man = _manifest(root, step=pa.array([0, 1, 2 ** 64 - 1, 3], pa.uint64()))
+    assert _batch(root, man) == 2
+    _one_line_error(capsys, r"manifest\.parquet: row 2: column 'step' value 18446744073709551615 does not fit int64")
+
+
+def test_rank_beyond_int32_is_a_one_line_error(root, capsys):
+    man = _manifest(root, rank=pa.array([0, 2 ** 40, 0, 0], pa.int64()))
+    assert _batch(root, man) == 2
+    _one_line_error(capsys, r"manifest\.parquet: row 1: column 'rank' value 1099511627776 does not fit int32")
+
+
+def test_negative_step_in_a_manifest_is_refused(root, capsys):
+    man = _manifest(root, step=pa.array([0, 1, -3, 3], pa.int64()))
+    assert _batch(root, man) == 2
+    _one_line_error(capsys, r"manifest\.parquet: row 2: step -3, expected a non-negative batch index")
+
+
+def _with_meta(path, raw: bytes | None = None, version: bytes | None = None):
+    t = pq.read_table(path)
+    md = dict(t.schema.metadata)
+    if raw is not None:
+        md[b"spike_audit.manifest"] = raw
+    if version is not None:
+        md[b"spike_audit.version"] = version
+    pq.write_table(t.replace_schema_metadata(md), path)
+    return path
+
+
+@pytest.mark.parametrize("raw, pattern", [
+    (b'{"step_convention": "batch_index", "trainer": "megatron"', r"run description .* is not valid JSON"),
+    (b'[1, 2]', r"run description .* is a list, expected a JSON object"),
+    (json.dumps({"step_convention": "batch_index", "samples_per_step": "abc"}).encode(),
+     r"samples_per_step = 'abc', expected a non-negative integer"),
+    (json.dumps({"token_dtype": "float99"}).encode(), r"token_dtype = 'float99', expected an integer dtype"),
+    (json.dumps({"token_dtype": "float32"}).encode(), r"token_dtype = 'float32', expected an integer dtype"),
+    (json.dumps({"flat_rows": {"kind": "windows", "seq_len": -1}}).encode(), r"flat_rows = .*seq_len"),
+    (json.dumps({"first_step": -5}).encode(), r"first_step = -5, expected a non-negative integer"),
+])
+def test_damaged_manifest_metadata_is_an_error_never_dropped(root, capsys, raw, pattern):
+    """A damaged run description was dropped silently: the join then ran on the log's own step numbers (a shift
+    of one batch for a Megatron log) and raw token files were read with the default dtype."""
+    man = _with_meta(_manifest(root), raw=raw)
+    assert _batch(root, man) == 2
+    _one_line_error(capsys, r"^spike-audit batch: error: manifest\.parquet: (manifest metadata )?(the )?" + pattern)
+
+
+def test_non_integer_table_version_is_a_one_line_error(root, capsys):
+    man = _with_meta(_manifest(root), version=b"abc")
+    assert _batch(root, man) == 2
+    _one_line_error(capsys, r"manifest\.parquet: table version 'abc' in its metadata, expected an integer")
