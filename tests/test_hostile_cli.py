@@ -93,3 +93,35 @@ def test_non_integer_table_version_is_a_one_line_error(root, capsys):
     man = _with_meta(_manifest(root), version=b"abc")
     assert _batch(root, man) == 2
     _one_line_error(capsys, r"manifest\.parquet: table version 'abc' in its metadata, expected an integer")
+
+
+# ------------------------------------------------------------------------------------ two records on one line
+
+_RECORDS = {
+    "megatron": lambda s, v: f" iteration {s:8d}/     400 | consumed samples: {16 * s:8d} | lm loss: {v:E} |",
+    "modded-nanogpt": lambda s, v: f"step:{s}/400 train_loss:{v:.4f} train_time:{s}ms step_avg:1.0ms",
+    "llmc": lambda s, v: f"s:{s} trl:{v:.4f} lr:0.0001 norm:0.5",
+    "nanogpt": lambda s, v: f"iter {s}: loss {v:.4f}, time 10.00ms, mfu 1.00%",
+    "torchtitan": lambda s, v: f"[rank0]: step: {s:3d}  loss: {v:.4f}  memory: 1.0GiB(1.0%)  tps: 100",
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(_RECORDS))
+def test_two_records_on_one_line_are_malformed_never_merged(tmp_path, fmt):
+    """Two ranks writing to one stdout without a newline between them put two records on a line: the Megatron
+    reader took the first record's step with the second's loss (a value shifted by one step) and dropped the
+    second step silently."""
+    from spike_audit.pipelines.logs.read import read_log
+
+    render = _RECORDS[fmt]
+    lines = [render(s, 3.0 + s / 100) for s in range(1, 31)]
+    cut = lines[9][: len(lines[9]) // 2]  # step 10's line cut off by step 11's
+    lines[9:11] = [cut + lines[10]]
+    p = tmp_path / "run.log"
+    p.write_text("\n".join(lines) + "\n")
+    table, rep = read_log(p, format=fmt)
+    loss = table.filter(pa.compute.equal(table["metric"], "train_loss"))
+    steps = loss["step"].to_pylist()
+    assert 10 not in steps and 11 not in steps, steps
+    assert rep.n_malformed == 1 and rep.malformed_lines == [10]
+    assert dict(zip(steps, loss["value"].to_pylist()))[12] == pytest.approx(3.12)

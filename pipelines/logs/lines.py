@@ -303,13 +303,23 @@ def _group(struct_arr: pa.Array, name: str) -> pa.Array:
     return pc.struct_field(struct_arr, name)
 
 
-def _parse_kind_lines(lines, marker, pattern, kinds, expected, extra=None):
+def _single_record(sub: pa.Array, record: str | None) -> np.ndarray:
+    """True where a line holds at most one record (``record`` matches at most once): two records on one line (two
+    ranks writing without a newline between them, a killed writer's half line followed by the restart's) are
+    malformed, never read as one step with another step's values."""
+    if record is None or len(sub) == 0:
+        return np.ones(len(sub), bool)
+    return _np(pc.count_substring_regex(sub, record)) <= 1
+
+
+def _parse_kind_lines(lines, marker, pattern, kinds, expected, extra=None, record=None):
     """Generic line parser: ``pattern`` has groups ``step``, optional ``total``, ``kind`` (mapped to
     a metric by ``kinds``) and ``value``; ``extra`` maps metric -> regex with group ``v`` for optional
-    further values on the same line (a present but unparsable one makes the line malformed)."""
+    further values on the same line (a present but unparsable one makes the line malformed); a line on which
+    ``record`` matches twice is malformed (:func:`_single_record`)."""
     sub, nums, n_ignored = _subset(lines, marker)
     m = pc.extract_regex(sub, pattern)
-    matched = _bools(pc.is_valid(m))
+    matched = _bools(pc.is_valid(m)) & _single_record(sub, record)
     steps, ok_s = _ints(pc.fill_null(_group(m, "step"), ""))
     vals, ok_v = _floats(pc.fill_null(_group(m, "value"), ""))
     good = matched & ok_s & ok_v

@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 
 from spike_audit.pipelines.errors import UserError
 from spike_audit.pipelines.logs.lines import (_ANSI, _Parsed, _Series, _blank, _bools, _floats, _group, _ints, _match, _mk,
-                                              _np, _parse_kind_lines, _subset)
+                                              _np, _parse_kind_lines, _single_record, _subset)
 
 
 def _parse_modded(lines, **_):
@@ -18,7 +18,7 @@ def _parse_modded(lines, **_):
         lines, r"^step:",
         r"^step:(?P<step>\d+)/(?P<total>\d+) (?P<kind>train_loss|val_loss):(?P<value>[^\s]+)",
         {"train_loss": "train_loss", "val_loss": "val_loss"},
-        "'step:<int>/<int> train_loss:<float>' (or val_loss)")
+        "'step:<int>/<int> train_loss:<float>' (or val_loss)", record=r"step:[^\s/]+/\d+ (?:train|val)_loss:")
 
 
 def _parse_llmc(lines, **_):
@@ -27,15 +27,16 @@ def _parse_llmc(lines, **_):
         r"^s:(?P<step>\d+) (?P<kind>trl|tel):(?P<value>[^\s]+)",
         {"trl": "train_loss", "tel": "val_loss"},
         "'s:<int> trl:<float> lr:<float> norm:<float>' or 's:<int> tel:<float>'",
-        extra={"grad_norm": r" norm:(?P<v>[^\s]*)", "lr": r" lr:(?P<v>[^\s]*)"})
+        extra={"grad_norm": r" norm:(?P<v>[^\s]*)", "lr": r" lr:(?P<v>[^\s]*)"}, record=r"s:[^\s:]+ t[re]l:")
 
 
 def _parse_nanogpt(lines, **_):
     a = _parse_kind_lines(lines, r"^iter (?:[-+]?\d|\S+: loss)", r"^iter (?P<step>\d+): loss (?P<value>[^,\s]+)",
-                          {"": "train_loss"}, "'iter <int>: loss <float>, time ...'")
+                          {"": "train_loss"}, "'iter <int>: loss <float>, time ...'", record=r"\biter \S+: loss")
     b = _parse_kind_lines(lines, r"^step \S+: train loss",
                           r"^step (?P<step>\d+): train loss [^,\s]+, val loss (?P<value>[^,\s]+)",
-                          {"": "val_loss"}, "'step <int>: train loss <float>, val loss <float>'")
+                          {"": "val_loss"}, "'step <int>: train loss <float>, val loss <float>'",
+                          record=r"\bstep \S+: train loss")
     both = _match(lines, r"^iter (?:[-+]?\d|\S+: loss)|^step \S+: train loss")
     blank = _blank(lines)
     n_ignored = int((~both & ~blank).sum())
@@ -50,7 +51,7 @@ def _parse_torchtitan(lines, **_):
         lines, r"\bstep:\s*\S+\s+loss",
         r"\bstep:\s*(?P<step>\d+)\s+loss:\s*(?P<value>[^\s]+)",
         {"": "train_loss"}, "'step: <int>  loss: <float> ...'",
-        extra={"grad_norm": r"\bgrad_norm:\s*(?P<v>[^\s]*)"})
+        extra={"grad_norm": r"\bgrad_norm:\s*(?P<v>[^\s]*)"}, record=r"\bstep:\s*\S+\s+loss")
 
 
 def _parse_megatron(lines, **_):
@@ -59,6 +60,7 @@ def _parse_megatron(lines, **_):
     head = pc.extract_regex(sub, r"\biteration\s+(?P<step>\d+)\s*/\s*(?P<total>\d+)\s*\|")
     good = _bools(pc.is_valid(head))
     good &= _bools(pc.ends_with(pc.utf8_rtrim_whitespace(sub), "|"))  # else truncated
+    good &= _single_record(sub, marker)  # two ranks' records on one line: never one step with another's values
     steps, ok_s = _ints(pc.fill_null(_group(head, "step"), ""))
     totals, ok_t = _ints(pc.fill_null(_group(head, "total"), ""))
     good &= ok_s & ok_t
