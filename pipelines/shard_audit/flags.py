@@ -51,9 +51,10 @@ def flag_targets(records: list, paths: dict[str, str], top: int = TOP_SHARDS) ->
     return out
 
 
-def flag_chunks(targets: dict, batch_rows: int):
-    """The row chunks of the target shards (name, path, start, end)."""
-    for name in sorted(targets):
+def flag_chunks(targets: dict, batch_rows: int, scored: frozenset = frozenset()):
+    """The row chunks of the target shards (name, path, start, end), but those in ``scored`` (flagged from the
+    candidates of their scoring pass, :func:`flag_scored`)."""
+    for name in sorted(set(targets) - scored):
         path, n, _ = targets[name]
         for a in range(0, n, batch_rows):
             yield name, path, a, min(a + batch_rows, n)
@@ -86,7 +87,8 @@ class ReadFlagChunk:
 def flag_rows(name_rb, targets: dict, cfg_dict: dict):
     """(shard, RecordBatch) -> (shard, [candidate rows]): the chunk's rows at any of the shard's anomalous cuts,
     the strongest :data:`ROWS_PER_SHARD` (evidence of the strongest family flagging the row, then the row's
-    standing above that cut, then row index)."""
+    standing above that cut, then row index). Used for shards not scored in this run (kept by ``--state``);
+    the scored ones give the same rows from their candidates (:func:`flag_scored`) without a second pass."""
     from spike_audit.auditors.evidence import bin_matrix
     from spike_audit.auditors.rows import FAMILIES, SIGNAL_ORDER
     from spike_audit.pipelines.beam.scoring import score_batch, to_token_batch
@@ -96,32 +98,117 @@ def flag_rows(name_rb, targets: dict, cfg_dict: dict):
     tb = to_token_batch(rb, cfg_dict["tokens_col"], cfg_dict["text_col"])
     rows, _ = score_batch(tb, dict(cfg_dict, row_near_dup=False), None)
     bins = bin_matrix(rows.matrix(), SIGNAL_ORDER, FAMILIES)
+    out = _flag_records(name, bins, np.asarray(rb.column("row"), dtype=np.int64), fams,
+                        lambda i: _excerpt(rb, i))
+    if out:
+        yield name, out
+
+
+def _excerpt(rb, i: int):
+    """The start of row ``i``'s text (its first token ids when it has no text)."""
+    t = rb.column("text")[i].as_py()
+    if t is None:
+        toks = rb.column("tokens")[i].as_py() or []
+        t = " ".join(map(str, toks[:60])) if toks else None
+    return t[:EXCERPT_CHARS] if t is not None else None
+
+
+def _flag_records(name, bins: np.ndarray, row_ids: np.ndarray, fams, excerpt) -> list:
+    """Rows (``bins``: their bin on every family, in row order) at any of ``fams``' cuts, the strongest
+    :data:`ROWS_PER_SHARD`, as row-flag records with their sort key (``_key``); ``excerpt(i)`` gives row i's."""
+    from spike_audit.auditors.rows import FAMILIES
+
     hit = np.zeros((len(bins), len(fams)), dtype=bool)
     for j, (f, b, _, _) in enumerate(fams):
         hit[:, j] = bins[:, f] >= b
     idx = np.flatnonzero(hit.any(axis=1))
     if not len(idx):
-        return
+        return []
     first = hit[idx].argmax(axis=1)  # families are strongest first: the row's strongest flagging family
     over = np.array([int(bins[i, fams[j][0]]) - fams[j][1] for i, j in zip(idx.tolist(), first.tolist())])
     order = np.lexsort((idx, -over, first))[:ROWS_PER_SHARD]
-    row_ids = np.asarray(rb.column("row"), dtype=np.int64)
-    texts = rb.column("text")
     out = []
     for k in order.tolist():
         i = int(idx[k])
-        t = texts[i].as_py()
-        if t is None:
-            toks = rb.column("tokens")[i].as_py() or []
-            t = " ".join(map(str, toks[:60])) if toks else None
         flagged = [fams[j] for j in np.flatnonzero(hit[i]).tolist()]
         out.append({"shard": name, "row": int(row_ids[i]), "row_end": int(row_ids[i]) + 1, "unit": "row",
                     "step": None, "spike_id": None, "signals": [FAMILIES[f].name for f, _, _, _ in flagged],
                     "score": float(min(max(e for _, _, e, _ in flagged), 300.0)),
                     "natural_rate": float(max(r for _, _, _, r in flagged)),
-                    "excerpt": t[:EXCERPT_CHARS] if t is not None else None,
+                    "excerpt": excerpt(i),
                     "_key": (int(first[k]), -int(over[k]), int(row_ids[i]))})
-    yield name, out
+    return out
+
+
+# Row-flag candidates: the rows a shard's flags can come from, kept from the one scoring pass so the top shards
+# are not read and scored again. The flags of a shard are, family by family in the order of its anomalous
+# families, the rows at that family's cut not taken by an earlier family, ordered by (bin descending, row), the
+# first ROWS_PER_SHARD in all. Rows taken before family j number fewer than ROWS_PER_SHARD, so the first
+# ROWS_PER_SHARD rows of family j's (bin descending, row) order hold every row j can add: those rows of every
+# family (with the row's bins on every family and its excerpt) give exactly the flags :func:`flag_rows` gives,
+# whatever the cuts, and stay that when two sets of candidates are merged (the same selection of their union).
+
+
+def flag_candidates(rb, bins: np.ndarray) -> dict | None:
+    """A scored chunk (``bins``: rows x families) -> its candidates (:func:`select_candidates`), with excerpts."""
+    if not len(bins):
+        return None
+    c = select_candidates(np.asarray(rb.column("row"), dtype=np.int64), np.asarray(bins))
+    pos = c.pop("pos")
+    c["excerpt"] = [_excerpt(rb, int(i)) for i in pos.tolist()]
+    return c
+
+
+def select_candidates(row_ids: np.ndarray, bins: np.ndarray) -> dict:
+    """Of rows ``row_ids`` (unique) with ``bins`` (rows x families): per family the first :data:`ROWS_PER_SHARD`
+    by (bin descending, row id); their union in row order (``pos``: positions in the input)."""
+    o = np.argsort(row_ids, kind="stable")
+    top = np.argsort(-bins[o].astype(np.int32), axis=0, kind="stable")[:ROWS_PER_SHARD]
+    pos = o[np.unique(top)]
+    return {"row": row_ids[pos], "bins": bins[pos], "pos": pos}
+
+
+def merge_candidates(cands: list) -> dict | None:
+    """Candidates of disjoint row sets (a shard's work elements) -> the candidates of their union."""
+    cands = [c for c in cands if c is not None]
+    if len(cands) <= 1:
+        return cands[0] if cands else None
+    rows = np.concatenate([c["row"] for c in cands])
+    bins = np.concatenate([c["bins"] for c in cands])
+    excerpts = [e for c in cands for e in c["excerpt"]]
+    c = select_candidates(rows, bins)
+    c["excerpt"] = [excerpts[i] for i in c.pop("pos").tolist()]
+    return c
+
+
+class FlagCandidates:
+    """A shard's row-flag candidates as a mergeable accumulator (create/add/merge/result, for
+    :class:`~spike_audit.pipelines.beam.combine.AuditorCombineFn`): its work elements' candidates merged."""
+
+    name = "flag_candidates"
+
+    def create(self):
+        return None
+
+    def add(self, acc, x):
+        return merge_candidates([acc, x])
+
+    def merge(self, accs):
+        return merge_candidates(list(accs))
+
+    def result(self, acc):
+        return acc
+
+
+def flag_scored(kv, targets: dict):
+    """(shard, merged candidates) -> (shard, [candidate rows]) for a target shard scored in this run: the rows
+    :func:`flag_rows` gives from reading and scoring it again."""
+    name, c = kv
+    if c is None or name not in targets:
+        return
+    out = _flag_records(name, c["bins"], c["row"], targets[name][2], lambda i: c["excerpt"][i])
+    if out:
+        yield name, out
 
 
 def strongest_rows(kv):

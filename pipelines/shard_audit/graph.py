@@ -177,7 +177,8 @@ def expand_acc(acc):
 def score_chunk(name_rb, cfg_dict: dict, shard_index: dict | None = None):
     """(shard, RecordBatch) -> (shard, {suite accumulator, row-bin histogram}): the one scoring pass per row.
     With ``shard_index``, also the chunk's row keys (:func:`_row_keys`) from the same batch cache (row hashes and
-    MinHash signatures computed once): ``((shard, acc), keys)``."""
+    MinHash signatures computed once) and its row-flag candidates (``flags.flag_candidates``):
+    ``((shard, acc), keys, candidates)``."""
     from spike_audit.auditors.batch_cache import BatchCache
     from spike_audit.auditors.evidence import bin_hist, bin_matrix
     from spike_audit.auditors.rows import FAMILIES, SIGNAL_ORDER
@@ -188,16 +189,21 @@ def score_chunk(name_rb, cfg_dict: dict, shard_index: dict | None = None):
     # near duplicates within a shard come from the shard's own MinHash accumulator (with_shard_counts), not
     # from every pair of a chunk's rows
     rows, acc = score_batch(tb, dict(cfg_dict, row_near_dup=False), None, suite_acc=True, cache=cache)
-    scored = name, {"suite": acc, "rows": bin_hist(bin_matrix(rows.matrix(), SIGNAL_ORDER, FAMILIES))}
+    bins = bin_matrix(rows.matrix(), SIGNAL_ORDER, FAMILIES)
+    scored = name, {"suite": acc, "rows": bin_hist(bins)}
     if shard_index is None:
         return scored
-    return scored, _row_keys(name, rb, tb, shard_index, cfg_dict, cache)
+    from spike_audit.pipelines.shard_audit.flags import flag_candidates
+
+    return scored, _row_keys(name, rb, tb, shard_index, cfg_dict, cache), flag_candidates(rb, bins)
 
 
 class ScoreShard:
-    """A work element ``(name, path, n, ranges, whole)`` (:func:`group_chunks`) -> ``((shard, accumulator), keys)``:
-    each chunk read (the shard opened once) and scored by :func:`score_chunk` as its own batch, the chunks'
-    accumulators merged and their row keys concatenated; an element holding the whole shard gives the compact
+    """A work element ``(name, path, n, ranges, whole)`` (:func:`group_chunks`) -> ``((shard, accumulator), keys,
+    [(shard, row-flag candidates)])``: each chunk read (the shard opened once) and scored by :func:`score_chunk` as
+    its own batch, the chunks' accumulators merged, their row keys concatenated and their row-flag candidates
+    merged (none for EOS-delimited documents, whose flags are read as before); an element holding the whole shard
+    gives the compact
     accumulator (:func:`compact_acc`), so the shard's per-row state never leaves it. With ``tokenizer``, token-only
     rows are decoded first (:class:`~spike_audit.pipelines.beam.read.DecodeText`, loaded once per instance)."""
 
@@ -219,21 +225,25 @@ class ScoreShard:
         if ranges and len(ranges[0]) == 2:
             reader = open_shard(None, path, tokens_col=self.read.tokens_col, text_col=self.read.text_col,
                                 dtype=self.read.dtype, rows=self.read.rows)
-        accs, keys = [], []
+        from spike_audit.pipelines.shard_audit.flags import merge_candidates
+
+        accs, keys, cands = [], [], []
         try:
             for r in ranges:
                 kv = self.read((name, path, r[0], r[1], n, *r[2:]), reader)
                 if self.tokenizer:
                     kv = (kv[0], self._decode(kv[1], name))
-                (_, acc), k = score_chunk(kv, self.cfg_dict, self.shard_index)
+                (_, acc), k, c = score_chunk(kv, self.cfg_dict, self.shard_index)
                 accs.append(acc)
                 keys.append(k)
+                cands.append(c)
         finally:
             if reader is not None:
                 _close(reader)
         fn = ShardAcc(self.cfg_dict)
         acc = fn.merge(accs)
-        return (name, fn.result(acc) if whole else acc), concat_keys(keys)
+        c = merge_candidates(cands) if reader is not None else None  # row chunks only (see flags.flag_chunks)
+        return (name, fn.result(acc) if whole else acc), concat_keys(keys), [(name, c)] if c is not None else []
 
     def _decode(self, rb, name):
         from spike_audit.pipelines.beam.read import fill_text
@@ -506,12 +516,18 @@ def build_pipeline(p, cfg: ShardAuditConfig, todo: list[tuple[Shard, int]], old_
                                               cfg.max_group))
     # the top shards' anomalous rows, read again on workers once the ranking is known (``flags``); ``paths``
     # names every shard's file, the ones the state kept too
-    from spike_audit.pipelines.shard_audit.flags import (ReadFlagChunk, flag_chunks, flag_rows, flag_targets,
-                                                         strongest_rows)
+    from spike_audit.pipelines.shard_audit.flags import (FlagCandidates, ReadFlagChunk, flag_chunks, flag_rows,
+                                                         flag_scored, flag_targets, strongest_rows)
 
     paths = paths if paths is not None else {s.name: s.path for s, _ in todo}
     targets = (scores | "FlagInputs" >> beam.combiners.ToList() | "FlagTargets" >> beam.Map(flag_targets, paths))
-    flag_batches = (targets | "FlagChunks" >> beam.FlatMap(flag_chunks, cfg.batch_rows)
+    # shards scored here in row chunks: their flags from the candidates the scoring pass kept (no second read);
+    # the others (kept by --state, EOS-delimited documents) are read and scored again
+    scored = frozenset(s.name for s, n in todo if n is not None)
+    flags_scored = (both | "FlagCandidates" >> beam.FlatMap(lambda sk: sk[2])
+                    | "MergeCandidates" >> beam.CombinePerKey(AuditorCombineFn(FlagCandidates(), output="accumulator"))
+                    | "FlagScored" >> beam.FlatMap(flag_scored, AsSingleton(targets)))
+    flag_batches = (targets | "FlagChunks" >> beam.FlatMap(flag_chunks, cfg.batch_rows, scored)
                     | "SpreadFlagChunks" >> beam.Reshuffle()
                     | "ReadFlagChunks" >> beam.FlatMap(ReadFlagChunk(cfg.tokens_col, cfg.text_col, cfg.dtype,
                                                                      cfg.flat_rows)))
@@ -519,7 +535,8 @@ def build_pipeline(p, cfg: ShardAuditConfig, todo: list[tuple[Shard, int]], old_
         from spike_audit.pipelines.beam.read import DecodeText
 
         flag_batches = flag_batches | "DecodeFlagChunks" >> beam.ParDo(DecodeText(cfg.tokenizer))
-    flags = (flag_batches | "FlagRows" >> beam.FlatMap(flag_rows, AsSingleton(targets), cfg_dict)
+    flags = ((flag_batches | "FlagRows" >> beam.FlatMap(flag_rows, AsSingleton(targets), cfg_dict), flags_scored)
+             | "AllFlags" >> beam.Flatten()
              | "GroupFlags" >> beam.GroupByKey() | "StrongestRows" >> beam.FlatMap(strongest_rows))
 
     outputs = [scores, exact, near, flags]
