@@ -101,6 +101,10 @@ class DetectorConfig:
             raise ValueError("window sizes must be positive")
         if self.merge_gap < 0:
             raise ValueError("merge_gap must be >= 0")
+        for name in ("k", "olmo_k", "min_rel_rise", "metaseq_ratio"):
+            v = getattr(self, name)
+            if not (np.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a positive number, got {v!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -158,9 +158,52 @@ def make_config(cls, *, file: str | None = None, section: str, overrides: dict |
         flags = ", ".join("--" + m.replace("_", "-") for m in missing)
         raise UserError(f"missing {flags} (give the option, or set it in a --config file)")
     try:
-        return cls(**values), beam
+        cfg = cls(**values)
     except TypeError as err:
         raise UserError(f"{cls.__name__}: {err}") from None
+    check_values(cfg, file, set(values) - set(overrides or {}) if file else set())
+    return cfg, beam
+
+
+#: Numeric settings and the values they accept: (low, high, low inclusive, high inclusive); None is unbounded.
+RANGES = {
+    "alpha": (0.0, 1.0, False, False),
+    "n_controls": (0, None, True, None),
+    "p_resolution": (1, None, True, None),
+    "min_controls": (1, None, True, None),
+    "lookback": (0, None, True, None),
+    "guard": (0, None, True, None),
+    "merge_gap": (0, None, True, None),
+    "max_window": (1, None, True, None),
+    "min_rows": (1, None, True, None),
+    "max_row_flags": (0, None, True, None),
+    "threshold": (0.0, 1.0, False, True),
+    "batch_rows": (1, None, True, None),
+    "buckets": (1, None, True, None),
+    "max_group": (2, None, True, None),
+    "cc_iterations": (1, None, True, None),
+    "seq_len": (1, None, True, None),
+    "vocab_size": (1, None, True, None),
+}
+
+
+def check_values(cfg, source: str | None = None, from_source: set | frozenset = frozenset()) -> None:
+    """A one-line :class:`UserError` for a numeric setting outside the values it accepts (``--alpha 0``,
+    ``--max-window 0``, ``--controls -3``), naming the option (and ``source``, the config file, for the fields
+    in ``from_source``)."""
+    for name, (lo, hi, lo_in, hi_in) in RANGES.items():
+        v = getattr(cfg, name, None)
+        if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        bad = v != v or (lo is not None and (v < lo if lo_in else v <= lo)) or (
+            hi is not None and (v > hi if hi_in else v >= hi))
+        if bad:
+            want = " and ".join(w for w in (
+                None if lo is None else (f">= {lo}" if lo_in else f"> {lo}"),
+                None if hi is None else (f"<= {hi}" if hi_in else f"< {hi}")) if w)
+            flag = "--" + {"n_controls": "controls", "tokens_col": "tokens-column"}.get(name, name).replace("_", "-")
+            where = f"{source}: " if source and name in from_source else ""
+            raise UserError(f"{where}{flag} must be {want}, got {v!r}")
 
 
 def config_dict(cfg) -> dict:

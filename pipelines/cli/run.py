@@ -39,7 +39,11 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         help="most steps in an event's window, from its start (a data cause shows at the start; the recovery tail "
              "consumes no new anomalous data)")
     opt(p, "--controls", cls=c, dest="n_controls", type=int,
-        help="control steps to sample (raised when the longest window needs more to reach alpha)")
+        help="control steps to sample (raised when the longest window needs more for p <= alpha / --p-resolution)")
+    opt(p, "--p-resolution", cls=c, dest="p_resolution", type=int,
+        help="controls are drawn (at least --controls) so that p <= alpha / this is reachable over the longest "
+             "window: a window step must then beat all but the few most extreme controls, not only their maximum, "
+             "a noisier bar; 1 draws the fewest controls that can reach alpha")
     opt(p, "--guard", cls=c, dest="guard", type=int, help="min distance of a control step from any spike")
     opt(p, "--seed", cls=c, dest="seed", type=int, help="seed of the control sample and hashes")
     opt(p, "--alpha", cls=c, dest="alpha", type=float, help="significance level of a data verdict")

@@ -85,6 +85,10 @@ def run(args) -> int:
     from spike_audit.pipelines.logs.read import read_log
     from spike_audit.schemas import ALIGNED_SPIKES, LOSS_SERIES, SPIKES
 
+    if args.align_tolerance < 0:
+        from spike_audit.pipelines.errors import UserError
+
+        raise UserError(f"--align-tolerance must be >= 0, got {args.align_tolerance}")
     cfg_kw = {"method": args.method}
     if args.k is not None:
         cfg_kw["k"] = args.k

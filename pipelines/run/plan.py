@@ -39,6 +39,7 @@ class RunConfig:
     method: str = "robust"
     lookback: int = 2
     n_controls: int = 200
+    p_resolution: int = 1
     guard: int = 20
     seed: int = 0
     alpha: float = 0.05
@@ -138,9 +139,11 @@ def resolve_tokens(cfg: RunConfig) -> RunConfig:
     from dataclasses import replace
 
     from spike_audit.pipelines.manifest import manifest_rows
+    from spike_audit.pipelines.settings import check_values
     from spike_audit.pipelines.shards.rows import row_def
     from spike_audit.pipelines.tokenizer import resolve_special
 
+    check_values(cfg)  # a RunConfig built by hand (the Python API) is checked too
     pad_id = cfg.pad_id
     if pad_id is None:  # a pad id the trainer fed as 0 with its loss masked: padding, whatever the tokenizer says
         from spike_audit.pipelines.manifest import read_meta
@@ -318,10 +321,11 @@ def plan_audit(cfg: RunConfig, loss: pa.Table, spikes: pa.Table, skip_spikes: fr
         rng = np.random.default_rng(cfg.seed)
         longest = max((len(w) for w in windows.values()), default=0)
         # with room for up to 5% of them to be left out as anomalous themselves (verdict.null_model)
-        want = max(cfg.n_controls, int(np.ceil(needed_controls(longest, cfg.alpha) / 0.95)))
+        floor = cfg.alpha / max(1, cfg.p_resolution)
+        want = max(cfg.n_controls, int(np.ceil(needed_controls(longest, floor) / 0.95)))
         if want > cfg.n_controls:
             log.info("%d controls (not %d) so that p <= %g is reachable over the longest window (%d steps)", want,
-                     cfg.n_controls, cfg.alpha, longest)
+                     cfg.n_controls, floor, longest)
         take = min(len(candidates), want)
         controls = sorted(rng.choice(candidates, size=take, replace=False).tolist()) if take else []
 

@@ -48,9 +48,11 @@ def resolve_tokens(cfg: ShardAuditConfig) -> ShardAuditConfig:
     token files resolved."""
     from dataclasses import replace
 
+    from spike_audit.pipelines.settings import check_values
     from spike_audit.pipelines.shards.rows import row_def
     from spike_audit.pipelines.tokenizer import resolve_special
 
+    check_values(cfg)  # a ShardAuditConfig built by hand (the Python API) is checked too
     eos, pad, special = resolve_special(cfg.tokenizer, cfg.eos_id, cfg.pad_id)
     return replace(cfg, eos_id=eos, pad_id=pad, flat_rows=cfg.flat_rows or row_def(cfg.rows, cfg.seq_len, eos),
                    tokenizer_special=tuple(sorted(special.items())) if special else None)

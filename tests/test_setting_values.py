@@ -1,0 +1,83 @@
+"""Numeric settings outside the values they accept are one-line errors before any work (``--alpha 0`` was a
+ZeroDivisionError traceback; ``--max-window 0``, ``--controls -3``, ``--k 0`` were accepted), and the control
+draw reaches ``p <= alpha / --p-resolution`` over the longest window."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from spike_audit.pipelines.cli.main import main
+from spike_audit.pipelines.run.plan import needed_controls
+
+
+def _run_args(demo, out):
+    root, _ = demo
+    run = root / "run"
+    return ["run", "--log", str(run / "train.log"), "--manifest", str(run / "manifest.parquet"),
+            "--shards", str(run / "shards"), "--out", str(out)]
+
+
+def _one_line(capsys, *needles):
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, err
+
+
+@pytest.mark.parametrize("flag,value,expect", [
+    ("--alpha", "0", "--alpha must be > 0.0 and < 1.0, got 0.0"),
+    ("--alpha", "1.5", "--alpha must be > 0.0 and < 1.0"),
+    ("--alpha", "nan", "--alpha must be > 0.0 and < 1.0, got nan"),
+    ("--controls", "-3", "--controls must be >= 0, got -3"),
+    ("--max-window", "0", "--max-window must be >= 1, got 0"),
+    ("--lookback", "-1", "--lookback must be >= 0"),
+    ("--min-rows", "0", "--min-rows must be >= 1"),
+    ("--p-resolution", "0", "--p-resolution must be >= 1"),
+])
+def test_run_refuses_a_value_out_of_range_in_one_line_before_any_work(demo, tmp_path, capsys, flag, value, expect):
+    out = tmp_path / "o"
+    assert main([*_run_args(demo, out), flag, value, "--dry-run"]) == 2
+    _one_line(capsys, expect)
+    assert not out.exists()
+
+
+def test_a_config_file_value_out_of_range_names_the_file(demo, tmp_path, capsys):
+    conf = tmp_path / "run.toml"
+    conf.write_text("[run]\nalpha = 0\n")
+    assert main([*_run_args(demo, tmp_path / "o"), "--config", str(conf), "--dry-run"]) == 2
+    _one_line(capsys, str(conf), "--alpha must be > 0.0")
+    # the flag overrides the file: a good flag over a bad file value is fine, and the error never blames the file
+    conf.write_text("[run]\nmin_rows = 3\n")
+    assert main([*_run_args(demo, tmp_path / "o"), "--config", str(conf), "--alpha", "2", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "--alpha must be" in err and str(conf) not in err
+
+
+def test_shards_and_spikes_refuse_values_out_of_range(demo, tmp_path, capsys):
+    root, _ = demo
+    out = tmp_path / "o"
+    assert main(["shards", str(root / "run" / "shards"), "--out", str(out), "--threshold", "0"]) == 2
+    _one_line(capsys, "--threshold must be > 0.0 and <= 1.0, got 0.0")
+    assert not out.exists()
+    for args, expect in ((["--k", "0"], "k must be a positive number"), (["--k", "nan"], "k must be a positive"),
+                         (["--align-tolerance", "-2"], "--align-tolerance must be >= 0")):
+        assert main(["spikes", str(root / "run" / "train.log"), *args]) == 2
+        _one_line(capsys, expect)
+
+
+def test_controls_reach_alpha_over_p_resolution_or_take_every_normal_step(demo, tmp_path, capsys):
+    counts, m = {}, 0
+    for res in (1, 4, 64):
+        assert main([*_run_args(demo, tmp_path / "o"), "--p-resolution", str(res), "--controls", "20", "--dry-run",
+                     "--json"]) == 0
+        plan = json.loads(capsys.readouterr().out)
+        m = max(len(e["window"]) for e in plan["events"])
+        counts[res] = plan["n_controls"]
+        assert len(set(plan["controls"])) == plan["n_controls"]
+    floor = lambda n: 1 - (1 - 1 / (n + 1)) ** m  # noqa: E731  (the smallest p over an m-step window)
+    assert counts[1] >= needed_controls(m, 0.05) and floor(counts[1]) <= 0.05
+    assert counts[1] < counts[4] <= counts[64]
+    # more controls than resolution 1 draws; alpha / 4 reached, or every normal step taken (then 64 takes no more)
+    assert floor(counts[4]) <= 0.05 / 4 or counts[4] == counts[64]
