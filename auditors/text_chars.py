@@ -86,18 +86,25 @@ def _char_classes(arr: pa.LargeStringArray, chars: np.ndarray
 
 
 def _max_byte_run(arr: pa.LargeStringArray) -> np.ndarray:
-    """Per document: the longest run of one repeated ASCII character (0 for an empty document)."""
+    """Per document: the longest run of one repeated ASCII character (0 for an empty document).
+
+    Every ASCII byte is in a run of at least 1, so a document's value is 1 if it has an ASCII byte, raised by its
+    runs of 2 or more ASCII bytes (few: only those are located, not every byte's run)."""
     data, off = _byte_view(arr)
     n = len(arr)
     out = np.zeros(n, dtype=np.int64)
     if not len(data):
         return out
-    start = np.ones(len(data), dtype=bool)
-    start[1:] = data[1:] != data[:-1]
-    start[off[:-1][off[:-1] < len(data)]] = True  # a run never crosses documents
-    starts = np.flatnonzero(start)
-    length = np.diff(np.r_[starts, len(data)])
-    ascii_ = data[starts] < 0x80
-    doc = np.searchsorted(off, starts, side="right") - 1
-    np.maximum.at(out, doc[ascii_], length[ascii_])
+    ascii_ = data < 0x80
+    cum = np.r_[0, np.cumsum(ascii_, dtype=np.int64)]
+    out[np.diff(cum[np.minimum(off, len(data))]) > 0] = 1
+    same = data[1:] == data[:-1]
+    same &= ascii_[1:]
+    same[off[1:-1][(off[1:-1] > 0) & (off[1:-1] < len(data))] - 1] = False  # a run never crosses documents
+    # runs of equal bytes of 2 or more: runs of True in ``same`` (byte i equal to byte i+1)
+    d = np.diff(np.r_[np.int8(0), same.view(np.int8), np.int8(0)])
+    a, b = np.flatnonzero(d == 1), np.flatnonzero(d == -1)
+    if len(a):
+        doc = np.searchsorted(off, a, side="right") - 1
+        np.maximum.at(out, doc, b - a + 1)
     return out
