@@ -163,8 +163,14 @@ def select_candidates(row_ids: np.ndarray, bins: np.ndarray) -> dict:
     """Of rows ``row_ids`` (unique) with ``bins`` (rows x families): per family the first :data:`ROWS_PER_SHARD`
     by (bin descending, row id); their union in row order (``pos``: positions in the input)."""
     o = np.argsort(row_ids, kind="stable")
-    top = np.argsort(-bins[o].astype(np.int32), axis=0, kind="stable")[:ROWS_PER_SHARD]
-    pos = o[np.unique(top)]
+    n = len(o)
+    if n > ROWS_PER_SHARD:  # per family the ROWS_PER_SHARD smallest of (bin descending, row): unique keys
+        b = bins[o].astype(np.int64)
+        key = (b.max(initial=0) - b) * n + np.arange(n, dtype=np.int64)[:, None]
+        top = np.argpartition(key, ROWS_PER_SHARD - 1, axis=0)[:ROWS_PER_SHARD]
+        pos = o[np.unique(top)]
+    else:
+        pos = o
     return {"row": row_ids[pos], "bins": bins[pos], "pos": pos}
 
 
