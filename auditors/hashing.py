@@ -131,3 +131,21 @@ def _pos_table(key: int, size: int) -> np.ndarray:
 
 def _pos_weights(key: int, length: int) -> np.ndarray:
     return _pos_table(key, max(4096, 1 << max(length - 1, 0).bit_length()))
+
+
+def maybe_repeated(key: np.ndarray) -> np.ndarray:
+    """Indices of keys that may occur more than once: a superset of the repeated keys (uint64
+    keys with well-mixed high bits). Two bucket-count filters on disjoint bit ranges, with at least
+    4 buckets per key each; the exact decision is left to the caller. The indices are ascending, so
+    a stable sort of ``key[idx]`` orders the repeated keys as a stable sort of ``key`` does."""
+    idx = None
+    for shift in (0, 21):
+        m = len(key) if idx is None else len(idx)
+        if m < 2:
+            return np.zeros(0, dtype=np.int64)
+        bits = min(max(10, int(m - 1).bit_length() + 2), 21)
+        k = key if idx is None else key[idx]
+        bucket = ((k << np.uint64(shift)) >> np.uint64(64 - bits)).astype(np.intp)
+        sel = np.flatnonzero(np.bincount(bucket, minlength=1 << bits)[bucket] >= 2)
+        idx = sel if idx is None else idx[sel]
+    return idx

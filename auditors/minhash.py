@@ -58,7 +58,7 @@ from typing import Iterable
 import numpy as np
 
 from spike_audit.auditors.batch_cache import BatchCache
-from spike_audit.auditors.hashing import GOLDEN, fmix64, seed_key
+from spike_audit.auditors.hashing import GOLDEN, fmix64, maybe_repeated, seed_key
 from spike_audit.auditors.segment_hashes import _CHUNK
 from spike_audit.auditors.segments import chunk_bounds
 from spike_audit.auditors.base import TokenBatch
@@ -360,7 +360,8 @@ def near_duplicates(keys: np.ndarray, sketch: np.ndarray, threshold: float
     # sort of their band keys
     by_digest = np.lexsort((np.arange(n), digest))
     flat = keys[by_digest].ravel()
-    order = np.argsort(flat, kind="stable")
+    cand = maybe_repeated(flat)  # only keys that may repeat form a group of two or more: sorted alone, in order
+    order = cand[np.argsort(flat[cand], kind="stable")]
     sk_ = flat[order]
     rows = by_digest[order // nb]
     brk = np.flatnonzero(sk_[1:] != sk_[:-1]) + 1
@@ -396,7 +397,7 @@ def near_duplicates(keys: np.ndarray, sketch: np.ndarray, threshold: float
     code = np.unique(lo[ok] * np.int64(n) + hi[ok])
     lo, hi = code // n, code % n
     match = np.empty(len(lo), dtype=np.int64)
-    step = max(1, 1 << 22 // max(num_perm, 1))
+    step = max(1, (1 << 22) // max(num_perm, 1))  # pairs per block (4 M sketch bytes)
     for s in range(0, len(lo), step):
         match[s : s + step] = (sketch[lo[s : s + step]] == sketch[hi[s : s + step]]).sum(axis=1)
     p0 = 2.0**-_BBITS

@@ -7,6 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from spike_audit.auditors.hashing import maybe_repeated as _candidates
 from spike_audit.auditors.text_arrays import _BIG, _C, _D, _R, _byte_view, _first_mask, _flat, _mix, _views
 
 
@@ -62,23 +63,6 @@ def _dup_lines_paras(arr: pa.LargeStringArray) -> dict[str, np.ndarray]:
     c_dup = np.bincount(doc[dup], weights=chars, minlength=2 * n)  # integers < 2^53: exact
     return {"gopher_dup_line_frac": n_dup[:n] / n_el[:n], "gopher_dup_para_frac": n_dup[n:] / n_el[n:],
             "line_chars": c_dup[:n], "para_chars": c_dup[n:]}
-
-
-def _candidates(key: np.ndarray) -> np.ndarray:
-    """Indices of keys that may occur more than once: a superset of the repeated keys (uint64
-    keys with well-mixed high bits). Two bucket-count filters on disjoint bit ranges, with at least
-    4 buckets per key each; the exact decision is left to the caller."""
-    idx = None
-    for shift in (0, 21):
-        m = len(key) if idx is None else len(idx)
-        if m < 2:
-            return np.zeros(0, dtype=np.int64)
-        bits = min(max(10, int(m - 1).bit_length() + 2), 21)
-        k = key if idx is None else key[idx]
-        bucket = ((k << np.uint64(shift)) >> np.uint64(64 - bits)).astype(np.intp)
-        sel = np.flatnonzero(np.bincount(bucket, minlength=1 << bits)[bucket] >= 2)
-        idx = sel if idx is None else idx[sel]
-    return idx
 
 
 def _chain(pos: np.ndarray, doc: np.ndarray, n: np.ndarray) -> np.ndarray:

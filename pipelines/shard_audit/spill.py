@@ -100,9 +100,13 @@ class KeyFile:
 
 def shared_band_keys(keys: np.ndarray, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The (band key, node) pairs whose band key another pair shares (the LSH candidates)."""
+    from spike_audit.auditors.hashing import maybe_repeated
+
     if len(keys) < 2:
         return keys[:0], nodes[:0]
-    order = np.argsort(keys, kind="stable")
+    c = maybe_repeated(keys.astype(np.uint64, copy=False))  # a superset of the shared keys, in order: only those
+    # are sorted
+    order = c[np.argsort(keys[c], kind="stable")]
     ks = keys[order]
     dup = np.zeros(len(ks), dtype=bool)
     same = ks[1:] == ks[:-1]
