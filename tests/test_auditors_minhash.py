@@ -244,3 +244,37 @@ def test_max_jaccard_earlier_is_exact_on_ties_copies_and_distinct_rows(n, k, val
     for g in (got, blocks):
         np.testing.assert_array_equal(g[0], want[0])
         np.testing.assert_array_equal(g[1], want[1])
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 3000), st.integers(1, 10), st.integers(1, 4000), st.integers(0, 2**32 - 1),
+       st.sampled_from([0.3, 0.5, 0.8]))
+def test_near_duplicates_are_every_verified_pair_sharing_a_band(n, nb, space, seed, threshold):
+    """near_duplicates against the plain definition where no LSH bucket is large: every pair of rows sharing a
+    band key whose b-bit match fraction clears the threshold (few distinct keys: many shared buckets); the
+    bucket-count filter that decides which keys are sorted keeps every repeated key."""
+    from spike_audit.auditors.hashing import fmix64, maybe_repeated
+    from spike_audit.auditors.minhash import _BBITS, _BUCKET_ALL_PAIRS, near_duplicates
+
+    rng = np.random.default_rng(seed)
+    keys = fmix64(rng.integers(0, space, size=(n, nb)).astype(np.uint64))
+    flat = keys.ravel()
+    idx = maybe_repeated(flat)  # a superset of the repeated keys, ascending
+    _, inv, cnt = np.unique(flat, return_inverse=True, return_counts=True)
+    assert set(np.flatnonzero(cnt[inv] >= 2).tolist()) <= set(idx.tolist()) and (np.diff(idx) > 0).all()
+    if len(cnt) and cnt.max() > _BUCKET_ALL_PAIRS:  # big buckets are linked as stars and chains, not all pairs
+        return
+    base = rng.integers(0, 256, size=(n // 4 + 1, 128), dtype=np.uint8)
+    sk = base[rng.integers(0, len(base), size=n)]
+    flip = rng.random(sk.shape) < 0.1
+    sk[flip] = rng.integers(0, 256, size=int(flip.sum()), dtype=np.uint8)
+    lo, hi, jac = near_duplicates(keys, sk, threshold)
+    want = set()
+    p0 = 2.0**-_BBITS
+    for grp in np.flatnonzero(cnt >= 2):  # rows holding one band key (in any band: keys are compared as values)
+        m = np.unique(np.flatnonzero(inv == grp) // nb)
+        for i in range(len(m)):
+            for j in range(i + 1, len(m)):
+                if ((sk[m[i]] == sk[m[j]]).mean() - p0) / (1 - p0) >= threshold - 1e-12:
+                    want.add((int(m[i]), int(m[j])))
+    assert sorted(zip(lo.tolist(), hi.tolist())) == sorted(want)
