@@ -184,6 +184,11 @@ RANGES = {
     "cc_iterations": (1, None, True, None),
     "seq_len": (1, None, True, None),
     "vocab_size": (1, None, True, None),
+    "seed": (0, 2 ** 64 - 1, True, True),  # numpy's seed must be non-negative (--seed -1 was a traceback)
+    "eos_id": (0, 2 ** 24 - 1, True, True),  # a token id (pipelines.shards.slices.MAX_TOKEN_ID)
+    "pad_id": (0, 2 ** 24 - 1, True, True),
+    "step_offset": (-(2 ** 62), 2 ** 62, True, True),  # a huge one overflowed int64 (a traceback)
+    "row_losses_first_step": (0, None, True, None),
 }
 
 
@@ -204,6 +209,17 @@ def check_values(cfg, source: str | None = None, from_source: set | frozenset = 
             flag = "--" + {"n_controls": "controls", "tokens_col": "tokens-column"}.get(name, name).replace("_", "-")
             where = f"{source}: " if source and name in from_source else ""
             raise UserError(f"{where}{flag} must be {want}, got {v!r}")
+    dt = getattr(cfg, "dtype", None)
+    if isinstance(dt, str):  # a token dtype: --dtype float32 or garbage was taken silently
+        import numpy as np
+
+        try:
+            ok = np.dtype(dt).kind in "iu"
+        except TypeError:
+            ok = False
+        if not ok:
+            where = f"{source}: " if source and "dtype" in from_source else ""
+            raise UserError(f"{where}--dtype must be an integer token dtype (uint16, uint32, int32, ...), got {dt!r}")
 
 
 def config_dict(cfg) -> dict:
