@@ -51,7 +51,11 @@ def _unknown(args: list[str]) -> list[str]:
     drops them with a warning)."""
     from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
 
-    parser = _BeamArgumentParser(allow_abbrev=False)
+    class _OneLine(_BeamArgumentParser):  # a bad value (--direct_num_workers abc): one line, not Beam's usage
+        def error(self, message):
+            raise UserError(f"Beam option: {' '.join(str(message).split())}")
+
+    parser = _OneLine(allow_abbrev=False)
     seen = {}
     stack = list(PipelineOptions.__subclasses__())
     while stack:  # every subclass, also the subclasses of subclasses Beam's own check reaches

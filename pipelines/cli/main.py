@@ -26,8 +26,16 @@ from spike_audit.schemas import SchemaError
 COMMANDS = ("spikes", "batch", "run", "shards", "demo", "manifest", "replay")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (``prog: error: ...``, exit 2) like every other user error, not
+    the whole usage block first; the subcommands' parsers inherit it."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {printable(' '.join(message.split()))} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="spike-audit",
         description="Tell whether a training run's loss spikes came from the data, and from which data.",
     )
