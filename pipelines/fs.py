@@ -185,13 +185,26 @@ def open(path, mode: str = "rb"):  # noqa: A001 - the one open of this layer
 
 
 def read_bytes(path) -> bytes:
+    """A small file's bytes (a config file, a JSON record). Local: a regular file only (a FIFO would block, a
+    device never end); a missing file, a symlink loop or a permission error is a one-line UserError."""
     if not is_url(path):
+        import stat as _stat
+
         try:
+            st = os.stat(path)
+            if _stat.S_ISDIR(st.st_mode):
+                raise IsADirectoryError
+            if not _stat.S_ISREG(st.st_mode):
+                kind = ("a FIFO" if _stat.S_ISFIFO(st.st_mode) else "a socket" if _stat.S_ISSOCK(st.st_mode)
+                        else "a device")
+                raise UserError(f"{path}: not a regular file ({kind}); expected a file")
             return Path(path).read_bytes()
         except FileNotFoundError:
             raise UserError(f"{path}: not found") from None
         except IsADirectoryError:
             raise UserError(f"{path}: is a directory, expected a file") from None
+        except OSError as err:
+            raise UserError(f"{path}: cannot read ({err.strerror or err}); expected a readable file") from None
     with open(path, "rb") as f:
         return f.read()
 
