@@ -78,12 +78,26 @@ def load_manifest_table(path) -> pa.Table:
     table = STEP_MANIFEST.conform(table, source=src)
     for col in ("shard", "unit"):
         _check_utf8(table.column(col), col, src)
-    neg = np.flatnonzero(table.column("step").to_numpy() < 0) if table.num_rows else []
-    if len(neg):
-        raise UserError(f"{src}: row {int(neg[0])}: step {table.column('step')[int(neg[0])].as_py()}, expected a "
-                        f"non-negative batch index (0-based)")
+    check_steps(table.column("step"), src)
     unit = pc.fill_null(table.column("unit"), "row")
     return table.set_column(table.schema.get_field_index("unit"), STEP_MANIFEST.schema.field("unit"), unit)
+
+
+def check_steps(steps, src: str) -> None:
+    """Every step a non-negative batch index that fits int64 (any integer column: a uint64 step beyond int64 is
+    refused, never wrapped); a one-line error naming the first bad row."""
+    if len(steps) == 0:
+        return
+    if pa.types.is_unsigned_integer(steps.type):
+        bad = pc.greater(steps, pa.scalar(2 ** 63 - 1, pa.uint64()))
+    else:
+        bad = pc.less(steps, pa.scalar(0, pa.int64()))
+    hits = pc.indices_nonzero(pc.fill_null(bad, False).combine_chunks() if isinstance(bad, pa.ChunkedArray) else
+                              pc.fill_null(bad, False))
+    if len(hits):
+        i = hits[0].as_py()
+        raise UserError(f"{src}: row {i}: step {steps[i].as_py()}, expected a non-negative batch index (0-based) "
+                        f"that fits int64")
 
 
 def _check_utf8(column: pa.ChunkedArray, name: str, src: str) -> None:
@@ -171,6 +185,12 @@ def read_meta(path) -> dict:
 
     from spike_audit.pipelines import fs
 
+    if not fs.is_url(path):
+        from spike_audit.pipelines.files import check_regular
+
+        if not fs.exists(path):
+            raise UserError(f"{path}: manifest not found")
+        check_regular(path, "Parquet manifest")  # a FIFO blocks the footer read for ever
     try:
         if fs.is_url(path):  # the one filesystem layer, as every other read of a manifest
             with fs.open(str(path), "rb") as f:

@@ -125,3 +125,110 @@ def test_two_records_on_one_line_are_malformed_never_merged(tmp_path, fmt):
     assert 10 not in steps and 11 not in steps, steps
     assert rep.n_malformed == 1 and rep.malformed_lines == [10]
     assert dict(zip(steps, loss["value"].to_pylist()))[12] == pytest.approx(3.12)
+
+
+# --------------------------------------------------------------------------- settings out of range, usage errors
+
+_RUN = ["run", "--log", "x.log", "--manifest", "m.parquet", "--shards", "s", "--out", "o", "--dry-run"]
+
+
+@pytest.mark.parametrize("flags, pattern", [
+    (["--alpha", "2"], r"--alpha 2\.0: expected a significance level strictly between 0 and 1"),
+    (["--alpha", "nan"], r"--alpha nan: expected a significance level"),
+    (["--alpha", "0"], r"--alpha 0\.0: expected a significance level"),
+    (["--controls", "-1"], r"--controls -1: expected a non-negative integer"),
+    (["--seed", "-1"], r"--seed -1: expected an integer in \[0, 2\^64\)"),
+    (["--step-offset", str(10 ** 20)], r"--step-offset 100000000000000000000: expected an integer within"),
+    (["--lookback", "-3"], r"--lookback -3: expected a non-negative integer"),
+    (["--max-window", "0"], r"--max-window 0: expected a positive integer"),
+    (["--min-rows", "0"], r"--min-rows 0: expected a positive integer"),
+    (["--eos-id", "-1"], r"--eos-id -1: expected a token id"),
+    (["--dtype", "float32"], r"--dtype float32: expected an integer token dtype"),
+    (["--dtype", "garbage"], r"--dtype garbage: expected an integer token dtype"),
+])
+def test_run_settings_out_of_range_are_one_line_errors(tmp_path, monkeypatch, capsys, flags, pattern):
+    """--alpha 2 / nan / 0 and --seed -1 and a huge --step-offset were tracebacks; a negative --controls or
+    --lookback and a float --dtype were accepted silently."""
+    monkeypatch.chdir(tmp_path)
+    assert main(_RUN + flags) == 2
+    _one_line_error(capsys, r"^spike-audit run: error: " + pattern)
+
+
+def test_settings_out_of_range_in_a_config_file_name_the_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.toml").write_text("[run]\nalpha = 7.0\n")
+    assert main(_RUN + ["--config", "c.toml"]) == 2
+    _one_line_error(capsys, r"^spike-audit run: error: c\.toml: alpha 7\.0: expected a significance level")
+    assert main(["shards", "x", "--out", "o", "--threshold", "1.5"]) == 2
+    _one_line_error(capsys, r"^spike-audit shards: error: --threshold 1\.5: expected a Jaccard similarity")
+
+
+@pytest.mark.parametrize("flags, pattern", [
+    (["--fail-on", "bogus"], r"^spike-audit run: error: argument --fail-on: invalid choice: 'bogus'"),
+    (["--controls", "x"], r"^spike-audit run: error: argument --controls: invalid int value: 'x'"),
+    (["--direct_num_workers", "abc"], r"^spike-audit run: error: Beam option: argument --direct_num_workers: "
+                                      r"invalid int value: 'abc'"),
+])
+def test_usage_mistakes_are_one_line(tmp_path, monkeypatch, capsys, flags, pattern):
+    """argparse printed its whole usage block first (for a Beam option, ~150 lines of Beam's usage)."""
+    monkeypatch.chdir(tmp_path)
+    try:
+        rc = main(_RUN + flags)  # a Beam option is refused when the pipeline options are checked
+    except SystemExit as exc:  # argparse's own mistakes exit from the parser
+        rc = exc.code
+    assert rc == 2
+    _one_line_error(capsys, pattern)
+
+
+def test_usage_mistakes_are_one_line_for_the_command_too(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bogus"])
+    assert exc.value.code == 2
+    _one_line_error(capsys, r"^spike-audit: error: argument COMMAND: invalid choice: 'bogus'")
+
+
+def test_config_file_that_is_a_fifo_or_a_symlink_loop_is_refused_at_once(tmp_path, monkeypatch, capsys):
+    """A FIFO as --config blocked for ever; a symlink loop was an OSError traceback."""
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    os.mkfifo("fifo.toml")
+    os.symlink("b.toml", "a.toml")
+    os.symlink("a.toml", "b.toml")
+    assert main(_RUN + ["--config", "fifo.toml"]) == 2
+    _one_line_error(capsys, r"^spike-audit run: error: fifo\.toml: not a regular file \(a FIFO\); expected a file")
+    assert main(_RUN + ["--config", "a.toml"]) == 2
+    _one_line_error(capsys, r"^spike-audit run: error: a\.toml: cannot read \(Too many levels of symbolic links\)")
+
+
+# ------------------------------------------------------------------ run reads the manifest its own way (push-down)
+
+def _run_dry(root, man):
+    log = root / "train.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 3.0}) + "\n" for s in range(4)))
+    return main(["run", "--log", str(log), "--manifest", str(man), "--shards", str(root / "shards"), "--out",
+                 str(root / "out"), "--log-trainer", "batch-index", "--dry-run", "-q"])
+
+
+@pytest.mark.parametrize("col, arr, pattern", [
+    ("step", pa.array(["0", "1", "2", "3"]), r"column 'step' has type string, expected int64"),
+    ("step", pa.array([0, 1, -3, 3], pa.int64()), r"row 2: step -3, expected a non-negative batch index"),
+    ("step", pa.array([0, 1, 2 ** 64 - 1, 3], pa.uint64()), r"row 2: step 18446744073709551615, expected a non-neg"),
+])
+def test_run_checks_the_manifest_step_column(root, capsys, col, arr, pattern):
+    """`run` compared a string step column as text (its steps "0".."99") and took uint64 and negative steps."""
+    assert _run_dry(root, _manifest(root, **{col: arr})) == 2
+    _one_line_error(capsys, r"manifest\.parquet: " + pattern)
+
+
+def test_run_with_a_manifest_of_no_rows_or_a_fifo(root, capsys):
+    """A manifest with no rows was a TypeError traceback; a FIFO as the manifest blocked `run` for ever."""
+    import os
+
+    empty = manifest_from_arrays([], [], [], [])
+    write_manifest(empty, root / "manifest.parquet")
+    assert _run_dry(root, root / "manifest.parquet") == 2
+    _one_line_error(capsys, r"manifest\.parquet: the manifest has no rows")
+    os.mkfifo(root / "fifo.parquet")
+    assert _run_dry(root, root / "fifo.parquet") == 2
+    _one_line_error(capsys, r"fifo\.parquet: not a regular file \(a FIFO\); expected a Parquet manifest")

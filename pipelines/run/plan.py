@@ -224,19 +224,26 @@ def _parquet_file(path: str) -> pq.ParquetFile:
 
 
 def _manifest_steps_range(path: str) -> tuple[int, int]:
+    from spike_audit.pipelines.manifest import check_steps
+
     pf = _parquet_file(path)
+    validate(pf.schema_arrow, STEP_MANIFEST, path)  # a string or float step column is refused, never compared
     md = pf.metadata
     lo, hi = None, None
     idx = md.schema.to_arrow_schema().get_field_index("step")
     for rg in range(md.num_row_groups):
         st = md.row_group(rg).column(idx).statistics
         if st is None or not st.has_min_max:
-            t = pf.read(columns=["step"]).column("step")
-            return int(pc.min(t).as_py()), int(pc.max(t).as_py())
+            lo = None
+            break
         lo = st.min if lo is None else min(lo, st.min)
         hi = st.max if hi is None else max(hi, st.max)
-    if lo is None:
-        raise UserError(f"{path}: the manifest has no rows")
+    if lo is None or lo < 0 or hi > 2 ** 63 - 1:  # no statistics, or a bad step: read the column to name its row
+        t = pf.read(columns=["step"]).column("step")
+        check_steps(t, path)
+        if len(t) == 0:
+            raise UserError(f"{path}: the manifest has no rows")
+        lo, hi = pc.min(t).as_py(), pc.max(t).as_py()
     return int(lo), int(hi)
 
 
