@@ -133,22 +133,18 @@ _RUN = ["run", "--log", "x.log", "--manifest", "m.parquet", "--shards", "s", "--
 
 
 @pytest.mark.parametrize("flags, pattern", [
-    (["--alpha", "2"], r"--alpha 2\.0: expected a significance level strictly between 0 and 1"),
-    (["--alpha", "nan"], r"--alpha nan: expected a significance level"),
-    (["--alpha", "0"], r"--alpha 0\.0: expected a significance level"),
-    (["--controls", "-1"], r"--controls -1: expected a non-negative integer"),
-    (["--seed", "-1"], r"--seed -1: expected an integer in \[0, 2\^64\)"),
-    (["--step-offset", str(10 ** 20)], r"--step-offset 100000000000000000000: expected an integer within"),
-    (["--lookback", "-3"], r"--lookback -3: expected a non-negative integer"),
-    (["--max-window", "0"], r"--max-window 0: expected a positive integer"),
-    (["--min-rows", "0"], r"--min-rows 0: expected a positive integer"),
-    (["--eos-id", "-1"], r"--eos-id -1: expected a token id"),
-    (["--dtype", "float32"], r"--dtype float32: expected an integer token dtype"),
-    (["--dtype", "garbage"], r"--dtype garbage: expected an integer token dtype"),
+    (["--alpha", "2"], r"--alpha must be > 0\.0 and < 1\.0, got 2\.0"),
+    (["--alpha", "nan"], r"--alpha must be > 0\.0 and < 1\.0, got nan"),
+    (["--seed", "-1"], r"--seed must be >= 0 and <= 18446744073709551615, got -1"),
+    (["--step-offset", str(10 ** 20)], r"--step-offset must be >= -\d+ and <= \d+, got 100000000000000000000"),
+    (["--eos-id", "-1"], r"--eos-id must be >= 0 and <= 16777215, got -1"),
+    (["--pad-id", str(2 ** 40)], r"--pad-id must be >= 0 and <= 16777215, got 1099511627776"),
+    (["--dtype", "float32"], r"--dtype must be an integer token dtype .*, got 'float32'"),
+    (["--dtype", "garbage"], r"--dtype must be an integer token dtype .*, got 'garbage'"),
 ])
 def test_run_settings_out_of_range_are_one_line_errors(tmp_path, monkeypatch, capsys, flags, pattern):
-    """--alpha 2 / nan / 0 and --seed -1 and a huge --step-offset were tracebacks; a negative --controls or
-    --lookback and a float --dtype were accepted silently."""
+    """--alpha 2 / nan and --seed -1 and a huge --step-offset were tracebacks; a negative --eos-id, a pad id beyond
+    any vocabulary and a float or unknown --dtype were accepted silently."""
     monkeypatch.chdir(tmp_path)
     assert main(_RUN + flags) == 2
     _one_line_error(capsys, r"^spike-audit run: error: " + pattern)
@@ -156,11 +152,11 @@ def test_run_settings_out_of_range_are_one_line_errors(tmp_path, monkeypatch, ca
 
 def test_settings_out_of_range_in_a_config_file_name_the_file(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "c.toml").write_text("[run]\nalpha = 7.0\n")
+    (tmp_path / "c.toml").write_text("[run]\nseed = -4\ndtype = 'float64'\n")
     assert main(_RUN + ["--config", "c.toml"]) == 2
-    _one_line_error(capsys, r"^spike-audit run: error: c\.toml: alpha 7\.0: expected a significance level")
-    assert main(["shards", "x", "--out", "o", "--threshold", "1.5"]) == 2
-    _one_line_error(capsys, r"^spike-audit shards: error: --threshold 1\.5: expected a Jaccard similarity")
+    _one_line_error(capsys, r"^spike-audit run: error: c\.toml: --seed must be >= 0")
+    assert main(_RUN + ["--config", "c.toml", "--seed", "1"]) == 2
+    _one_line_error(capsys, r"^spike-audit run: error: c\.toml: --dtype must be an integer token dtype")
 
 
 @pytest.mark.parametrize("flags, pattern", [
