@@ -30,6 +30,12 @@ def exact_groups(kv):
             yield f"{int(h[s]):016x}", members
 
 
+def exact_records(kv, names, max_group: int):
+    """One hash bucket -> the ``duplicates`` records of its exact groups (:func:`exact_groups`)."""
+    for g in exact_groups(kv):
+        yield from duplicate_records("exact", g, names, max_group)
+
+
 def near_pairs(kv, threshold: float):
     """One band bucket -> verified near-duplicate node pairs (lo, hi) as two int64 arrays."""
     from spike_audit.auditors.minhash import near_duplicates

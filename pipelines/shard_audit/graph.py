@@ -10,7 +10,7 @@ import pyarrow as pa
 from spike_audit.pipelines.progress import tick
 from spike_audit.pipelines.beam.scoring import (concat_parts, entity_scores, finish, make_suite, score_batch,
                                                 split_by_bucket, suite_histogram, sum_histograms, to_token_batch)
-from spike_audit.pipelines.shard_audit.clusters import (cluster_pairs, duplicate_records, exact_groups, near_clusters,
+from spike_audit.pipelines.shard_audit.clusters import (cluster_pairs, exact_records, near_clusters,
                                                         near_member_counts, near_pairs)
 from spike_audit.pipelines.shard_audit.config import NODE_SHIFT, Shard, ShardAuditConfig
 from spike_audit.pipelines.shard_audit.state import _portable_keys, _reindex, all_fp, load_state_records
@@ -274,6 +274,12 @@ def finish_shard(key_acc, hist, cfg: dict, own_in_hist: bool = True):
     return k, n_rows, n_tokens, sig, acc["rows"], acc["later"]
 
 
+def keyed_finish_shard(key_acc, hist, cfg: dict, own_in_hist: bool = True):
+    """:func:`finish_shard`, keyed by its shard (for the join with the seen-elsewhere counts)."""
+    it = finish_shard(key_acc, hist, cfg, own_in_hist)
+    return it[0], it
+
+
 def with_shard_counts(kv):
     """CoGroupByKey of finished shards and their seen-elsewhere counts -> the finished shard with
     ``cross_dup_frac`` and its shard-level binary families set in the histogram: rows seen in another shard
@@ -428,14 +434,15 @@ def build_pipeline(p, cfg: ShardAuditConfig, todo: list[tuple[Shard, int]], old_
     if doc_files:
         doc_chunks = (p | "DocFiles" >> beam.Create(doc_files) | "SpreadFiles" >> beam.Reshuffle()
                       | "CutDocuments" >> beam.FlatMap(document_chunk_items, cfg.flat_rows, cfg.dtype, cfg.batch_rows))
-        all_chunks = (p | "Chunks" >> beam.Create(chunks), doc_chunks) | "AllChunks" >> beam.Flatten()
-    else:
+        all_chunks = ((p | "Chunks" >> beam.Create(chunks), doc_chunks) | "AllChunks" >> beam.Flatten()
+                      | "Spread" >> beam.Reshuffle())
+    else:  # a Create of more than one element is already redistributed (its own Reshuffle): no second one
         all_chunks = p | "Chunks" >> beam.Create(chunks)
     # one scoring pass per chunk, a shard's chunks in one element: the suite accumulator, the row-bin histogram and
     # the row keys (one cache per chunk); one element out per work element, split by two Maps, not a tagged output
     # (Beam 2.77's DaskRunner, with the receivers shim of beam.dask_compat, hands a ParDo's tagged outputs to its
     # main output too)
-    both = (all_chunks | "Spread" >> beam.Reshuffle()
+    both = (all_chunks
             | "Score" >> beam.Map(ScoreShard(cfg_dict, shard_index, ReadChunk(cfg.tokens_col, cfg.text_col, cfg.dtype,
                                                                               cfg.flat_rows), cfg.tokenizer)))
     new_accs = (both | "Scores" >> beam.Map(lambda sk: sk[0])
@@ -474,8 +481,7 @@ def build_pipeline(p, cfg: ShardAuditConfig, todo: list[tuple[Shard, int]], old_
         seen = exact_buckets | "SeenElsewhere" >> beam.FlatMap(shard_seen_elsewhere)
     seen = (seen | "SumSeen" >> beam.CombinePerKey(sum)
             | "SeenByName" >> beam.Map(lambda kv, nm: (nm[kv[0]], kv[1]), names))
-    finished = (accs | "Finish" >> beam.Map(finish_shard, AsSingleton(hist), cfg_dict, baseline is None)
-                | "KeyFinished" >> beam.Map(lambda it: (it[0], it)))
+    finished = accs | "Finish" >> beam.Map(keyed_finish_shard, AsSingleton(hist), cfg_dict, baseline is None)
     # near duplicates: every element's band keys and sketches go to a key file (``spill``); per band bucket, the
     # keys two rows share are found in that bucket's slices of the files, and only those rows' sketches are read
     from apache_beam.pvalue import AsList
@@ -505,39 +511,42 @@ def build_pipeline(p, cfg: ShardAuditConfig, todo: list[tuple[Shard, int]], old_
     else:
         corpus = (shards | "RowHists" >> beam.Map(lambda it: it[4])
                   | "Corpus" >> beam.CombineGlobally(sum_arrays))
-    scores = (shards | "Evidence" >> beam.Map(shard_evidence, AsSingleton(corpus), baseline is None)
+    # the ranked records as one list (the ranking needs every shard): the flags' targets are read from it, and its
+    # records are the shard_scores table
+    ranked = (shards | "Evidence" >> beam.Map(shard_evidence, AsSingleton(corpus), baseline is None)
               | "AllShards" >> beam.combiners.ToList()
-              | "Rank" >> beam.FlatMap(rank_shards, all_fp(names, todo, keep),
-                                       baseline.shard_signals if baseline is not None else None))
+              | "Rank" >> beam.Map(lambda recs, fps, ref: list(rank_shards(recs, fps, ref)), all_fp(names, todo, keep),
+                                   baseline.shard_signals if baseline is not None else None))
+    scores = ranked | "ShardScores" >> beam.FlatMap(lambda recs: recs)
 
-    exact = (exact_buckets
-             | "ExactGroups" >> beam.FlatMap(exact_groups)
-             | "ExactRecords" >> beam.FlatMap(lambda g, nm, mg: duplicate_records("exact", g, nm, mg), names,
-                                              cfg.max_group))
+    exact = exact_buckets | "ExactRecords" >> beam.FlatMap(exact_records, names, cfg.max_group)
     # the top shards' anomalous rows, read again on workers once the ranking is known (``flags``); ``paths``
     # names every shard's file, the ones the state kept too
     from spike_audit.pipelines.shard_audit.flags import (FlagCandidates, ReadFlagChunk, flag_chunks, flag_rows,
                                                          flag_scored, flag_targets, strongest_rows)
 
     paths = paths if paths is not None else {s.name: s.path for s, _ in todo}
-    targets = (scores | "FlagInputs" >> beam.combiners.ToList() | "FlagTargets" >> beam.Map(flag_targets, paths))
+    targets = ranked | "FlagTargets" >> beam.Map(flag_targets, paths)
     # shards scored here in row chunks: their flags from the candidates the scoring pass kept (no second read);
     # the others (kept by --state, EOS-delimited documents) are read and scored again
     scored = frozenset(s.name for s, n in todo if n is not None)
     flags_scored = (both | "FlagCandidates" >> beam.FlatMap(lambda sk: sk[2])
                     | "MergeCandidates" >> beam.CombinePerKey(AuditorCombineFn(FlagCandidates(), output="accumulator"))
                     | "FlagScored" >> beam.FlatMap(flag_scored, AsSingleton(targets)))
-    flag_batches = (targets | "FlagChunks" >> beam.FlatMap(flag_chunks, cfg.batch_rows, scored)
-                    | "SpreadFlagChunks" >> beam.Reshuffle()
-                    | "ReadFlagChunks" >> beam.FlatMap(ReadFlagChunk(cfg.tokens_col, cfg.text_col, cfg.dtype,
-                                                                     cfg.flat_rows)))
-    if cfg.tokenizer:
-        from spike_audit.pipelines.beam.read import DecodeText
+    if set(names) <= scored:  # every shard scored here: one candidate list per shard, nothing to read again
+        flags = flags_scored | "StrongestRows" >> beam.FlatMap(lambda kv: strongest_rows((kv[0], [kv[1]])))
+    else:
+        flag_batches = (targets | "FlagChunks" >> beam.FlatMap(flag_chunks, cfg.batch_rows, scored)
+                        | "SpreadFlagChunks" >> beam.Reshuffle()
+                        | "ReadFlagChunks" >> beam.FlatMap(ReadFlagChunk(cfg.tokens_col, cfg.text_col, cfg.dtype,
+                                                                         cfg.flat_rows)))
+        if cfg.tokenizer:
+            from spike_audit.pipelines.beam.read import DecodeText
 
-        flag_batches = flag_batches | "DecodeFlagChunks" >> beam.ParDo(DecodeText(cfg.tokenizer))
-    flags = ((flag_batches | "FlagRows" >> beam.FlatMap(flag_rows, AsSingleton(targets), cfg_dict), flags_scored)
-             | "AllFlags" >> beam.Flatten()
-             | "GroupFlags" >> beam.GroupByKey() | "StrongestRows" >> beam.FlatMap(strongest_rows))
+            flag_batches = flag_batches | "DecodeFlagChunks" >> beam.ParDo(DecodeText(cfg.tokenizer))
+        flags = ((flag_batches | "FlagRows" >> beam.FlatMap(flag_rows, AsSingleton(targets), cfg_dict), flags_scored)
+                 | "AllFlags" >> beam.Flatten()
+                 | "GroupFlags" >> beam.GroupByKey() | "StrongestRows" >> beam.FlatMap(strongest_rows))
 
     outputs = [scores, exact, near, flags]
     if cfg.state:
