@@ -186,6 +186,11 @@ class OutDir:
                                 f"{'output' if self.kind in OUTPUT_KINDS else 'state directory'} (no {MARKER}); "
                                 "refusing to replace it: remove it or choose another directory")
             return
+        layout = marker.get("layout", LAYOUT)
+        if isinstance(layout, bool) or not isinstance(layout, int) or layout > LAYOUT:
+            raise UserError(f"{p}: {self.flag} was written by {'a newer spike-audit' if isinstance(layout, int) else 'an unknown writer'} "
+                            f"({MARKER} layout {layout!r}; this version reads and writes layout {LAYOUT}); refusing to "
+                            "write over it: use that version, or choose another directory")
         have = marker.get("kind")
         same_family = (have in OUTPUT_KINDS) == (self.kind in OUTPUT_KINDS)
         if not same_family or (self.kind in STATE_KINDS and have != self.kind):

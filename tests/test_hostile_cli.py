@@ -228,3 +228,26 @@ def test_run_with_a_manifest_of_no_rows_or_a_fifo(root, capsys):
     os.mkfifo(root / "fifo.parquet")
     assert _run_dry(root, root / "fifo.parquet") == 2
     _one_line_error(capsys, r"fifo\.parquet: not a regular file \(a FIFO\); expected a Parquet manifest")
+
+
+# ------------------------------------------------------------------------------ outputs / state of a newer layout
+
+@pytest.mark.parametrize("layout", [2, 999, "x", None])
+def test_an_output_or_state_of_another_layout_is_never_written_over(tmp_path, capsys, layout):
+    """A state directory whose marker says a newer layout was written over (its files then read by this version)."""
+    from spike_audit.pipelines.outdir import MARKER, OutDir
+
+    with OutDir(tmp_path / "state", "shard-state") as o:
+        (o.path / "keep.txt").write_text("newer data")
+    marker = tmp_path / "state" / MARKER
+    m = json.loads(marker.read_text())
+    m["layout"] = layout
+    marker.write_text(json.dumps(m))
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    pq.write_table(pa.table({"tokens": pa.array([[1, 2, 3]] * 4, pa.list_(pa.int64()))}), shards / "a.parquet")
+    assert main(["shards", str(shards), "--out", str(tmp_path / "out"), "--state", str(tmp_path / "state")]) == 2
+    _one_line_error(capsys, r"state: --state was written by (a newer spike-audit|an unknown writer) \(\.spike-audit\.json "
+                            r"layout .*; this version reads and writes layout 1\)")
+    assert json.loads(marker.read_text())["layout"] == layout
+    assert (tmp_path / "state" / "keep.txt").read_text() == "newer data"
