@@ -431,6 +431,12 @@ class NearDup:
         sig = sig[ne]
         return band_keys(sig, self.threshold, self.seed), (sig & 0xFF).astype(np.uint8), ne
 
+    def row_keys(self, batch: TokenBatch, cache: BatchCache | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The batch's non-empty rows' LSH band keys and 8-bit sketches, and the mask of non-empty rows (what
+        :meth:`add` keeps; computed once per ``cache``)."""
+        return self._sketch(batch, cache)
+
     def create(self) -> dict:
         return {"keys": [], "sketch": [], "n_rows": 0}
 

@@ -353,14 +353,13 @@ def _row_keys(name, rb, tb, shard_index: dict, cfg_dict: dict, cache) -> dict:
     """A chunk's row keys, vectorised: node ids, exact row hashes, LSH band keys and 8-bit MinHash sketches
     (from ``cache``, the scoring pass's batch cache, where it already holds them)."""
     from spike_audit.auditors.dedup import row_hashes
-    from spike_audit.auditors.minhash import band_keys, signatures
+    from spike_audit.auditors.minhash import NearDup
 
     nodes = (np.int64(shard_index[name]) << NODE_SHIFT) | np.asarray(rb.column("row"), dtype=np.int64)
-    ne = tb.lengths > 0
     h = row_hashes(tb, cfg_dict["seed"], cache)
-    sig = signatures(tb, seed=cfg_dict["seed"], cache=cache)[ne]
-    return {"shard": name, "nodes": nodes, "hash": h, "ne_nodes": nodes[ne],
-            "bands": band_keys(sig, cfg_dict["threshold"], cfg_dict["seed"]), "sketch": (sig & 0xFF).astype(np.uint8)}
+    # the suite's MinHash auditor (same shingles, permutations, threshold and seed) already computed them
+    bands, sketch, ne = NearDup(threshold=cfg_dict["threshold"], seed=cfg_dict["seed"]).row_keys(tb, cache)
+    return {"shard": name, "nodes": nodes, "hash": h, "ne_nodes": nodes[ne], "bands": bands, "sketch": sketch}
 
 
 def sum_arrays(arrays):
