@@ -251,3 +251,23 @@ def test_an_output_or_state_of_another_layout_is_never_written_over(tmp_path, ca
                             r"layout .*; this version reads and writes layout 1\)")
     assert json.loads(marker.read_text())["layout"] == layout
     assert (tmp_path / "state" / "keep.txt").read_text() == "newer data"
+
+
+# ------------------------------------------------------------------------------------------ replay's arguments
+
+@pytest.mark.parametrize("flags, pattern", [
+    (["--steps", "0:99999999999999999999"], r"--steps: '0:99999999999999999999': expected step numbers in \[0, 2\^62\]"),
+    (["--steps", "0:1000000000000"], r"--steps: '0:1000000000000' names more than 1,000,000 steps"),
+    (["--steps", "-3"], r"--steps: '-3': expected step numbers in \[0, 2\^62\]"),
+    (["--steps", "1", "--seed", "-1"], r"--seed must be >= 0"),
+    (["--steps", "1", "--step-offset", str(10 ** 20)], r"--step-offset must be >= "),
+    (["--steps", "1", "--max-length", "0"], r"--max-length must be positive, got 0"),
+])
+def test_replay_arguments_are_checked_before_any_work(root, capsys, flags, pattern):
+    """A huge --steps range was an OverflowError or a MemoryError; --seed -1 and a huge --step-offset tracebacks."""
+    man = _manifest(root)
+    rc = main(["replay", "--model", str(root), "--manifest", str(man), "--shards", str(root / "shards"),
+               "--out", str(root / "losses.parquet")] + flags)
+    assert rc == 2
+    _one_line_error(capsys, r"^spike-audit replay: error: " + pattern)
+    assert not (root / "losses.parquet").exists()

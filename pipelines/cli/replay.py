@@ -10,6 +10,9 @@ from spike_audit.pipelines.errors import UserError
 
 log = logging.getLogger(__name__)
 
+MAX_STEP = 2 ** 62
+MAX_STEPS = 1_000_000  # steps replayed through a model in one call: far more than any audit needs
+
 
 def _parse_steps(text: str | None) -> list[int] | None:
     if not text:
@@ -26,6 +29,11 @@ def _parse_steps(text: str | None) -> list[int] | None:
             raise UserError(f"--steps: expected a list like 10,20:25 (inclusive ranges), got {text!r}") from None
         if hi < lo:
             raise UserError(f"--steps: range {part!r} ends before it starts")
+        if lo < 0 or hi > MAX_STEP:
+            raise UserError(f"--steps: {part!r}: expected step numbers in [0, 2^62], as the trainer's log numbers them")
+        if len(out) + (hi - lo + 1) > MAX_STEPS:
+            raise UserError(f"--steps: {text!r} names more than {MAX_STEPS:,} steps; expected the few steps to replay "
+                            f"through the model")
         out.extend(range(lo, hi + 1))
     return out
 

@@ -237,6 +237,14 @@ def run_replay(cfg: ReplayConfig) -> dict:
 
     if cfg.batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {cfg.batch_size}")
+    if cfg.max_length is not None and cfg.max_length <= 0:
+        raise UserError(f"--max-length must be positive, got {cfg.max_length}")
+    from dataclasses import replace
+
+    from spike_audit.pipelines.settings import check_values
+
+    check_values(replace(cfg, dtype=None))  # --seed -1, a huge --step-offset, --controls -1 (as for run; the
+    # dtype here is the model's, not a token dtype)
     _check_out(cfg)  # before the model is loaded
     t0 = time.time()
     steps, windows, controls, offset = plan_steps(cfg)
