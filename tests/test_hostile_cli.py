@@ -271,3 +271,67 @@ def test_replay_arguments_are_checked_before_any_work(root, capsys, flags, patte
     assert rc == 2
     _one_line_error(capsys, r"^spike-audit replay: error: " + pattern)
     assert not (root / "losses.parquet").exists()
+
+
+# ---------------------------------------------------------------------------------------------- manifest builders
+
+@pytest.fixture()
+def data(tmp_path):
+    import numpy as np
+
+    h = np.zeros(256, np.int32)
+    h[:3] = (20240520, 1, 5000)
+    (tmp_path / "d_000.bin").write_bytes(h.tobytes() + np.arange(5000, dtype=np.uint16).tobytes())
+    np.save(tmp_path / "idx.npy", np.arange(1000, dtype=np.uint32))
+    np.arange(4000, dtype=np.uint16).tofile(tmp_path / "tok.bin")
+    pq.write_table(pa.table({"text": [f"row {i}" for i in range(40)]}), tmp_path / "rows.parquet")
+    return tmp_path
+
+
+def _seq(data, *flags):
+    return main(["manifest", "sequential", "--shards", str(data), "-B", "2", "-T", "8", "--num-steps", "5",
+                 "--out", str(data / "m.parquet"), *flags])
+
+
+@pytest.mark.parametrize("build, pattern", [
+    (lambda d: _seq(d, "--data-files", "d_000.bin", "--num-steps", str(10 ** 12)),
+     r"1,000,000,000,000 steps x 1 micro-batches x 1 ranks are more than the 2,147,483,648 slices"),
+    (lambda d: _seq(d, "--data-files", "d_000.bin", "--first-step", "-1"),
+     r"--first-step must be a 0-based batch index \(>= 0\), got -1"),
+    (lambda d: main(["manifest", "olmo", "--global-indices", str(d / "idx.npy"), "--data-files", "tok.bin",
+                     "--shards", str(d), "--seq-len", "4", "--global-batch-size", "0", "--out", str(d / "m.parquet")]),
+     r"--global-batch-size must be positive, got 0"),
+    (lambda d: main(["manifest", "olmo", "--global-indices", str(d / "idx.npy"), "--data-files", "tok.bin",
+                     "--shards", str(d), "--seq-len", "4", "--global-batch-size", "8", "--dtype", "float32",
+                     "--out", str(d / "m.parquet")]),
+     r"--dtype must be an integer token dtype .*, got 'float32'"),
+    (lambda d: main(["manifest", "hf", "--data", "rows.parquet", "--shards", str(d), "--per-device-train-batch-size",
+                     "4", "--num-train-epochs", "-1", "--out", str(d / "m.parquet")]),
+     r"no training steps: --num-train-epochs -1\.0 and --max-steps -1 give none"),
+    (lambda d: main(["manifest", "hf", "--data", "rows.parquet", "--shards", str(d), "--per-device-train-batch-size",
+                     "4", "--max-steps", str(10 ** 11), "--out", str(d / "m.parquet")]),
+     r"100,000,000,000 steps of 4 rows are more than the 2,147,483,648 fed rows"),
+    (lambda d: main(["manifest", "hf", "--data", "rows.parquet", "--shards", str(d), "--per-device-train-batch-size",
+                     "4", "--steps", "5:2", "--out", str(d / "m.parquet")]),
+     r"--steps: expected FIRST:LAST with 0 <= FIRST <= LAST < 2\^62"),
+])
+def test_builder_numbers_are_checked(data, capsys, build, pattern):
+    """A MemoryError and a ZeroDivisionError traceback, a run for ever (--max-steps 1e11), an empty manifest
+    (--num-train-epochs -1), a manifest of negative steps (--first-step -1), float token ids (--dtype float32)."""
+    assert build(data) == 2
+    _one_line_error(capsys, r"^spike-audit manifest: error: " + pattern)
+    assert not (data / "m.parquet").exists()
+
+
+def test_builder_data_list_that_is_binary_or_a_fifo(data, capsys):
+    """A --data-list of non-UTF-8 bytes was a UnicodeDecodeError traceback; a FIFO blocked for ever."""
+    import os
+
+    (data / "list.txt").write_bytes(b"\xff\xfe\x00d_000.bin\n")
+    assert _seq(data, "--data-list", str(data / "list.txt")) == 2
+    _one_line_error(capsys, r"list\.txt: byte 0: not UTF-8 text; expected a list of data files")
+    os.mkfifo(data / "fifo.txt")
+    assert _seq(data, "--data-list", str(data / "fifo.txt")) == 2
+    _one_line_error(capsys, r"fifo\.txt: not a regular file \(a FIFO\)")
+    (data / "list.txt").write_text("d_000.bin\n")
+    assert _seq(data, "--data-list", str(data / "list.txt")) == 0

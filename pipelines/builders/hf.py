@@ -177,6 +177,12 @@ def hf_trainer_order(n_rows: int, *, seed: int = 42, data_seed: int | None = Non
         raise UserError(f"{n_rows} rows give no batch of {bs} per device (drop_last)")
     updates_per_epoch = -(-len_dl // ga)
     total_steps = max_steps if max_steps > 0 else math.ceil(num_train_epochs * updates_per_epoch)
+    if total_steps <= 0:
+        raise UserError(f"no training steps: --num-train-epochs {num_train_epochs} and --max-steps {max_steps} give "
+                        f"none (expected a positive number of epochs, or --max-steps > 0)")
+    if total_steps * bs * w * ga > MAX_FED_ROWS:
+        raise UserError(f"{total_steps:,} steps of {bs * w * ga:,} rows are more than the {MAX_FED_ROWS:,} fed rows a "
+                        f"manifest is built with here; check --max-steps / --num-train-epochs")
     n_epochs = -(-total_steps // updates_per_epoch)
     cols: dict[str, list[np.ndarray]] = {"batch": [], "rank": [], "micro": [], "row": []}
     step0 = 0
@@ -193,6 +199,9 @@ def hf_trainer_order(n_rows: int, *, seed: int = 42, data_seed: int | None = Non
                 cols["row"].append(np.asarray(b, np.int64))
         step0 += updates_per_epoch
     return {k: np.concatenate(v) if v else np.zeros(0, np.int64) for k, v in cols.items()}
+
+
+MAX_FED_ROWS = 1 << 31  # one manifest row each, built in memory (a typo'd --max-steps 1e11 ran for ever)
 
 
 def build_hf_manifest(shard: str, n_rows: int, *, first_step: int = 0, steps: tuple[int, int] | None = None,

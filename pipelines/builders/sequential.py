@@ -73,6 +73,9 @@ def batches_per_shard(ntok: np.ndarray, B: int, T: int, world_size: int, variant
     raise UserError(f"unknown sequential loader variant {variant!r} (expected one of {', '.join(VARIANTS)})")
 
 
+MAX_SLICES = 1 << 31  # manifest rows built in memory (--num-steps 10**12 was a MemoryError traceback)
+
+
 def build_sequential_manifest(paths: list[str], *, batch_size: int, seq_len: int, world_size: int = 1,
                               num_steps: int, grad_accum: int = 1, variant: str = "modded-nanogpt",
                               shard_root: str | None = None, first_step: int = 0, dtype=None,
@@ -100,6 +103,9 @@ def build_sequential_manifest(paths: list[str], *, batch_size: int, seq_len: int
                         f"(the loaders refuse such shards)")
     per = batches_per_shard(ntok, batch_size, seq_len, world_size, variant)  # (shards, ranks)
     n_batches = num_steps * grad_accum
+    if n_batches * world_size > MAX_SLICES:
+        raise UserError(f"{num_steps:,} steps x {grad_accum} micro-batches x {world_size} ranks are more than the "
+                        f"{MAX_SLICES:,} slices a manifest is built with here; check --num-steps")
     g = np.arange(n_batches, dtype=np.int64)
     cols = {k: [] for k in ("step", "shard", "start", "rank", "micro", "epoch")}
     for r in range(world_size):  # one vectorised pass per rank

@@ -18,16 +18,26 @@ def _steps(text: str | None):
         return None
     try:
         a, _, b = text.partition(":")
-        return int(a), int(b or a)
+        lo, hi = int(a), int(b or a)
     except ValueError:
         raise UserError(f"--steps: expected FIRST:LAST (inclusive), got {text!r}") from None
+    if lo < 0 or hi < lo or hi >= 2 ** 62:
+        raise UserError(f"--steps: expected FIRST:LAST with 0 <= FIRST <= LAST < 2^62 (0-based batch indices), "
+                        f"got {text!r}")
+    return lo, hi
 
 
 def _data_files(args) -> list[str]:
     files = list(args.data_files or [])
     if getattr(args, "data_list", None):
-        with open(args.data_list) as f:
-            files += [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
+        from spike_audit.pipelines import fs
+
+        try:
+            text = fs.read_bytes(args.data_list).decode("utf-8")  # a regular file (a FIFO would block)
+        except UnicodeDecodeError as err:
+            raise UserError(f"{args.data_list}: byte {err.start}: not UTF-8 text; expected a list of data files, "
+                            f"one per line") from None
+        files += [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
     if not files:
         raise UserError("no data files: give --data-files or --data-list")
     return files
@@ -209,10 +219,38 @@ def _check_out(args, table) -> None:
     check_file_output(args.out, inputs, "step_manifest")
 
 
+def _check_numbers(args) -> None:
+    """Counts and ids every builder takes, before any file is read (--global-batch-size 0 was a ZeroDivisionError,
+    --first-step -1 wrote a manifest of negative steps, --dtype float32 read token memmaps as floats)."""
+    first = getattr(args, "first_step", None)
+    if first is not None and not 0 <= first < 2 ** 62:
+        raise UserError(f"--first-step must be a 0-based batch index (>= 0), got {first}")
+    for name in ("global_batch_size", "global_batch_tokens", "micro_batch_size", "micro_batch_tokens", "world_size",
+                 "batch_size", "max_target_sequence_length", "data_parallel_size"):
+        v = getattr(args, name, None)
+        if v is not None and not isinstance(v, bool) and isinstance(v, int) and v <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {v}")
+    for name in ("consumed_samples", "pad_id"):
+        v = getattr(args, name, None)
+        if v is not None and isinstance(v, int) and v < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
+    dt = getattr(args, "dtype", None)
+    if isinstance(dt, str):
+        import numpy as np
+
+        try:
+            ok = np.dtype(dt).kind in "iu"
+        except TypeError:
+            ok = False
+        if not ok:
+            raise UserError(f"--dtype must be an integer token dtype (uint16, uint32, int32, ...), got {dt!r}")
+
+
 def run(args) -> int:
     from spike_audit.pipelines.manifest import read_manifest, write_manifest
 
     steps = _steps(args.steps)
+    _check_numbers(args)
     allow_overlap = False
     if args.trainer == "olmo":
         from spike_audit.pipelines.builders.olmo import build_olmo_core_manifest, check_dataset_class
