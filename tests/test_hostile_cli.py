@@ -335,3 +335,23 @@ def test_builder_data_list_that_is_binary_or_a_fifo(data, capsys):
     _one_line_error(capsys, r"fifo\.txt: not a regular file \(a FIFO\)")
     (data / "list.txt").write_text("d_000.bin\n")
     assert _seq(data, "--data-list", str(data / "list.txt")) == 0
+
+
+# ------------------------------------------------------------------------------------------- shard columns
+
+def test_a_column_asked_for_by_name_is_never_silently_absent(root, capsys):
+    """--tokens-column nosuch read every row as text only (0 tokens) without a word."""
+    man = _manifest(root)
+    assert main(["batch", "--manifest", str(man), "--shards", str(root / "shards"), "--step", "1",
+                 "--tokens-column", "nosuch"]) == 2
+    _one_line_error(capsys, r"a\.parquet: has no column 'nosuch' \(--tokens-column\); columns: tokens")
+
+
+def test_a_dictionary_encoded_text_column_is_read(root, capsys):
+    """A dictionary-encoded text column (a pandas categorical written to Parquet) was refused as 'not string'."""
+    pq.write_table(pa.table({"text": pa.array(["alpha beta", "gamma"] * 4).dictionary_encode()}),
+                   root / "shards" / "a.parquet")
+    man = _manifest(root)
+    assert main(["batch", "--manifest", str(man), "--shards", str(root / "shards"), "--step", "1", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert "alpha beta" in json.dumps(rep) and "gamma" in json.dumps(rep)

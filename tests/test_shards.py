@@ -75,8 +75,10 @@ def test_parquet_text_only_and_custom_columns(tmp_path):
                    tmp_path / "c.parquet")
     b = read_slices(str(tmp_path), "c.parquet", [[1, 3]], tokens_col="ids", text_col="body")
     assert _tokens(b) == [[2, 2], [3]] and b.column("text").to_pylist() == ["b", "c"]
-    b = read_slices(str(tmp_path), "c.parquet", [[0, 1]], tokens_col="nope", text_col="body")
+    b = read_slices(str(tmp_path), "c.parquet", [[0, 1]], text_col="body")  # no 'tokens' column: text only
     assert _tokens(b) == [None] and b.column("text").to_pylist() == ["a"]
+    with pytest.raises(UserError, match=r"c.parquet: has no column 'nope' \(--tokens-column\); columns: body, ids"):
+        read_slices(str(tmp_path), "c.parquet", [[0, 1]], tokens_col="nope", text_col="body")  # asked for by name
     with pytest.raises(UserError, match=r"c.parquet: has neither a 'tokens' nor a 'text' column"):
         read_slices(str(tmp_path), "c.parquet", [[0, 1]])
 

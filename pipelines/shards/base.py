@@ -67,6 +67,9 @@ class _TableRowsMixin:
     name: str
 
     def _columns(self, names) -> list[str]:
+        for col, flag, default in ((self.tokens_col, "--tokens-column", "tokens"), (self.text_col, "--text-column", "text")):
+            if col != default and col not in names:  # a column asked for by name is never silently absent
+                raise UserError(f"{self.name}: has no column {col!r} ({flag}); columns: {', '.join(names)}")
         cols = [c for c in (self.tokens_col, self.text_col) if c in names]
         if not cols:
             raise UserError(f"{self.name}: has neither a {self.tokens_col!r} nor a {self.text_col!r} column "

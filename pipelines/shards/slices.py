@@ -162,6 +162,9 @@ def _valid(arr: pa.Array) -> np.ndarray:
 def _to_string(col, shard: str, name: str) -> pa.Array:
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks()
+    if pa.types.is_dictionary(col.type) and (pa.types.is_string(col.type.value_type)
+                                             or pa.types.is_large_string(col.type.value_type)):
+        col = col.dictionary_decode()  # a dictionary-encoded text column (pandas categorical): the same strings
     if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_null(col.type)):
         raise UserError(f"{shard}: column {name!r} has type {col.type}, expected string text")
     return col.cast(pa.string())
