@@ -355,3 +355,21 @@ def test_a_dictionary_encoded_text_column_is_read(root, capsys):
     assert main(["batch", "--manifest", str(man), "--shards", str(root / "shards"), "--step", "1", "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert "alpha beta" in json.dumps(rep) and "gamma" in json.dumps(rep)
+
+
+# -------------------------------------------------------------------------------------------------------- demo
+
+def test_demo_never_writes_into_a_users_directory(tmp_path, capsys):
+    """`demo --dir /` wrote the demo run's files into the system's /run; a --dir that is a file was a
+    NotADirectoryError traceback."""
+    (tmp_path / "f.txt").write_text("x")
+    assert main(["demo", "--dir", str(tmp_path / "f.txt")]) == 2
+    _one_line_error(capsys, r"f\.txt: --dir exists and is not a directory")
+    assert main(["demo", "--dir", str(tmp_path / "f.txt" / "sub")]) == 2
+    _one_line_error(capsys, r"f\.txt/sub: cannot use as --dir \(Not a directory\)")
+    (tmp_path / "mine" / "run").mkdir(parents=True)
+    (tmp_path / "mine" / "run" / "train.log").write_text("my own log")
+    assert main(["demo", "--dir", str(tmp_path / "mine")]) == 2
+    _one_line_error(capsys, r"mine/run: exists and is not a spike-audit demo run")
+    assert (tmp_path / "mine" / "run" / "train.log").read_text() == "my own log"
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["run"]

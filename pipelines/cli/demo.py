@@ -15,6 +15,7 @@ def _demo(args) -> int:
 
     beam_options(args.extra)  # a misspelled option fails before the demo run is built
     root = Path(args.dir)
+    _check_dir(root)
     truth = make_demo(root / "run", DemoConfig(seed=args.seed))
     print(f"demo run written to {root / 'run'}: {truth['steps']} steps, {truth['tokens']:,} tokens; planted: "
           + ", ".join(f"step {s} {t['kind']}" for s, t in truth["injections"].items()))
@@ -27,6 +28,32 @@ def _demo(args) -> int:
     if args.json:
         print(json.dumps({"truth": truth, "out": str(res.out)}))
     return 0
+
+
+def _check_dir(root: Path) -> None:
+    """--dir gets two subdirectories, ``run`` (the generated run, files written over) and ``audit`` (an output
+    directory, replaced safely): ``run`` must be new or a previous demo run, never a user's directory (``--dir /``
+    wrote into the system's /run); a --dir that is a file is one line, not a traceback."""
+    from spike_audit.pipelines.errors import UserError
+
+    if root.exists() and not root.is_dir():
+        raise UserError(f"{root}: --dir exists and is not a directory; expected a directory for the demo run")
+    run = root / "run"
+    if run.is_symlink() or (run.exists() and not (run.is_dir() and _is_demo_run(run))):
+        raise UserError(f"{run}: exists and is not a spike-audit demo run (no truth.json of one); refusing to write "
+                        f"into it: choose another --dir")
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"{root}: cannot use as --dir ({err.strerror or err})") from None
+
+
+def _is_demo_run(run: Path) -> bool:
+    try:
+        truth = json.loads((run / "truth.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return not any(run.iterdir())  # an empty directory (a demo interrupted before its first file) is fine
+    return isinstance(truth, dict) and "injections" in truth
 
 
 def register(sub) -> None:
