@@ -15,6 +15,7 @@ May import: :mod:`spike_audit.pipelines.errors` only (shared by the ``logs`` and
 
 from __future__ import annotations
 
+import errno
 import gzip
 import os
 import stat
@@ -47,6 +48,23 @@ def _kind(mode: int) -> str | None:
         if test(mode):
             return name
     return "not a file"
+
+
+def missing(path, message: str) -> UserError:
+    """The error for a path that does not exist: ``message``, or, when the path is a symlink, what is wrong with
+    it (a dangling symlink names its target; a symlink loop says so) instead of a plain "not found"."""
+    if os.path.islink(path):
+        try:
+            os.stat(path)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                return UserError(f"{path}: a symlink loop (it resolves to itself); expected a file")
+        try:
+            target = os.readlink(path)
+        except OSError:
+            target = "?"
+        return UserError(f"{path}: a dangling symlink (to {target!r}, which does not exist)")
+    return UserError(message)
 
 
 def os_error(path, err: OSError, what: str = "file") -> UserError:

@@ -62,7 +62,9 @@ def load_manifest_table(path) -> pa.Table:
 
     src = str(path)
     if not fs.exists(src):
-        raise UserError(f"{src}: manifest not found")
+        from spike_audit.pipelines.files import missing
+
+        raise missing(src, f"{src}: manifest not found")
     if not fs.is_url(src):
         check_regular(src, "Parquet manifest")
     try:
@@ -186,10 +188,10 @@ def read_meta(path) -> dict:
     from spike_audit.pipelines import fs
 
     if not fs.is_url(path):
-        from spike_audit.pipelines.files import check_regular
+        from spike_audit.pipelines.files import check_regular, missing
 
         if not fs.exists(path):
-            raise UserError(f"{path}: manifest not found")
+            raise missing(path, f"{path}: manifest not found")
         check_regular(path, "Parquet manifest")  # a FIFO blocks the footer read for ever
     try:
         if fs.is_url(path):  # the one filesystem layer, as every other read of a manifest

@@ -373,3 +373,22 @@ def test_demo_never_writes_into_a_users_directory(tmp_path, capsys):
     _one_line_error(capsys, r"mine/run: exists and is not a spike-audit demo run")
     assert (tmp_path / "mine" / "run" / "train.log").read_text() == "my own log"
     assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["run"]
+
+
+# -------------------------------------------------------------------------------- dangling symlinks and loops
+
+def test_dangling_symlinks_and_loops_say_so(root, capsys):
+    """A symlink loop or a dangling symlink was reported as 'no such file or directory' / 'manifest not found'."""
+    import os
+
+    os.symlink("b.log", root / "a.log")
+    os.symlink("a.log", root / "b.log")
+    os.symlink("/nonexistent-target", root / "gone.parquet")
+    assert main(["spikes", str(root / "a.log")]) == 2
+    _one_line_error(capsys, r"a\.log: a symlink loop \(it resolves to itself\)")
+    assert main(["batch", "--manifest", str(root / "gone.parquet"), "--step", "0"]) == 2
+    _one_line_error(capsys, r"gone\.parquet: a dangling symlink \(to '/nonexistent-target', which does not exist\)")
+    assert main(["shards", str(root / "gone.parquet"), "--out", str(root / "out")]) == 2
+    _one_line_error(capsys, r"gone\.parquet: a dangling symlink")
+    assert main(["spikes", str(root / "missing.log")]) == 2
+    _one_line_error(capsys, r"missing\.log: no such file or directory")

@@ -175,7 +175,9 @@ def read_log(path, *, format=None, run=None, metric=None, step_key=None, value_k
         return table, report
     path = Path(path)
     if not path.exists():
-        raise UserError(f"{path}: no such file or directory")
+        from spike_audit.pipelines.files import missing
+
+        raise missing(path, f"{path}: no such file or directory")
     if not path.is_dir():
         check_regular(path, "log")
     if pattern and not format:

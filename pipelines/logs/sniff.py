@@ -30,7 +30,9 @@ def detect_format(path) -> str:
     """Guess a log's format from its name and first lines; ``UserError`` if nothing fits."""
     path = Path(path)
     if not path.exists():
-        raise UserError(f"{path}: no such file or directory")
+        from spike_audit.pipelines.files import missing
+
+        raise missing(path, f"{path}: no such file or directory")
     if path.is_dir():
         if any("tfevents" in p.name for p in path.rglob("*")):
             return "tensorboard"

@@ -84,7 +84,9 @@ def discover(inputs: tuple[str, ...], root: str | None = None, allow_outside_roo
             raise UserError(f"{inp}: matches no file")
         for p in paths:
             if not os.path.exists(p):
-                raise UserError(f"{p}: no such file or directory")
+                from spike_audit.pipelines.files import missing
+
+                raise missing(p, f"{p}: no such file or directory")
             if magic:
                 _confined(p, _glob_base(inp), allow_outside_root)
             if _is_hf_dir(p):
