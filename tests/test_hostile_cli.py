@@ -392,3 +392,30 @@ def test_dangling_symlinks_and_loops_say_so(root, capsys):
     _one_line_error(capsys, r"gone\.parquet: a dangling symlink")
     assert main(["spikes", str(root / "missing.log")]) == 2
     _one_line_error(capsys, r"missing\.log: no such file or directory")
+
+
+def test_a_shuffled_log_read_as_resumes_warns(tmp_path, caplog):
+    """A log whose steps are out of order keeps only the values no later line supersedes (the resume rule): 192 of
+    200 values went with an INFO line only."""
+    import logging
+
+    from spike_audit.pipelines.logs.read import read_log
+
+    p = tmp_path / "shuffled.jsonl"
+    p.write_text("".join(json.dumps({"step": (i * 37) % 200, "loss": 3.0}) + "\n" for i in range(200)))
+    with caplog.at_level(logging.WARNING):
+        table, rep = read_log(p)
+    assert rep.n_replaced == 192 and table.num_rows == 8
+    assert any("192 values were replaced" in r.getMessage() and "sorted by step" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_out_of_memory_is_one_line(monkeypatch, capsys):
+    import spike_audit.pipelines.cli.spikes as spikes_cli
+
+    def boom(args):
+        raise MemoryError("Unable to allocate 7.28 TiB for an array")
+
+    monkeypatch.setattr(spikes_cli, "run", boom)  # register() binds it when the parser is built
+    assert main(["spikes", "x.log"]) == 2
+    _one_line_error(capsys, r"^spike-audit spikes: error: out of memory \(Unable to allocate 7\.28 TiB")

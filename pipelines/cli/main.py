@@ -148,6 +148,14 @@ def main(argv: list[str] | None = None) -> int:
         LiveLineHandler.clear_all()
         print(f"spike-audit {args.command}: error: {printable(one_line(err))}", file=sys.stderr)
         return 2
+    except MemoryError as err:  # settings or inputs that ask for more than the machine has: one line, no traceback
+        from spike_audit.pipelines.progress import LiveLineHandler
+
+        LiveLineHandler.clear_all()
+        detail = printable(one_line(err))[:300]
+        print(f"spike-audit {args.command}: error: out of memory{f' ({detail})' if detail else ''}; check the "
+              f"settings (steps, batch sizes, --controls) and the inputs' sizes", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"spike-audit {args.command}: interrupted (the previous output is intact)", file=sys.stderr)
         return 130

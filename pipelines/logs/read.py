@@ -265,6 +265,10 @@ def read_log(path, *, format=None, run=None, metric=None, step_key=None, value_k
     )
     if len(malformed):
         log.warning("%s: %d malformed lines (first: %s)", path, len(malformed), report.malformed_lines[:5])
+    if n_replaced > table.num_rows:  # a shuffled or merged log read as a chain of resumes loses most of its values
+        log.warning("%s: %d values were replaced by later lines that log an earlier step (the resume rule) and %d "
+                    "are kept: is this log sorted by step within each run? (a resume replaces the values from the "
+                    "resume point on)", path, n_replaced, table.num_rows)
     log.info("%s", report.summary())
     return table, report
 
