@@ -89,7 +89,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("mean_word_len", "high", _P), Family("mean_word_len", "low", _P),
     Family("compression_ratio", "high", _P), Family("compression_ratio", "low", _P),
     Family("non_latin_frac", "high", _F), Family("max_char_run", "high", _P),
-    Family("digit_frac", "high", _F), Family("upper_frac", "high", _F),
+    Family("digit_frac", "high", _F), Family("upper_frac", "high", _F), Family("encoded_frac", "high", _F),
 )
 
 FAMILY_NAMES: tuple[str, ...] = tuple(f.name for f in FAMILIES)

@@ -31,6 +31,10 @@ Other per-document signals:
 * ``max_char_run``: the longest run of one repeated ASCII character (a run of backslashes, of ``=``).
 * ``digit_frac`` / ``upper_frac``: ASCII digits / ASCII capital letters over non-whitespace characters (0
   for a document of whitespace only): tables of numbers, hex and base64 blobs, shouting.
+* ``encoded_frac``: characters in words that look like encoded binary over non-whitespace characters (0 for
+  a document of whitespace only): hex (xxd dumps, hashes, C byte arrays) and base64 (inline images, mail
+  attachments, certificates), which mixed in one batch each reach only their own signal above (a base64
+  line is one long word; a hex dump has short words and many digits).
 
 Every signal reads at most the first ``MAX_DOC_CHARS`` (100,000) characters of a document.
 
@@ -91,7 +95,7 @@ import pyarrow.compute as pc
 
 from spike_audit.auditors.base import TokenBatch
 from spike_audit.auditors.text_arrays import _byte_view
-from spike_audit.auditors.text_chars import _char_classes, _max_byte_run
+from spike_audit.auditors.text_chars import _char_classes, _encoded_chars, _max_byte_run
 from spike_audit.auditors.text_repeats import DUP_NS, TOP_NS, _dup_lines_paras, _word_signals
 
 
@@ -112,6 +116,9 @@ SIGNALS = {
     "max_char_run": "Longest run of one repeated ASCII character, characters.",
     "digit_frac": "ASCII digits / non-whitespace characters.",
     "upper_frac": "ASCII capital letters / non-whitespace characters.",
+    "encoded_frac": "Characters in words that look like encoded binary (hex: >= 4 hex digits with a digit and a "
+    "letter a-f, or >= 8 hex digits, one trailing ':' or ',' allowed; base64: >= 16 characters of [A-Za-z0-9+/=] "
+    "with a capital, a small letter and a digit) / non-whitespace characters.",
 }
 
 
@@ -189,6 +196,7 @@ def _signals(arr: pa.LargeStringArray) -> dict[str, np.ndarray]:
         ns = np.maximum(nonspace, 1).astype(np.float64)
         out["digit_frac"] = np.where(nonspace > 0, digits / ns, np.where(has, 0.0, np.nan))
         out["upper_frac"] = np.where(nonspace > 0, upper / ns, np.where(has, 0.0, np.nan))
+        out["encoded_frac"] = np.where(nonspace > 0, _encoded_chars(arr) / ns, np.where(has, 0.0, np.nan))
         out["mean_word_len"] = np.where(words > 0, nonspace / np.maximum(words, 1), np.nan)
         if has.any():
             for k, v in _gopher_batch(arr, chars.astype(np.float64), has).items():

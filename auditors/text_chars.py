@@ -108,3 +108,51 @@ def _max_byte_run(arr: pa.LargeStringArray) -> np.ndarray:
         doc = np.searchsorted(off, a, side="right") - 1
         np.maximum.at(out, doc, b - a + 1)
     return out
+
+
+#: Words that look like encoded binary (``encoded_frac``): hex of at least HEX_MIN hex digits holding a digit and
+#: a letter a-f (or at least HEX_DIGITS_MIN hex digits: ``00000010``), one trailing ``:`` or ``,`` allowed
+#: (``xxd`` offsets, C arrays); base64 of at least B64_MIN characters of ``[A-Za-z0-9+/=]`` holding a capital,
+#: a small letter and a digit (a base64 line is 64-76 characters).
+HEX_MIN, HEX_DIGITS_MIN, B64_MIN = 4, 8, 16
+
+
+def _encoded_chars(arr: pa.LargeStringArray) -> np.ndarray:
+    """Per document: characters in words (maximal runs of non-``\\s`` bytes) that look like hex or base64
+    (:data:`HEX_MIN`, :data:`B64_MIN`), counted without the allowed trailing separator."""
+    data, off = _byte_view(arr)
+    n = len(arr)
+    out = np.zeros(n, dtype=np.int64)
+    if not len(data):
+        return out
+    ns = ~_re2_space(data)
+    start = ns.copy()
+    start[1:] &= ~ns[:-1]  # a word starts at a non-space byte after a space byte...
+    heads = off[:-1][off[:-1] < len(data)]
+    start[heads] = ns[heads]  # ...or at the start of a document
+    idx = np.flatnonzero(ns)
+    if not len(idx):
+        return out
+    b = data[idx]
+    w0 = np.flatnonzero(start[idx])  # each word's bytes are contiguous in idx
+    length = np.diff(np.r_[w0, len(idx)])
+    last = b[np.r_[w0[1:], len(idx)] - 1]
+    sep = (last == 58) | (last == 44)  # ':' ','
+    lower = b - np.uint8(97) < 26
+    upper = b - np.uint8(65) < 26
+    digit = b - np.uint8(48) < 10
+    hexletter = ((b | np.uint8(0x20)) - np.uint8(97)) < 6
+    b64 = lower | upper | digit | (b == 43) | (b == 47) | (b == 61)  # + / =
+
+    def count(mask):
+        return np.add.reduceat(mask.astype(np.int32), w0)
+
+    n_dig, n_hexl, n_up, n_low, n_b64 = count(digit), count(hexletter), count(upper), count(lower), count(b64)
+    n_hex = n_dig + n_hexl
+    eff = length - (sep & (n_hex == length - 1))  # the length without an allowed trailing separator
+    hexw = (n_hex == eff) & (n_dig > 0) & (((n_hexl > 0) & (eff >= HEX_MIN)) | (eff >= HEX_DIGITS_MIN))
+    b64w = (n_b64 == length) & (length >= B64_MIN) & (n_dig > 0) & (n_up > 0) & (n_low > 0)
+    enc = np.where(hexw, eff, np.where(b64w, length, 0))
+    doc = np.searchsorted(off, idx[w0], side="right") - 1
+    np.add.at(out, doc, enc)
+    return out

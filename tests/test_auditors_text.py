@@ -111,9 +111,39 @@ def ref_text_row_signals(texts):
                                            default=0))
         out["digit_frac"][i] = (sum(c in "0123456789" for c in ns) / len(ns)) if ns else 0.0
         out["upper_frac"][i] = (sum("A" <= c <= "Z" for c in ns) / len(ns)) if ns else 0.0
+        out["encoded_frac"][i] = (sum(_encoded_len(w) for w in re.split(r"[\t\n\f\r ]+", t) if w) / len(ns)
+                                  ) if ns else 0.0
         for k, val in ref_gopher_signals(texts[i]).items():
             out[k][i] = val
     return out
+
+
+def _encoded_len(w: str) -> int:
+    """Characters of one word that count in encoded_frac: hex (with an optional trailing ':' or ',') or base64."""
+    m = re.fullmatch(r"([0-9A-Fa-f]+)[:,]?", w)
+    if m:
+        core = m.group(1)
+        if re.search("[0-9]", core) and ((re.search("[a-fA-F]", core) and len(core) >= 4) or len(core) >= 8):
+            return len(core)
+    if (re.fullmatch(r"[A-Za-z0-9+/=]{16,}", w) and re.search("[A-Z]", w) and re.search("[a-z]", w)
+            and re.search("[0-9]", w)):
+        return len(w)
+    return 0
+
+
+def test_encoded_frac_on_dumps_and_prose():
+    from spike_audit.auditors.text import text_row_signals
+
+    docs = ["H4sIAAAAAAACA5VSX6ubMBR/91Mcyh42mIEN7st9s9\nH4sIAAAAAAACA5VU247bNhB911cMFn1ogZV6AdKHFHnQZh",
+            "0080edb0: 038e 048d 0546 8c06 8307 03df 070a 0c07  .....F..........",
+            "The cafe was dead quiet in 2024; nobody added a decade of beef.",
+            "ids: 3f786850e387550fdab836ed7e6dc881de23001b, 12345678", "", " \n "]
+    got = text_row_signals(docs)["encoded_frac"]
+    assert got[0] == 1.0  # base64 lines: every character
+    assert abs(got[1] - 32 / 57) < 1e-12  # the offset (8) and the 6 groups holding a letter a-f (24) of 57
+    assert got[2] == 0.0  # English words made of hex letters, and a year, are not encoded
+    assert abs(got[3] - 48 / 53) < 1e-12  # a SHA-1 with its ',' (40) and 8 digits (8) of 53 characters
+    assert np.isnan(got[4]) and got[5] == 0.0
 
 
 def _non_latin_char(c: str) -> bool:
