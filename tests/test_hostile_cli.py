@@ -419,3 +419,12 @@ def test_out_of_memory_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(spikes_cli, "run", boom)  # register() binds it when the parser is built
     assert main(["spikes", "x.log"]) == 2
     _one_line_error(capsys, r"^spike-audit spikes: error: out of memory \(Unable to allocate 7\.28 TiB")
+
+
+def test_golden_values_with_a_list_of_values_name_the_metric(tmp_path, capsys):
+    """A golden-values file whose 'values' is a list said '1 malformed (first at line 0)'."""
+    p = tmp_path / "golden.json"
+    p.write_text(json.dumps({"lm loss": {"start_step": 1, "end_step": 50, "step_interval": 1, "values": [3.0] * 50}}))
+    assert main(["spikes", str(p), "--format", "megatron-golden"]) == 2
+    _one_line_error(capsys, r"golden\.json: metric 'lm loss': expected 'values' to be an object \{\"<step>\": "
+                            r"<float>\} \(golden values with their step numbers\), got list")

@@ -385,9 +385,14 @@ def _parse_golden(raw: bytes, path, **_):
     if not isinstance(doc, dict):
         raise UserError(f"{path}: expected a JSON object of metrics, got {type(doc).__name__}")
     series, bad, n = [], [], 0
+    odd = None  # the first metric whose 'values' is not an object (named if no metric can be read)
     for name, spec in doc.items():
         if not isinstance(spec, dict) or not isinstance(spec.get("values"), dict):
-            bad.append(n)
+            bad.append(max(n, 1))
+            if odd is None:
+                got = type(spec.get("values")).__name__ if isinstance(spec, dict) and "values" in spec else (
+                    "no 'values'" if isinstance(spec, dict) else type(spec).__name__)
+                odd = (name, got)
             continue
         steps, vals = [], []
         for k, v in spec["values"].items():
@@ -402,6 +407,9 @@ def _parse_golden(raw: bytes, path, **_):
             steps.append(sk)
             vals.append(fv)
         series.append(_Series(_GOLDEN_NAMES.get(name, name), np.array(steps, np.int64), np.array(vals, np.float64)))
+    if not series and odd is not None:
+        raise UserError(f"{path}: metric {odd[0]!r}: expected 'values' to be an object {{\"<step>\": <float>}} "
+                        f"(golden values with their step numbers), got {odd[1]}")
     return _Parsed(series, np.array(bad, np.int64), '{"<metric>": {"values": {"<step>": <float>}}}', 0,
                    raw.count(b"\n") + 1)
 
