@@ -16,7 +16,7 @@ Left-overs (staging of a killed run, versions no longer current) are removed und
 by this run on SIGTERM or SIGINT.
 
 Refused with a one-line error: ``OUT`` is a file; ``OUT`` exists, is not empty and has no marker (it is not a
-spike-audit output); ``OUT`` is, is inside, or contains one of the run's inputs; another run holds the lock; a
+spike-audit output); ``OUT`` is the output of another command (``shards`` over a ``run`` audit); ``OUT`` is, is inside, or contains one of the run's inputs; another run holds the lock; a
 URL (object stores have no atomic rename: write locally and copy). State directories use the same marker and
 lock (their kind says they hold state, so an output is never written over a state directory or back).
 """
@@ -43,7 +43,7 @@ MARKER = ".spike-audit.json"
 LOCK = ".spike-audit.lock"
 CURRENT = ".current"
 LAYOUT = 1
-OUTPUT_KINDS = ("run", "shards", "spikes", "replay-pack")  # output directories: any may replace any other
+OUTPUT_KINDS = ("run", "shards", "spikes", "replay-pack")  # output directories: each replaces only its own kind
 STATE_KINDS = ("run-state", "shards-state", "baseline")  # "baseline": shards --save-baseline
 _VERSION = re.compile(r"^\.v-(\d{6,})$")
 _IGNORABLE = {"lost+found"}  # a fresh file system's mount point is "empty"
@@ -193,6 +193,10 @@ class OutDir:
                             "write over it: use that version, or choose another directory")
         have = marker.get("kind")
         same_family = (have in OUTPUT_KINDS) == (self.kind in OUTPUT_KINDS)
+        if same_family and self.kind in OUTPUT_KINDS and have != self.kind:
+            # another command's results (a run's verdicts under a shards audit's --out): a slip, never replaced
+            raise UserError(f"{p}: {self.flag} holds the output of `spike-audit {have}`, not of `spike-audit "
+                            f"{self.kind}`; refusing to replace it: remove it or choose another directory")
         if not same_family or (self.kind in STATE_KINDS and have != self.kind):
             raise UserError(f"{p}: {self.flag} is a spike-audit {_describe(have)}, expected "
                             f"{'an output directory' if self.kind in OUTPUT_KINDS else 'a spike-audit ' + _describe(self.kind)}; "

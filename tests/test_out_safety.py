@@ -126,6 +126,25 @@ def test_a_foreign_directory_or_a_file_as_out_is_refused(small, tmp_path, capsys
     assert f.read_text() == "x"
 
 
+def test_an_output_of_another_command_is_never_replaced(small, tmp_path, capsys):
+    out = tmp_path / "audit"
+    assert main(["-q", "spikes", str(_log(tmp_path)), "--out", str(out)]) == 0
+    capsys.readouterr()
+    before = sorted(os.listdir(out))
+    assert main(_shards(small, out)) == 2  # a shards audit over the spikes output: refused, the output kept
+    _one_line_error(capsys, "holds the output of `spike-audit spikes`, not of `spike-audit shards`", str(out))
+    assert sorted(os.listdir(out)) == before and (out / "spikes.parquet").exists()
+    assert main(["-q", "spikes", str(_log(tmp_path)), "--out", str(out)]) == 0  # its own command replaces it
+
+
+def _log(tmp_path):
+    p = tmp_path / "train.jsonl"
+    if not p.exists():
+        p.write_text("".join(f'{{"step": {i}, "train_loss": {3.0 - i / 1000 + (2.0 if i == 150 else 0.0)}}}\n'
+                             for i in range(300)))
+    return p
+
+
 def test_a_foreign_state_directory_is_refused(small, tmp_path, capsys):
     st = tmp_path / "st"
     st.mkdir()

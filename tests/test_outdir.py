@@ -128,7 +128,9 @@ def test_outputs_and_state_directories_never_replace_each_other(tmp_path):
     with pytest.raises(UserError, match="expected a spike-audit shard-audit state"):
         _publish(tmp_path / "state", "2", kind="shards-state")
     _publish(tmp_path / "out", "1", kind="shards")
-    _publish(tmp_path / "out", "2", kind="run")  # one output replaces another
+    _publish(tmp_path / "out", "2", kind="shards")  # an output replaces an output of its own command
+    with pytest.raises(UserError, match="holds the output of `spike-audit shards`, not of `spike-audit run`"):
+        _publish(tmp_path / "out", "3", kind="run")  # never another command's (a run audit's verdicts)
     with pytest.raises(UserError, match="is a spike-audit output directory"):
         _publish(tmp_path / "out", "3", kind="run-state")
 
