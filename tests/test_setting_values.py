@@ -81,3 +81,18 @@ def test_controls_reach_alpha_over_p_resolution_or_take_every_normal_step(demo, 
     assert counts[1] < counts[4] <= counts[64]
     # more controls than resolution 1 draws; alpha / 4 reached, or every normal step taken (then 64 takes no more)
     assert floor(counts[4]) <= 0.05 / 4 or counts[4] == counts[64]
+
+
+def test_batch_negative_excerpt_length_or_limit_and_a_baseline_that_is_a_file(demo, tmp_path, capsys):
+    root, _ = demo
+    run = root / "run"
+    for flag in ("--max-chars", "--limit"):
+        assert main(["batch", "--manifest", str(run / "manifest.parquet"), "--shards", str(run / "shards"),
+                     "--step", "120", flag, "-5"]) == 2
+        _one_line(capsys, f"{flag} must be >= 0, got -5")
+    f = tmp_path / "baseline.txt"
+    f.write_text("not a baseline")
+    assert main([*_run_args(demo, tmp_path / "o"), "--baseline", str(f), "--dry-run"]) == 2
+    _one_line(capsys, str(f), "is a file, not a directory saved by spike-audit shards --save-baseline")
+    assert main([*_run_args(demo, tmp_path / "o"), "--baseline", str(tmp_path / "none"), "--dry-run"]) == 2
+    _one_line(capsys, "not found: expected a directory")

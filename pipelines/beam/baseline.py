@@ -163,7 +163,8 @@ def load_baseline(path: str, cfg, keys: tuple[str, ...] = SHARD_KEYS) -> Baselin
     root = Path(path)
     mf = root / META_FILE
     if not root.is_dir():
-        raise _bad(path, "baseline not found (expected a directory saved by spike-audit shards --save-baseline)")
+        what = "is a file, not" if root.exists() else "not found: expected"
+        raise _bad(path, f"baseline {what} a directory saved by spike-audit shards --save-baseline")
     if not mf.is_file():
         raise _bad(mf, "missing: not a spike-audit baseline (saved by spike-audit shards --save-baseline)")
     try:

@@ -196,6 +196,11 @@ def format_report(rep: dict) -> str:
 def run(args) -> int:
     from spike_audit.pipelines.cli.tokens import resolve_tokens
 
+    from spike_audit.pipelines.errors import UserError
+
+    for flag, v in (("--max-chars", args.max_chars), ("--limit", args.limit)):
+        if v < 0:
+            raise UserError(f"{flag} must be >= 0, got {v}")
     rows, _, _ = resolve_tokens(args.tokenizer, args.eos_id, args.pad_id, args.rows, args.seq_len)
     rep = step_report(args.manifest, shard_root_of(args), args.step, tokenizer=args.tokenizer,
                       max_chars=args.max_chars, limit=args.limit, tokens_col=args.tokens_col, text_col=args.text_col,
