@@ -428,3 +428,27 @@ def test_golden_values_with_a_list_of_values_name_the_metric(tmp_path, capsys):
     assert main(["spikes", str(p), "--format", "megatron-golden"]) == 2
     _one_line_error(capsys, r"golden\.json: metric 'lm loss': expected 'values' to be an object \{\"<step>\": "
                             r"<float>\} \(golden values with their step numbers\), got list")
+
+
+# ------------------------------------------------------------------------------ one key twice (JSONL, CSV)
+
+def test_a_jsonl_object_naming_the_step_twice_is_malformed_and_a_csv_header_with_a_metric_twice_is_refused(
+        tmp_path):
+    """An object with "step" twice was read with its last value (json.loads keeps the last), and a CSV with two
+    train/loss columns with its first: either is a guess about which value is the record's."""
+    from spike_audit.pipelines.errors import UserError
+    from spike_audit.pipelines.logs.read import read_log
+
+    p = tmp_path / "run.jsonl"
+    p.write_text('{"step": 1, "train_loss": 3.0}\n{"step": 2, "step": 9, "train_loss": 2.9}\n'
+                 '{"step": 3, "train_loss": 2.8, "cfg": {"a": 1, "a": 2}}\n')
+    table, rep = read_log(p)
+    assert sorted(table["step"].to_pylist()) == [1, 3]  # a repeated key inside an unrelated object is harmless
+    assert rep.n_malformed == 1 and rep.malformed_lines == [2]
+    c = tmp_path / "run.csv"
+    c.write_text("step,train/loss,train/loss\n1,3.0,9.0\n2,2.9,9.1\n")
+    with pytest.raises(UserError, match=r"run.csv:1: the CSV header names column 'train/loss' twice"):
+        read_log(c)
+    c.write_text("step,train/loss,lr,lr\n1,3.0,0.1,0.2\n2,2.9,0.1,0.2\n")  # an unread column twice: fine
+    table, _ = read_log(c)
+    assert table["step"].to_pylist() == [1, 2]

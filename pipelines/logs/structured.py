@@ -200,9 +200,20 @@ class _JsonlParser:
     def _python(self, texts: list[str], nums: np.ndarray) -> tuple[dict, np.ndarray, list[int]]:
         """Slow path: json.loads per line. Returns (candidate columns, kept row positions, malformed lines)."""
         objs, keep, bad = [], [], []
+
+        def pairs(items):  # an object naming a step/metric key twice is ambiguous: the line is malformed
+            obj = dict(items)
+            if len(obj) != len(items):
+                seen = set()
+                for k, _ in items:
+                    if k in seen and self._is_candidate(k):
+                        raise ValueError(f"key {k!r} twice")
+                    seen.add(k)
+            return obj
+
         for i, t in enumerate(texts):
             try:
-                obj = json.loads(t)
+                obj = json.loads(t, object_pairs_hook=pairs)
             except (ValueError, RecursionError):
                 bad.append(int(nums[i]))
                 continue
@@ -320,6 +331,10 @@ class _CsvParser:
             except pa.ArrowInvalid as err:
                 raise UserError(f"{self.path}:{h}: not a readable CSV header: {str(err).splitlines()[0]}") from None
             self.step, self.wanted = _kv_metrics(names, self.step_key, self.value_key, self.metric, self.path)
+            twice = sorted({n for n in (self.step, *self.wanted.values()) if names.count(n) > 1})
+            if twice:  # which of two columns of one name holds the values is a guess: refuse it
+                raise UserError(f"{self.path}:{h}: the CSV header names column {twice[0]!r} twice "
+                                f"({names.count(twice[0])} columns); expected one column per key")
             self.columns = list(dict.fromkeys([self.step, *self.wanted.values()]))
             data, shift, nonblank = chunk.data, 0, nonblank[1:]  # blank lines before the header are skipped
         else:
