@@ -136,22 +136,32 @@ def _encoded_chars(arr: pa.LargeStringArray) -> np.ndarray:
     b = data[idx]
     w0 = np.flatnonzero(start[idx])  # each word's bytes are contiguous in idx
     length = np.diff(np.r_[w0, len(idx)])
-    last = b[np.r_[w0[1:], len(idx)] - 1]
+    digit = b - np.uint8(48) < 10
+    n_dig = np.add.reduceat(digit.astype(np.int32), w0)
+    # both kinds hold a digit and at least HEX_MIN characters: only those words' bytes are classified further
+    sel = np.flatnonzero((n_dig > 0) & (length >= HEX_MIN))
+    if not len(sel):
+        return out
+    w0, length, n_dig = w0[sel], length[sel], n_dig[sel]
+    starts = np.r_[0, np.cumsum(length)[:-1]]
+    pos = np.repeat(w0 - starts, length) + np.arange(int(length.sum()))  # the selected words' bytes in idx
+    b = b[pos]
+    ws = starts  # word starts within the selected bytes
+    last = b[np.r_[ws[1:], len(b)] - 1]
     sep = (last == 58) | (last == 44)  # ':' ','
     lower = b - np.uint8(97) < 26
     upper = b - np.uint8(65) < 26
-    digit = b - np.uint8(48) < 10
     hexletter = ((b | np.uint8(0x20)) - np.uint8(97)) < 6
-    b64 = lower | upper | digit | (b == 43) | (b == 47) | (b == 61)  # + / =
+    b64 = lower | upper | (b - np.uint8(48) < 10) | (b == 43) | (b == 47) | (b == 61)  # + / =
 
     def count(mask):
-        return np.add.reduceat(mask.astype(np.int32), w0)
+        return np.add.reduceat(mask.astype(np.int32), ws)
 
-    n_dig, n_hexl, n_up, n_low, n_b64 = count(digit), count(hexletter), count(upper), count(lower), count(b64)
+    n_hexl, n_up, n_low, n_b64 = count(hexletter), count(upper), count(lower), count(b64)
     n_hex = n_dig + n_hexl
     eff = length - (sep & (n_hex == length - 1))  # the length without an allowed trailing separator
-    hexw = (n_hex == eff) & (n_dig > 0) & (((n_hexl > 0) & (eff >= HEX_MIN)) | (eff >= HEX_DIGITS_MIN))
-    b64w = (n_b64 == length) & (length >= B64_MIN) & (n_dig > 0) & (n_up > 0) & (n_low > 0)
+    hexw = (n_hex == eff) & (((n_hexl > 0) & (eff >= HEX_MIN)) | (eff >= HEX_DIGITS_MIN))
+    b64w = (n_b64 == length) & (length >= B64_MIN) & (n_up > 0) & (n_low > 0)
     enc = np.where(hexw, eff, np.where(b64w, length, 0))
     doc = np.searchsorted(off, idx[w0], side="right") - 1
     np.add.at(out, doc, enc)

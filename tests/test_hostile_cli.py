@@ -452,3 +452,18 @@ def test_a_jsonl_object_naming_the_step_twice_is_malformed_and_a_csv_header_with
     c.write_text("step,train/loss,lr,lr\n1,3.0,0.1,0.2\n2,2.9,0.1,0.2\n")  # an unread column twice: fine
     table, _ = read_log(c)
     assert table["step"].to_pylist() == [1, 2]
+
+
+def test_one_key_twice_at_the_command_line_is_one_line_and_exit_2(tmp_path, capsys):
+    from spike_audit.pipelines.cli.main import main
+
+    c = tmp_path / "run.csv"
+    c.write_text("step,train/loss,train/loss\n1,3.0,9.0\n2,2.9,9.1\n")
+    assert main(["spikes", str(c)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and "names column 'train/loss' twice" in err, err
+    j = tmp_path / "run.jsonl"
+    j.write_text('{"step": 1, "train_loss": 3.0}\n{"step": 2, "step": 9, "train_loss": 2.9}\n')
+    assert main(["spikes", str(j), "--strict"]) == 2  # --strict: the ambiguous line is refused, naming it
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{j}:2:" in err, err
