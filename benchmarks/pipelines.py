@@ -138,6 +138,11 @@ def build_corpus(cache: Path, row_len: int, max_tokens: int) -> tuple[Path, Path
     return text_dir, tok_dir
 
 
+def _build_corpora(cache: Path, row_lens, max_tokens: int) -> None:
+    for row_len in row_lens:
+        build_corpus(cache, row_len, max_tokens)
+
+
 def subset(src: Path, n_shards: int, dest: Path) -> Path:
     """A directory of symlinks to the first n shards (the size's corpus)."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -267,6 +272,16 @@ def main() -> None:
         print(s, flush=True)
         lines.append(s)
 
+    # The corpora are built in a fresh (spawned) process: a child's peak RSS as wait4 reports it starts at its
+    # parent's resident set, so building them in this process would inflate every measurement after it.
+    import multiprocessing
+
+    builder = multiprocessing.get_context("spawn").Process(
+        target=_build_corpora, args=(cache, row_lens, int(max(sizes) * 1e6)))
+    builder.start()
+    builder.join()
+    if builder.exitcode:
+        sys.exit(f"building the corpora under {cache} failed (exit {builder.exitcode})")
     base = measure([py, "-c", "pass"], env)
     beam_import = measure([py, "-c", "import apache_beam, pyarrow, numpy"], env)
     has_dolma = dolma_available(py)
