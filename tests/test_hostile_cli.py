@@ -467,3 +467,26 @@ def test_one_key_twice_at_the_command_line_is_one_line_and_exit_2(tmp_path, caps
     assert main(["spikes", str(j), "--strict"]) == 2  # --strict: the ambiguous line is refused, naming it
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{j}:2:" in err, err
+
+
+@pytest.mark.parametrize("cut_at", range(0, 8))
+@pytest.mark.parametrize("keep", [0.3, 0.5, 0.8])
+def test_olmo_lines_cut_and_merged_never_pair_a_step_with_another_steps_value(tmp_path, cut_at, keep):
+    """OLMo prints a ``[step=N/M]`` header line and its metrics on the lines after it, so the two-records check of
+    the one-line formats does not apply: whichever line is cut off by the next one, every (step, loss) read is
+    one the run logged (a record may be lost, never shifted to another step)."""
+    from spike_audit.pipelines.logs.read import read_log
+
+    truth = {s: 3.0 + s / 100 for s in range(1, 5)}
+    lines = []
+    for s, v in truth.items():
+        lines += [f"2025-01-01 10:00:00.000 host:0 olmo_core.train:123 INFO [step={s}/100000,epoch=1]",
+                  f"    train/CE loss={v:.4f}", "    train/PPL=12.5"]
+    i = 3 + cut_at  # a line of steps 2-4 (step 1's header stays whole)
+    lines[i:i + 2] = [lines[i][: max(1, int(len(lines[i]) * keep))] + lines[i + 1]]
+    p = tmp_path / "run.log"
+    p.write_text("\n".join(lines) + "\n")
+    table, _ = read_log(p, format="olmo")
+    loss = table.filter(pa.compute.equal(table["metric"], "train_loss"))
+    got = dict(zip(loss["step"].to_pylist(), loss["value"].to_pylist()))
+    assert got and all(got[s] == pytest.approx(truth[s]) for s in got), got

@@ -108,6 +108,10 @@ def _parse_olmo(lines, state=None, **_):
     orphan = (owner == 0) if carried is None else np.zeros(len(midx), bool)
     bad.append(midx[orphan] + 1)
     sub = lines.take(pa.array(midx))
+    # a metric line holds one name=value: two are a line cut off by the next one (its value may be cut too)
+    merged = (_np(pc.count_substring(sub, "=")) > 1) & ~is_head[midx]
+    bad.append(midx[merged] + 1)
+    orphan = orphan | merged
     series = []
     for metric, regex in metric_res.items():
         e = pc.extract_regex(sub, regex)
@@ -115,6 +119,13 @@ def _parse_olmo(lines, state=None, **_):
         v, ok = _floats(pc.fill_null(_group(e, "v"), ""))
         bad.append(midx[present & ~ok & ~orphan] + 1)
         sel = present & ok & ~orphan
+        # a header owns one value per metric: a second one is a later step's line whose header was cut off
+        # (merged into the line before it), never read as this step's value
+        seen = np.zeros(len(sel), bool)
+        first = np.unique(owner[sel], return_index=True)[1]
+        seen[np.flatnonzero(sel)[first]] = True
+        bad.append(midx[sel & ~seen] + 1)
+        sel &= seen
         o = owner[sel]
         series.append(_Series(metric, hsteps[o], v[sel], midx[sel] + 1, htot[o]))
     return _Parsed(series, np.unique(np.concatenate(bad)),
