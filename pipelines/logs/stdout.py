@@ -109,7 +109,7 @@ def _parse_olmo(lines, state=None, **_):
     bad.append(midx[orphan] + 1)
     sub = lines.take(pa.array(midx))
     # a metric line holds one name=value: two are a line cut off by the next one (its value may be cut too)
-    merged = (_np(pc.count_substring(sub, "=")) > 1) & ~is_head[midx]
+    merged = ~_single_record(sub, "=") & ~is_head[midx]
     bad.append(midx[merged] + 1)
     orphan = orphan | merged
     series = []
