@@ -160,11 +160,9 @@ def check_meta(raw: bytes | None, source: str) -> dict:
         raise UserError(f"{source}: manifest metadata extra_token = {meta['extra_token']!r}, expected true, false or null")
     dt = meta.get("token_dtype")
     if dt is not None:
-        try:
-            ok = isinstance(dt, str) and np.dtype(dt).kind in "iu"
-        except TypeError:
-            ok = False
-        if not ok:
+        from spike_audit.pipelines.settings import is_integer_dtype
+
+        if not is_integer_dtype(dt):
             raise UserError(f"{source}: manifest metadata token_dtype = {dt!r}, expected an integer dtype name "
                             f"(uint16, uint32, int32, ...) or null")
     fr = meta.get("flat_rows")
@@ -249,6 +247,11 @@ def token_dtype(meta: dict, given=None, source: str = "manifest"):
     """The token dtype to read flat token files with: ``given`` (a --dtype) or the manifest's; both must
     agree when both are known."""
     recorded = meta.get("token_dtype")
+    if given is not None:
+        from spike_audit.pipelines.settings import is_integer_dtype
+
+        if not is_integer_dtype(given):
+            raise UserError(f"--dtype must be an integer token dtype (uint16, uint32, int32, ...), got {given!r}")
     if given is not None and recorded is not None and np.dtype(given) != np.dtype(recorded):
         raise UserError(f"{source}: --dtype {given} but the manifest records token dtype {recorded} (the "
                         f"trainer's data files): drop --dtype or rebuild the manifest")

@@ -211,13 +211,7 @@ def check_values(cfg, source: str | None = None, from_source: set | frozenset = 
             raise UserError(f"{where}{flag} must be {want}, got {v!r}")
     dt = getattr(cfg, "dtype", None)
     if isinstance(dt, str):  # a token dtype: --dtype float32 or garbage was taken silently
-        import numpy as np
-
-        try:
-            ok = np.dtype(dt).kind in "iu"
-        except TypeError:
-            ok = False
-        if not ok:
+        if not is_integer_dtype(dt):
             where = f"{source}: " if source and "dtype" in from_source else ""
             raise UserError(f"{where}--dtype must be an integer token dtype (uint16, uint32, int32, ...), got {dt!r}")
 
@@ -313,3 +307,16 @@ def write_done_marker(stage: Path, seconds: float | None = None) -> None:
     write_json({"completed": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "seconds": round(seconds, 3) if seconds is not None else None, "files": files},
                stage / DONE_MARKER)
+
+
+def is_integer_dtype(dt) -> bool:
+    """Whether ``dt`` (a user's ``--dtype`` or a manifest's ``token_dtype``) names a NumPy integer dtype; a name NumPy
+    cannot parse (``abc``, ``1e-320``, ``u2,``) is False, never an exception."""
+    import numpy as np
+
+    if not isinstance(dt, str):
+        return False
+    try:
+        return np.dtype(dt).kind in "iu"
+    except (TypeError, ValueError, SyntaxError):
+        return False

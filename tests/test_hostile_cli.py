@@ -78,6 +78,9 @@ def _with_meta(path, raw: bytes | None = None, version: bytes | None = None):
      r"samples_per_step = 'abc', expected a non-negative integer"),
     (json.dumps({"token_dtype": "float99"}).encode(), r"token_dtype = 'float99', expected an integer dtype"),
     (json.dumps({"token_dtype": "float32"}).encode(), r"token_dtype = 'float32', expected an integer dtype"),
+    # names NumPy cannot parse raise ValueError, not TypeError, inside np.dtype: they were a traceback
+    (json.dumps({"token_dtype": "1e-320"}).encode(), r"token_dtype = '1e-320', expected an integer dtype"),
+    (json.dumps({"token_dtype": "u2,u2"}).encode(), r"token_dtype = 'u2,u2', expected an integer dtype"),
     (json.dumps({"flat_rows": {"kind": "windows", "seq_len": -1}}).encode(), r"flat_rows = .*seq_len"),
     (json.dumps({"first_step": -5}).encode(), r"first_step = -5, expected a non-negative integer"),
 ])

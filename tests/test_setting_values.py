@@ -96,3 +96,23 @@ def test_batch_negative_excerpt_length_or_limit_and_a_baseline_that_is_a_file(de
     _one_line(capsys, str(f), "is a file, not a directory saved by spike-audit shards --save-baseline")
     assert main([*_run_args(demo, tmp_path / "o"), "--baseline", str(tmp_path / "none"), "--dry-run"]) == 2
     _one_line(capsys, "not found: expected a directory")
+
+
+@pytest.mark.parametrize("value", ["1e-320", "abc", "u2,u2", "(2,)u2", "float32"])
+def test_a_dtype_that_is_no_integer_dtype_is_one_line_in_every_command(demo, tmp_path, capsys, value):
+    """``--dtype 1e-320`` was a ValueError traceback from NumPy's dtype parser in run, shards and the manifest
+    builders, and ``batch`` took any --dtype silently until a raw token file was read with it."""
+    root, _ = demo
+    run = root / "run"
+    out = tmp_path / "o"
+    commands = [
+        [*_run_args(demo, out), "--dry-run"],
+        ["shards", str(run / "shards"), "--out", str(out)],
+        ["batch", "--manifest", str(run / "manifest.parquet"), "--shards", str(run / "shards"), "--step", "120"],
+        ["manifest", "sequential", "--data-files", str(tmp_path / "a.bin"), "--out", str(tmp_path / "m.parquet"),
+         "-B", "2", "-T", "8", "--num-steps", "3"],
+    ]
+    for argv in commands:
+        assert main([*argv, "--dtype", value]) == 2, argv
+        _one_line(capsys, "dtype must be an integer token dtype", repr(value))
+    assert not out.exists() and not (tmp_path / "m.parquet").exists()

@@ -236,13 +236,9 @@ def _check_numbers(args) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
     dt = getattr(args, "dtype", None)
     if isinstance(dt, str):
-        import numpy as np
+        from spike_audit.pipelines.settings import is_integer_dtype
 
-        try:
-            ok = np.dtype(dt).kind in "iu"
-        except TypeError:
-            ok = False
-        if not ok:
+        if not is_integer_dtype(dt):
             raise UserError(f"--dtype must be an integer token dtype (uint16, uint32, int32, ...), got {dt!r}")
 
 

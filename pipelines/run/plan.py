@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from spike_audit.pipelines.errors import UserError
@@ -263,6 +262,8 @@ def read_manifest_steps(path: str, steps: list[int], offset: int = 0) -> pa.Tabl
     validate(schema, STEP_MANIFEST, path)
     wanted = pa.array(sorted({int(s) + offset for s in steps}), pa.int64())
     afs, apath = fs.arrow_fs(path)
+    import pyarrow.dataset as pads  # imports pandas: only where a manifest is read
+
     table = pads.dataset(apath, format="parquet", filesystem=afs).to_table(filter=pads.field("step").isin(wanted), use_threads=False)
     table = STEP_MANIFEST.conform(table, path)
     if offset:  # back to the log's step numbers

@@ -239,6 +239,12 @@ def run_replay(cfg: ReplayConfig) -> dict:
         raise UserError(f"--batch-size must be positive, got {cfg.batch_size}")
     if cfg.max_length is not None and cfg.max_length <= 0:
         raise UserError(f"--max-length must be positive, got {cfg.max_length}")
+    if cfg.token_dtype is not None:
+        from spike_audit.pipelines.settings import is_integer_dtype
+
+        if not is_integer_dtype(cfg.token_dtype):
+            raise UserError(f"--token-dtype must be an integer token dtype (uint16, uint32, int32, ...), got "
+                            f"{cfg.token_dtype!r}")
     from dataclasses import replace
 
     from spike_audit.pipelines.settings import check_values
