@@ -192,6 +192,14 @@ RANGES = {
 }
 
 
+#: Settings that take one of a few names (the command line's ``choices``; a config file is checked against the same).
+CHOICES = {
+    "method": ("robust", "olmo", "metaseq"),
+    "dup_reference": ("manifest", "none"),
+    "loss_baseline": ("auto", "preceding", "controls"),
+}
+
+
 def check_values(cfg, source: str | None = None, from_source: set | frozenset = frozenset()) -> None:
     """A one-line :class:`UserError` for a numeric setting outside the values it accepts (``--alpha 0``,
     ``--max-window 0``, ``--controls -3``), naming the option (and ``source``, the config file, for the fields
@@ -209,6 +217,11 @@ def check_values(cfg, source: str | None = None, from_source: set | frozenset = 
             flag = "--" + {"n_controls": "controls", "tokens_col": "tokens-column"}.get(name, name).replace("_", "-")
             where = f"{source}: " if source and name in from_source else ""
             raise UserError(f"{where}{flag} must be {want}, got {v!r}")
+    for name, allowed in CHOICES.items():
+        v = getattr(cfg, name, None)
+        if v is not None and v not in allowed:  # (a config file's method = "x" was a ValueError traceback)
+            where = f"{source}: " if source and name in from_source else ""
+            raise UserError(f"{where}--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {v!r}")
     dt = getattr(cfg, "dtype", None)
     if isinstance(dt, str):  # a token dtype: --dtype float32 or garbage was taken silently
         if not is_integer_dtype(dt):

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from spike_audit.pipelines.cli.main import main
-from spike_audit.pipelines.run.plan import needed_controls
+from spike_audit.pipelines.run.plan import MAX_CONTROLS, needed_controls
 
 
 def _run_args(demo, out):
@@ -116,3 +119,46 @@ def test_a_dtype_that_is_no_integer_dtype_is_one_line_in_every_command(demo, tmp
         assert main([*argv, "--dtype", value]) == 2, argv
         _one_line(capsys, "dtype must be an integer token dtype", repr(value))
     assert not out.exists() and not (tmp_path / "m.parquet").exists()
+
+
+def test_a_config_files_name_setting_outside_its_choices_names_the_file(demo, tmp_path, capsys):
+    """``method = "x"`` in a config file skipped the command line's choices and was a ValueError traceback."""
+    conf = tmp_path / "run.toml"
+    for key, value in (("method", "x"), ("dup_reference", "all"), ("loss_baseline", "")):
+        conf.write_text(f"[run]\n{key} = {json.dumps(value)}\n")
+        assert main([*_run_args(demo, tmp_path / "o"), "--config", str(conf), "--dry-run"]) == 2
+        _one_line(capsys, str(conf), f"--{key.replace('_', '-')} must be one of", repr(value))
+
+
+@pytest.mark.parametrize("flag,value", [("--alpha", "1e-300"), ("--p-resolution", str(10 ** 20)),
+                                        ("--guard", str(10 ** 20)), ("--guard", str(10 ** 12))])
+def test_extreme_but_valid_settings_plan_without_a_traceback(demo, tmp_path, capsys, flag, value):
+    """``--alpha 1e-320`` and ``--p-resolution 1e20`` divided by zero computing the controls needed, and
+    ``--guard 1e20`` listed every guarded step (numpy: "Maximum allowed size exceeded"; 1e12 would have asked
+    for terabytes). A tiny alpha takes every eligible step; a huge guard leaves no control step."""
+    assert main([*_run_args(demo, tmp_path / "o"), "--controls", str(10 ** 6), "--dry-run", "--json"]) == 0
+    every = json.loads(capsys.readouterr().out)["controls"]  # every eligible step
+    assert main([*_run_args(demo, tmp_path / "o"), flag, value, "--dry-run", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    if flag == "--guard":
+        assert plan["n_controls"] == 0 and plan["controls"] == []
+    else:
+        assert plan["controls"] == every and plan["n_controls"] == len(every) > 200
+
+
+@settings(max_examples=300, deadline=None)
+@given(m=st.integers(1, 400), alpha=st.floats(1e-12, 0.9))
+def test_needed_controls_is_the_smallest_count_that_reaches_alpha(m, alpha):
+    n = needed_controls(m, alpha)
+
+    def floor(k):  # 1 - (1 - 1/(k+1))**m, stably (1 for k = 0)
+        with np.errstate(divide="ignore"):
+            return -np.expm1(m * np.log1p(-1.0 / (k + 1)))
+
+    assert 0 < n < MAX_CONTROLS
+    assert floor(n) <= alpha * (1 + 1e-9)
+    assert floor(n - 1) > alpha * (1 - 1e-9)
+
+
+def test_needed_controls_of_an_alpha_no_double_resolves_is_capped():
+    assert needed_controls(12, 1e-320) == MAX_CONTROLS and needed_controls(12, 0.0) == MAX_CONTROLS

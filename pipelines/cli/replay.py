@@ -7,6 +7,7 @@ import logging
 
 from spike_audit.pipelines.cli.shard_root import add_confinement_arguments, shard_root_of
 from spike_audit.pipelines.errors import UserError
+from spike_audit.pipelines.settings import CHOICES
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def register(sub) -> None:
                    "numbers them (Megatron iterations...: converted with the trainer the manifest records)")
     p.add_argument("--format", dest="log_format", help="log format (default: detected)")
     p.add_argument("--metric", default="train_loss")
-    p.add_argument("--method", default="robust", choices=("robust", "olmo", "metaseq"))
+    p.add_argument("--method", default="robust", choices=CHOICES["method"])
     p.add_argument("--lookback", type=int, default=2)
     p.add_argument("--controls", dest="n_controls", type=int, default=100)
     p.add_argument("--guard", type=int, default=20)

@@ -11,6 +11,7 @@ from spike_audit.pipelines.cli.options import (S, add_columns, add_config, add_j
                                                settings_from_args)
 from spike_audit.pipelines.cli.shard_root import add_confinement_arguments, shard_root_of
 from spike_audit.pipelines.run.plan import RunConfig
+from spike_audit.pipelines.settings import CHOICES
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     opt(p, "--run", cls=c, dest="run", help="the run to audit when the log holds several (TensorBoard run "
         "subfolders, a W&B export of several runs)")
     opt(p, "--metric", cls=c, dest="metric", help="loss metric to audit")
-    opt(p, "--method", cls=c, dest="method", choices=("robust", "olmo", "metaseq"), help="spike detector")
+    opt(p, "--method", cls=c, dest="method", choices=CHOICES["method"], help="spike detector")
     opt(p, "--lookback", cls=c, dest="lookback", type=int, help="steps before a spike's start in its window")
     opt(p, "--merge-gap", cls=c, dest="merge_gap", type=int,
         help="spikes of any metric (loss, grad norm) within this many steps form one event")
@@ -49,7 +50,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     opt(p, "--alpha", cls=c, dest="alpha", type=float, help="significance level of a data verdict")
     opt(p, "--min-rows", cls=c, dest="min_rows", type=int,
         help="a data verdict needs at least this many anomalous rows at one step")
-    opt(p, "--dup-reference", cls=c, dest="dup_reference", choices=("manifest", "none"),
+    opt(p, "--dup-reference", cls=c, dest="dup_reference", choices=CHOICES["dup_reference"],
         help="what 'seen elsewhere' duplicates are measured against: every row the manifest consumed (one read of "
              "the consumed token columns) or nothing")
     add_columns(p, c)
@@ -82,7 +83,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         "adds the model-based verdict (loss attribution) beside the data verdict")
     opt(p, "--row-losses-first-step", cls=c, dest="row_losses_first_step", type=int,
         help="step of row 0 of a --row-losses .npy")
-    opt(p, "--loss-baseline", cls=c, dest="loss_baseline", choices=("auto", "preceding", "controls"),
+    opt(p, "--loss-baseline", cls=c, dest="loss_baseline", choices=CHOICES["loss_baseline"],
         help="what the window's per-row losses are compared with (auto: the steps before the window when the file "
              "has them, else the control steps)")
     opt(p, "--replay-pack", cls=c, dest="replay_pack", help="also write the window and control rows, in batch order, "

@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 def register(subparsers) -> None:
     from spike_audit.pipelines.logs.lines import FORMATS
+    from spike_audit.pipelines.settings import CHOICES
 
     p = subparsers.add_parser(
         "spikes",
@@ -33,7 +34,7 @@ def register(subparsers) -> None:
     p.add_argument("--step-key", help="JSONL/CSV key holding the step")
     p.add_argument("--value-key", help="JSONL/CSV key holding the loss")
     p.add_argument("--tag", help="TensorBoard scalar tag (default: a tag containing 'loss')")
-    p.add_argument("--method", choices=("robust", "olmo", "metaseq"), default="robust",
+    p.add_argument("--method", choices=CHOICES["method"], default="robust",
                    help="spike rule (default: robust trailing median/MAD)")
     p.add_argument("--k", type=float, default=None, help="robust: threshold in MAD-sigmas (default 6)")
     p.add_argument("--window", type=int, default=None, help="robust: trailing window in logged values (default 64)")

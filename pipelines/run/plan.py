@@ -95,12 +95,21 @@ class Plan:
     shard_lengths: dict = field(default_factory=dict)  # (shard, unit) -> rows or tokens in the shard
 
 
+#: More controls than any run has steps (a cap for the arithmetic of a tiny --alpha: never a draw of this size, the
+#: draw takes at most every eligible step)
+MAX_CONTROLS = 2 ** 62
+
+
 def needed_controls(m: int, alpha: float) -> int:
     """Smallest number of controls with which ``p <= alpha`` is reachable over ``m`` window steps
     (``1 - (1 - 1/(n+1))**m <= alpha``)."""
     if m <= 0:
         return 0
-    return int(np.ceil(1.0 / (1.0 - (1.0 - alpha) ** (1.0 / m)) - 1.0 - 1e-9))
+    step_level = -np.expm1(np.log1p(-alpha) / m)  # 1 - (1 - alpha) ** (1 / m), exact for a tiny alpha too
+    if not step_level > 0:  # alpha below what a double resolves over m steps: no number of controls reaches it
+        return MAX_CONTROLS
+    with np.errstate(over="ignore"):
+        return int(min(MAX_CONTROLS, np.ceil(1.0 / step_level - 1.0 - 1e-9)))
 
 
 def group_events(spikes: pa.Table, metric: str, gap: int) -> list[dict]:
@@ -293,10 +302,20 @@ def plan_audit(cfg: RunConfig, loss: pa.Table, spikes: pa.Table, skip_spikes: fr
     windows: dict[str, list[int]] = {}
     spikes_of: dict[int, list[str]] = {}
     events = {}
-    busy = np.zeros(0, dtype=np.int64)
-    for sid, start, peak, end in zip(spikes.column("spike_id").to_pylist(), spikes.column("start_step").to_pylist(),
-                                     spikes.column("peak_step").to_pylist(), spikes.column("end_step").to_pylist()):
-        busy = np.concatenate([busy, np.arange(start - cfg.guard, (end if end is not None else peak) + cfg.guard + 1)])
+    # steps within `guard` of a spike are never controls: intervals, not every step listed (a large --guard
+    # listed billions of steps)
+    lim = 2 ** 63 - 1
+    near = sorted((max(-lim, start - cfg.guard), min(lim, (end if end is not None else peak) + cfg.guard))
+                  for start, peak, end in zip(spikes.column("start_step").to_pylist(),
+                                              spikes.column("peak_step").to_pylist(),
+                                              spikes.column("end_step").to_pylist()))
+    near_lo = np.asarray([a for a, _ in near], dtype=np.int64)
+    near_hi = np.maximum.accumulate(np.asarray([b for _, b in near], dtype=np.int64)) if near else near_lo
+
+    def busy(x) -> np.ndarray:
+        x = np.asarray(x, dtype=np.int64)
+        i = np.searchsorted(near_lo, x, side="right") - 1
+        return (i >= 0) & (x <= near_hi[np.maximum(i, 0)]) if len(near_lo) else np.zeros(x.shape, bool)
     first_logged = int(steps.min()) if len(steps) else None
     exclude: set[int] = set()
     for ev in group_events(spikes, cfg.metric, cfg.merge_gap):
@@ -322,9 +341,10 @@ def plan_audit(cfg: RunConfig, loss: pa.Table, spikes: pa.Table, skip_spikes: fr
             spikes_of.setdefault(s, []).append(eid)
 
     if fixed_controls is not None:
-        controls = [c for c in fixed_controls if c not in set(busy.tolist())]
+        fixed = np.asarray(fixed_controls, dtype=np.int64)
+        controls = fixed[~busy(fixed)].tolist()
     else:
-        ok = np.isfinite(values) & ~np.isin(steps, busy) & (steps >= lo) & (steps <= hi)
+        ok = np.isfinite(values) & ~busy(steps) & (steps >= lo) & (steps <= hi)
         candidates = np.unique(steps[ok])
         rng = np.random.default_rng(cfg.seed)
         longest = max((len(w) for w in windows.values()), default=0)
