@@ -22,6 +22,8 @@ import stat
 import zlib
 from typing import BinaryIO
 
+import numpy as np
+
 from spike_audit.pipelines.errors import UserError
 
 
@@ -320,3 +322,45 @@ def open_decompressed(path, what: str = "file"):
     except BaseException:
         raw.close()
         raise
+
+
+#: JSON's whitespace (RFC 8259): what may precede a line's first value
+_JSON_WS = np.zeros(256, dtype=bool)
+_JSON_WS[[9, 10, 13, 32]] = True
+
+
+def first_non_object_line(stream, chunk: int = 8 << 20) -> int | None:
+    """1-based number of the first non-blank line of a JSONL stream whose first non-whitespace byte is not ``{``,
+    or None (a UTF-8 byte-order mark at the very start is allowed). Vectorised per chunk of ``chunk`` bytes.
+
+    Arrow's JSON reader (pyarrow 25) crashes the process (a segmentation fault) when a block it parses starts
+    with the value ``null``, and its blocks start at line starts, so a line holding ``null`` anywhere in a
+    streamed file can kill a worker: readers hand Arrow only streams of which this returns None."""
+    line_no, pending = 1, True
+    head = b""
+    while len(head) < 3:  # the first three bytes, for the byte-order mark
+        more = stream.read(max(1, chunk))
+        if not more:
+            break
+        head += more
+    if head.startswith(b"\xef\xbb\xbf"):
+        head = head[3:]
+    while True:
+        b, head = (head, b"") if head else (stream.read(chunk), b"")
+        if not b:
+            return None
+        a = np.frombuffer(b, dtype=np.uint8)
+        nl = np.flatnonzero(a == 10)
+        starts = np.concatenate([[0], nl + 1])
+        ends = np.concatenate([nl, [len(a)]])
+        nonws = np.flatnonzero(~_JSON_WS[a])
+        j = np.searchsorted(nonws, starts)
+        first = np.where(j < len(nonws), nonws[np.minimum(j, max(len(nonws) - 1, 0))] if len(nonws) else 0, len(a))
+        seen = first < ends  # the line has a non-whitespace byte in this chunk
+        check = seen.copy()
+        check[0] &= pending  # the chunk's first piece continues a line whose first byte was already checked
+        bad = check & (a[np.minimum(first, len(a) - 1)] != ord("{"))
+        if bad.any():
+            return line_no + int(np.argmax(bad))
+        pending = not seen[-1] and (pending or len(nl) > 0)
+        line_no += len(nl)

@@ -93,6 +93,10 @@ def test_malformed_files_name_the_line(tmp_path):
     p.write_text('{"step": 1, "position": 0, "loss": 1.5}\n{"step": 1, "position": 1, "loss": 1\n')
     with pytest.raises(UserError, match=r"bad.jsonl:2: not valid JSON"):
         read_row_losses(str(p))
+    # a line `null` crashed Arrow's streaming JSON reader (a segmentation fault) at the start of a block
+    p.write_text('{"step": 1, "position": 0, "loss": 1.5}\nnull\n')
+    with pytest.raises(UserError, match=r"bad.jsonl:2: expected a JSON object, got NoneType"):
+        read_row_losses(str(p))
     q = tmp_path / "bad.parquet"
     pq.write_table(pa.table({"step": [1], "value": [1.0]}), q)
     with pytest.raises(UserError, match="missing column 'loss'"):

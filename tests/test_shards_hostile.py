@@ -16,6 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from spike_audit.pipelines.cli.main import main
 from spike_audit.pipelines.errors import UserError
@@ -474,3 +476,41 @@ def test_litdata_chunks_and_index_are_refused_by_name_never_read_as_tokens(tmp_p
     # a raw token file that merely has such a name, with no litdata index beside it, is still a token file
     (tmp_path / "chunk-0-0.bin").write_bytes(np.arange(8, dtype=np.uint16).tobytes())
     assert read_slices(str(tmp_path), "chunk-0-0.bin", [[0, 4]], unit="token").column("tokens").to_pylist() == [[0, 1, 2, 3]]
+
+
+# ------------------------------------------------------------------------- inputs that crashed Arrow's JSON reader
+
+_NULL_CASES = [b"null\n", b'  null\n{"text": "a"}\n', b'{"text": "a"}\nnull\n{"text": "b"}\n',
+               b'\xef\xbb\xbfnull\n{"text": "a"}\n']
+
+
+@pytest.mark.parametrize("data", _NULL_CASES)
+def test_a_jsonl_line_null_is_a_one_line_error_never_a_crash(tmp_path, data):
+    """pyarrow 25's JSON reader dies with a segmentation fault on a block that starts with ``null``: a JSONL shard
+    whose first line was ``null`` killed ``shards`` and ``batch`` (exit 139, no message). Run in a child process,
+    so a crash fails this test instead of the test run."""
+    import subprocess
+    import sys
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_bytes(data)
+    line = next(i for i, ln in enumerate(data.split(b"\n"), 1) if b"null" in ln)
+    child = subprocess.run([sys.executable, "-m", "spike_audit.pipelines.cli", "shards", str(tmp_path / "in"),
+                            "--out", str(tmp_path / "out"), "-q"], capture_output=True, text=True, timeout=300)
+    assert child.returncode == 2, (child.returncode, child.stderr[-500:])
+    err = child.stderr.strip().splitlines()
+    assert len(err) == 1 and f"a.jsonl:{line}: expected a JSON object" in err[0], child.stderr
+
+
+@given(lines=st.lists(st.sampled_from([b"{}", b' {"a": 1}', b"", b"  ", b"\t", b"null", b" [1]", b"1", b"{", b"\r"]),
+                      max_size=12), bom=st.booleans(), chunk=st.integers(1, 40))
+@settings(max_examples=400, deadline=None)
+def test_first_non_object_line_matches_a_line_by_line_reading(lines, bom, chunk):
+    import io
+
+    from spike_audit.pipelines.files import first_non_object_line
+
+    data = (b"\xef\xbb\xbf" if bom else b"") + b"\n".join(lines)
+    want = next((i for i, ln in enumerate(lines, 1) if ln.strip(b" \t\r\n") and not ln.lstrip(b" \t\r\n").startswith(b"{")),
+                None)
+    assert first_non_object_line(io.BytesIO(data), chunk=chunk) == want

@@ -289,9 +289,14 @@ def _jsonl_line_of(path: str, record: int) -> int:
 def _read_jsonl(path: str, steps) -> pa.Table:
     import pyarrow.json as pj
 
+    from spike_audit.pipelines.files import first_non_object_line
+
     schema = pa.schema([(f.name, f.type) for f in ROW_LOSSES.fields])
     opts = pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
     parts, base = [], 0
+    with _jsonl_stream(path) as f:  # a line `null` crashes Arrow's reader (files.first_non_object_line)
+        if first_non_object_line(f) is not None:
+            raise UserError(_jsonl_first_bad_line(path))
     try:
         with _jsonl_stream(path) as f:
             reader = pj.open_json(f, parse_options=opts, read_options=pj.ReadOptions(block_size=8 << 20))

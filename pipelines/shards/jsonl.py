@@ -135,12 +135,15 @@ class JsonlReader(ShardReader):
     def _parse(self, lines: list[bytes], line_ids: np.ndarray) -> pa.Table:
         import pyarrow.json as pj
 
+        from spike_audit.pipelines.files import first_non_object_line
+
         want = [self.tokens_col, self.text_col]
-        try:
-            table = pj.read_json(io.BytesIO(b"\n".join(lines) + b"\n"),
-                                 read_options=pj.ReadOptions(block_size=max(1 << 20, sum(map(len, lines)) + 1)))
-            if table.num_rows == len(lines) and _expected_types(table, self.tokens_col, self.text_col):
-                return pa.table({c: table.column(c).combine_chunks() for c in want if c in table.column_names})
+        blob = b"\n".join(lines) + b"\n"
+        try:  # Arrow is handed only lines that open an object: a line `null` crashes its reader (files.py)
+            if first_non_object_line(io.BytesIO(blob)) is None:
+                table = pj.read_json(io.BytesIO(blob), read_options=pj.ReadOptions(block_size=max(1 << 20, len(blob) + 1)))
+                if table.num_rows == len(lines) and _expected_types(table, self.tokens_col, self.text_col):
+                    return pa.table({c: table.column(c).combine_chunks() for c in want if c in table.column_names})
         except pa.ArrowException:  # includes Arrow's own inconsistencies on odd input ([null, 0] lists)
             pass
         # Fallback (mixed types across lines, or an error to locate): parse line by line.
