@@ -514,3 +514,26 @@ def test_first_non_object_line_matches_a_line_by_line_reading(lines, bom, chunk)
     want = next((i for i, ln in enumerate(lines, 1) if ln.strip(b" \t\r\n") and not ln.lstrip(b" \t\r\n").startswith(b"{")),
                 None)
     assert first_non_object_line(io.BytesIO(data), chunk=chunk) == want
+
+
+def test_a_damaged_datasets_arrow_file_is_a_one_line_error(tmp_path):
+    """An ``.arrow`` file is memory-mapped without validation: list offsets pointing past the values were an
+    ArrowIndexError traceback (``shards`` and ``batch``), and reading through them could crash. The record batches
+    a read touches are now validated first. In a child process, so that a crash fails the test."""
+    import subprocess
+    import sys
+
+    t = pa.table({"tokens": pa.array([[10, 11, 12, 13], [14, 15, 16, 17]], pa.list_(pa.int64())), "text": ["a", "b"]})
+    (tmp_path / "in").mkdir()
+    path = tmp_path / "in" / "s.arrow"
+    with pa.OSFile(str(path), "wb") as f, pa.ipc.new_stream(f, t.schema) as w:
+        w.write_table(t)
+    data = path.read_bytes()
+    good = np.array([0, 4, 8], np.int32).tobytes()
+    assert data.count(good) == 1
+    path.write_bytes(data.replace(good, np.array([0, 4, 100000], np.int32).tobytes()))
+    child = subprocess.run([sys.executable, "-m", "spike_audit.pipelines.cli", "shards", str(tmp_path / "in"),
+                            "--out", str(tmp_path / "out"), "-q"], capture_output=True, text=True, timeout=300)
+    assert child.returncode == 2, (child.returncode, child.stderr[-800:])
+    err = child.stderr.strip().splitlines()
+    assert len(err) == 1 and "s.arrow: column 'tokens' rows 0..1 of the file are damaged" in err[0], child.stderr

@@ -34,15 +34,42 @@ class HFReader(_TableRowsMixin, ShardReader):
             raise UserError(f"{name}: is a DatasetDict with splits {sorted(ds)}; point the shard at one split "
                             f"directory, e.g. '{name.rstrip('/')}/{sorted(ds)[0]}'")
         self.ds = ds.with_format("arrow")
+        self._valid: set = set()  # (column, record batch) fully validated
 
     def length(self, unit="row"):
         return len(self.ds)
+
+    def _check_batches(self, rows, cols) -> None:
+        """Fully validate (once each) the memory-mapped record batches holding ``rows``, before any is read:
+        an ``.arrow`` file is mapped without validation, and a damaged one had offsets pointing outside its
+        buffers (an ArrowIndexError traceback at best; reading through them can crash the process)."""
+        import numpy as np
+
+        table = self.ds.data.table
+        if self.ds._indices is not None:  # a saved selection or shuffle: rows of the file through its indices
+            table_rows = self.ds._indices.column(0).combine_chunks().to_numpy()
+            rows = table_rows[rows]
+        for col in cols:
+            chunked = table.column(col)
+            ends = np.cumsum([len(c) for c in chunked.chunks])
+            for k in np.unique(np.searchsorted(ends, rows, side="right")):
+                if (col, int(k)) in self._valid or k >= chunked.num_chunks:
+                    continue
+                try:
+                    chunked.chunk(int(k)).validate(full=True)
+                except (pa.ArrowException, ValueError) as err:
+                    first = int(ends[k - 1]) if k else 0
+                    msg = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+                    raise UserError(f"{self.name}: column {col!r} rows {first}..{int(ends[k]) - 1} of the file are "
+                                    f"damaged ({msg})") from None
+                self._valid.add((col, int(k)))
 
     def _read_rows(self, rows):
         cols = self._columns(self.ds.column_names)
         ds = self.ds.select_columns(cols)
         if len(rows) == 0:
             return self._split(ds[:0])
+        self._check_batches(rows, cols)
         try:
             table = ds[rows.tolist()]
         except (OSError, ValueError, pa.ArrowException) as err:
