@@ -191,6 +191,17 @@ for f in sorted(glob.glob(sys.argv[1] + '/*.parquet')):
 print(n)
 """
 
+#: Beam's own floor on this runner: the import and a pipeline of 26 fused stages (as many bundles as `run` and
+#: `shards` execute on the demo and on a corpus) moving 100 small elements, doing nothing else.
+BEAM_FLOOR_SNIPPET = """
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+with beam.Pipeline(options=PipelineOptions(["--runner=DirectRunner"])) as p:
+    x = p | beam.Create(list(range(100)))
+    for i in range(24):  # 24 GroupByKeys: 26 bundles with the Create's
+        x = x | f"m{i}" >> beam.Map(lambda v: (v % 7, v)) | f"g{i}" >> beam.GroupByKey() | f"f{i}" >> beam.FlatMap(lambda kv: kv[1])
+"""
+
 DATATROVE_SNIPPET = """
 import sys, logging
 from datatrove.executor import LocalPipelineExecutor
@@ -284,6 +295,7 @@ def main() -> None:
         sys.exit(f"building the corpora under {cache} failed (exit {builder.exitcode})")
     base = measure([py, "-c", "pass"], env)
     beam_import = measure([py, "-c", "import apache_beam, pyarrow, numpy"], env)
+    beam_floor = measure([py, "-c", BEAM_FLOOR_SNIPPET], env)
     has_dolma = dolma_available(py)
 
     emit(f"| rows | columns | tokens | job | CPU s | wall s | tokens/CPU-s | peak RSS GB | CPU vs read |")
@@ -361,7 +373,8 @@ def main() -> None:
 
     emit()
     emit(f"interpreter start (`python -c pass`): {base['cpu']:.2f} CPU s; `import apache_beam, pyarrow, numpy`: "
-         f"{beam_import['cpu']:.2f} CPU s; dolma: {'imported' if has_dolma else 'not installed (not measured)'}; "
+         f"{beam_import['cpu']:.2f} CPU s; Beam's floor (that import and a do-nothing pipeline of 26 stages, as "
+         f"many as `run` and `shards` execute): {beam_floor['cpu']:.2f} CPU s; dolma: {'imported' if has_dolma else 'not installed (not measured)'}; "
          f"{os.cpu_count()} cores, load average {min(loads):.1f}-{max(loads):.1f} during the run; "
          f"CPU s include child processes; peak RSS is the largest single process")
     if args.md:
