@@ -116,3 +116,23 @@ def test_a_shard_too_short_for_its_offsets_or_sizes_is_a_one_line_error(tmp_path
     Path(first.zip).write_bytes(zstandard.ZstdCompressor().compress(body))
     with pytest.raises(UserError, match=r"shard\.00000\.mds: sample offsets are corrupt"):
         MDSReader(str(d), "m").read(np.array([[0, 1]]))
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("zip_data", "x", r"shard 3: missing or malformed field"),  # was AttributeError: 'str' object has no 'get'
+    ("raw_data", True, r"shard 3: missing or malformed field"),
+    ("compression", ["zstd"], r"shard 3: compression \['zstd'\], expected a name"),
+    ("column_names", [1, "j", "text", "tokens", "u"], r"shard 3: column_names and column_encodings must be strings"),
+    ("column_sizes", [None, -4, None, None, None], r"shard 3: column_sizes must be non-negative integers or null"),
+    ("samples", -2, r"shard 3: samples -2, expected a non-negative count"),
+])
+def test_a_damaged_index_field_is_a_one_line_error_naming_the_shard(tmp_path, field, value, match):
+    """Found by mutating the fields of a real index.json: a field of the wrong JSON type was a traceback."""
+    d = tmp_path / "ds"
+    shutil.copytree(FIX / "mixed_zstd", d)
+    idx = json.loads((d / "index.json").read_text())
+    idx["shards"][3][field] = value
+    (d / "index.json").write_text(json.dumps(idx))
+    with pytest.raises(UserError, match=match) as e:
+        read_mds_index(str(d), "ds")
+    assert "\n" not in str(e.value)

@@ -105,8 +105,17 @@ def read_mds_index(path: str, name: str | None = None) -> list[MDSShard]:
             zip_ = (s.get("zip_data") or {}).get("basename")
             names, encs, sizes = list(s["column_names"]), list(s["column_encodings"]), list(s["column_sizes"])
             samples = int(s["samples"])
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, AttributeError) as err:  # e.g. "zip_data": "x"
             raise UserError(f"{where}: missing or malformed field {err}") from None
+        comp = s.get("compression")
+        if comp is not None and not isinstance(comp, str):
+            raise UserError(f"{where}: compression {comp!r}, expected a name (zstd, gz, bz2) or null")
+        if not all(isinstance(x, str) for x in names + encs):
+            raise UserError(f"{where}: column_names and column_encodings must be strings")
+        if not all(x is None or (isinstance(x, int) and not isinstance(x, bool) and x >= 0) for x in sizes):
+            raise UserError(f"{where}: column_sizes must be non-negative integers or null, got {sizes!r}"[:300])
+        if samples < 0:
+            raise UserError(f"{where}: samples {samples}, expected a non-negative count")
         for b in (raw, zip_):
             if b is not None and (not isinstance(b, str) or os.path.basename(b) != b or b in ("", ".", "..")):
                 raise UserError(f"{where}: shard file name {b!r} is not a plain file name in the dataset directory")
