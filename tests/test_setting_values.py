@@ -162,3 +162,37 @@ def test_needed_controls_is_the_smallest_count_that_reaches_alpha(m, alpha):
 
 def test_needed_controls_of_an_alpha_no_double_resolves_is_capped():
     assert needed_controls(12, 1e-320) == MAX_CONTROLS and needed_controls(12, 0.0) == MAX_CONTROLS
+
+
+def _olmo_inputs(tmp_path):
+    (tmp_path / "olmo").mkdir()
+    np.arange(1, 64 * 16 + 1, dtype=np.uint16).tofile(tmp_path / "olmo" / "part-0.npy")
+    np.save(tmp_path / "gi.npy", np.arange(16, dtype=np.uint32))
+    return ["manifest", "olmo", "--global-indices", str(tmp_path / "gi.npy"), "--data-files",
+            str(tmp_path / "olmo" / "part-0.npy"), "--seq-len", "64", "--global-batch-size", "4", "--shards",
+            str(tmp_path / "olmo"), "--out", str(tmp_path / "m.parquet")]
+
+
+def _streaming_inputs(tmp_path):
+    from pathlib import Path
+
+    mds = Path(__file__).parent / "fixtures" / "mds"
+    return ["manifest", "streaming", "--data", str(mds / "mixed_zstd"), "--batch-size", "4", "--shards", str(mds),
+            "--out", str(tmp_path / "m.parquet")]
+
+
+@pytest.mark.parametrize("builder,flag,value,expect", [
+    (_olmo_inputs, "--seq-len", str(10 ** 20), "--seq-len must be below 2^62"),  # numpy OverflowError traceback
+    (_olmo_inputs, "--epoch", str(10 ** 20), "--epoch must be below 2^62"),
+    (_streaming_inputs, "--shuffle-seed", "-1", "--shuffle-seed must be >= 0"),  # numpy ValueError traceback
+    (_streaming_inputs, "--num-canonical-nodes", "-1", "--num-canonical-nodes must be positive"),  # IndexError
+])
+def test_manifest_builders_refuse_counts_out_of_range_in_one_line(tmp_path, capsys, builder, flag, value, expect):
+    """Found by a sweep of hostile values over every builder option."""
+    argv = builder(tmp_path)
+    assert main([*argv, "--check"]) == 0  # the inputs are good: only the value is refused
+    capsys.readouterr()
+    (tmp_path / "m.parquet").unlink()
+    assert main([*argv, flag, value]) == 2
+    _one_line(capsys, expect, value)
+    assert not (tmp_path / "m.parquet").exists()

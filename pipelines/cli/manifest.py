@@ -222,15 +222,19 @@ def _check_out(args, table) -> None:
 def _check_numbers(args) -> None:
     """Counts and ids every builder takes, before any file is read (--global-batch-size 0 was a ZeroDivisionError,
     --first-step -1 wrote a manifest of negative steps, --dtype float32 read token memmaps as floats)."""
+    for name, v in sorted(vars(args).items()):  # (--seq-len 1e20 was an OverflowError traceback in numpy)
+        if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 2 ** 62:
+            raise UserError(f"--{name.replace('_', '-')} must be below 2^62, got {v}")
     first = getattr(args, "first_step", None)
     if first is not None and not 0 <= first < 2 ** 62:
         raise UserError(f"--first-step must be a 0-based batch index (>= 0), got {first}")
     for name in ("global_batch_size", "global_batch_tokens", "micro_batch_size", "micro_batch_tokens", "world_size",
-                 "batch_size", "max_target_sequence_length", "data_parallel_size"):
+                 "batch_size", "max_target_sequence_length", "data_parallel_size", "num_canonical_nodes",
+                 "shuffle_block_size", "ranks_per_node", "epoch_size"):
         v = getattr(args, name, None)
         if v is not None and not isinstance(v, bool) and isinstance(v, int) and v <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {v}")
-    for name in ("consumed_samples",):  # (--pad-id -1 is megatron-core's "no pad")
+    for name in ("consumed_samples", "shuffle_seed"):  # (--shuffle-seed -1 was numpy's ValueError traceback)  # (--pad-id -1 is megatron-core's "no pad")
         v = getattr(args, name, None)
         if v is not None and isinstance(v, int) and v < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
