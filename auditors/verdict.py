@@ -405,7 +405,11 @@ def contamination_threshold(n_controls: int, n_families: int, alpha: float) -> f
     """Evidence beyond which a control step is itself anomalous: Bonferroni over the controls, the families and
     every possible cut, ``log10(n * F * cuts / alpha)`` (conservative under the binomial model: a normal
     control reaches it with probability at most ``alpha / n``)."""
-    return float(np.log10(max(1, n_controls) * max(1, n_families) * (NBINS - 1) / alpha))
+    with np.errstate(over="ignore", divide="ignore"):
+        t = float(np.log10(max(1, n_controls) * max(1, n_families) * (NBINS - 1) / alpha))
+    if not np.isfinite(t):  # an alpha so small that the ratio overflows a double (1e-320): the same, in logs
+        t = float(np.log10(max(1, n_controls)) + np.log10(max(1, n_families)) + np.log10(NBINS - 1) - np.log10(alpha))
+    return t
 
 
 @dataclass

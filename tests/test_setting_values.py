@@ -196,3 +196,20 @@ def test_manifest_builders_refuse_counts_out_of_range_in_one_line(tmp_path, caps
     assert main([*argv, flag, value]) == 2
     _one_line(capsys, expect, value)
     assert not (tmp_path / "m.parquet").exists()
+
+
+def test_shards_with_an_alpha_no_double_divides_writes_finite_thresholds(demo, tmp_path, capsys):
+    """``shards --alpha 1e-320``: the quarantine threshold log10(n * F * cuts / alpha) overflowed to inf and
+    writing quarantine.json was a ValueError traceback. The thresholds are computed in logs there."""
+    from spike_audit.auditors.verdict import contamination_threshold
+    from spike_audit.pipelines.shard_audit.outputs import quarantine_threshold
+
+    root, _ = demo
+    out = tmp_path / "o"
+    assert main(["shards", str(root / "run" / "shards"), "--out", str(out), "-q", "--alpha", "1e-320"]) == 0
+    q = json.loads((out / "quarantine.json").read_text())
+    assert 320 < q["threshold_evidence"] < 340 and q["shards"] == []  # nothing reaches a bar that high
+    for n in (1, 16, 10 ** 6):
+        for f in (quarantine_threshold, lambda k, a: contamination_threshold(k, 60, a)):
+            t, t_ok = f(n, 1e-320), f(n, 1e-300)
+            assert np.isfinite(t) and t > t_ok and abs((t - t_ok) - 20) < 1e-3  # 20 decades (1e-320 is subnormal: 4 digits)

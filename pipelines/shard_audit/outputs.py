@@ -17,7 +17,11 @@ def quarantine_threshold(n_shards: int, alpha: float) -> float:
     from spike_audit.auditors.evidence import NBINS
     from spike_audit.auditors.rows import FAMILIES
 
-    return float(math.log10(max(1, n_shards) * len(FAMILIES) * (NBINS - 1) / alpha))
+    ratio = max(1, n_shards) * len(FAMILIES) * (NBINS - 1) / alpha
+    if math.isfinite(ratio):
+        return float(math.log10(ratio))
+    # an alpha so small that the ratio overflows a double (--alpha 1e-320 wrote inf into quarantine.json)
+    return math.log10(max(1, n_shards)) + math.log10(len(FAMILIES)) + math.log10(NBINS - 1) - math.log10(alpha)
 
 
 def is_quarantined(r: dict, threshold: float, min_rows: int) -> bool:
