@@ -120,6 +120,14 @@ def test_jsonl_invalid_utf8_and_deep_nesting_are_one_line_errors(tmp_path):
         read_slices(str(tmp_path), "b.jsonl", [[0, 2]])
 
 
+def test_jsonl_lists_of_nulls_are_refused_never_read_from_an_invalid_array(tmp_path):
+    """Arrow's JSON reader builds an invalid list<null> array for ``[null, null]`` (offsets past its values): the
+    fast path now validates what it parsed and falls back to the line-by-line reading that names the row."""
+    (tmp_path / "a.jsonl").write_text('{"tokens": [1, 2]}\n{"tokens": [null, null]}\n')
+    with pytest.raises(UserError, match=r"^a\.jsonl:2: a null token id"):
+        read_slices(str(tmp_path), "a.jsonl", [[0, 2]])
+
+
 def test_jsonl_bom_and_crlf(tmp_path):
     (tmp_path / "a.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "first"}\r\n{"text": "second"}\r\n')
     assert read_slices(str(tmp_path), "a.jsonl", [[0, 2]]).column("text").to_pylist() == ["first", "second"]

@@ -234,7 +234,8 @@ def _check_numbers(args) -> None:
         v = getattr(args, name, None)
         if v is not None and not isinstance(v, bool) and isinstance(v, int) and v <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {v}")
-    for name in ("consumed_samples", "shuffle_seed"):  # (--shuffle-seed -1 was numpy's ValueError traceback)  # (--pad-id -1 is megatron-core's "no pad")
+    # (--shuffle-seed -1 was numpy's ValueError traceback; --pad-id -1 is megatron-core's "no pad", allowed)
+    for name in ("consumed_samples", "shuffle_seed"):
         v = getattr(args, name, None)
         if v is not None and isinstance(v, int) and v < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {v}")

@@ -175,15 +175,17 @@ class _JsonlParser:
         for key in table.column_names:
             if not self._is_candidate(key):
                 continue
+            t = table.schema.field(key).type
+            if not (pa.types.is_null(t) or pa.types.is_integer(t) or pa.types.is_floating(t)):
+                # (checked before the data is touched: Arrow's JSON reader builds an invalid list<null> array
+                # for [null, null], whose combine_chunks was an ArrowIndexError traceback)
+                return None
             col = table.column(key).combine_chunks()
-            t = col.type
             n = len(col)
             if pa.types.is_null(t):
                 z = np.zeros(n, bool)
                 out[key] = (z, np.full(n, np.nan), z, np.zeros(n, np.int64), z)
                 continue
-            if not (pa.types.is_integer(t) or pa.types.is_floating(t)):
-                return None
             present = _bools(pc.is_valid(col))
             fval = _np(pc.fill_null(pc.cast(col, pa.float64()), np.nan)).astype(np.float64)
             if pa.types.is_integer(t):

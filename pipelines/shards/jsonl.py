@@ -143,7 +143,9 @@ class JsonlReader(ShardReader):
             if first_non_object_line(io.BytesIO(blob)) is None:
                 table = pj.read_json(io.BytesIO(blob), read_options=pj.ReadOptions(block_size=max(1 << 20, len(blob) + 1)))
                 if table.num_rows == len(lines) and _expected_types(table, self.tokens_col, self.text_col):
-                    return pa.table({c: table.column(c).combine_chunks() for c in want if c in table.column_names})
+                    out = pa.table({c: table.column(c).combine_chunks() for c in want if c in table.column_names})
+                    out.validate(full=True)  # Arrow's JSON reader can build invalid arrays ([null, null] lists)
+                    return out
         except pa.ArrowException:  # includes Arrow's own inconsistencies on odd input ([null, 0] lists)
             pass
         # Fallback (mixed types across lines, or an error to locate): parse line by line.
