@@ -131,3 +131,19 @@ def test_records_between_junk_lines_are_read_exactly(tmp_path, fmt, n, seed, jun
     assert loss.column("step").to_pylist() == steps
     assert loss.column("value").to_pylist() == pytest.approx(values, rel=1e-6)
     assert report.n_replaced == 0
+
+
+def test_a_list_of_nulls_in_a_jsonl_log_is_read_or_one_line_at_the_command_line(tmp_path, capsys):
+    """``[null, null]`` makes pyarrow's JSON reader build an invalid array (an ArrowIndexError traceback before)."""
+    from spike_audit.pipelines.cli.main import main
+
+    only = tmp_path / "only.jsonl"
+    only.write_text('{"step": [null, null]}\n')
+    assert main(["spikes", str(only)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no loss key found" in err[0] and "Traceback" not in err[0], err
+    beside = tmp_path / "beside.jsonl"
+    beside.write_text("".join(json.dumps({"_step": i, "loss": 2.0 + i / 100, "x": [None, None]}) + "\n"
+                              for i in range(1, 40)))
+    assert main(["spikes", str(beside), "--json"]) == 0  # the list beside the loss is not a metric: ignored
+    capsys.readouterr()

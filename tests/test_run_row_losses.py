@@ -115,4 +115,9 @@ def test_row_losses_that_miss_a_window_step_or_point_past_the_batch_are_one_line
     assert main(base + ["--row-losses", str(tmp_path / "wide.jsonl")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "wide.jsonl:1: position 16 is past the batch of step 120 (16 sequences" in err[0], err
+    # a line `null` (pyarrow's JSON reader crashes on a block starting with it): one line, exit 2
+    (tmp_path / "null.jsonl").write_text(json.dumps({"step": 120, "position": 0, "loss": 1.0}) + "\nnull\n")
+    assert main(base + ["--row-losses", str(tmp_path / "null.jsonl")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "null.jsonl:2: expected a JSON object, got NoneType" in err[0], err
     assert not (tmp_path / "o").exists()

@@ -136,3 +136,17 @@ def test_a_damaged_index_field_is_a_one_line_error_naming_the_shard(tmp_path, fi
     with pytest.raises(UserError, match=match) as e:
         read_mds_index(str(d), "ds")
     assert "\n" not in str(e.value)
+
+
+def test_a_damaged_index_is_one_line_and_exit_2_at_the_command_line(tmp_path, capsys):
+    from spike_audit.pipelines.cli.main import main
+
+    d = tmp_path / "in" / "ds"
+    shutil.copytree(FIX / "mixed_zstd", d)
+    idx = json.loads((d / "index.json").read_text())
+    idx["shards"][3]["zip_data"] = "x"
+    (d / "index.json").write_text(json.dumps(idx))
+    assert main(["shards", str(d), "--out", str(tmp_path / "out"), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "shard 3: missing or malformed field" in err[0], err
+    assert not (tmp_path / "out").exists()
