@@ -353,9 +353,7 @@ def first_non_object_line(stream, chunk: int = 8 << 20) -> int | None:
         nl = np.flatnonzero(a == 10)
         starts = np.concatenate([[0], nl + 1])
         ends = np.concatenate([nl, [len(a)]])
-        nonws = np.flatnonzero(~_JSON_WS[a])
-        j = np.searchsorted(nonws, starts)
-        first = np.where(j < len(nonws), nonws[np.minimum(j, max(len(nonws) - 1, 0))] if len(nonws) else 0, len(a))
+        first = _first_non_ws(a, starts, ends)
         seen = first < ends  # the line has a non-whitespace byte in this chunk
         check = seen.copy()
         check[0] &= pending  # the chunk's first piece continues a line whose first byte was already checked
@@ -364,3 +362,20 @@ def first_non_object_line(stream, chunk: int = 8 << 20) -> int | None:
             return line_no + int(np.argmax(bad))
         pending = not seen[-1] and (pending or len(nl) > 0)
         line_no += len(nl)
+
+
+def _first_non_ws(a: np.ndarray, starts: np.ndarray, ends: np.ndarray, steps: int = 16) -> np.ndarray:
+    """Per line ``[start, end)`` of ``a``: the position of its first non-whitespace byte, or ``end``. Vectorised over
+    the lines' starts (most lines start with their first value): a few steps forward for lines that start with
+    whitespace, then a search of only the lines still in whitespace (never an index of every byte)."""
+    pos = starts.copy()
+    for _ in range(steps):
+        live = np.flatnonzero(pos < ends)
+        live = live[_JSON_WS[a[pos[live]]]]
+        if not len(live):
+            return pos
+        pos[live] += 1
+    for i in np.flatnonzero((pos < ends) & _JSON_WS[a[np.minimum(pos, len(a) - 1)]]).tolist():  # long indents only
+        nz = np.flatnonzero(~_JSON_WS[a[pos[i]:ends[i]]])
+        pos[i] = pos[i] + nz[0] if len(nz) else ends[i]
+    return pos

@@ -510,7 +510,8 @@ def test_a_jsonl_line_null_is_a_one_line_error_never_a_crash(tmp_path, data):
     assert len(err) == 1 and f"a.jsonl:{line}: expected a JSON object" in err[0], child.stderr
 
 
-@given(lines=st.lists(st.sampled_from([b"{}", b' {"a": 1}', b"", b"  ", b"\t", b"null", b" [1]", b"1", b"{", b"\r"]),
+@given(lines=st.lists(st.sampled_from([b"{}", b' {"a": 1}', b"", b"  ", b"\t", b"null", b" [1]", b"1", b"{", b"\r",
+                                       b" " * 40 + b"{}", b"\t" * 20 + b"null", b" \r" * 30]),
                       max_size=12), bom=st.booleans(), chunk=st.integers(1, 40))
 @settings(max_examples=400, deadline=None)
 def test_first_non_object_line_matches_a_line_by_line_reading(lines, bom, chunk):
