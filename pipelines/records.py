@@ -56,6 +56,8 @@ def _encode(obj, arrays: list):
     if isinstance(obj, np.generic):
         if obj.dtype.kind not in "biuf":
             raise TypeError(f"numpy scalar of dtype {obj.dtype} cannot be stored as data")
+        if obj.dtype.kind == "f" and obj != obj:  # a NaN's payload bits are not in obj.item()
+            return {"$nb": [obj.dtype.str, obj.tobytes().hex()]}
         return {"$n": [obj.dtype.str, obj.item()]}
     if isinstance(obj, (bytes, bytearray, memoryview)):
         arrays.append(np.frombuffer(bytes(obj), np.uint8))
@@ -85,6 +87,13 @@ def _decode(node, arrays: list):
         if k == "$n":
             dtype, value = v
             return _check_dtype(dtype).type(value)
+        if k == "$nb":
+            dtype, bits = v
+            dt = _check_dtype(dtype)
+            raw = bytes.fromhex(bits) if isinstance(bits, str) else b""
+            if dt.kind != "f" or len(raw) != dt.itemsize:
+                raise ValueError(f"float bits {str(bits)[:40]!r} do not fit dtype {dt}")
+            return np.frombuffer(raw, dt)[0]
         if k == "$t":
             return tuple(_decode(x, arrays) for x in v)
         if k == "$d":

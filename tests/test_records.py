@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -52,7 +52,9 @@ def _same(a, b) -> bool:
 
 @settings(max_examples=150, deadline=None)
 @given(st.lists(_trees, max_size=4))
+@example([np.frombuffer(b"\x01\x7e", np.float16)[0], np.frombuffer(b"\x01\x00\xc0\x7f", np.float32)[0]])
 def test_round_trip_is_exact_in_values_types_and_dtypes(recs):
+    # (the example: NaN scalars with payload bits, once stored as their value and read back as the canonical NaN)
     back = records.from_bytes(records.to_bytes(recs, "t"), "part", "t")
     assert len(back) == len(recs) and all(_same(a, b) for a, b in zip(recs, back))
 
@@ -110,3 +112,16 @@ def test_no_module_of_the_package_unpickles_anything():
             for m in banned.finditer(path.read_text()):
                 hits.append(f"{path.relative_to(ROOT)}: {m.group(0).strip()}")
     assert not hits, hits
+
+
+@pytest.mark.parametrize("bits", ["zz", "0100", 7, None, "01"])
+def test_nan_bits_that_do_not_fit_their_dtype_are_a_one_line_error(bits):
+    import json as _json
+
+    table = records.encode([np.float32("nan")], "t")
+    tree = _json.dumps([{"$nb": ["<f4", bits]}][0])
+    table = table.set_column(0, "tree", pa.array([tree], pa.large_string()))
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    with pytest.raises(UserError, match=r"row 0: not a valid record"):
+        records.from_bytes(sink.getvalue().to_pybytes(), "part", "t")
