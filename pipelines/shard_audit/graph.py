@@ -152,11 +152,9 @@ def compact_acc(acc, cfg_dict: dict):
     for k in ROW_STATE:
         pre.update({n: float(v) for n, v in suite.auditors[k].result(sub[k]).items()})
     small = dict(sub, **{k: suite.auditors[k].create() for k in ROW_STATE})
-    small["tokens"] = dict(small["tokens"], hist=_narrow(small["tokens"]["hist"]))
-    rows = acc["rows"]
-    nz = np.flatnonzero(rows)  # most (family, bin) cells of a shard are empty: the bins travel as (cell, count)
-    return {"suite": small, "rows": (rows.shape, nz.astype(np.int32), _narrow(rows.ravel()[nz])), "pre": pre,
-            "later": later_copies(sub["dedup"])}
+    small["tokens"] = dict(small["tokens"], hist=pack_counts(small["tokens"]["hist"], dense_ok=True))
+    # most (family, bin) cells of a shard are empty: the bins travel as (cell, count)
+    return {"suite": small, "rows": pack_counts(acc["rows"]), "pre": pre, "later": later_copies(sub["dedup"])}
 
 
 def _narrow(a: np.ndarray) -> np.ndarray:
@@ -164,14 +162,34 @@ def _narrow(a: np.ndarray) -> np.ndarray:
     return a.astype(np.int32) if a.dtype == np.int64 and (not a.size or (a.min() >= 0 and a.max() < 2**31)) else a
 
 
+def pack_counts(a: np.ndarray, dense_ok: bool = False):
+    """A count array in transit: ``(shape, nonzero cells as int32, their counts)``, narrowed where they fit; with
+    ``dense_ok``, the dense array (narrowed) when that is smaller (a shard's unigram histogram over a small
+    vocabulary is mostly non-zero). A shard's row-bin histogram (47 families x 769 bins, 289 KB dense) is a few
+    hundred cells: dense, it was most of what the in-process runner held per shard between stages.
+    :func:`unpack_counts` restores the int64 array exactly."""
+    a = np.asarray(a)
+    nz = np.flatnonzero(a)
+    if dense_ok and 2 * len(nz) >= a.size:
+        return _narrow(a)
+    return tuple(int(d) for d in a.shape), nz.astype(np.int32), _narrow(a.ravel()[nz])
+
+
+def unpack_counts(packed) -> np.ndarray:
+    """The int64 array of :func:`pack_counts` (a dense array, as older state holds, is taken as it is)."""
+    if isinstance(packed, np.ndarray):
+        return packed.astype(np.int64, copy=False)
+    shape, nz, vals = packed
+    out = np.zeros(int(np.prod(shape)), dtype=np.int64)
+    out[np.asarray(nz, dtype=np.int64)] = vals
+    return out.reshape(tuple(shape))
+
+
 def expand_acc(acc):
     """A compact accumulator with its count arrays as the suite and the evidence compute with them (int64, the row
     bins dense): exactly the arrays :func:`compact_acc` was given."""
-    shape, nz, vals = acc["rows"]
-    rows = np.zeros(int(np.prod(shape)), dtype=np.int64)
-    rows[np.asarray(nz, dtype=np.int64)] = vals
-    tokens = dict(acc["suite"]["tokens"], hist=np.asarray(acc["suite"]["tokens"]["hist"], dtype=np.int64))
-    return dict(acc, suite=dict(acc["suite"], tokens=tokens), rows=rows.reshape(tuple(shape)))
+    tokens = dict(acc["suite"]["tokens"], hist=unpack_counts(acc["suite"]["tokens"]["hist"]))
+    return dict(acc, suite=dict(acc["suite"], tokens=tokens), rows=unpack_counts(acc["rows"]))
 
 
 def score_chunk(name_rb, cfg_dict: dict, shard_index: dict | None = None):
@@ -268,10 +286,10 @@ def finish_shard(key_acc, hist, cfg: dict, own_in_hist: bool = True):
     """(shard, ShardAcc) -> (shard, n_rows, n_tokens, signals, row-bin histogram); suite signals leave-one-out
     against the corpus histogram (or against a saved baseline's, which the shard is not part of)."""
     key, acc = key_acc
-    acc = expand_acc(compact_acc(acc, cfg))
-    k, n_rows, n_tokens, sig = finish((key, acc["suite"]), hist, cfg, frozenset(), own_in_hist)
+    acc = compact_acc(acc, cfg)
+    k, n_rows, n_tokens, sig = finish((key, expand_acc(acc)["suite"]), hist, cfg, frozenset(), own_in_hist)
     sig.update(acc["pre"])  # (same keys, same order: the suite's result lists every signal)
-    return k, n_rows, n_tokens, sig, acc["rows"], acc["later"]
+    return k, n_rows, n_tokens, sig, acc["rows"], acc["later"]  # the row bins packed (pack_counts)
 
 
 def keyed_finish_shard(key_acc, hist, cfg: dict, own_in_hist: bool = True):
@@ -295,7 +313,7 @@ def with_shard_counts(kv):
     for _, n_rows, n_tokens, sig, hist, later in grouped["scores"]:
         seen = int(sum(grouped["seen"]))
         sig = dict(sig, cross_dup_frac=(seen / n_rows) if n_rows else float("nan"))
-        hist = hist.copy()
+        hist = unpack_counts(hist).copy()
         def count(k):
             v = sig.get(k)
             return int(round(v * n_rows)) if v is not None and v == v else 0
@@ -305,7 +323,7 @@ def with_shard_counts(kv):
             f = FAMILY_NAMES.index(fam)
             hist[f] = np.zeros(NBINS, dtype=hist.dtype)
             hist[f, 0], hist[f, one] = n_rows - c, c
-        yield key, n_rows, n_tokens, sig, hist
+        yield key, n_rows, n_tokens, sig, pack_counts(hist)
 
 
 def shard_evidence(item, corpus, own_in_corpus: bool = True) -> dict:
@@ -315,6 +333,7 @@ def shard_evidence(item, corpus, own_in_corpus: bool = True) -> dict:
     from spike_audit.auditors.rows import FAMILIES
 
     key, n_rows, n_tokens, sig, hist = item
+    hist = unpack_counts(hist)
     R = int(corpus.sum(axis=1).max()) if corpus.size else 0
     tail = hist_to_tail(corpus)
     ev = scan([candidates_from_hists(hist[None], tail, np.full(1, own_in_corpus))], np.array([n_rows]),
@@ -508,7 +527,7 @@ def build_pipeline(p, cfg: ShardAuditConfig, todo: list[tuple[Shard, int]], old_
     if baseline is not None:
         corpus = p | "SavedReference" >> beam.Create([baseline.reference])
     else:
-        corpus = (shards | "RowHists" >> beam.Map(lambda it: it[4])
+        corpus = (shards | "RowHists" >> beam.Map(lambda it: unpack_counts(it[4]))
                   | "Corpus" >> beam.CombineGlobally(sum_arrays))
     # the ranked records as one list (the ranking needs every shard): the flags' targets are read from it, and its
     # records are the shard_scores table
