@@ -163,16 +163,18 @@ def _narrow(a: np.ndarray) -> np.ndarray:
 
 
 def pack_counts(a: np.ndarray, dense_ok: bool = False):
-    """A count array in transit: ``(shape, nonzero cells as int32, their counts)``, narrowed where they fit; with
-    ``dense_ok``, the dense array (narrowed) when that is smaller (a shard's unigram histogram over a small
-    vocabulary is mostly non-zero). A shard's row-bin histogram (47 families x 769 bins, 289 KB dense) is a few
-    hundred cells: dense, it was most of what the in-process runner held per shard between stages.
+    """A count array in transit: ``(shape, non-zero cells as int32 (int64 past 2^31 cells), their counts)``, the
+    counts narrowed where they fit; with ``dense_ok``, the dense array (narrowed) when that is smaller (a shard's
+    unigram histogram over a small vocabulary is mostly non-zero). A shard's row-bin histogram (47 families x 769
+    bins, 289 KB dense) is a few hundred cells: dense, it was most of what the in-process runner held per shard
+    between stages.
     :func:`unpack_counts` restores the int64 array exactly."""
     a = np.asarray(a)
     nz = np.flatnonzero(a)
     if dense_ok and 2 * len(nz) >= a.size:
         return _narrow(a)
-    return tuple(int(d) for d in a.shape), nz.astype(np.int32), _narrow(a.ravel()[nz])
+    cells = nz.astype(np.int32) if a.size < 2**31 else nz.astype(np.int64)
+    return tuple(int(d) for d in a.shape), cells, _narrow(a.ravel()[nz])
 
 
 def unpack_counts(packed) -> np.ndarray:
