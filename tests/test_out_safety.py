@@ -395,6 +395,23 @@ def test_a_planted_pickle_in_shards_state_is_never_run(small, tmp_path, capsys):
     assert not flag.exists()
 
 
+def test_a_state_record_with_float_bits_that_do_not_fit_is_a_one_line_error(small, tmp_path, capsys):
+    # records store a NaN scalar by its bits ($nb); bits that do not fit their dtype in a state part are refused
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    st = tmp_path / "st"
+    assert main(_shards(small, tmp_path / "o", "--state", str(st))) == 0
+    (run,) = (st / "runs").iterdir()
+    part = sorted((run / "state_accs").iterdir())[0]
+    table = pq.read_table(part)
+    tree = pa.array(['{"$nb": ["<f4", "zz"]}'] + table.column("tree").to_pylist()[1:], pa.large_string())
+    pq.write_table(table.set_column(0, table.schema.field(0), tree), part)
+    capsys.readouterr()
+    assert main(_shards(small, tmp_path / "o", "--state", str(st))) == 2
+    _one_line_error(capsys, str(part), "row 0: not a valid record")
+
+
 def test_old_pickled_or_corrupt_shards_state_is_refused_or_redone(small, tmp_path, capsys):
     st = tmp_path / "st"
     assert main(_shards(small, tmp_path / "o", "--state", str(st))) == 0
