@@ -190,6 +190,42 @@ def seen_elsewhere(hashes: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np
     return np.unique(k[shared], return_counts=True)
 
 
+#: A row hash held by more than this many keys (shards) is common boilerplate, not a copied block: it is left out
+#: of :func:`shared_blocks` (which also keeps the pair expansion bounded, at most ``k * (k - 1)`` pairs a hash).
+MAX_BLOCK_KEYS = 16
+
+
+def shared_blocks(hashes: np.ndarray, keys: np.ndarray, max_keys: int = MAX_BLOCK_KEYS
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Distinct row hashes each pair of keys shares: ``(a, b, count)`` for every ordered pair of different keys
+    with at least one common hash, over the hashes held by 2 to ``max_keys`` keys (identical rows under one key
+    count once). A block of rows copied from one shard into another is a large count for one pair; natural
+    duplicates spread over many shards give small counts to many pairs. Vectorised; exact per hash bucket (equal
+    hashes share a bucket), and the counts of several buckets add up."""
+    hashes = np.asarray(hashes, dtype=np.uint64)
+    keys = np.asarray(keys, dtype=np.int64)
+    empty = np.zeros(0, np.int64)
+    if not len(hashes):
+        return empty, empty, empty
+    hk = np.unique(np.stack([hashes, keys.astype(np.uint64)], axis=1), axis=0)  # distinct (hash, key), sorted
+    h, k = hk[:, 0], hk[:, 1].astype(np.int64)
+    starts = np.flatnonzero(np.r_[True, h[1:] != h[:-1]])
+    n = np.diff(np.r_[starts, len(h)])
+    ok = (n >= 2) & (n <= max_keys)
+    if not ok.any():
+        return empty, empty, empty
+    starts, n = starts[ok], n[ok]
+    # every ordered pair (i, j), i != j, of each kept hash's keys: n * n index pairs per hash, the diagonal dropped
+    sq = n * n
+    g = np.repeat(np.arange(len(n)), sq)
+    local = np.arange(int(sq.sum())) - np.repeat(np.cumsum(sq) - sq, sq)
+    i, j = local // n[g], local % n[g]
+    keep = i != j
+    a, b = k[starts[g] + i][keep], k[starts[g] + j][keep]
+    ab, count = np.unique(np.stack([a, b], axis=1), axis=0, return_counts=True)
+    return ab[:, 0], ab[:, 1], count.astype(np.int64)
+
+
 def cross_dup_frac(acc: dict, everything: dict) -> float:
     """Fraction of the rows of ``acc`` whose hash also occurs outside ``acc``, where ``everything``
     is the merged accumulator of all that was audited (including ``acc``)."""

@@ -62,8 +62,10 @@ ROW_SIGNALS: dict[str, str] = {
     "together at one other step (a block), given to every row of the block but its first in batch order (counted "
     "once, like dup_in_batch: the first gets 1 and the skip list names it with the later ones): the largest over the "
     "row's blocks (a natural duplicate: 1; two natural duplicates consumed together elsewhere: 2 for the later one; "
-    "k rows of an earlier batch consumed again: k for k - 1 of them); 0 when not seen elsewhere; NaN without a "
-    "reference of steps (spike-audit shards).",
+    "k rows of an earlier batch consumed again: k for k - 1 of them); 0 when not seen elsewhere. In spike-audit "
+    "shards, set per shard: the block is the distinct rows the shard shares with one other shard (its largest such "
+    "block, rows held by at most 16 shards; a shard written twice, an overlapping split), k - 1 rows at k and its "
+    "other seen rows at 1; not measured against a saved --baseline.",
     **{k: f"Text: {v}" for k, v in text_mod.SIGNALS.items()},
 }
 

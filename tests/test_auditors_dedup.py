@@ -140,3 +140,32 @@ def test_seen_elsewhere_matches_the_definition(rows):
         if any(h2 == h and k2 != k for h2, k2 in rows):
             want[k] = want.get(k, 0) + 1
     assert got == want
+
+
+@settings(max_examples=120, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 8), st.integers(0, 5)), max_size=80), st.integers(2, 6))
+def test_shared_blocks_match_the_definition(rows, max_keys):
+    """Per ordered pair of different keys: the distinct hashes both hold, among hashes held by 2..max_keys keys."""
+    from spike_audit.auditors.dedup import shared_blocks
+
+    hashes = np.array([h for h, _ in rows], dtype=np.uint64)
+    keys = np.array([k for _, k in rows], dtype=np.int64)
+    a, b, c = shared_blocks(hashes, keys, max_keys)
+    got = dict(zip(zip(a.tolist(), b.tolist()), c.tolist()))
+    holders = {}
+    for h, k in rows:
+        holders.setdefault(h, set()).add(k)
+    want = {}
+    for h, ks in holders.items():
+        if 2 <= len(ks) <= max_keys:
+            for x in ks:
+                for y in ks - {x}:
+                    want[(x, y)] = want.get((x, y), 0) + 1
+    assert got == want
+    # bucketed (as the pipelines call it: equal hashes share a bucket) the counts add up to the same
+    summed = {}
+    for bucket in range(3):
+        m = (hashes % np.uint64(3)) == np.uint64(bucket)
+        for x, y, n in zip(*(v.tolist() for v in shared_blocks(hashes[m], keys[m], max_keys))):
+            summed[(x, y)] = summed.get((x, y), 0) + n
+    assert summed == want

@@ -244,3 +244,38 @@ def test_near_copies_of_another_shards_rows_count_on_near_dup(corpus, tmp_path):
     near = {r["shard"]: next((f["rows"] for f in r["families"] if f["name"] == "near_dup_jaccard"), 0) for r in scores}
     assert near[clean[1]] >= n_near - 3, near
     assert scores[0]["shard"] in (clean[0], clean[1]), scores[0]
+
+
+def test_a_block_copied_from_one_other_shard_ranks_above_scattered_natural_duplicates(corpus, tmp_path):
+    """A shard holding 16 rows copied from one other shard (a shard written twice, an overlapping split) is a block
+    on ``replay_rows``; the same number of copies spread one per shard over 16 shards is not. The block's shard,
+    and the shard it copies, rank above every other clean shard; the scattered copies do not make a block."""
+    root, truth = corpus
+    clean = sorted(n for n in os.listdir(root / "shards") if n not in truth["planted"])[:30]
+    src = tmp_path / "shards"
+    src.mkdir()
+    for n in clean:
+        shutil.copy(root / "shards" / n, src / n)
+    k = 16
+    donor = pq.read_table(src / clean[0]).column("tokens").to_pylist()
+    target = pq.read_table(src / clean[1])
+    toks = target.column("tokens").to_pylist()
+    toks[40:40 + k] = donor[:k]  # one block of 16 rows of clean[0]
+    ftype = target.schema.field("tokens").type
+    pq.write_table(target.set_column(target.schema.get_field_index("tokens"), "tokens", pa.array(toks, ftype))
+                   .drop_columns([c for c in target.column_names if c != "tokens"]), src / clean[1])
+    scattered = pq.read_table(src / clean[2])
+    stoks = scattered.column("tokens").to_pylist()
+    for i in range(k):  # 16 rows, each copied from a different shard
+        stoks[10 + i] = pq.read_table(src / clean[3 + i]).column("tokens").to_pylist()[5]
+    pq.write_table(scattered.set_column(scattered.schema.get_field_index("tokens"), "tokens", pa.array(stoks, ftype))
+                   .drop_columns([c for c in scattered.column_names if c != "tokens"]), src / clean[2])
+    res = run_shard_audit(ShardAuditConfig(inputs=(str(src),), out=str(tmp_path / "out")))
+    scores = res.tables["shard_scores"].to_pylist()
+    fam = {r["shard"]: next((f for f in r["families"] if f["name"] == "replay_rows"), None) for r in scores}
+    for n in clean[:2]:  # the block: k - 1 rows at a cut of k distinct rows shared with one shard
+        assert fam[n]["rows"] == k - 1 and fam[n]["cut"] >= k - 1, fam[n]
+    # the scattered copies are 16 rows seen elsewhere, none in a block (the family's rows at the cut of 1)
+    assert fam[clean[2]] is None or fam[clean[2]]["cut"] < 2, fam[clean[2]]
+    assert {r["shard"] for r in scores[:2]} == {clean[0], clean[1]}, [(r["shard"], r["reason"]) for r in scores[:4]]
+    assert scores[0]["top_signal"] == "replay_rows" and "replay_rows" in scores[0]["reason"]

@@ -306,7 +306,9 @@ def with_shard_counts(kv):
     (``seen_elsewhere``), later copies of a row within the shard (``dup_in_batch``: a group of ``k`` copies
     counts ``k - 1``, as in a step), rows with a near duplicate (``near_dup_jaccard``: a verified near duplicate
     anywhere in the audited shards, from the near-duplicate join at the ``--threshold`` Jaccard, or within the
-    shard by the suite's MinHash LSH, whichever counts more)."""
+    shard by the suite's MinHash LSH, whichever counts more); and, without a saved baseline, copied blocks
+    (``replay_rows``: the most distinct rows the shard shares with one other shard, ``c``, give ``c - 1`` rows the
+    value ``c`` and its other seen rows 1, as a replayed block in a step does)."""
     from spike_audit.auditors.evidence import NBINS, to_bins
     from spike_audit.auditors.rows import FAMILY_NAMES
 
@@ -325,6 +327,15 @@ def with_shard_counts(kv):
             f = FAMILY_NAMES.index(fam)
             hist[f] = np.zeros(NBINS, dtype=hist.dtype)
             hist[f, 0], hist[f, one] = n_rows - c, c
+        if "block" in grouped:  # as replay_rows in a step: a block of c rows is c - 1 rows at c, seen rows at 1
+            block = min(max(grouped["block"], default=0), seen)
+            f = FAMILY_NAMES.index("replay_rows")
+            hist[f] = np.zeros(NBINS, dtype=hist.dtype)
+            hist[f, 0] = n_rows - seen
+            if block >= 2:
+                hist[f, one], hist[f, int(to_bins(float(block)))] = seen - (block - 1), block - 1
+            else:
+                hist[f, one] = seen
         yield key, n_rows, n_tokens, sig, pack_counts(hist)
 
 
@@ -408,6 +419,18 @@ def shard_seen_elsewhere(kv):
         return
     keys, counts = seen_elsewhere(cols[0], cols[1] >> NODE_SHIFT)
     yield from zip(keys.tolist(), counts.tolist())
+
+
+def shard_block_pairs(kv):
+    """One exact-hash bucket -> ((shard index, other shard index), distinct row hashes the two share) for every
+    pair with a common row (hashes held by at most ``MAX_BLOCK_KEYS`` shards); summed over buckets downstream."""
+    from spike_audit.auditors.dedup import shared_blocks
+
+    cols = concat_parts(kv[1])
+    if cols is None:
+        return
+    a, b, c = shared_blocks(cols[0], cols[1] >> NODE_SHIFT)
+    yield from zip(zip(a.tolist(), b.tolist()), c.tolist())
 
 
 def shard_seen_in_baseline(kv, base_node: int):
@@ -501,6 +524,15 @@ def build_pipeline(p, cfg: ShardAuditConfig, todo: list[tuple[Shard, int]], old_
         seen = exact_buckets | "SeenElsewhere" >> beam.FlatMap(shard_seen_elsewhere)
     seen = (seen | "SumSeen" >> beam.CombinePerKey(sum)
             | "SeenByName" >> beam.Map(lambda kv, nm: (nm[kv[0]], kv[1]), names))
+    # copied blocks: per shard, the most distinct rows it shares with any one other audited shard (``replay_rows``;
+    # not measured against a saved baseline, whose reference has no such counts)
+    join = {}
+    if baseline is None:
+        join["block"] = (exact_buckets | "BlockPairs" >> beam.FlatMap(shard_block_pairs)
+                         | "SumPairs" >> beam.CombinePerKey(sum)
+                         | "PairToShard" >> beam.Map(lambda kv: (kv[0][0], kv[1]))
+                         | "LargestBlock" >> beam.CombinePerKey(max)
+                         | "BlockByName" >> beam.Map(lambda kv, nm: (nm[kv[0]], kv[1]), names))
     finished = accs | "Finish" >> beam.Map(keyed_finish_shard, AsSingleton(hist), cfg_dict, baseline is None)
     # near duplicates: every element's band keys and sketches go to a key file (``spill``); per band bucket, the
     # keys two rows share are found in that bucket's slices of the files, and only those rows' sketches are read
@@ -523,7 +555,7 @@ def build_pipeline(p, cfg: ShardAuditConfig, todo: list[tuple[Shard, int]], old_
     near_rows = (components | "NearMembers" >> beam.FlatMap(near_member_counts)
                  | "SumNear" >> beam.CombinePerKey(sum)
                  | "NearByName" >> beam.Map(lambda kv, nm: (nm[kv[0]], kv[1]), names))
-    join = {"scores": finished, "seen": seen, "near": near_rows}
+    join.update(scores=finished, seen=seen, near=near_rows)
     shards = (join | "JoinSeen" >> beam.CoGroupByKey()
               | "ShardCounts" >> beam.FlatMap(with_shard_counts))
     if baseline is not None:
