@@ -95,6 +95,27 @@ def audit_run(tool: str, run_dir: Path, seed: int, with_shards: bool) -> dict:
     return res
 
 
+def draw_seed(seed: int, j: int) -> int:
+    """The audit's ``--seed`` for control draw ``j`` of a run built from ``seed`` (draw 0 is the seed itself)."""
+    return seed + 1000 * j
+
+
+def audit_draws(tool: str, run_dir: Path, seed: int, draws: int) -> tuple[list[list[str]], float]:
+    """Audit the same run again under ``draws - 1`` other ``--seed`` values (the same data, other control steps):
+    every event's verdict under each extra draw, in the order of ``score_run``'s events; and their CPU seconds."""
+    truth = json.loads((run_dir / "truth.json").read_text())
+    out, cpu = [], 0.0
+    for j in range(1, draws):
+        audit = _own_output(run_dir / f"audit-draw{j}")
+        _, c = call([tool, "run", "--log", str(run_dir / truth["log"]), "--manifest", str(run_dir / "manifest.parquet"),
+                     "--shards", str(run_dir / "shards"), "--out", str(audit), "--seed", str(draw_seed(seed, j)),
+                     "--eos-id", str(truth["eos_id"]), "--tokenizer", str(run_dir / "tokenizer.json")],
+                    run_dir / f"audit-draw{j}.log")
+        cpu += c
+        out.append([e["verdict"] for e in lab_eval.score_run(run_dir, audit, None)["events"]])
+    return out, cpu
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, default=None, help="seeds (default 10; 2 with --quick)")
@@ -108,6 +129,11 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the runs' shards after scoring them")
     ap.add_argument("--rescore", action="store_true",
                     help="score the audits already in OUT/runs again (no build, no tool run)")
+    ap.add_argument("--control-draws", type=int, default=1,
+                    help="audit every run under this many --seed values (the same data, other control steps) and "
+                         "report how often an event's verdict changes with the draw alone (1: only the seed)")
+    ap.add_argument("--reaudit", action="store_true",
+                    help="run the tool again on the runs kept in OUT/runs by an earlier --keep (no build)")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -140,14 +166,24 @@ def main(argv=None) -> int:
             sa = run_dir / "shard-audit"
             res = lab_eval.score_run(run_dir, run_dir / "audit", sa if sa.exists() else None)
             res["seconds"] = {"build": 0.0, "run": 0.0, "shards": None, "run_cpu": 0.0, "shards_cpu": None}
+            if args.control_draws > 1:
+                res["draws"] = [[e["verdict"] for e in lab_eval.score_run(run_dir, run_dir / f"audit-draw{j}",
+                                                                           None)["events"]]
+                                for j in range(1, args.control_draws) if (run_dir / f"audit-draw{j}").is_dir()]
             return task, res
-        shutil.rmtree(run_dir, ignore_errors=True)
         tb = time.perf_counter()
-        lab_run.build_run(pool, spec, run_dir)
+        if args.reaudit:
+            if not (run_dir / "shards").is_dir():
+                raise SystemExit(f"--reaudit: {run_dir / 'shards'} is missing (build the runs with --keep first)")
+        else:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            lab_run.build_run(pool, spec, run_dir)
         t_build = time.perf_counter() - tb
         res = audit_run(tool, run_dir, seed, with_shards=(r == seed % n_runs))
         res["seconds"]["build"] = t_build
-        if not args.keep:
+        if args.control_draws > 1:
+            res["draws"], res["seconds"]["draws_cpu"] = audit_draws(tool, run_dir, seed, args.control_draws)
+        if not args.keep and not args.reaudit:
             shutil.rmtree(run_dir / "shards", ignore_errors=True)
         with lock:
             done[0] += 1
@@ -176,6 +212,7 @@ def main(argv=None) -> int:
                     "shards": sum(r["seconds"]["shards"] or 0 for r in runs),
                     "run_cpu": sum(r["seconds"]["run_cpu"] for r in runs),
                     "shards_cpu": sum(r["seconds"]["shards_cpu"] or 0 for r in runs),
+                    "draws_cpu": sum(r["seconds"].get("draws_cpu") or 0 for r in runs),
                     "lab_cpu": time.process_time()},
         "load_average": os.getloadavg()[0], "cores": os.cpu_count(),
         "tokens": sum(r["tokens"] for r in runs),
@@ -185,7 +222,10 @@ def main(argv=None) -> int:
         f"{' ...' if len(sizes) > 6 else ''}; steps x rows x seq), {meta['tokens'] / 1e6:.1f}M tokens; "
         f"{sum(len(r['events']) for r in runs)} planted events; wall {wall:.0f} s with {args.jobs} jobs, load "
         f"{meta['load_average']:.1f} on {meta['cores']} cores; CPU: tool run {meta['seconds']['run_cpu']:.0f} s, "
-        f"tool shards {meta['seconds']['shards_cpu']:.0f} s, lab {meta['seconds']['lab_cpu']:.0f} s "
+        f"tool shards {meta['seconds']['shards_cpu']:.0f} s, "
+        + (f"{args.control_draws - 1} more control draws {meta['seconds']['draws_cpu']:.0f} s, "
+           if args.control_draws > 1 else "")
+        + f"lab {meta['seconds']['lab_cpu']:.0f} s "
         f"(token pool {'cached' if pool_cached else 'built'}: {t_pool:.0f} s wall)"
         + ("; rescored from the audits in OUT/runs" if args.rescore else ""))
     table = lab_eval.render(pooled, meta)

@@ -150,7 +150,8 @@ def score_run(run_dir: Path, audit: Path, shard_audit: Path | None) -> dict:
     q = json.loads((audit / "quarantine.json").read_text()) if (audit / "quarantine.json").exists() else {}
     shard_truth = truth["shards"]
     q_clean = [{"shard": s["shard"], "n_flagged_rows": s.get("n_flagged_rows")} for s in q.get("shards", [])
-               if shard_truth.get(s["shard"], {}).get("planted", 0) == 0]
+               if _clean(shard_truth.get(s["shard"], {}))]
+    q_sources = [s["shard"] for s in q.get("shards", []) if _copy_source(shard_truth.get(s["shard"], {}))]
     summary = json.loads((audit / "summary.json").read_text()) if (audit / "summary.json").exists() else {}
     effects = [abs(float(sp["effect"])) for sp in spikes.values() if sp["effect"] is not None
                and np.isfinite(sp["effect"])]
@@ -163,7 +164,7 @@ def score_run(run_dir: Path, audit: Path, shard_audit: Path | None) -> dict:
                  "steps": sorted(skip_steps), "planted_steps": len(planted_steps),
                  "planted_steps_skipped": len(skip_steps & planted_steps),
                  "clean_steps_skipped": len(skip_steps - planted_steps)},
-        "run_quarantine": {"shards": len(q.get("shards", [])), "clean": q_clean},
+        "run_quarantine": {"shards": len(q.get("shards", [])), "clean": q_clean, "copy_sources": q_sources},
         "max_effect": max(effects) if effects else None, "max_margin": max(margins) if margins else None,
         "control_false_alarms": _false_alarms(summary),
     }
@@ -172,18 +173,36 @@ def score_run(run_dir: Path, audit: Path, shard_audit: Path | None) -> dict:
     return out
 
 
+def _copy_source(t: dict) -> bool:
+    """A shard with no planted row that holds rows a ``dup_copied`` event copied (the originals of a replay): to
+    an audit without the loss log, a block of copies and the block it copies are the same evidence."""
+    return t.get("planted", 0) == 0 and t.get("copy_sources", 0) > 0
+
+
+def _clean(t: dict) -> bool:
+    """Neither planted rows nor the originals of planted copies (runs built before ``copy_sources`` was
+    recorded count every unplanted shard as clean)."""
+    return t.get("planted", 0) == 0 and t.get("copy_sources", 0) == 0
+
+
 def score_shards(truth: dict, shard_audit: Path) -> dict:
-    """Ranks of planted shards among the clean ones in ``spike-audit shards``, and clean shards quarantined."""
+    """Ranks of planted shards among the clean ones in ``spike-audit shards``, and clean shards quarantined.
+    Shards holding the originals of copied rows are neither clean nor planted (their ranks are reported apart);
+    ``clean_or_source_above`` counts them as clean, as the lab did before they were told apart."""
     rows = _read(shard_audit / "shard_scores.parquet", columns=["shard", "rank", "anomaly_score", "top_signal"])
     st = truth["shards"]
     name = {r["shard"]: Path(r["shard"]).name for r in rows}
     rows = sorted(rows, key=lambda r: r["rank"])
-    clean_above = 0
-    n_clean = sum(1 for s in st.values() if s["planted"] == 0)
+    clean_above = source_above = 0
+    n_clean = sum(1 for s in st.values() if _clean(s))
+    n_sources = sum(1 for s in st.values() if _copy_source(s))
     planted = []
     for r in rows:
         t = st.get(name[r["shard"]])
         if t is None:
+            continue
+        if _copy_source(t):
+            source_above += 1
             continue
         if t["planted"] == 0:
             clean_above += 1
@@ -191,12 +210,16 @@ def score_shards(truth: dict, shard_audit: Path) -> dict:
         frac = t["planted"] / max(1, t["rows"])
         kind = max(t["kinds"].items(), key=lambda kv: kv[1])[0]
         planted.append({"shard": name[r["shard"]], "rank": int(r["rank"]), "clean_above": clean_above,
+                        "clean_or_source_above": clean_above + source_above,
                         "frac": frac, "kind": kind, "top_signal": r["top_signal"]})
     q = json.loads((shard_audit / "quarantine.json").read_text()) if (shard_audit / "quarantine.json").exists() else {}
     qs = [Path(s["shard"] if isinstance(s, dict) else s).name for s in q.get("shards", q.get("quarantined", []))]
-    q_clean = [s for s in qs if st.get(s, {}).get("planted", 1) == 0]
-    return {"n_shards": len(rows), "n_clean": n_clean, "planted": planted, "quarantined": len(qs),
-            "quarantined_clean": q_clean, "top5_allowed": int(math.floor(0.05 * n_clean))}
+    q_clean = [s for s in qs if _clean(st.get(s, {"planted": 1}))]
+    q_sources = [s for s in qs if _copy_source(st.get(s, {}))]
+    return {"n_shards": len(rows), "n_clean": n_clean, "n_copy_sources": n_sources, "planted": planted,
+            "quarantined": len(qs), "quarantined_clean": q_clean, "quarantined_sources": q_sources,
+            "top5_allowed": int(math.floor(0.05 * n_clean)),
+            "top5_allowed_with_sources": int(math.floor(0.05 * (n_clean + n_sources)))}
 
 
 # ---------------------------------------------------------------------------------------- pool
@@ -250,6 +273,9 @@ def pool_scores(runs: list[dict], seeds: int) -> dict:
     big = [p for r in runs if "shard_audit" in r for p in r["shard_audit"]["planted"] if p["frac"] >= 0.05]
     in_top = [p for r in runs if "shard_audit" in r for p in r["shard_audit"]["planted"]
               if p["frac"] >= 0.05 and p["clean_above"] <= r["shard_audit"]["top5_allowed"]]
+    in_top_src = [p for r in runs if "shard_audit" in r for p in r["shard_audit"]["planted"]
+                  if p["frac"] >= 0.05 and p.get("clean_or_source_above", p["clean_above"])
+                  <= r["shard_audit"].get("top5_allowed_with_sources", r["shard_audit"]["top5_allowed"])]
     fa = [r["control_false_alarms"] for r in runs if r["control_false_alarms"] is not None]
     effects = [r["max_effect"] for r in runs if r["max_effect"] is not None]
     margins = [r["max_margin"] for r in runs if r["max_margin"] is not None]
@@ -282,6 +308,10 @@ def pool_scores(runs: list[dict], seeds: int) -> dict:
                  "clean_steps_skipped": sum(r["skip"]["clean_steps_skipped"] for r in runs)},
         "shards": {"audits": sum("shard_audit" in r for r in runs), "planted_shards": len(shard_p),
                    "planted_ge_5pct": len(big), "in_top_5pct": len(in_top),
+                   "in_top_5pct_sources_as_clean": len(in_top_src),
+                   "copy_sources": sum(r["shard_audit"].get("n_copy_sources", 0) for r in runs if "shard_audit" in r),
+                   "sources_quarantined": sum(len(r["shard_audit"].get("quarantined_sources", []))
+                                              for r in runs if "shard_audit" in r),
                    "worst_clean_above": max((p["clean_above"] for p in big), default=None),
                    "missed": [dict(p, run=r["name"]) for r in runs if "shard_audit" in r
                               for p in r["shard_audit"]["planted"] if p["frac"] >= 0.05
@@ -292,14 +322,45 @@ def pool_scores(runs: list[dict], seeds: int) -> dict:
         "run_quarantine": {"clean_shards": sum(len(r["run_quarantine"]["clean"]) for r in runs),
                            "clean_single_row": sum(1 for r in runs for q in r["run_quarantine"]["clean"]
                                                    if q["n_flagged_rows"] == 1),
+                           "copy_sources": sum(len(r["run_quarantine"].get("copy_sources", [])) for r in runs),
                            "shards": sum(r["run_quarantine"]["shards"] for r in runs)},
         "max_effect": max(effects) if effects else None,
         "max_margin": max(margins) if margins else None,
         "control_false_alarms": {"alarms": sum(a for a, _ in fa), "controls": sum(n for _, n in fa),
                                  "runs": len(fa)} if fa else None,
+        "draw_agreement": draw_agreement(runs),
         "spurious_spikes": sum(len(r["spurious"]) for r in runs),
         "spurious_data": sum(1 for r in runs for s in r["spurious"] if s["verdict"] == "data"),
     }
+
+
+def draw_agreement(runs: list[dict]) -> dict | None:
+    """How often a verdict changes with the control draw alone: every run audited again under other ``--seed``
+    values (the same data and log), each event's verdicts over the draws. An event is stable when every draw
+    gives the same verdict; ``share`` is the mean share of draws giving the event's modal verdict. Grouped as
+    planted events at doses >= 4/16, at 2/16, and normal (optimizer) spikes."""
+    groups: dict[str, list] = {"dose >= 4/16": [], "dose 2/16": [], "normal spikes": []}
+    n_draws = set()
+    for r in runs:
+        if not r.get("draws"):
+            continue
+        for i, e in enumerate(r["events"]):
+            vs = [e["verdict"]] + [d[i] for d in r["draws"]]
+            n_draws.add(len(vs))
+            g = "normal spikes" if e["kind"] == "optimizer" else ("dose >= 4/16" if e["dose"] >= 4 else "dose 2/16")
+            groups[g].append(vs)
+    if not n_draws:
+        return None
+    out = {"draws": sorted(n_draws)}
+    for g, evs in groups.items():
+        shares = [Counter(v).most_common(1)[0][1] / len(v) for v in evs]
+        out[g] = {"events": len(evs), "stable": sum(s == 1.0 for s in shares),
+                  "share": float(np.mean(shares)) if shares else None,
+                  "changed": sorted({f"{Counter(v).most_common(1)[0][0]}->" + "/".join(sorted(set(v)))
+                                     for v in evs if len(set(v)) > 1})}
+    every = [v for evs in groups.values() for v in evs]
+    out["all"] = {"events": len(every), "stable": sum(len(set(v)) == 1 for v in every)}
+    return out
 
 
 def _agreement(evs) -> float | None:
@@ -315,6 +376,16 @@ def _agreement(evs) -> float | None:
 
 def _f(x, nd=2):
     return "-" if x is None else f"{x:.{nd}f}"
+
+
+def _draw_line(d: dict | None) -> str:
+    if not d:
+        return "- verdict under other control draws: not measured (--control-draws 1)"
+    parts = [f"{g} {d[g]['stable']}/{d[g]['events']} (mean share {_f(d[g]['share'], 3)})"
+             for g in ("dose >= 4/16", "dose 2/16", "normal spikes") if d[g]["events"]]
+    return (f"- verdict under other control draws (the same run audited with {'/'.join(map(str, d['draws']))} "
+            f"`--seed` values): events with the same verdict under every draw {d['all']['stable']}/{d['all']['events']}; "
+            + "; ".join(parts))
 
 
 def render(pooled: dict, meta: dict) -> str:
@@ -356,15 +427,19 @@ def render(pooled: dict, meta: dict) -> str:
         f"- verdict agreement across seeds: mean share of seeds giving an event design's modal verdict "
         f"{_f(pooled['agreement']['mean'], 3)}; designs with >= 95% agreement: "
         f"{_f(pooled['agreement']['share_ge_095'], 3)} of {pooled['agreement']['designs']}",
+        _draw_line(pooled.get("draw_agreement")),
         f"- skip list rows vs planted rows (all planted steps): precision {_f(s['precision'], 3)} "
         f"({s['true_positive']}/{s['rows']}), recall {_f(s['recall'], 3)} ({s['true_positive']}/{s['planted_rows']}); "
         f"planted steps in steps_to_skip {s['planted_steps_skipped']}/{s['planted_steps']}, clean steps in it "
         f"{s['clean_steps_skipped']}",
         f"- `spike-audit shards`: planted shards with >= 5% planted rows in the top 5% (among clean shards) "
         f"{sh['in_top_5pct']}/{sh['planted_ge_5pct']} (most clean shards above a planted one: {sh['worst_clean_above']}); "
-        f"clean shards quarantined {sh['clean_quarantined']}/{sh['n_clean']} ({sh['audits']} audits)",
+        f"clean shards quarantined {sh['clean_quarantined']}/{sh['n_clean']} ({sh['audits']} audits); shards holding "
+        f"the originals of copied rows, neither clean nor planted: {sh.get('copy_sources', 0)} "
+        f"({sh.get('sources_quarantined', 0)} quarantined; counted as clean, "
+        f"{sh.get('in_top_5pct_sources_as_clean', '-')}/{sh['planted_ge_5pct']} in the top 5%)",
         f"- `spike-audit run` quarantine: {rq['clean_shards']} clean shards listed ({rq['clean_single_row']} for a "
-        f"single row) of {rq['shards']} listed",
+        f"single row) and {rq.get('copy_sources', 0)} holding the originals of copied rows, of {rq['shards']} listed",
         f"- largest printed effect size {_f(pooled['max_effect'], 1) if pooled['max_effect'] is None or pooled['max_effect'] < 1e6 else format(pooled['max_effect'], '.3g')}; "
         f"largest margin {format(pooled['max_margin'], '.3g') if pooled['max_margin'] is not None else '-'}",
         f"- control false alarms (summary.json): " + (f"{fa['alarms']} of {fa['controls']} controls over {fa['runs']} runs"

@@ -313,6 +313,7 @@ def build_run(pool: Pool, spec: RunSpec, dest: Path) -> dict:
 
     placed = place_events(spec, rng)
     planted_at: dict[int, tuple[int, str]] = {}  # global row -> (event index, kind)
+    copy_source: set[int] = set()  # global rows whose tokens a dup_copied event copied (the originals)
     events = []
     for e_idx, (ev, start) in enumerate(placed):
         steps = list(range(start, start + ev.n_steps))
@@ -335,6 +336,7 @@ def build_run(pool: Pool, spec: RunSpec, dest: Path) -> dict:
                 if ev.kind == "dup_copied":
                     sg = (rec["copied_from_steps"][i] - 1) * B + pos
                     sources = [run_rows[int(x)] for x in sg]
+                    copy_source.update(int(x) for x in sg)
                 new = plant_rows(ev.kind, k, ctx, copy_sources=sources, event_state=state)
                 for gi, r in zip(g.tolist(), new):
                     run_rows[gi] = np.asarray(r, dtype=np.int64)
@@ -387,6 +389,8 @@ def build_run(pool: Pool, spec: RunSpec, dest: Path) -> dict:
     shard_n = np.bincount(shard_idx, minlength=n_shards)
     shard_planted = np.zeros(n_shards, dtype=np.int64)
     shard_kinds: dict[str, dict[str, int]] = {}
+    shard_sources = np.bincount(shard_idx[sorted(copy_source - set(planted_at))], minlength=n_shards) \
+        if copy_source - set(planted_at) else np.zeros(n_shards, dtype=np.int64)
     for gi, (_, kind) in planted_at.items():
         si = int(shard_idx[gi])
         shard_planted[si] += 1
@@ -402,8 +406,10 @@ def build_run(pool: Pool, spec: RunSpec, dest: Path) -> dict:
         "name": spec.name, "eos_id": EOS_ID, "vocab_size": pool.vocab_size,
         "tokens": int(sum(len(r) for r in run_rows)), "rows": need, "n_shards": n_shards,
         "events": events,
+        # copy_sources: rows of the shard (not planted themselves) that a dup_copied event copied elsewhere
         "shards": {names[i]: {"rows": int(shard_n[i]), "planted": int(shard_planted[i]),
-                              "kinds": shard_kinds.get(names[i], {})} for i in range(n_shards)},
+                              "kinds": shard_kinds.get(names[i], {}), "copy_sources": int(shard_sources[i])}
+                   for i in range(n_shards)},
         **log_info,
     }
     (dest / "truth.json").write_text(json.dumps(truth, indent=1))
