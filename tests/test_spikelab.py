@@ -102,6 +102,17 @@ def test_planted_rows_are_where_the_manifest_says(lab):
             assert len(rest) == 16 - len(r["shard_rows"])
     per_shard = {s: sum(1 for k in planted_keys if k[0] == s) for s in shards}
     assert {s: t["planted"] for s, t in truth["shards"].items()} == per_shard
+    # copy_sources: the unplanted rows of the source steps whose tokens a dup_copied row copies, per shard
+    copied = {h for e in truth["events"] if e["kind"] == "dup_copied" for r in e["rows"] for _, _, h in r["shard_rows"]}
+    sources = {}
+    for e in truth["events"]:
+        for src in e.get("copied_from_steps", []):
+            for s, i in by_step[src] - planted_keys:
+                if lab_run.row_hash(np.asarray(shards[s][i])) in copied:
+                    sources.setdefault(s, set()).add(i)
+    assert copied and sources
+    assert {s: t["copy_sources"] for s, t in truth["shards"].items() if t["copy_sources"]} == \
+        {s: len(v) for s, v in sources.items()}
     assert {s: t["rows"] for s, t in truth["shards"].items()} == {s: len(v) for s, v in shards.items()}
 
 
