@@ -422,15 +422,32 @@ def shard_seen_elsewhere(kv):
 
 
 def shard_block_pairs(kv):
-    """One exact-hash bucket -> ((shard index, other shard index), distinct row hashes the two share) for every
-    pair with a common row (hashes held by at most ``MAX_BLOCK_KEYS`` shards); summed over buckets downstream."""
+    """One exact-hash bucket -> (shard index, (other shard indices, distinct row hashes shared with each)) for every
+    shard with a common row (hashes held by at most ``MAX_BLOCK_KEYS`` shards): one element per shard and bucket,
+    two arrays, summed over buckets by :func:`sum_partner_counts`."""
     from spike_audit.auditors.dedup import shared_blocks
 
     cols = concat_parts(kv[1])
     if cols is None:
         return
-    a, b, c = shared_blocks(cols[0], cols[1] >> NODE_SHIFT)
-    yield from zip(zip(a.tolist(), b.tolist()), c.tolist())
+    a, b, c = shared_blocks(cols[0], cols[1] >> NODE_SHIFT)  # sorted by a, then b
+    if not len(a):
+        return
+    cut = np.flatnonzero(np.diff(a)) + 1
+    for lo, hi in zip(np.r_[0, cut], np.r_[cut, len(a)]):
+        yield int(a[lo]), (b[lo:hi], c[lo:hi])
+
+
+def sum_partner_counts(parts):
+    """Combine (other shard indices, counts) parts of one shard: the counts per other shard added up (a
+    CombinePerKey function: associative, and its output is again one part)."""
+    parts = list(parts)
+    if len(parts) == 1:
+        return parts[0]
+    b = np.concatenate([np.asarray(x[0], dtype=np.int64) for x in parts])
+    c = np.concatenate([np.asarray(x[1], dtype=np.int64) for x in parts])
+    u, inv = np.unique(b, return_inverse=True)
+    return u, np.bincount(np.asarray(inv).reshape(-1), weights=c, minlength=len(u)).astype(np.int64)
 
 
 def shard_seen_in_baseline(kv, base_node: int):
@@ -529,10 +546,8 @@ def build_pipeline(p, cfg: ShardAuditConfig, todo: list[tuple[Shard, int]], old_
     join = {}
     if baseline is None:
         join["block"] = (exact_buckets | "BlockPairs" >> beam.FlatMap(shard_block_pairs)
-                         | "SumPairs" >> beam.CombinePerKey(sum)
-                         | "PairToShard" >> beam.Map(lambda kv: (kv[0][0], kv[1]))
-                         | "LargestBlock" >> beam.CombinePerKey(max)
-                         | "BlockByName" >> beam.Map(lambda kv, nm: (nm[kv[0]], kv[1]), names))
+                         | "SumPartners" >> beam.CombinePerKey(sum_partner_counts)
+                         | "LargestBlock" >> beam.Map(lambda kv, nm: (nm[kv[0]], int(np.max(kv[1][1]))), names))
     finished = accs | "Finish" >> beam.Map(keyed_finish_shard, AsSingleton(hist), cfg_dict, baseline is None)
     # near duplicates: every element's band keys and sketches go to a key file (``spill``); per band bucket, the
     # keys two rows share are found in that bucket's slices of the files, and only those rows' sketches are read
