@@ -63,9 +63,9 @@ ROW_SIGNALS: dict[str, str] = {
     "once, like dup_in_batch: the first gets 1 and the skip list names it with the later ones): the largest over the "
     "row's blocks (a natural duplicate: 1; two natural duplicates consumed together elsewhere: 2 for the later one; "
     "k rows of an earlier batch consumed again: k for k - 1 of them); 0 when not seen elsewhere. In spike-audit "
-    "shards, set per shard: the block is the distinct rows the shard shares with one other shard (its largest such "
-    "block, rows held by at most 16 shards; a shard written twice, an overlapping split), k - 1 rows at k and its "
-    "other seen rows at 1; not measured against a saved --baseline.",
+    "shards, set per shard, a flag: 1 for the k - 1 later rows of the shard's largest block, the k distinct rows it "
+    "shares with one other shard (rows held by at most 16 shards; a shard written twice, an overlapping split), else "
+    "0; not measured against a saved --baseline.",
     **{k: f"Text: {v}" for k, v in text_mod.SIGNALS.items()},
 }
 
