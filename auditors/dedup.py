@@ -195,7 +195,7 @@ def seen_elsewhere(hashes: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np
 MAX_BLOCK_KEYS = 16
 
 
-def shared_blocks(hashes: np.ndarray, keys: np.ndarray, max_keys: int = MAX_BLOCK_KEYS
+def shared_blocks(hashes: np.ndarray, keys: np.ndarray, max_keys: int = MAX_BLOCK_KEYS, chunk: int = 1 << 22
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Distinct row hashes each pair of keys shares: ``(a, b, count)`` for every ordered pair of different keys
     with at least one common hash, over the hashes held by 2 to ``max_keys`` keys (identical rows under one key
@@ -215,14 +215,29 @@ def shared_blocks(hashes: np.ndarray, keys: np.ndarray, max_keys: int = MAX_BLOC
     if not ok.any():
         return empty, empty, empty
     starts, n = starts[ok], n[ok]
-    # every ordered pair (i, j), i != j, of each kept hash's keys: n * n index pairs per hash, the diagonal dropped
+    # every ordered pair (i, j), i != j, of each kept hash's keys: n * n index pairs per hash, the diagonal dropped;
+    # expanded a chunk of hashes at a time (at most about ``chunk`` pairs), so memory stays bounded
     sq = n * n
-    g = np.repeat(np.arange(len(n)), sq)
-    local = np.arange(int(sq.sum())) - np.repeat(np.cumsum(sq) - sq, sq)
-    i, j = local // n[g], local % n[g]
-    keep = i != j
-    a, b = k[starts[g] + i][keep], k[starts[g] + j][keep]
-    ab, count = np.unique(np.stack([a, b], axis=1), axis=0, return_counts=True)
+    ends = np.cumsum(sq)
+    parts_ab, parts_c = [], []
+    lo = 0
+    while lo < len(n):
+        hi = max(lo + 1, int(np.searchsorted(ends, (ends[lo] - sq[lo]) + chunk, side="right")))
+        nn, ss, st = n[lo:hi], sq[lo:hi], starts[lo:hi]
+        g = np.repeat(np.arange(len(nn)), ss)
+        local = np.arange(int(ss.sum())) - np.repeat(np.cumsum(ss) - ss, ss)
+        i, j = local // nn[g], local % nn[g]
+        keep = i != j
+        a, b = k[st[g] + i][keep], k[st[g] + j][keep]
+        ab, count = np.unique(np.stack([a, b], axis=1), axis=0, return_counts=True)
+        parts_ab.append(ab)
+        parts_c.append(count)
+        lo = hi
+    if len(parts_ab) == 1:
+        ab, count = parts_ab[0], parts_c[0]
+    else:
+        ab, inv = np.unique(np.concatenate(parts_ab), axis=0, return_inverse=True)
+        count = np.bincount(np.asarray(inv).reshape(-1), weights=np.concatenate(parts_c), minlength=len(ab))
     return ab[:, 0], ab[:, 1], count.astype(np.int64)
 
 

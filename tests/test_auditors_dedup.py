@@ -162,6 +162,10 @@ def test_shared_blocks_match_the_definition(rows, max_keys):
                 for y in ks - {x}:
                     want[(x, y)] = want.get((x, y), 0) + 1
     assert got == want
+    # expanded a few hashes at a time (a chunk of 1 to 7 pairs) the counts are the same
+    for chunk in (1, 7):
+        a2, b2, c2 = shared_blocks(hashes, keys, max_keys, chunk=chunk)
+        assert dict(zip(zip(a2.tolist(), b2.tolist()), c2.tolist())) == want
     # bucketed (as the pipelines call it: equal hashes share a bucket) the counts add up to the same
     summed = {}
     for bucket in range(3):
