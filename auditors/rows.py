@@ -67,6 +67,12 @@ ROW_SIGNALS: dict[str, str] = {
     "shares with one other shard (rows held by at most 16 shards; a shard written twice, an overlapping split), else "
     "0; not measured against a saved --baseline.",
     **{k: f"Text: {v}" for k, v in text_mod.SIGNALS.items()},
+    "near_dup_in_shard": "spike-audit shards only, set per shard: 1 for a row that is a near copy of another row of "
+    "the same shard (estimated 5-gram Jaccard >= 0.3 from the rows' 8-bit MinHash sketches, candidates from bands of "
+    "3 values; a group of m near copies counts m - 1, like copies within a batch), else 0; NaN per row and in "
+    "spike-audit run (a batch's near copies are near_dup_jaccard); not measured against a saved --baseline. Two "
+    "copies of one document with 6% of tokens substituted in each are at about 0.37, below the near-duplicate "
+    "join's --threshold, while natural near copies inside one shard are rare.",
 }
 
 _F, _P, _FL = "frac", "pos", "flag"
@@ -92,6 +98,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("compression_ratio", "high", _P), Family("compression_ratio", "low", _P),
     Family("non_latin_frac", "high", _F), Family("max_char_run", "high", _P),
     Family("digit_frac", "high", _F), Family("upper_frac", "high", _F), Family("encoded_frac", "high", _F),
+    Family("near_dup_in_shard", "high", _FL),  # last: the families before it keep their indices
 )
 
 FAMILY_NAMES: tuple[str, ...] = tuple(f.name for f in FAMILIES)
@@ -311,6 +318,7 @@ class RowScorer:
         partner = np.where(later, first_of, np.where(partner >= 0, partner, doc_partner))
         out["seen_elsewhere"] = np.full(n, np.nan)
         out["replay_rows"] = np.full(n, np.nan)
+        out["near_dup_in_shard"] = np.full(n, np.nan)
         out["chars_per_token"] = np.full(n, np.nan)
         if self.text and batch.text is not None:
             out.update(text_mod.TextStats().row_signals(batch, cache))

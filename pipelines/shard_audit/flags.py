@@ -4,7 +4,7 @@ each of the shard's anomalous families' cuts (the rows the row-level evidence co
 few per shard, with the start of their text. The report shows them instead of a shard's first rows.
 
 Families set per shard rather than per row (``seen_elsewhere``, ``dup_in_batch``, ``near_dup_jaccard``,
-``replay_rows``: the duplicate joins and the shard's MinHash accumulator) have no per-row bins in a chunk: their rows are the duplicate
+``replay_rows``, ``near_dup_in_shard``: the duplicate joins and the shard's MinHash accumulator) have no per-row bins in a chunk: their rows are the duplicate
 clusters' members (``duplicates``)."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ TOP_SHARDS = 15
 ROWS_PER_SHARD = 5
 FAMILIES_PER_SHARD = 3
 EXCERPT_CHARS = 300
-SHARD_LEVEL = frozenset({"seen_elsewhere", "dup_in_batch", "near_dup_jaccard", "replay_rows"})
+SHARD_LEVEL = frozenset({"seen_elsewhere", "dup_in_batch", "near_dup_jaccard", "replay_rows", "near_dup_in_shard"})
 
 
 def cut_bin(family, cut: float) -> int:

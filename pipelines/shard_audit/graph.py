@@ -143,6 +143,7 @@ def compact_acc(acc, cfg_dict: dict):
     an earlier row of the shard (``later``). Every later use of the accumulator (the baseline, the shard's signals,
     the state) sees the same values; an accumulator already compact is returned as it is."""
     from spike_audit.auditors.dedup import later_copies
+    from spike_audit.auditors.minhash import near_copies_within
 
     if acc is None or "pre" in acc:
         return acc
@@ -154,7 +155,10 @@ def compact_acc(acc, cfg_dict: dict):
     small = dict(sub, **{k: suite.auditors[k].create() for k in ROW_STATE})
     small["tokens"] = dict(small["tokens"], hist=pack_counts(small["tokens"]["hist"], dense_ok=True))
     # most (family, bin) cells of a shard are empty: the bins travel as (cell, count)
-    return {"suite": small, "rows": pack_counts(acc["rows"]), "pre": pre, "later": later_copies(sub["dedup"])}
+    mh = sub["minhash"]["sketch"]
+    near_in = near_copies_within(np.concatenate(mh) if len(mh) > 1 else mh[0]) if mh else 0
+    return {"suite": small, "rows": pack_counts(acc["rows"]), "pre": pre, "later": later_copies(sub["dedup"]),
+            "near_in": near_in}
 
 
 def _narrow(a: np.ndarray) -> np.ndarray:
@@ -165,8 +169,8 @@ def _narrow(a: np.ndarray) -> np.ndarray:
 def pack_counts(a: np.ndarray, dense_ok: bool = False):
     """A count array in transit: ``(shape, non-zero cells as int32 (int64 past 2^31 cells), their counts)``, the
     counts narrowed where they fit; with ``dense_ok``, the dense array (narrowed) when that is smaller (a shard's
-    unigram histogram over a small vocabulary is mostly non-zero). A shard's row-bin histogram (47 families x 769
-    bins, 289 KB dense) is a few hundred cells: dense, it was most of what the in-process runner held per shard
+    unigram histogram over a small vocabulary is mostly non-zero). A shard's row-bin histogram (48 families x 769
+    bins, 295 KB dense) is a few hundred cells: dense, it was most of what the in-process runner held per shard
     between stages.
     :func:`unpack_counts` restores the int64 array exactly."""
     a = np.asarray(a)
@@ -291,7 +295,8 @@ def finish_shard(key_acc, hist, cfg: dict, own_in_hist: bool = True):
     acc = compact_acc(acc, cfg)
     k, n_rows, n_tokens, sig = finish((key, expand_acc(acc)["suite"]), hist, cfg, frozenset(), own_in_hist)
     sig.update(acc["pre"])  # (same keys, same order: the suite's result lists every signal)
-    return k, n_rows, n_tokens, sig, acc["rows"], acc["later"]  # the row bins packed (pack_counts)
+    # the row bins packed (pack_counts); near copies within the shard (``near_dup_in_shard``)
+    return k, n_rows, n_tokens, sig, acc["rows"], acc["later"], acc["near_in"]
 
 
 def keyed_finish_shard(key_acc, hist, cfg: dict, own_in_hist: bool = True):
@@ -317,7 +322,7 @@ def with_shard_counts(kv):
 
     key, grouped = kv
     one = int(to_bins(1.0))
-    for _, n_rows, n_tokens, sig, hist, later in grouped["scores"]:
+    for _, n_rows, n_tokens, sig, hist, later, near_in in grouped["scores"]:
         seen = int(sum(grouped["seen"]))
         sig = dict(sig, cross_dup_frac=(seen / n_rows) if n_rows else float("nan"))
         hist = unpack_counts(hist).copy()
@@ -335,6 +340,12 @@ def with_shard_counts(kv):
             f = FAMILY_NAMES.index("replay_rows")
             hist[f] = np.zeros(NBINS, dtype=hist.dtype)
             hist[f, 0], hist[f, one] = n_rows - block, block
+            # near copies within the shard: measured, like blocks, only among the audited shards (a saved
+            # baseline's reference has no such counts)
+            f = FAMILY_NAMES.index("near_dup_in_shard")
+            c = min(int(near_in), n_rows)
+            hist[f] = np.zeros(NBINS, dtype=hist.dtype)
+            hist[f, 0], hist[f, one] = n_rows - c, c
         yield key, n_rows, n_tokens, sig, pack_counts(hist)
 
 

@@ -98,9 +98,9 @@ def _load_index(state: str | None) -> dict:
 #: Bumped when the stored accumulators change form (2: suite accumulator + row-bin histogram per shard; 3: the
 #: row signals' definitions changed: copies within a batch counted once, chars_per_token; 4: a shard's exact hashes
 #: and MinHash sketches finished into their signals, the compact accumulator of ``graph.compact_acc``; 5: its counts
-#: narrowed, the row bins sparse). The row families' names
+#: narrowed, the row bins sparse; 6: near copies within the shard counted in it). The row families' names
 #: are part of the settings key too, so a histogram is never read with another family layout.
-STATE_FORMAT = 5
+STATE_FORMAT = 6
 
 
 def _settings_key(cfg: ShardAuditConfig) -> str:
