@@ -499,6 +499,12 @@ NEAR_SHARD_FLOOR = 0.3
 NEAR_SHARD_BAND = 3
 
 
+def _sorted_unique(a: np.ndarray) -> np.ndarray:
+    """The distinct values of ``a``, sorted (sort and compare with the neighbour)."""
+    a = np.sort(a)
+    return a[np.r_[True, a[1:] != a[:-1]]] if len(a) else a
+
+
 def near_copies_within(sketch: np.ndarray, floor: float = NEAR_SHARD_FLOOR, rows_per_band: int = NEAR_SHARD_BAND,
                        chunk: int = 1 << 18) -> int:
     """Rows of one shard that are near copies of another row of it, a group of ``m`` near copies counted as
@@ -511,12 +517,17 @@ def near_copies_within(sketch: np.ndarray, floor: float = NEAR_SHARD_FLOOR, rows
     from spike_audit.auditors.components import components
 
     sk = np.asarray(sketch, dtype=np.uint8)
-    n = len(sk)
-    if n < 2:
+    if len(sk) < 2:
         return 0
+    # identical sketches are one node with a multiplicity (a shard of many equal rows stays linear), in sketch
+    # order, which is also the canonical order (sorted and compared with the neighbour: np.unique's hash path is
+    # far slower on these)
     sk = sk[np.lexsort(sk.T[::-1])]
-    m = sk.shape[1]
-    lo_parts, hi_parts = [], []
+    first = np.flatnonzero(np.r_[True, (sk[1:] != sk[:-1]).any(axis=1)])
+    mult = np.diff(np.r_[first, len(sk)])
+    sk = sk[first]
+    n, m = sk.shape
+    pairs = np.zeros(0, dtype=np.int64)
     for b in range(m // rows_per_band):
         cols = sk[:, b * rows_per_band:(b + 1) * rows_per_band].astype(np.uint32)
         key = np.zeros(n, dtype=np.uint32)
@@ -529,22 +540,16 @@ def near_copies_within(sketch: np.ndarray, floor: float = NEAR_SHARD_FLOOR, rows
             continue
         head = o[np.maximum.accumulate(np.where(~same, np.arange(n), 0))]
         later = np.flatnonzero(same)
-        for a in (o[later - 1], head[later]):
-            lo_parts.append(a)
-            hi_parts.append(o[later])
-    if not lo_parts:
-        return 0
-    lo, hi = np.concatenate(lo_parts), np.concatenate(hi_parts)
-    pair = np.unique(np.minimum(lo, hi).astype(np.int64) * n + np.maximum(lo, hi))
-    pair = pair[pair // n != pair % n]
+        lo = np.r_[o[later - 1], head[later]].astype(np.int64)
+        hi = np.r_[o[later], o[later]].astype(np.int64)
+        code = np.minimum(lo, hi) * n + np.maximum(lo, hi)
+        pairs = _sorted_unique(np.r_[pairs, code[lo != hi]])  # band by band: bounded by the distinct pairs
     keep = []
-    for s in range(0, len(pair), chunk):  # bounded: at most ``chunk`` pairs' sketches compared at once
-        p = pair[s:s + chunk]
+    for s0 in range(0, len(pairs), chunk):  # bounded: at most ``chunk`` pairs' sketches compared at once
+        p = pairs[s0:s0 + chunk]
         eq = (sk[p // n] == sk[p % n]).sum(axis=1) / m
         keep.append(p[(eq - 1 / 256) / (1 - 1 / 256) >= floor - 1e-12])
     p = np.concatenate(keep) if keep else np.zeros(0, np.int64)
-    if not len(p):
-        return 0
     lab, _ = components(n, p // n, p % n)
-    members = np.unique(np.r_[p // n, p % n])
-    return int(len(members) - len(np.unique(lab[members])))
+    total = np.bincount(lab, weights=mult, minlength=n)  # rows per group (a group's label is its smallest node)
+    return int((total[total >= 2] - 1).sum())

@@ -298,6 +298,8 @@ def test_near_copies_within_counts_groups_of_near_copies_once(seed, n_rows, n_gr
             sub = rng.random(128) < 0.3
             r[sub] = rng.integers(0, 256, int(sub.sum()))
             rows.append(r)
+    n_exact = int(rng.integers(0, 4))  # exact copies of the first unrelated row: a group of n_exact + 1
+    rows += [rows[0].copy() for _ in range(n_exact)]
     sk = np.array(rows, dtype=np.uint8)
     got = near_copies_within(sk, floor=0.3)
     # brute force: every pair at an estimated Jaccard >= 0.3, groups as components
@@ -310,6 +312,6 @@ def test_near_copies_within_counts_groups_of_near_copies_once(seed, n_rows, n_gr
     brute = int(len(members) - len(np.unique(lab[members])))
     # the banded candidates can miss a pair the brute force keeps, never add one
     assert got <= brute
-    assert got == n_groups * (size - 1) if size > 1 else got == 0
+    assert got == n_groups * (size - 1) + n_exact
     perm = rng.permutation(n)
     assert near_copies_within(sk[perm], floor=0.3) == got
