@@ -130,6 +130,13 @@ def test_corrupt_foreign_and_incompatible_baselines_are_refused(split, saved, tm
     meta = json.loads((d / "baseline.json").read_text())
     (d / "baseline.json").write_text(json.dumps(dict(meta, version=99)))
     assert "baseline format version 99, expected 1" in _err(capsys, ["shards", new, "--out", out, "--baseline", str(d)])
+    # saved by a version with one family fewer (before near_dup_in_shard, the 48th): refused, not read as zeros
+    d = copy()
+    meta = json.loads((d / "baseline.json").read_text())
+    assert meta["families"][-1] == "near_dup_in_shard"
+    (d / "baseline.json").write_text(json.dumps(dict(meta, families=meta["families"][:-1])))
+    err = _err(capsys, ["shards", new, "--out", out, "--baseline", str(d)])
+    assert "another set of signal families" in err and "baseline.json" in err and "save the baseline again" in err
     d = copy()
     data = bytearray((d / "reference.parquet").read_bytes())
     data[len(data) // 2] ^= 0xFF
