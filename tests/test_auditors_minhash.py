@@ -283,9 +283,11 @@ def test_near_duplicates_are_every_verified_pair_sharing_a_band(n, nb, space, se
 @settings(max_examples=60, deadline=None)
 @given(st.integers(0, 2**32 - 1), st.integers(2, 40), st.integers(0, 4), st.integers(1, 6))
 def test_near_copies_within_counts_groups_of_near_copies_once(seed, n_rows, n_groups, size):
-    """Rows of one shard's 8-bit sketches: unrelated rows and ``n_groups`` groups of ``size`` near copies (70% of
-    their sketch values equal to the group's, Jaccard ~0.7); the count is every group's rows but its first, the same
-    in any row order, and unrelated rows alone count 0. Brute force over all pairs agrees."""
+    """Rows of one shard's 8-bit sketches: unrelated rows and ``n_groups`` groups of ``size`` near copies (each
+    copy has 10% of the group's sketch values replaced, so two copies share about 81% and the banded candidates
+    miss a pair with probability ~1e-14); the count is every group's rows but its first, the same in any row order,
+    and unrelated rows alone count 0. Brute force over all pairs agrees. (Copies at 30% each share only ~49% and a
+    pair is missed 1 time in 200, as the banding documents: that recall is measured in the next test.)"""
     from spike_audit.auditors.components import components
     from spike_audit.auditors.minhash import near_copies_within
 
@@ -295,7 +297,7 @@ def test_near_copies_within_counts_groups_of_near_copies_once(seed, n_rows, n_gr
         base = rng.integers(0, 256, 128)
         for _ in range(size):
             r = base.copy()
-            sub = rng.random(128) < 0.3
+            sub = rng.random(128) < 0.1
             r[sub] = rng.integers(0, 256, int(sub.sum()))
             rows.append(r)
     n_exact = int(rng.integers(0, 4))  # exact copies of the first unrelated row: a group of n_exact + 1
@@ -315,3 +317,24 @@ def test_near_copies_within_counts_groups_of_near_copies_once(seed, n_rows, n_gr
     assert got == n_groups * (size - 1) + n_exact
     perm = rng.permutation(n)
     assert near_copies_within(sk[perm], floor=0.3) == got
+
+
+def test_near_copies_within_finds_pairs_at_the_documented_rate_and_none_below_the_floor():
+    """NEAR_SHARD_BAND's claim: a pair sharing 37% of its sketch values (estimated Jaccard ~0.36, two copies of a
+    document with 6% of tokens substituted in each) is a candidate with probability ~0.87; a pair sharing 23% is
+    below the 0.3 floor and never counted, however often its bands collide."""
+    from spike_audit.auditors.minhash import near_copies_within
+
+    rng = np.random.default_rng(7)
+
+    def pair(k):
+        a = rng.integers(0, 256, 128).astype(np.uint8)
+        b = (a + rng.integers(1, 256, 128)).astype(np.uint8)  # every value differs ...
+        same = rng.choice(128, k, replace=False)
+        b[same] = a[same]  # ... but k of them
+        return np.stack([a, b])
+
+    found = sum(near_copies_within(pair(47), floor=0.3) for _ in range(1000))
+    assert 820 <= found <= 930, found
+    assert sum(near_copies_within(pair(30), floor=0.3) for _ in range(300)) == 0
+    assert all(near_copies_within(pair(128), floor=0.3) == 1 for _ in range(20))
