@@ -513,7 +513,7 @@ def near_copies_within(sketch: np.ndarray, floor: float = NEAR_SHARD_FLOOR, rows
     bucket it is in, so a bucket of many identical rows costs linear time), kept where the estimated Jaccard
     (share of equal sketch values, corrected for 8-bit collisions) is at least ``floor``; groups are the connected
     components of the kept pairs. The rows are put in a canonical order (by sketch) first, so the count does not
-    depend on the order in which a shard's chunks were merged. Vectorised per band."""
+    depend on the order in which a shard's chunks were merged. Vectorised over all bands at once (one sort)."""
     from spike_audit.auditors.components import components
 
     sk = np.asarray(sketch, dtype=np.uint8)
@@ -522,28 +522,45 @@ def near_copies_within(sketch: np.ndarray, floor: float = NEAR_SHARD_FLOOR, rows
     # identical sketches are one node with a multiplicity (a shard of many equal rows stays linear), in sketch
     # order, which is also the canonical order (sorted and compared with the neighbour: np.unique's hash path is
     # far slower on these)
-    sk = sk[np.lexsort(sk.T[::-1])]
+    sk = np.ascontiguousarray(sk)
+    sk = sk[np.argsort(sk.view(np.dtype((np.void, sk.shape[1]))).ravel())]  # bytewise: the rows' lexicographic order
     first = np.flatnonzero(np.r_[True, (sk[1:] != sk[:-1]).any(axis=1)])
     mult = np.diff(np.r_[first, len(sk)])
     sk = sk[first]
     n, m = sk.shape
+    nb = m // rows_per_band
+    # every band at once: one sort of (band, band key, row) packed in a uint64, so a bucket's rows come in row order
+    # and its head is its first row; bands in chunks of about 1M entries keep a large shard's memory bounded
+    rbits = max(int(n - 1).bit_length(), 1)
+    kbits = 8 * rows_per_band
+    if (nb - 1).bit_length() + kbits + rbits > 64:
+        raise ValueError(f"near_copies_within: {n} rows x {nb} bands of {rows_per_band} values do not fit a 64-bit key")
+    step = max(1, (1 << 20) // n)
+    rows = np.arange(n, dtype=np.uint64)
     pairs = np.zeros(0, dtype=np.int64)
-    for b in range(m // rows_per_band):
-        cols = sk[:, b * rows_per_band:(b + 1) * rows_per_band].astype(np.uint32)
-        key = np.zeros(n, dtype=np.uint32)
+    for b0 in range(0, nb, step):
+        b1 = min(nb, b0 + step)
+        key = np.broadcast_to(np.arange(b0, b1, dtype=np.uint64)[None, :], (n, b1 - b0)).copy()
         for c in range(rows_per_band):
-            key = (key << np.uint32(8)) | cols[:, c]
-        o = np.argsort(key, kind="stable")
-        ks = key[o]
+            key <<= np.uint64(8)
+            key |= sk[:, b0 * rows_per_band + c:b1 * rows_per_band:rows_per_band]
+        key <<= np.uint64(rbits)
+        key |= rows[:, None]
+        ks = np.sort(key.ravel())
+        del key
+        row = (ks & np.uint64((1 << rbits) - 1)).astype(np.int64)
+        ks >>= np.uint64(rbits)
         same = np.r_[False, ks[1:] == ks[:-1]]
-        if not same.any():
-            continue
-        head = o[np.maximum.accumulate(np.where(~same, np.arange(n), 0))]
+        del ks
         later = np.flatnonzero(same)
-        lo = np.r_[o[later - 1], head[later]].astype(np.int64)
-        hi = np.r_[o[later], o[later]].astype(np.int64)
+        if not len(later):
+            continue
+        starts = np.flatnonzero(~same)  # each bucket's first entry: its head
+        head = row[starts[np.searchsorted(starts, later, side="right") - 1]]
+        lo = np.r_[row[later - 1], head]
+        hi = np.r_[row[later], row[later]]
         code = np.minimum(lo, hi) * n + np.maximum(lo, hi)
-        pairs = _sorted_unique(np.r_[pairs, code[lo != hi]])  # band by band: bounded by the distinct pairs
+        pairs = _sorted_unique(np.r_[pairs, code[lo != hi]])  # chunk by chunk: bounded by the distinct pairs
     keep = []
     for s0 in range(0, len(pairs), chunk):  # bounded: at most ``chunk`` pairs' sketches compared at once
         p = pairs[s0:s0 + chunk]
