@@ -286,3 +286,44 @@ def test_parquet_row_slices_property(tmp_path_factory, pairs):
     slices = np.array([[a, min(200, a + n)] for a, n in pairs])
     b = read_slices(str(d), "p.parquet", slices)
     assert _tokens(b) == [DOCS[i] for i in _expected_rows(slices.tolist())]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 199), st.integers(1, 20)), min_size=1, max_size=12))
+def test_one_open_reader_gives_every_read_its_own_rows(tmp_path_factory, pairs):
+    """A shard opened once and read chunk after chunk (as the shard audit reads a shard's row chunks) gives each
+    read exactly its rows, whether it falls in the group read just before, another group, or spans several."""
+    from spike_audit.pipelines.shards.read import _close, open_shard
+
+    d = tmp_path_factory.mktemp("reader")
+    pq.write_table(pa.table({"tokens": pa.array(DOCS, pa.list_(pa.uint16())), "text": TEXTS}), d / "p.parquet",
+                   row_group_size=32)
+    reader = open_shard(str(d), "p.parquet")
+    try:
+        for a, n in pairs:
+            b = reader.read(np.array([[a, min(200, a + n)]], dtype=np.int64), "row")
+            rows = list(range(a, min(200, a + n)))
+            assert _tokens(b) == [DOCS[i] for i in rows]
+            assert b.column("text").to_pylist() == [TEXTS[i] for i in rows]
+    finally:
+        _close(reader)
+
+
+def test_consecutive_chunks_of_one_row_group_decode_it_once(parquet_shard, monkeypatch):
+    from spike_audit.pipelines.shards.read import _close, open_shard
+
+    seen = []
+    orig = pq.ParquetFile.read_row_group
+
+    def spy(self, i, *a, **kw):
+        seen.append(i)
+        return orig(self, i, *a, **kw)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", spy)
+    reader = open_shard(str(parquet_shard), "p.parquet")
+    try:
+        chunks = [reader.read(np.array([[a, a + 8]], dtype=np.int64), "row") for a in (32, 40, 48, 56, 32)]
+    finally:
+        _close(reader)
+    assert seen == [2, 3, 2]  # groups of 16 rows: 32-47 (two chunks), 48-63 (two chunks), then 32-47 again
+    assert [_tokens(c) for c in chunks] == [DOCS[a:a + 8] for a in (32, 40, 48, 56, 32)]

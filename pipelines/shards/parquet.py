@@ -18,6 +18,7 @@ class ParquetReader(_TableRowsMixin, ShardReader):
         import pyarrow.parquet as pq
 
         self.tokens_col, self.text_col = tokens_col, text_col
+        self._group = None  # (row group, columns) and its table: the last whole group read (_read_group)
         # _open: a regular local file (a FIFO or an unreadable file is a one-line error) or a URL; local files are
         # then read natively by path.
         self._file = _open(path)
@@ -78,11 +79,18 @@ class ParquetReader(_TableRowsMixin, ShardReader):
         row, a few rows of a manifest slice): the pages after them are then neither read nor decoded."""
         n = int(self.rg_start[g + 1] - self.rg_start[g])
         if upto * 4 > n:
-            return self.pf.read_row_group(g, columns=cols)
+            # the last whole group read is kept (one group per open reader, the bound it already had): a shard's
+            # consecutive row chunks inside one group decode it once, not once per chunk
+            key = (g, tuple(cols))
+            if self._group is None or self._group[0] != key:
+                self._group = None  # the previous group is released before the next one is decoded
+                self._group = key, self.pf.read_row_group(g, columns=cols)
+            return self._group[1]
         batch = next(self.pf.iter_batches(batch_size=upto, row_groups=[g], columns=cols, use_threads=False))
         return pa.Table.from_batches([batch])
 
     def close(self):
+        self._group = None
         if self._file is not None:
             self._file.close()
 
