@@ -1,6 +1,8 @@
 import numpy as np
 import pyarrow as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from spike_audit.pipelines.beam.scoring import entity_scores, sum_histograms, to_token_batch, unique_by_key
 
@@ -51,3 +53,19 @@ def test_sliced_text_only_batches_give_their_own_bytes():
     tb = to_token_batch(rb)
     assert tb.offsets.tolist() == [0, 2, 4]
     assert tb.values.tolist() == [97, 98, 0xC3, 0xA9]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from([1, 2, 16, 256, 257, 65536, 65537, 1 << 20]), st.integers(0, 3000), st.integers(0, 2**32 - 1))
+def test_bucket_order_is_the_stable_argsort(buckets, n, seed):
+    from spike_audit.pipelines.beam.scoring import bucket_order, split_by_bucket
+
+    rng = np.random.default_rng(seed)
+    b = rng.integers(0, buckets, n)
+    assert np.array_equal(bucket_order(b, buckets), np.argsort(b, kind="stable"))
+    key = rng.integers(0, 2**63, n, dtype=np.uint64)
+    got = list(split_by_bucket(key, buckets, np.arange(n)))
+    rows = [r for _, (r,) in got]
+    assert [k for k, _ in got] == sorted({int(k) for k in key % np.uint64(buckets)})
+    assert all((np.diff(r) > 0).all() for r in rows)  # within a bucket, in input order
+    assert sorted(np.concatenate(rows).tolist() if rows else []) == list(range(n))

@@ -166,11 +166,22 @@ def split_by_bucket(key: np.ndarray, buckets: int, *arrays: np.ndarray):
     """Partition parallel ``arrays`` by ``key % buckets`` (``key`` uint64, one per element): one
     ``(bucket, tuple of the arrays' elements in it)`` per non-empty bucket, vectorised."""
     b = (key % np.uint64(buckets)).astype(np.int64)
-    order = np.argsort(b, kind="stable")
+    order = bucket_order(b, buckets)
     cuts = np.flatnonzero(np.diff(b[order])) + 1
     for idx in np.split(order, cuts):
         if len(idx):
             yield int(b[idx[0]]), tuple(a[idx] for a in arrays)
+
+
+def bucket_order(b: np.ndarray, buckets: int) -> np.ndarray:
+    """``np.argsort(b, kind="stable")`` of bucket numbers ``0 <= b < buckets``: sorted as the narrowest unsigned
+    type that holds them (numpy's radix sort for 8- and 16-bit keys; about 10x faster than on int64), the same
+    order."""
+    if buckets <= 1 << 8:
+        return np.argsort(b.astype(np.uint8), kind="stable")
+    if buckets <= 1 << 16:
+        return np.argsort(b.astype(np.uint16), kind="stable")
+    return np.argsort(b, kind="stable")
 
 
 def concat_parts(parts) -> tuple[np.ndarray, ...] | None:

@@ -36,6 +36,8 @@ def write_key_file(rec: dict, spill_dir: str, buckets: int):
     non-empty row)."""
     from apache_beam.io.filesystems import FileSystems
 
+    from spike_audit.pipelines.beam.scoring import bucket_order
+
     keys, nodes = rec["bands"], rec["ne_nodes"]
     if not len(nodes):
         return
@@ -47,7 +49,7 @@ def write_key_file(rec: dict, spill_dir: str, buckets: int):
     flat = keys.ravel()
     owner = np.repeat(nodes, keys.shape[1])
     b = (flat % np.uint64(buckets)).astype(np.int64)
-    order = np.argsort(b, kind="stable")  # the order split_by_bucket gives within a bucket
+    order = bucket_order(b, buckets)  # the order split_by_bucket gives within a bucket
     off = np.zeros(buckets + 1, dtype=np.int64)
     np.cumsum(np.bincount(b, minlength=buckets), out=off[1:])
     arrays = {"band_off": off, "band_keys": flat[order], "band_nodes": owner[order],
