@@ -266,7 +266,8 @@ class TokenStats:
                 p = cnt / ln[krow]
                 out["token_entropy"] = np.bincount(krow, weights=-p * np.log2(p), minlength=n_rows)
                 top = np.zeros(n_rows)
-                np.maximum.at(top, krow, p)
+                starts = np.flatnonzero(np.r_[True, krow[1:] != krow[:-1]])  # krow is sorted: each row's first
+                top[krow[starts]] = np.maximum.reduceat(p, starts)
                 out["top_token_share"] = top
                 out["distinct_token_ratio"] = np.bincount(krow, minlength=n_rows) / ln
                 empty = ln == 0
@@ -297,18 +298,21 @@ class TokenStats:
 def _row_token_counts(v: np.ndarray, ln: np.ndarray, row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Every distinct (row, token) of a batch: its row and its count, ordered by row then token id (the order of
     ``np.unique`` over ``row << 32 | token``). Rows of one length (packed rows) are sorted in place as a 2-D array
-    (a radix sort for 16-bit ids), instead of one sort of 64-bit keys over the whole batch."""
+    (16-bit ids where they fit), instead of one sort of 64-bit keys over the whole batch."""
     n_rows = len(ln)
     width = int(ln[0]) if n_rows else 0
     if width and len(v) == n_rows * width and (ln == width).all() and int(v.min()) >= 0:
         m = v.reshape(n_rows, width)
         if m.dtype.itemsize > 2 and int(v.max()) < 65536:
             m = m.astype(np.uint16)
-        srt = np.sort(m, axis=1, kind="stable")
+        srt = np.sort(m, axis=1)  # values only: any algorithm gives the same rows (numpy's SIMD sort where it has one)
         new = np.ones(srt.shape, dtype=bool)
-        new[:, 1:] = srt[:, 1:] != srt[:, :-1]
+        np.not_equal(srt[:, 1:], srt[:, :-1], out=new[:, 1:])
         first = np.flatnonzero(new.ravel())
-        return first // width, np.diff(np.append(first, new.size))
+        cnt = np.empty(len(first), dtype=np.int64)
+        np.subtract(first[1:], first[:-1], out=cnt[:-1])
+        cnt[-1] = new.size - first[-1]
+        return first // width, cnt
     key = (row.astype(np.uint64) << np.uint64(32)) | v.astype(np.uint64)
     uk, cnt = np.unique(key, return_counts=True)
     return (uk >> np.uint64(32)).astype(np.int64), cnt
