@@ -77,6 +77,9 @@ def find_runs(batch: TokenBatch, min_period: int = 1, max_period: int = 13,
     n = c.n
     v = c.values
     row_starts = off[:-1][np.diff(off) > 0]
+    n_rows = len(off) - 1
+    width = n // n_rows if n_rows and n % n_rows == 0 else 0
+    packed = width > 0 and bool((np.diff(off) == width).all())  # rows of one length: boundaries by a strided view
     out = {k: [] for k in ("row", "start", "end", "period", "times")}
     eq_buf = np.empty(max(n, 1), dtype=bool)
     and_buf = np.empty(max(n, 1), dtype=bool)
@@ -85,8 +88,11 @@ def find_runs(batch: TokenBatch, min_period: int = 1, max_period: int = 13,
             break
         eq = np.equal(v[p:], v[:-p], out=eq_buf[: n - p])  # eq[i - p] <=> x[i] == x[i - p]
         # comparisons reaching back into the previous row: i - p < row start <= i, i.e. eq[rs - p .. rs)
-        clear = (row_starts[:, None] + np.arange(-p, 0)[None, :]).ravel()
-        eq[clear[(clear >= 0) & (clear < n - p)]] = False
+        if packed:  # the last p positions of every row of the buffer (past eq's end for the last row: unread)
+            eq_buf[:n].reshape(n_rows, width)[:, max(width - p, 0):] = False
+        else:
+            clear = (row_starts[:, None] + np.arange(-p, 0)[None, :]).ravel()
+            eq[clear[(clear >= 0) & (clear < n - p)]] = False
         idx = _window_starts(eq, 2 * p, (eq_buf, and_buf))
         if not len(idx):
             continue

@@ -152,3 +152,20 @@ def test_row_coverage_is_counted_in_the_row_of_each_run():
     rows = [[1, 2, 3, 4, 5, 6, 7, 8] * 4, [1, 2, 3, 4, 5, 6, 7, 8] * 4, list(range(100, 140))]
     rs = Repetition().row_signals(TokenBatch.from_lists(rows))
     assert rs["repeat_any_token_frac"].tolist() == [1.0, 1.0, 0.0]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 12), st.integers(1, 13), st.integers(0, 2**31))
+def test_packed_rows_of_one_length_match_literal_and_never_join(width, n_rows, period, seed):
+    """Rows of one length (packed sequences, where the row boundaries are cleared through a strided view), short ones
+    included (a width at or below the period): each row alone as OLMo sees it, even when one periodic stream runs
+    through every row boundary."""
+    rng = np.random.default_rng(seed)
+    unit = rng.integers(0, 4, period)
+    stream = np.tile(unit, -(-width * n_rows // period) + 1)[: width * n_rows]
+    noise = rng.random(width * n_rows) < 0.1
+    stream = np.where(noise, rng.integers(0, 4, width * n_rows), stream).astype(np.int64)
+    rows = list(stream.reshape(n_rows, width))
+    got = ours(rows)
+    for row, g in zip(rows, got):
+        assert g == sorted(olmo_literal(row)), row
