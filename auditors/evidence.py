@@ -81,16 +81,21 @@ def orient(values: np.ndarray, col: int | np.ndarray, family: Family) -> np.ndar
 
 
 def to_bins(y: np.ndarray) -> np.ndarray:
-    """Bin of each oriented value (see the module docstring), uint16."""
+    """Bin of each oriented value (see the module docstring), uint16. Computed over the whole array (no gather of the
+    positive values): the same float operations on every element, non-positive and NaN values then set to bin 0."""
     y = np.asarray(y, dtype=np.float64)
-    out = np.zeros(y.shape, dtype=BIN_DTYPE)
     pos = y > 0  # NaN compares False: bin 0
-    if pos.any():
-        with np.errstate(divide="ignore"):
-            lg = np.log2(np.minimum(y[pos], 2.0 ** LOG2_MAX))
-        b = np.floor((lg - LOG2_MIN) * PER_OCTAVE + 1e-9).astype(np.int64)
-        out[pos] = (1 + np.clip(b, 0, NBINS - 2)).astype(BIN_DTYPE)
-    return out
+    with np.errstate(divide="ignore", invalid="ignore"):
+        b = np.minimum(y, 2.0 ** LOG2_MAX, out=np.empty(y.shape))  # (an array also for one value)
+        np.log2(b, out=b)
+        b -= LOG2_MIN
+        b *= PER_OCTAVE
+        b += 1e-9
+        np.floor(b, out=b)
+    np.clip(b, 0, NBINS - 2, out=b)
+    b += 1
+    b[~pos] = 0
+    return b.astype(BIN_DTYPE)
 
 
 def bin_floor(b: np.ndarray | int) -> np.ndarray:
@@ -117,15 +122,20 @@ def bin_matrix(values: np.ndarray, names: Sequence[str], families: Sequence[Fami
     values = np.asarray(values, dtype=np.float64).reshape(-1, len(names))
     pos = {n: j for j, n in enumerate(names)}
     cols = np.array([pos.get(f.signal, -1) for f in families], dtype=np.int64)
-    x = np.full((len(values), len(families)), np.nan)
     ok = cols >= 0
-    x[:, ok] = values[:, cols[ok]]
-    high = np.array([f.tail == "high" for f in families])
-    low_frac = np.array([f.tail != "high" and f.kind == "frac" for f in families])
-    with np.errstate(divide="ignore", invalid="ignore"):
-        inv = np.where(x > 0, 1.0 / np.where(x > 0, x, 1.0), np.where(x == 0, np.inf, np.nan))
-        y = np.where(high[None, :], np.maximum(x, 0.0), np.where(low_frac[None, :], np.maximum(1.0 - x, 0.0), inv))
-    y = np.where(np.isnan(x), np.nan, y)
+    high = np.array([f.tail == "high" for f in families], dtype=bool) & ok
+    low_frac = np.array([f.tail != "high" and f.kind == "frac" for f in families], dtype=bool) & ok
+    inverse = ok & ~high & ~low_frac
+    # each column group oriented on its own columns only; NaN stays NaN (np.maximum propagates it)
+    y = np.full((len(values), len(families)), np.nan)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        if high.any():
+            y[:, high] = np.maximum(values[:, cols[high]], 0.0)
+        if low_frac.any():
+            y[:, low_frac] = np.maximum(1.0 - values[:, cols[low_frac]], 0.0)
+        if inverse.any():
+            x = values[:, cols[inverse]]
+            y[:, inverse] = np.where(x > 0, 1.0 / np.where(x > 0, x, 1.0), np.where(x == 0, np.inf, np.nan))
     return to_bins(y)
 
 
