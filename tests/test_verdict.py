@@ -60,6 +60,27 @@ def test_bins_are_monotone_and_zero_and_nan_are_bin_zero():
     assert np.all(np.diff(b[2:]) >= 0)
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.floats(allow_nan=True, allow_infinity=True),
+                          st.floats(min_value=1e-12, max_value=1e12)), min_size=1, max_size=50))
+def test_bins_hold_their_values_and_one_value_bins_as_an_array_of_it(values):
+    """Every positive value lies in its bin (``bin_floor(b) <= y < bin_floor(b + 1)``, up to the 1e-9 guard, the
+    first and last bins open-ended); zero, negative and NaN values are bin 0; one value bins like an array of it."""
+    from spike_audit.auditors.evidence import NBINS, bin_floor
+
+    y = np.array(values, dtype=np.float64)
+    b = to_bins(y).astype(np.int64)
+    assert b.shape == y.shape and b.min() >= 0 and b.max() <= NBINS - 1
+    assert (b[~(y > 0)] == 0).all()
+    pos = np.flatnonzero(y > 0)
+    for i in pos:
+        lo, hi = float(bin_floor(b[i])), float(bin_floor(b[i] + 1))
+        assert b[i] >= 1
+        assert b[i] == 1 or y[i] >= lo * (1 - 1e-8), (y[i], b[i], lo)
+        assert b[i] == NBINS - 1 or y[i] < hi * (1 + 1e-8), (y[i], b[i], hi)
+        assert int(to_bins(float(y[i]))) == b[i]
+
+
 def test_planted_anomaly_gives_data_with_the_row_count_and_flags_exactly_its_rows():
     rng = np.random.default_rng(1)
     ref, ctrl = setup(rng)
