@@ -231,13 +231,14 @@ def _densify(sig: np.ndarray, p: _Params) -> None:
     for chunk in np.array_split(np.flatnonzero(few), max(1, int(few.sum()) // 2048)):
         if len(chunk):
             _densify_few(sig, empty, k - n_empty[chunk], chunk, p.rank)
-    rows = np.flatnonzero(partial & ~few)
-    if not len(rows):
+    probed = partial & ~few
+    if not probed.any():
         return
     flat = sig.reshape(-1)
-    e = np.flatnonzero(empty[rows].reshape(-1))
-    j = e % k
-    f = rows[e // k] * k + j  # flat index of every empty bin to fill
+    if not probed.all():
+        empty &= probed[:, None]
+    f = np.flatnonzero(empty.reshape(-1))  # flat index of every empty bin to fill, row by row
+    j = f & (k - 1) if k & (k - 1) == 0 else f % k
     orig = flat.copy()  # donors are read from the bins as they were (filled bins are not donors)
     for a in range(k):  # at most k probes: probe_t[:, j] visits every bin, and each row has a non-empty one
         cand = p.probe_t[a].take(j)
