@@ -338,3 +338,27 @@ def test_near_copies_within_finds_pairs_at_the_documented_rate_and_none_below_th
     assert 820 <= found <= 930, found
     assert sum(near_copies_within(pair(30), floor=0.3) for _ in range(300)) == 0
     assert all(near_copies_within(pair(128), floor=0.3) == 1 for _ in range(20))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from([8, 16, 37, 128]), st.integers(1, 40), st.integers(0, 2**32 - 1))
+def test_densification_is_the_first_non_empty_bin_in_probe_order(k, n_rows, seed):
+    """Every empty bin of a row with a non-empty bin takes the value of the first non-empty bin of its probe order
+    (rows with many and with few empty bins, all-empty and full rows), as a literal loop over bins does."""
+    from spike_audit.auditors.minhash import _MAX, _densify, _params
+
+    rng = np.random.default_rng(seed)
+    p = _params(5, k, 0)
+    share = rng.choice([0.0, 0.3, 0.9, 1.0, 1 - 1 / k], n_rows)[:, None]  # share of empty bins per row
+    sig = rng.integers(0, 2**32 - 1, (n_rows, k), dtype=np.uint64).astype(np.uint32)
+    sig[rng.random((n_rows, k)) < share] = _MAX
+    want = sig.copy()
+    for r in range(n_rows):
+        if (sig[r] == _MAX).all():
+            continue
+        for j in np.flatnonzero(sig[r] == _MAX):
+            donor = next(c for c in p.probe_t[:, j] if sig[r, c] != _MAX)
+            want[r, j] = sig[r, donor]
+    got = sig.copy()
+    _densify(got, p)
+    assert np.array_equal(got, want)
