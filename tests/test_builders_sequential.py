@@ -205,6 +205,32 @@ def test_small_shard_and_cli(shards, tmp_path):
     assert t.num_rows == 5 * 2 * 2 and t.column("shard")[0].as_py() == "fineweb10B/fineweb_train_000001.bin"
 
 
+def test_verbosity_flags_after_a_trainer_subcommand(shards, tmp_path, capsys):
+    """-q / -v are taken after ``manifest TRAINER ...`` as after any other command (they were refused there:
+    "unrecognized arguments: -q")."""
+    args = ["manifest", "sequential", "--data-files", "fineweb10B/fineweb_train_*.bin", "--shards", str(shards),
+            "-B", "2", "-T", "4", "--num-steps", "3"]
+    assert main(args + ["--out", str(tmp_path / "q.parquet"), "-q"]) == 0
+    assert main(args + ["--out", str(tmp_path / "v.parquet"), "-v"]) == 0
+    assert main(["manifest", "-q"] + args[1:] + ["--out", str(tmp_path / "q2.parquet")]) == 0
+    assert (tmp_path / "q.parquet").read_bytes() == (tmp_path / "q2.parquet").read_bytes()
+    assert "unrecognized" not in capsys.readouterr().err
+
+
+def test_every_command_and_subcommand_takes_the_verbosity_flags():
+    import argparse
+
+    from spike_audit.pipelines.cli.main import _command_parsers, build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    parsers = list(_command_parsers(sub))
+    assert len(parsers) >= 12  # 7 commands and manifest's 5 trainers
+    for p in parsers:
+        flags = {o for a in p._actions for o in a.option_strings}
+        assert {"-q", "--quiet", "-v", "--verbose"} <= flags, p.prog
+
+
 def test_variants_differ_where_the_loaders_differ(shards):
     files = sorted(os.path.relpath(p, shards) for p in glob.glob(str(shards / "fineweb10B" / "*.bin")))
     kw = dict(batch_size=2, seq_len=4, world_size=3, num_steps=20, shard_root=str(shards))

@@ -51,9 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(sub)
-    for p in sub.choices.values():  # -v / -q also after the command (spike-audit run ... -v)
-        add_verbosity(p, default=argparse.SUPPRESS)
+    for p in _command_parsers(sub):  # -v / -q also after the command (spike-audit run ... -v), and after a
+        add_verbosity(p, default=argparse.SUPPRESS)  # command's own subcommand (spike-audit manifest olmo ... -q)
     return parser
+
+
+def _command_parsers(sub):
+    """Every parser under a subparsers action, nested subcommands included (``manifest olmo``)."""
+    for p in sub.choices.values():
+        yield p
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                yield from _command_parsers(action)
 
 
 def add_verbosity(p: argparse.ArgumentParser, default) -> None:
