@@ -116,6 +116,39 @@ def audit_draws(tool: str, run_dir: Path, seed: int, draws: int) -> tuple[list[l
     return out, cpu
 
 
+def pool_outputs(dirs: list[Path], out: Path, record: str | None) -> int:
+    """One table over the runs of several lab outputs (``--pool``): their runs concatenated, scored together."""
+    docs = []
+    for d in dirs:
+        f = d / "verdicts.json"
+        if not f.is_file():
+            sys.exit(f"--pool: {f} does not exist (a directory written by an earlier lab run)")
+        docs.append(json.loads(f.read_text()))
+    runs = [r for doc in docs for r in doc["runs"]]
+    names = [r["name"] for r in runs]
+    if len(set(names)) != len(names):
+        sys.exit("--pool: the same run occurs in two outputs (" +
+                 ", ".join(sorted({n for n in names if names.count(n) > 1})[:3]) + "): pool outputs of other seeds")
+    seeds = sum(doc["meta"]["seeds"] for doc in docs)
+    pooled = lab_eval.pool_scores(runs, seeds)
+    meta = {"command": "python benchmarks/verdicts.py --pool " + " ".join(map(str, dirs)),
+            "pooled": [doc["meta"] for doc in docs],
+            "footer": f"{seeds} seeds pooled from {len(docs)} lab outputs ({len(runs)} runs, "
+                      f"{sum(len(r['events']) for r in runs)} planted events): "
+                      + "; ".join(f"`{doc['meta']['command']}` (pool {doc['meta'].get('pool', '?')})" for doc in docs)}
+    table = lab_eval.render(pooled, meta)
+    print(table)
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {"meta": meta, "table": pooled, "runs": runs}
+    (out / "verdicts.json").write_text(json.dumps(doc, indent=1, default=str))
+    (out / "verdicts.md").write_text(table)
+    if record:
+        dest = HERE / "results"
+        dest.mkdir(exist_ok=True)
+        (dest / f"verdicts-{record}.md").write_text(f"`{meta['command']}`\n\n" + table)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, default=None, help="seeds (default 10; 2 with --quick)")
@@ -134,8 +167,13 @@ def main(argv=None) -> int:
                          "report how often an event's verdict changes with the draw alone (1: only the seed)")
     ap.add_argument("--reaudit", action="store_true",
                     help="run the tool again on the runs kept in OUT/runs by an earlier --keep (no build)")
+    ap.add_argument("--pool", nargs="+", metavar="DIR", default=None,
+                    help="no run: one table over the runs of earlier lab outputs (each DIR/verdicts.json; other "
+                         "seeds, other machines' pools), written to --out")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
+    if args.pool:
+        return pool_outputs([Path(d) for d in args.pool], Path(args.out), args.record)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     n_seeds = args.seeds or (2 if args.quick else 10)

@@ -298,6 +298,7 @@ def pool_scores(runs: list[dict], seeds: int) -> dict:
                            "at_dose_ge_4": _recall([e for e in data_ev if e["dose"] >= 4])},
         "optimizer": {"n": n_opt, "detected": len(opt_detected), "false_data": false_data,
                       "false_data_rate": false_data / len(opt_detected) if opt_detected else None,
+                      "false_data_ci95": wilson(false_data, len(opt_detected)),
                       "verdicts": dict(Counter(e["verdict"] for e in opt_ev)), "agreement": _agreement(opt_ev)},
         "agreement": {"designs": len(agree), "mean": float(np.mean(agree)) if agree else None,
                       "share_ge_095": float(np.mean([a >= 0.95 for a in agree])) if agree else None},
@@ -363,6 +364,17 @@ def draw_agreement(runs: list[dict]) -> dict | None:
     return out
 
 
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float] | None:
+    """Wilson score interval of a binomial proportion ``k / n`` (95% by default)."""
+    if n <= 0:
+        return None
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * float(np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))) / d
+    return max(0.0, c - h), min(1.0, c + h)
+
+
 def _agreement(evs) -> float | None:
     by = defaultdict(list)
     for e in evs:
@@ -423,7 +435,8 @@ def render(pooled: dict, meta: dict) -> str:
         "- by planted duration (steps: data/inconclusive/n): " + ", ".join(
             f"{d}: {c['data']}/{c['inconclusive']}/{c['n']}" for d, c in pooled["by_duration"].items()),
         f"- normal (optimizer) spikes: false `data` {o['false_data']}/{o['detected']} = "
-        f"{_f(o['false_data_rate'], 3)} (verdicts {o['verdicts']})",
+        f"{_f(o['false_data_rate'], 3)}" + (f" (95% interval {o['false_data_ci95'][0]:.3f}-{o['false_data_ci95'][1]:.3f})"
+                                            if o.get("false_data_ci95") else "") + f" (verdicts {o['verdicts']})",
         f"- verdict agreement across seeds: mean share of seeds giving an event design's modal verdict "
         f"{_f(pooled['agreement']['mean'], 3)}; designs with >= 95% agreement: "
         f"{_f(pooled['agreement']['share_ge_095'], 3)} of {pooled['agreement']['designs']}",
