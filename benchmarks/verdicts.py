@@ -25,6 +25,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -77,12 +78,12 @@ def _own_output(out: Path) -> Path:
     return out
 
 
-def audit_run(tool: str, run_dir: Path, seed: int, with_shards: bool) -> dict:
+def audit_run(tool: str, run_dir: Path, seed: int, with_shards: bool, run_args: tuple[str, ...] = ()) -> dict:
     truth = json.loads((run_dir / "truth.json").read_text())
     audit = _own_output(run_dir / "audit")
     t_run, c_run = call([tool, "run", "--log", str(run_dir / truth["log"]), "--manifest", str(run_dir / "manifest.parquet"),
                   "--shards", str(run_dir / "shards"), "--out", str(audit), "--seed", str(seed),
-                  "--eos-id", str(truth["eos_id"]), "--tokenizer", str(run_dir / "tokenizer.json")],
+                  "--eos-id", str(truth["eos_id"]), "--tokenizer", str(run_dir / "tokenizer.json"), *run_args],
                  run_dir / "audit.log")
     t_shards = c_shards = None
     shard_audit = None
@@ -167,6 +168,10 @@ def main(argv=None) -> int:
                          "report how often an event's verdict changes with the draw alone (1: only the seed)")
     ap.add_argument("--reaudit", action="store_true",
                     help="run the tool again on the runs kept in OUT/runs by an earlier --keep (no build)")
+    ap.add_argument("--run-args", default="", help="more options for every `spike-audit run` (one string, e.g. "
+                    "'--controls 500'): the lab under other settings")
+    ap.add_argument("--no-shards", action="store_true", help="no `spike-audit shards` audits (with --reaudit: only "
+                    "`run` again)")
     ap.add_argument("--pool", nargs="+", metavar="DIR", default=None,
                     help="no run: one table over the runs of earlier lab outputs (each DIR/verdicts.json; other "
                          "seeds, other machines' pools), written to --out")
@@ -217,7 +222,8 @@ def main(argv=None) -> int:
             shutil.rmtree(run_dir, ignore_errors=True)
             lab_run.build_run(pool, spec, run_dir)
         t_build = time.perf_counter() - tb
-        res = audit_run(tool, run_dir, seed, with_shards=(r == seed % n_runs))
+        res = audit_run(tool, run_dir, seed, with_shards=(r == seed % n_runs) and not args.no_shards,
+                        run_args=tuple(shlex.split(args.run_args)))
         res["seconds"]["build"] = t_build
         if args.control_draws > 1:
             res["draws"], res["seconds"]["draws_cpu"] = audit_draws(tool, run_dir, seed, args.control_draws)
@@ -241,7 +247,7 @@ def main(argv=None) -> int:
     sizes = sorted({(r["spec"]["steps"], r["spec"]["rows_per_step"], r["spec"]["seq_len"], r["spec"]["layout"])
                     for r in runs})
     meta = {
-        "command": "python benchmarks/verdicts.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python benchmarks/verdicts.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "tool": tool, "seeds": n_seeds, "runs": len(runs), "quick": args.quick,
         "corpus": lab_corpus.describe(pool), "pool": pool.dir.name,
         "seconds": {"total": wall, "pool": t_pool,
