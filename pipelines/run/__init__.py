@@ -29,8 +29,9 @@ steps (Parquet predicate push-down). Everything that touches data runs in one Be
 6. One sink (:class:`spike_audit.pipelines.beam.sink.WriteTables`); the driver assembles and publishes the
    tables atomically, then writes skip_list.json, quarantine.json and report.html from them.
 
-Defaults (documented in the README): the window of a spike is ``[start_step - lookback, peak_step]``
-with ``lookback = 2`` (the loss at step s is measured on batch s, so a data-caused spike shows at the
-batch itself; the lookback covers a delayed reaction); controls are ``n_controls = 100`` steps drawn
-with ``seed`` from the logged steps at least ``guard = 20`` steps away from every spike.
+Defaults (documented in the README, set in :mod:`.plan`): the window of a spike event is
+``[start - lookback, end]`` with ``lookback = 2`` (the loss at step s is measured on batch s, so a data-caused
+spike shows at the batch itself; the lookback covers a delayed reaction), at most ``max_window = 12`` steps;
+controls are ``n_controls = 200`` steps (more when the longest window needs them) drawn with ``seed`` from the
+logged steps at least ``guard = 20`` steps away from every spike.
 """
