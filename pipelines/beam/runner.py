@@ -31,6 +31,7 @@ def run_pipeline(build, options, where: str = "pipeline") -> None:
     except UserError:
         raise
     except Exception as err:
+        _reraise_interrupt(err)
         found = _os_error_in(err)
         if found is None:
             raise
@@ -64,6 +65,26 @@ def _fn_api_runner(options):
         pipeline_options=JobServiceHandle.encode_pipeline_options(options.get_all_options()),
         retrieval_token="unused-retrieval-token")
     return fn_runner.FnApiRunner(provision_info=fn_runner.ExtendedProvisionInfo(info))
+
+
+_INTERRUPT = re.compile(r"^\s*(?:[\w.]*\.)?(KeyboardInterrupt|Terminated)\s*(?:\[while running|$)")
+
+
+def _reraise_interrupt(err: BaseException) -> None:
+    """SIGINT (KeyboardInterrupt) or SIGTERM (:class:`~spike_audit.pipelines.outdir.Terminated`) raised while a
+    step ran: Beam re-raises them wrapped in its own ``RuntimeError("KeyboardInterrupt [while running ...]")``;
+    raised again as themselves, so the command exits 130 / 143 with its one line."""
+    from spike_audit.pipelines.outdir import Terminated
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, (KeyboardInterrupt, Terminated)):
+            raise err
+        m = _INTERRUPT.match(str(err)) if isinstance(err, RuntimeError) else None
+        if m:
+            raise (KeyboardInterrupt() if m.group(1) == "KeyboardInterrupt" else Terminated()) from None
+        err = err.__cause__ or err.__context__
 
 
 def _os_error_in(err: BaseException):
