@@ -236,3 +236,35 @@ def test_state_rerun_after_the_log_grew_audits_only_new_spikes(demo, tmp_path):
     assert third.n_new_spikes == 0
     for name in TABLES:
         assert (tmp_path / "out2" / f"{name}.parquet").read_bytes() == (tmp_path / "out3" / f"{name}.parquet").read_bytes()
+
+
+def test_a_manifest_of_only_the_required_columns_gives_the_same_audit(audited, tmp_path):
+    """``unit`` and the other optional manifest columns may be left out (null ``unit`` means ``row``): the audit is
+    the one of the full manifest (the duplicate reference read every row group without ``unit`` and failed)."""
+    root, _, _ = audited
+    t = pq.read_table(root / "run" / "manifest.parquet")
+    slim = tmp_path / "manifest.parquet"
+    pq.write_table(t.select(["step", "shard", "row_start", "row_end"]).replace_schema_metadata(t.schema.metadata), slim)
+    cfg = _cfg(root, "unused")
+    run_audit(RunConfig(**{**cfg.__dict__, "manifest": str(slim), "out": str(tmp_path / "out")}))
+    for name in ("verdicts", "row_flags", "batch_scores", "shard_scores"):
+        assert pq.read_table(tmp_path / "out" / f"{name}.parquet").equals(
+            pq.read_table(root / "audit" / f"{name}.parquet")), name
+
+
+def test_a_corrupt_page_in_the_manifest_is_a_one_line_error(demo, tmp_path):
+    """A data page damaged past the footer (the footer and schema read fine): the manifest named, no traceback."""
+    root, _ = demo
+    src = root / "run" / "manifest.parquet"
+    data = bytearray(src.read_bytes())
+    at = pq.ParquetFile(src).metadata.row_group(0).column(0).data_page_offset
+    for i in range(at + 30, at + 60):
+        data[i] ^= 0xFF
+    bad = tmp_path / "manifest.parquet"
+    bad.write_bytes(bytes(data))
+    cfg = RunConfig(log=str(root / "run" / "train.log"), manifest=str(bad), shards=str(root / "run" / "shards"),
+                    out=str(tmp_path / "out"))
+    with pytest.raises(UserError, match=r"manifest\.parquet: .*not a readable Parquet manifest") as err:
+        run_audit(cfg)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()

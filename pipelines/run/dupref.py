@@ -62,7 +62,17 @@ def row_group_slices(rg: int, path: str, exclude_steps: frozenset = frozenset())
     without the slices consumed at ``exclude_steps`` (the spike windows)."""
     import pyarrow.parquet as pq
 
-    t = pq.ParquetFile(path).read_row_group(rg, columns=["step", "shard", "row_start", "row_end", "unit"])
+    from spike_audit.pipelines.errors import UserError, reason
+
+    try:
+        pf = pq.ParquetFile(path)
+        # ``unit`` is optional (a manifest of rows only may leave it out: null means ``row``)
+        cols = [c for c in ("step", "shard", "row_start", "row_end", "unit") if c in pf.schema_arrow.names]
+        t = pf.read_row_group(rg, columns=cols)
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise UserError(f"{path}: row group {rg}: not a readable Parquet manifest ({reason(err)})") from None
+    if "unit" not in t.column_names:
+        t = t.append_column("unit", pa.nulls(t.num_rows, pa.string()))
     if exclude_steps and t.num_rows:
         t = t.filter(pc.invert(pc.is_in(t.column("step"), value_set=pa.array(sorted(exclude_steps), pa.int64()))))
     if not t.num_rows:

@@ -273,7 +273,13 @@ def read_manifest_steps(path: str, steps: list[int], offset: int = 0) -> pa.Tabl
     afs, apath = fs.arrow_fs(path)
     import pyarrow.dataset as pads  # imports pandas: only where a manifest is read
 
-    table = pads.dataset(apath, format="parquet", filesystem=afs).to_table(filter=pads.field("step").isin(wanted), use_threads=False)
+    try:
+        table = pads.dataset(apath, format="parquet", filesystem=afs).to_table(filter=pads.field("step").isin(wanted),
+                                                                               use_threads=False)
+    except (pa.ArrowException, OSError, ValueError) as err:  # a corrupt page or column chunk past the footer
+        from spike_audit.pipelines.errors import reason
+
+        raise UserError(f"{path}: not a readable Parquet manifest ({reason(err)})") from None
     table = STEP_MANIFEST.conform(table, path)
     if offset:  # back to the log's step numbers
         table = table.set_column(table.schema.get_field_index("step"), STEP_MANIFEST.schema.field("step"),
