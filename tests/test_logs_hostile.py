@@ -466,3 +466,38 @@ def test_cli_spikes_errors_are_one_line(tmp_path, capsys):
     assert main(["spikes", str(p)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("spike-audit spikes: error: ") and str(p) in err[0]
+
+
+NUL_RENDER = {
+    **RENDER,
+    "llmc": lambda s, v: [f"s:{a} trl:{b!r} lr:0.0006 norm:1.25" for a, b in zip(s, v)],
+    "torchtitan": lambda s, v: [f"step: {a}  loss: {b!r}  grad_norm: 1.25" for a, b in zip(s, v)],
+    "nanogpt": lambda s, v: [f"iter {a}: loss {b!r}, time 35.12ms, mfu 12.00%" for a, b in zip(s, v)],
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(set(NUL_RENDER) - {"jsonl", "csv"}))
+@pytest.mark.parametrize("start, stop", [(10, 20), (3, 4), (30, 31)])
+def test_a_crash_zeroed_block_never_gives_a_step_another_steps_value(tmp_path, fmt, start, stop):
+    """A crash leaves zeros where the log's tail was written; the bytes around them join the head of one record to
+    the tail of a later one. That line is malformed (reported; --strict refuses the log), never read as the first
+    record's step with the later record's values; every other step keeps its own value."""
+    steps = list(range(1, 61))
+    values = [round(2.0 + s / 1000 + (s % 7) / 100, 6) for s in steps]
+    lines = NUL_RENDER[fmt](steps, values)
+    data = ("\n".join(lines) + "\n").encode()
+    starts = np.cumsum([0] + [len(ln.encode()) + 1 for ln in lines])
+    a = int(starts[start] + len(lines[start]) // 2)  # mid record `start` ...
+    b = int(starts[stop] + len(lines[stop]) // 2)  # ... to mid record `stop`
+    p = tmp_path / "run.log"
+    p.write_bytes(data[:a] + b"\x00" * (b - a) + data[b:])
+    table, rep = read_log(p, format=fmt)
+    truth = dict(zip(steps, values))
+    s, v, _ = _train(table)
+    assert all(truth[x] == y for x, y in zip(s, v)), "a step got another step's value"
+    assert rep.n_malformed >= 1
+    assert set(steps) - set(s) <= set(range(steps[0] if fmt != "olmo" else 1, steps[-1] + 1))
+    kept = [x for x in steps if x in s]
+    assert len(kept) >= len(steps) - (stop - start + 1) - (3 if fmt == "olmo" else 1)
+    with pytest.raises(UserError, match=r"run\.log:\d+: expected"):
+        read_log(p, format=fmt, strict=True)

@@ -303,6 +303,15 @@ def _group(struct_arr: pa.Array, name: str) -> pa.Array:
     return pc.struct_field(struct_arr, name)
 
 
+def _no_nul(sub: pa.Array) -> np.ndarray:
+    """True where a line holds no NUL byte. A run of NULs is what a crash leaves where a log's tail was being
+    written (a file's pre-allocated or lost blocks read back as zeros), and the text around it can join the head of
+    one record to the tail of another: such a line is malformed, never a step with another step's values."""
+    if len(sub) == 0:
+        return np.ones(0, bool)
+    return ~_bools(pc.match_substring(sub, "\x00"))
+
+
 def _single_record(sub: pa.Array, record: str | None) -> np.ndarray:
     """True where a line holds at most one record (``record`` matches at most once): two records on one line (two
     ranks writing without a newline between them, a killed writer's half line followed by the restart's) are
@@ -319,7 +328,7 @@ def _parse_kind_lines(lines, marker, pattern, kinds, expected, extra=None, recor
     ``record`` matches twice is malformed (:func:`_single_record`)."""
     sub, nums, n_ignored = _subset(lines, marker)
     m = pc.extract_regex(sub, pattern)
-    matched = _bools(pc.is_valid(m)) & _single_record(sub, record)
+    matched = _bools(pc.is_valid(m)) & _single_record(sub, record) & _no_nul(sub)
     steps, ok_s = _ints(pc.fill_null(_group(m, "step"), ""))
     vals, ok_v = _floats(pc.fill_null(_group(m, "value"), ""))
     good = matched & ok_s & ok_v

@@ -11,7 +11,7 @@ import pyarrow as pa
 from spike_audit.pipelines.errors import UserError
 from spike_audit.schemas import LOSS_SERIES
 from spike_audit.schemas.steps import FORMAT_TRAINER
-from spike_audit.pipelines.logs.lines import (FORMATS, LogReport, MAX_MALFORMED_REPORTED, TextStream, _Parsed,
+from spike_audit.pipelines.logs.lines import (FORMATS, LogReport, MAX_MALFORMED_REPORTED, TextStream, _Parsed, _no_nul,
                                               _Series, _const, _np, read_document)
 from spike_audit.pipelines.logs.restarts import _resolve_restarts
 from spike_audit.pipelines.logs.sniff import _strip_compression, detect_format
@@ -147,6 +147,9 @@ def _parse_text(path: Path, fmt: str, strict: bool, kw: dict) -> tuple[_Parsed, 
     coll = _Collector()
     for chunk in stream:
         coll.add(parser.feed(chunk), chunk.first_line - 1)
+        nul = ~_no_nul(chunk.lines)  # any line with a crash's zeros in it is malformed, whatever it matched
+        if nul.any():
+            coll.malformed.append(np.flatnonzero(nul).astype(np.int64) + chunk.first_line)
         if strict and coll.malformed and fmt not in _STREAMED:
             first = coll.first_malformed
             raise _strict_error(path, first, coll.expected, False)

@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 
 from spike_audit.pipelines.errors import UserError
 from spike_audit.pipelines.logs.lines import (_ANSI, _Parsed, _Series, _blank, _bools, _floats, _group, _ints, _match, _mk,
-                                              _np, _parse_kind_lines, _single_record, _subset)
+                                              _no_nul, _np, _parse_kind_lines, _single_record, _subset)
 
 
 def _parse_modded(lines, **_):
@@ -61,6 +61,7 @@ def _parse_megatron(lines, **_):
     good = _bools(pc.is_valid(head))
     good &= _bools(pc.ends_with(pc.utf8_rtrim_whitespace(sub), "|"))  # else truncated
     good &= _single_record(sub, marker)  # two ranks' records on one line: never one step with another's values
+    good &= _no_nul(sub)  # a crash's zeros joining two records
     steps, ok_s = _ints(pc.fill_null(_group(head, "step"), ""))
     totals, ok_t = _ints(pc.fill_null(_group(head, "total"), ""))
     good &= ok_s & ok_t
@@ -94,6 +95,7 @@ def _parse_olmo(lines, state=None, **_):
     h = pc.extract_regex(lines.take(pa.array(hidx)), header_re)
     hsteps, hok = _ints(pc.fill_null(_group(h, "step"), ""))
     htot, tok = _ints(pc.fill_null(_group(h, "total"), ""))
+    hok &= _no_nul(lines.take(pa.array(hidx)))
     bad = [hidx[~hok] + 1]
     hidx, hsteps, htot = hidx[hok], hsteps[hok], np.where(tok, htot, -1)[hok]
     carried = state.get("olmo_header")
@@ -109,7 +111,7 @@ def _parse_olmo(lines, state=None, **_):
     bad.append(midx[orphan] + 1)
     sub = lines.take(pa.array(midx))
     # a metric line holds one name=value: two are a line cut off by the next one (its value may be cut too)
-    merged = ~_single_record(sub, "=") & ~is_head[midx]
+    merged = (~_single_record(sub, "=") | ~_no_nul(sub)) & ~is_head[midx]
     bad.append(midx[merged] + 1)
     orphan = orphan | merged
     series = []
@@ -152,7 +154,7 @@ def _parse_pattern(lines, pattern=None, metric=None, **_):
     m = m.take(pa.array(idx))
     steps, ok_s = _ints(pc.utf8_trim_whitespace(pc.fill_null(_group(m, "step"), "")))
     vals, ok_v = _floats(pc.utf8_trim_whitespace(pc.fill_null(_group(m, "value"), "")))
-    good = ok_s & ok_v
+    good = ok_s & ok_v & _no_nul(lines.take(pa.array(idx)))
     blank = _blank(lines)
     nums = idx + 1
     return _Parsed([_Series(metric or "train_loss", steps[good], vals[good], nums[good])], nums[~good],
