@@ -134,6 +134,8 @@ def meta_of(table_or_schema) -> dict:
 
 _META_INTS = ("seq_len", "samples_per_step", "tokens_per_step", "first_step", "samples_before_first_step",
               "tokens_before_first_step", "fed_pad_id")
+_META_POSITIVE = ("seq_len", "samples_per_step", "tokens_per_step")  # divisors of the step join: never 0
+_INT64_MAX = 2 ** 63 - 1
 
 
 def check_meta(raw: bytes | None, source: str) -> dict:
@@ -154,8 +156,12 @@ def check_meta(raw: bytes | None, source: str) -> dict:
             raise UserError(f"{source}: manifest metadata {key} = {meta[key]!r}, expected a string or null")
     for key in _META_INTS:
         v = meta.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
-            raise UserError(f"{source}: manifest metadata {key} = {v!r}, expected a non-negative integer or null")
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0 or v > _INT64_MAX):
+            raise UserError(f"{source}: manifest metadata {key} = {v!r}"[:300] + ", expected a non-negative integer "
+                            "(at most 2^63 - 1) or null")
+        if key in _META_POSITIVE and v == 0:
+            raise UserError(f"{source}: manifest metadata {key} = 0, expected a positive integer or null (a step "
+                            f"or sequence of no samples or tokens)")
     if meta.get("extra_token") is not None and not isinstance(meta["extra_token"], bool):
         raise UserError(f"{source}: manifest metadata extra_token = {meta['extra_token']!r}, expected true, false or null")
     dt = meta.get("token_dtype")

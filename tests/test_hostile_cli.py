@@ -83,6 +83,11 @@ def _with_meta(path, raw: bytes | None = None, version: bytes | None = None):
     (json.dumps({"token_dtype": "u2,u2"}).encode(), r"token_dtype = 'u2,u2', expected an integer dtype"),
     (json.dumps({"flat_rows": {"kind": "windows", "seq_len": -1}}).encode(), r"flat_rows = .*seq_len"),
     (json.dumps({"first_step": -5}).encode(), r"first_step = -5, expected a non-negative integer"),
+    # a divisor of the step join at 0, a count past int64: were an OverflowError traceback in `run`
+    (json.dumps({"samples_per_step": 0}).encode(), r"samples_per_step = 0, expected a positive integer"),
+    (json.dumps({"tokens_per_step": 0}).encode(), r"tokens_per_step = 0, expected a positive integer"),
+    (json.dumps({"samples_before_first_step": 2 ** 70}).encode(),
+     r"samples_before_first_step = 1180591620717411303424, expected a non-negative integer \(at most 2\^63 - 1\)"),
 ])
 def test_damaged_manifest_metadata_is_an_error_never_dropped(root, capsys, raw, pattern):
     """A damaged run description was dropped silently: the join then ran on the log's own step numbers (a shift
