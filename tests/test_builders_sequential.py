@@ -256,3 +256,25 @@ def test_batch_positions_are_micro_step_major_then_rank(shards):
         sel = (step == s) & (rank == r) & (micro == m)
         starts = t.column("row_start").to_numpy()[sel]
         assert np.argsort(pos[sel]).tolist() == np.argsort(starts).tolist()
+
+
+@pytest.mark.parametrize("itemsize", [2, 4])
+def test_a_header_with_an_unknown_magic_is_refused_not_read_as_tokens(tmp_path, itemsize):
+    """A shard laid out with the 256 x int32 header (its token count matching the file size) but another magic: the
+    loaders assert the magic; read header-less, every sequence would start 512 tokens early."""
+    n = 5000
+    header = np.zeros(256, np.int32)
+    header[:3] = [1234, 1, n]
+    path = tmp_path / "bad_000000.bin"
+    path.write_bytes(header.tobytes() + (np.arange(n) % 50000).astype(np.uint16 if itemsize == 2 else np.uint32).tobytes())
+    with pytest.raises(UserError, match=r"bad_000000\.bin: starts with a 1,024-byte token header .* magic 1234"):
+        build_sequential_manifest([str(path)], batch_size=4, seq_len=64, world_size=1, num_steps=2)
+
+
+def test_a_header_less_token_file_is_still_read_whole(tmp_path):
+    """nanoGPT-style header-less memmaps are read from byte 0 (their first values are tokens, not a header)."""
+    tokens = (np.arange(20000) * 7919 % 50257).astype(np.uint16)
+    path = tmp_path / "plain_000000.bin"
+    path.write_bytes(tokens.tobytes())
+    t = build_sequential_manifest([str(path)], batch_size=4, seq_len=64, world_size=1, num_steps=2, shard_root=None)
+    assert t.column("row_start")[0].as_py() == 0 and t.column("row_end")[0].as_py() == 4 * 64 + 1

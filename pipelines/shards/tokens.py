@@ -188,6 +188,21 @@ def _read_modded_header(path: str) -> tuple[int, int, int] | None:
     return int(header[0]), int(header[1]), int(header[2])
 
 
+def _refuse_unknown_header(path: str, size: int) -> None:
+    """A file laid out as a modded-nanogpt / llm.c shard (a 256 x int32 header whose token count, its third value,
+    matches the file's size for 2- or 4-byte tokens) but with a magic we do not know: read header-less, every
+    offset would shift by 512 tokens. (A header-less file matches by chance with probability about 2^-31.)"""
+    if size < MODDED_HEADER_BYTES:
+        return
+    with _open(path) as f:
+        head = np.frombuffer(f.read(12), dtype="<i4")
+    magic, version, ntok = (int(x) for x in head)
+    if ntok > 0 and size in (MODDED_HEADER_BYTES + 2 * ntok, MODDED_HEADER_BYTES + 4 * ntok):
+        raise UserError(f"{path}: starts with a 1,024-byte token header ({ntok} tokens, which matches the file's size) "
+                        f"whose magic {magic} (version {version}) is not known: expected 20240520 (modded-nanogpt, "
+                        f"llm.c uint16) or 20240801 (llm.c uint32); a damaged or other trainer's shard?")
+
+
 def open_token_file(path: str, dtype=None) -> TokenFile:
     """A raw token memmap, skipping a modded-nanogpt / llm.c header when present."""
     size = _size(path)
@@ -203,6 +218,7 @@ def open_token_file(path: str, dtype=None) -> TokenFile:
             raise UserError(f"{path}: header says {ntok} tokens ({expected} bytes with the header), "
                             f"file has {size} bytes")
         return TokenFile(path, MODDED_HEADER_BYTES, dt, ntok)
+    _refuse_unknown_header(path, size)
     dt = np.dtype(dtype) if dtype is not None else np.dtype(np.uint16)
     if size % dt.itemsize:  # a writer killed mid-token, or another dtype: never read a silent prefix
         raise UserError(f"{path}: {size} bytes is not a whole number of {dt.name} tokens ({dt.itemsize} bytes each): "
