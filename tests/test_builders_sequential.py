@@ -277,4 +277,4 @@ def test_a_header_less_token_file_is_still_read_whole(tmp_path):
     path = tmp_path / "plain_000000.bin"
     path.write_bytes(tokens.tobytes())
     t = build_sequential_manifest([str(path)], batch_size=4, seq_len=64, world_size=1, num_steps=2, shard_root=None)
-    assert t.column("row_start")[0].as_py() == 0 and t.column("row_end")[0].as_py() == 4 * 64 + 1
+    assert t.column("row_start")[0].as_py() == 0 and t.column("row_end")[0].as_py() == 64 + 1  # from byte 0
