@@ -501,3 +501,27 @@ def test_a_crash_zeroed_block_never_gives_a_step_another_steps_value(tmp_path, f
     assert len(kept) >= len(steps) - (stop - start + 1) - (3 if fmt == "olmo" else 1)
     with pytest.raises(UserError, match=r"run\.log:\d+: expected"):
         read_log(p, format=fmt, strict=True)
+
+
+@pytest.mark.parametrize("first, second", [("jsonl", "megatron"), ("megatron", "modded-nanogpt"),
+                                           ("modded-nanogpt", "jsonl")])
+def test_a_log_mixing_two_formats_warns_about_the_ignored_records(tmp_path, caplog, first, second):
+    """The format is detected from the log's head; records of a second format further down were ignored as
+    unrelated text with only an INFO count. Now a warning (shown at -q) names the other format."""
+    steps = list(range(1, 41))
+    values = [2.0 + s / 100 for s in steps]
+    render = {**NUL_RENDER}
+    p = tmp_path / "run.log"
+    p.write_text("\n".join(render[first](steps, values) + render[second]([s + 100 for s in steps], values)) + "\n")
+    with caplog.at_level("WARNING", logger="spike_audit.pipelines.logs.read"):
+        _, rep = read_log(p)
+    assert rep.format in (first, second)  # detected from the head: either may win
+    other = second if rep.format == first else first
+    warned = [r.getMessage() for r in caplog.records if "mixing two formats" in r.getMessage()]
+    assert len(warned) == 1 and f"like {other} records" in warned[0], caplog.text
+    caplog.clear()
+    q = tmp_path / "pure.log"
+    q.write_text("\n".join(render[first](steps, values)) + "\n")
+    with caplog.at_level("WARNING", logger="spike_audit.pipelines.logs.read"):
+        read_log(q)
+    assert not [r for r in caplog.records if "mixing two formats" in r.getMessage()]

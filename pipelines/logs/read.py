@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from spike_audit.pipelines.errors import UserError
 from spike_audit.schemas import LOSS_SERIES
@@ -140,13 +141,43 @@ def _strict_error(path, line: int, expected: str, cut: bool) -> UserError:
     return UserError(f"{path}:{line}: expected {expected}, got {got[:120]!r}")
 
 
-def _parse_text(path: Path, fmt: str, strict: bool, kw: dict) -> tuple[_Parsed, int | None]:
-    """Stream a text log chunk by chunk. Returns the parse and the number of a cut last line (or None)."""
+#: Record lines of each text format (what its parser reads), to notice a log that mixes two formats: the lines of
+#: the format not chosen would be ignored as unrelated text.
+_RECORD_MARKERS = {
+    "megatron": r"\biteration\s+\d+\s*/\s*\d+\s*\|",
+    "modded-nanogpt": r"^step:\d+/\d+ (?:train|val)_loss:",
+    "llmc": r"^s:\d+ t[re]l:",
+    "nanogpt": r"^iter \d+: loss ",
+    "torchtitan": r"\bstep:\s*\d+\s+loss:\s*\S",
+    "olmo": r"\[step=\d+/",
+    "jsonl": r'^\s*\{.*"(?:step|_step|iteration|global_step)"\s*:\s*\d',
+}
+
+
+def _other_records(lines: pa.Array, fmt: str, counts: dict) -> None:
+    """Add to ``counts`` the lines of ``lines`` that are record lines of another text format than ``fmt``."""
+    others = {f: rx for f, rx in _RECORD_MARKERS.items() if f != fmt}
+    if not len(lines) or not others:
+        return
+    any_other = _np(pc.match_substring_regex(lines, "|".join(f"(?:{rx})" for rx in others.values())))
+    if not any_other.any():
+        return
+    sub = lines.filter(pa.array(any_other))
+    for f, rx in others.items():
+        counts[f] = counts.get(f, 0) + int(_np(pc.match_substring_regex(sub, rx)).sum())
+
+
+def _parse_text(path: Path, fmt: str, strict: bool, kw: dict) -> tuple[_Parsed, int | None, dict]:
+    """Stream a text log chunk by chunk. Returns the parse, the number of a cut last line (or None) and, per other
+    text format, how many lines look like its records."""
     parser = _STREAMED[fmt](**kw) if fmt in _STREAMED else _LineParser(_TEXT[fmt], **kw)
     stream = TextStream(path)
     coll = _Collector()
+    others: dict = {}
     for chunk in stream:
         coll.add(parser.feed(chunk), chunk.first_line - 1)
+        if fmt != "pattern":
+            _other_records(chunk.lines, fmt, others)
         nul = ~_no_nul(chunk.lines)  # any line with a crash's zeros in it is malformed, whatever it matched
         if nul.any():
             coll.malformed.append(np.flatnonzero(nul).astype(np.int64) + chunk.first_line)
@@ -158,7 +189,7 @@ def _parse_text(path: Path, fmt: str, strict: bool, kw: dict) -> tuple[_Parsed, 
     if (not stream.terminated and stream.last_line.rstrip(" \t")[-1:] in _NUMBERISH
             and stream.last_line.strip() and coll.drop_line(stream.n_lines)):
         cut = stream.n_lines
-    return coll.finish(stream.n_lines), cut
+    return coll.finish(stream.n_lines), cut, others
 
 
 def read_log(path, *, format=None, run=None, metric=None, step_key=None, value_key=None, pattern=None,
@@ -197,6 +228,7 @@ def read_log(path, *, format=None, run=None, metric=None, step_key=None, value_k
                               pattern=pattern, tag=tag, strict=strict)
     kw = dict(path=path, step_key=step_key, value_key=value_key, metric=metric, pattern=pattern, tag=tag)
     cut = None
+    others: dict = {}
     if fmt == "tensorboard":
         parsed = _parse_tensorboard(path, **{k: v for k, v in kw.items() if k != "path"})
     elif path.is_dir():
@@ -204,7 +236,7 @@ def read_log(path, *, format=None, run=None, metric=None, step_key=None, value_k
     elif fmt in _RAW:
         parsed = _RAW[fmt](read_document(path), **kw)
     else:
-        parsed, cut = _parse_text(path, fmt, strict, kw)
+        parsed, cut, others = _parse_text(path, fmt, strict, kw)
     malformed = np.unique(parsed.malformed.astype(np.int64))
     if strict and len(malformed):
         ln = int(malformed[0])
@@ -272,6 +304,12 @@ def read_log(path, *, format=None, run=None, metric=None, step_key=None, value_k
         log.warning("%s: %d values were replaced by later lines that log an earlier step (the resume rule) and %d "
                     "are kept: is this log sorted by step within each run? (a resume replaces the values from the "
                     "resume point on)", path, n_replaced, table.num_rows)
+    lines_read = int(np.unique(table.column("source_line").drop_null().to_numpy()).size)
+    for other, k in sorted(others.items(), key=lambda kv: -kv[1]):
+        if k >= max(10, 0.05 * max(lines_read, 1)):  # a log of two formats: the other one's records were ignored
+            log.warning("%s: read as %s, but %d lines look like %s records and were ignored as unrelated text: a log "
+                        "mixing two formats? (--format %s reads those; or split the log)", path, fmt, k, other, other)
+            break
     log.info("%s", report.summary())
     return table, report
 
