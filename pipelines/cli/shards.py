@@ -129,7 +129,8 @@ def register(sub) -> None:
         help="judge the shards against a baseline saved by --save-baseline (its rows' natural rates, unigram "
              "histogram and row hashes) instead of against each other")
     opt(p, "--skip-bad", cls=c, dest="skip_bad", action="store_true",
-        help="continue without unreadable shards (they are listed)")
+        help="continue without shards found unreadable before scoring (not Parquet, a damaged footer, missing "
+             "columns; they are listed); damage found while decoding a shard's data still stops the run")
     add_columns(p, c)
     opt(p, "--dtype", cls=c, dest="dtype", help="token dtype of raw .bin files (default uint16)")
     opt(p, "--batch-rows", cls=c, dest="batch_rows", type=int, help="rows read per chunk")
