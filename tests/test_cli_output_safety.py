@@ -95,3 +95,23 @@ def test_run_refuses_a_manifest_name_outside_the_root_before_any_work(tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"shard '{bad}'" in err[0] and ("--allow-outside-root" in err[0] or "--allow-urls" in err[0])
     assert not (tmp_path / "out").exists()
+
+
+def test_log_lines_escape_control_characters_in_names(tmp_path):
+    """A log (or shard) name holding a newline or an escape sequence is written escaped in the INFO lines too, so one
+    record stays one line on the terminal and the name cannot drive it (error lines were escaped already)."""
+    import subprocess
+    import sys
+
+    src = tmp_path / "train.log"
+    src.write_text("".join(f" iteration {s:8d}/     100 | consumed samples: {16 * s:8d} | lm loss: {3.0 + (s % 5) / 10:E} |"
+                           f" grad norm: 1.0 |\n" for s in range(1, 101)))
+    odd = tmp_path / "a\nb\x1b[31m.log"
+    odd.write_bytes(src.read_bytes())
+    r = subprocess.run([sys.executable, "-m", "spike_audit.pipelines.cli", "spikes", str(odd), "--out",
+                        str(tmp_path / "out")], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "\x1b" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert lines and all(ln[:4].isdigit() for ln in lines), r.stderr  # every line a record: "2026-... INFO ..."
+    assert any("a\\nb\\x1b[31m.log" in ln for ln in lines), r.stderr

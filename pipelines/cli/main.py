@@ -86,6 +86,15 @@ class _ThirdPartyFilter(logging.Filter):
         return not (record.name.startswith("apache_beam") or f"{os.sep}apache_beam{os.sep}" in record.pathname)
 
 
+class _PrintableFormatter(logging.Formatter):
+    """Log lines with control characters escaped (a shard or log name holding a newline or an escape sequence, text
+    from the data): one record is one line on the terminal, as the error lines are."""
+
+    def formatMessage(self, record):  # noqa: N802 - logging's name
+        record.message = printable(record.message).replace("\n", "\\n")
+        return super().formatMessage(record)
+
+
 def setup_logging(verbose: int, quiet: bool) -> None:
     """-q: warnings and errors only; default: our INFO lines and the progress (a live line on a terminal);
     -v: our DEBUG lines and Beam's warnings; -vv: everything, Beam's INFO/DEBUG included. Beam's warnings
@@ -99,7 +108,7 @@ def setup_logging(verbose: int, quiet: bool) -> None:
             root.removeHandler(h)
     if not root.handlers:  # as logging.basicConfig: a host that configured logging (pytest, a notebook) keeps it
         handler = LiveLineHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(_PrintableFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         handler.addFilter(_ThirdPartyFilter(logging.DEBUG if verbose >= 2 else
                                             logging.WARNING if verbose == 1 else logging.ERROR))
         root.addHandler(handler)
