@@ -66,6 +66,7 @@ def read_config_file(path: str, section: str) -> tuple[dict, list[str]]:
         text = fs.read_bytes(path).decode("utf-8")
     except UnicodeDecodeError:
         raise UserError(f"{path}: config file is not UTF-8 text") from None
+    text = text.removeprefix("\ufeff")  # a UTF-8 BOM (editors on Windows write one): not part of the TOML or JSON
     if str(path).lower().endswith(".json"):
         try:
             doc = json.loads(text)

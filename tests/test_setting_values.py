@@ -213,3 +213,16 @@ def test_shards_with_an_alpha_no_double_divides_writes_finite_thresholds(demo, t
         for f in (quarantine_threshold, lambda k, a: contamination_threshold(k, 60, a)):
             t, t_ok = f(n, 1e-320), f(n, 1e-300)
             assert np.isfinite(t) and t > t_ok and abs((t - t_ok) - 20) < 1e-3  # 20 decades (1e-320 is subnormal: 4 digits)
+
+
+@pytest.mark.parametrize("name, text", [("c.toml", 'alpha = 0.01\n[run]\nlookback = 3\n'),
+                                        ("c.json", '{"alpha": 0.01, "run": {"lookback": 3}}')])
+def test_a_config_file_with_a_utf8_bom_reads_as_without(tmp_path, name, text):
+    """Editors on Windows start UTF-8 files with a byte-order mark; the TOML parser refused it at line 1, column 1."""
+    from spike_audit.pipelines.settings import read_config_file
+
+    plain, bom = tmp_path / name, tmp_path / f"bom-{name}"
+    plain.write_text(text, encoding="utf-8")
+    bom.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert read_config_file(str(bom), "run") == read_config_file(str(plain), "run")
+    assert read_config_file(str(bom), "run")[0] == {"alpha": 0.01, "lookback": 3}
