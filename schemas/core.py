@@ -175,6 +175,10 @@ def validate(table: pa.Table | pa.Schema, spec: TableSpec, source: str = "<table
             col = table.column(f.name)
             first = next(i for i, v in enumerate(col.is_null().to_pylist()) if v)
             raise SchemaError(f"{source}: row {first}: column {f.name!r} is null, expected a value")
+    kind = (schema.metadata or {}).get(META_TABLE)
+    if kind is not None and kind != spec.name.encode():  # another of our tables: its version is not this one's
+        raise SchemaError(f"{source}: is a spike-audit {kind.decode('utf-8', 'replace')[:60]!r} table, expected a "
+                          f"{spec.name} table")
     version = (schema.metadata or {}).get(META_VERSION)
     if version is not None and not version.strip().isdigit():
         raise SchemaError(f"{source}: table version {version.decode('utf-8', 'replace')!r} in its metadata, expected "

@@ -509,3 +509,13 @@ def test_olmo_lines_cut_and_merged_never_pair_a_step_with_another_steps_value(tm
         assert main(["spikes", str(p), "--format", "olmo", "--strict"]) == 2
         err = capsys.readouterr().err  # (the quoted line holds OLMo's own " INFO ": not _one_line_error's filter)
         assert err.count("\n") <= 1 and err.startswith(f"spike-audit spikes: error: {p}:{rep.malformed_lines[0]}: "), err
+
+
+def test_another_spike_audit_table_given_as_the_manifest_is_named(root, capsys):
+    """A step manifest's columns with another table's name in its metadata (a renamed output, the wrong file): the
+    file's own kind is named, not read as a manifest of that version."""
+    man = _manifest(root)
+    t = pq.read_table(man)
+    pq.write_table(t.replace_schema_metadata({**t.schema.metadata, b"spike_audit.table": b"shard_scores"}), man)
+    assert _batch(root, man) == 2
+    _one_line_error(capsys, r"manifest\.parquet: is a spike-audit 'shard_scores' table, expected a step_manifest table")
