@@ -202,3 +202,16 @@ def test_indices_shorter_than_an_epoch_of_the_settings_is_one_line(run, tmp_path
     have, batches, need = map(int, m.groups())
     assert have == sum(s // SEQ for s in (SEQ * 10 + 5, SEQ * 7, SEQ * 13 + 3))  # one epoch at the run's seq_len
     assert need == batches * 4 and need > have, err
+
+
+def test_a_bad_index_file_is_named_by_the_cli(tmp_path, capsys):
+    """The command line read the index file itself and the error said ``<global_indices>``; a negative index was
+    reported as past the data."""
+    np.zeros(SEQ * 4, np.uint16).tofile(tmp_path / "d.bin")
+    np.save(tmp_path / "global_indices.npy", np.array([0, 1, -3, 2], np.int64))
+    rc = main(["manifest", "olmo", "--global-indices", str(tmp_path / "global_indices.npy"), "--data-files", "d.bin",
+               "--shards", str(tmp_path), "--seq-len", str(SEQ), "--global-batch-size", "2",
+               "--out", str(tmp_path / "m.parquet")])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "global_indices.npy: position 2: instance -3 is negative (expected 0..3" in err[0], err

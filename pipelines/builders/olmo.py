@@ -76,7 +76,8 @@ def instance_counts(shard_root: str | None, paths: list[str], seq_len: int, dtyp
 def build_olmo_manifest(global_indices, paths: list[str], *, seq_len: int, global_batch_size: int,
                         dtype="uint16", shard_root: str | None = None, first_step: int = 0,
                         steps: tuple[int, int] | None = None, world_size: int | None = None,
-                        micro_batch_size: int | None = None, file_sizes: list[int] | None = None) -> pa.Table:
+                        micro_batch_size: int | None = None, file_sizes: list[int] | None = None,
+                        source: str | None = None) -> pa.Table:
     """STEP_MANIFEST of an OLMo / OLMo-core run.
 
     ``global_indices``: path or array. ``paths``: the data files in config order, as they should
@@ -87,7 +88,7 @@ def build_olmo_manifest(global_indices, paths: list[str], *, seq_len: int, globa
         raise UserError(f"seq_len and global batch size must be positive, got {seq_len} and {global_batch_size}")
     if not paths:
         raise UserError("no data files given")
-    src = str(global_indices) if not isinstance(global_indices, np.ndarray) else "<global_indices>"
+    src = source or (str(global_indices) if not isinstance(global_indices, np.ndarray) else "<global_indices>")
     indices = global_indices if isinstance(global_indices, np.ndarray) else load_global_indices(global_indices)
     counts = instance_counts(shard_root, paths, seq_len, dtype, file_sizes)
     cum = np.concatenate([[0], np.cumsum(counts)])
@@ -100,8 +101,10 @@ def build_olmo_manifest(global_indices, paths: list[str], *, seq_len: int, globa
     inst = np.asarray(indices[b0 * global_batch_size:b1 * global_batch_size], dtype=np.int64)
     bad = np.flatnonzero((inst < 0) | (inst >= cum[-1]))
     if len(bad):
-        raise UserError(f"{src}: position {pos[bad[0]]}: instance {inst[bad[0]]} is past the {cum[-1]} instances "
-                        f"of the {len(paths)} data files (seq_len {seq_len}, dtype {np.dtype(dtype).name})")
+        i = int(bad[0])
+        what = "is negative" if inst[i] < 0 else f"is past the {cum[-1]} instances of the {len(paths)} data files"
+        raise UserError(f"{src}: position {pos[i]}: instance {inst[i]} {what} (expected 0..{cum[-1] - 1}; seq_len "
+                        f"{seq_len}, dtype {np.dtype(dtype).name})")
     f = np.searchsorted(cum, inst, side="right") - 1
     local = inst - cum[f]
     in_batch = pos % global_batch_size
@@ -262,7 +265,7 @@ def build_olmo_core_manifest(indices_files: list, paths: list[str], *, seq_len: 
                                           seq_len=seq_len, global_batch_size=global_batch_size, dtype=dtype,
                                           shard_root=shard_root, first_step=step0, steps=steps,
                                           world_size=world_size, micro_batch_size=micro_batch_size,
-                                          file_sizes=sizes))
+                                          file_sizes=sizes, source=None if isinstance(gi, np.ndarray) else str(gi)))
     if not tables:
         raise UserError(f"steps {steps[0]}..{steps[1]} are outside the epochs given "
                         f"({per_epoch} steps an epoch from step {first_step})")
