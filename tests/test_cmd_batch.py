@@ -153,6 +153,10 @@ def test_log_step_uses_the_recorded_trainers_numbering(tmp_path, capsys):
     assert rep["slices"][0]["epoch"] is None  # unknown for a hand-made manifest
     assert main(base[:-1] + ["--step", "0"]) == 0
     assert "step 0 (megatron iteration 1)" in capsys.readouterr().out
+    # Megatron counts from 1: log step 0 is no batch, and the error shows the join
+    err = _err(capsys, base + ["--log-step", "0"])
+    assert ("log step 0 is batch index -1 in megatron's numbering (log step = batch index + 1), not in the manifest "
+            "(steps 0..1; log steps 1..2)") in err
     write_manifest(manifest_from_arrays([0], "t.bin", [0], [8], "token"), tmp_path / "m.parquet")
     err = _err(capsys, base + ["--log-step", "1"])
     assert "--log-step needs the trainer's step numbering but it records no trainer" in err

@@ -96,6 +96,10 @@ def step_report(manifest: str, shard_root: str | None, step: int, *, tokenizer: 
     if not len(ids):
         steps = table.column("step").to_numpy()
         have = f"steps {steps.min()}..{steps.max()}" if len(steps) else "no rows"
+        if log_step is not None:  # name the join, so an off-by-one of the numbering is visible
+            logged = f"; log steps {steps.min() + base}..{steps.max() + base}" if len(steps) else ""
+            raise UserError(f"{src}: log step {log_step} is batch index {step} in {trainer}'s numbering (log step = batch "
+                            f"index + {base}), not in the manifest ({have}{logged})")
         raise UserError(f"{src}: step {step} is not in the manifest ({have})")
     sub = table.take(ids)
     row_def = manifest_rows(manifest, rows)
