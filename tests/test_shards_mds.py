@@ -150,3 +150,28 @@ def test_a_damaged_index_is_one_line_and_exit_2_at_the_command_line(tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "shard 3: missing or malformed field" in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_negative_token_id_is_refused_naming_the_sample(tmp_path):
+    """A signed token column (json lists, or an ndarray of int16/int32/int64) can hold negative ids: they were
+    returned as tokens (found by the fuzz test); now refused like every other format's, naming the sample."""
+    import zstandard
+
+    src = FIX / "mixed_zstd"
+    dst = tmp_path / "neg"
+    shutil.copytree(src, dst)
+    index = json.loads((dst / "index.json").read_text())
+    first = index["shards"][0]
+    zpath = dst / first["zip_data"]["basename"]
+    raw = zstandard.ZstdDecompressor().decompress(zpath.read_bytes(), max_output_size=1 << 20)
+    import re
+
+    at = re.search(rb"\[\d+, \d", raw).end() - 3  # inside the first sample's json token list: ", 12" -> ",-12"
+    raw = raw[:at] + b",-" + raw[at + 2:]
+    zpath.write_bytes(zstandard.ZstdCompressor().compress(raw))
+    first["zip_data"]["bytes"] = zpath.stat().st_size
+    (dst / "index.json").write_text(json.dumps(index))
+    with pytest.raises(UserError, match=r"shard\.00000\.mds.*: sample 0: token id -\d+ is not a token id"):
+        MDSReader(str(dst), "neg", tokens_col="j").read(np.array([[0, 2]]))
+    # the other columns of the same shard are still read
+    assert MDSReader(str(dst), "neg").read(np.array([[0, 2]])).column("tokens").to_pylist() == TRUTH[:2]

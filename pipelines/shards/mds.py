@@ -259,6 +259,11 @@ class MDSReader(ShardReader):
         if tok_c is not None:
             k, enc = tok_c
             tok = self._tokens(buf, starts[:, k], starts[:, k] + sizes[:, k], enc, s)
+            from spike_audit.pipelines.shards.slices import check_token_ids
+
+            offs = np.asarray(tok.offsets, dtype=np.int64)
+            check_token_ids(tok.values.slice(int(offs[0]), int(offs[-1] - offs[0])), offs - offs[0],
+                            lambda i: f"{self.name}: {os.path.basename(s.raw)}: sample {int(local[i])}")
         if txt_c is not None:
             k, enc = txt_c
             if enc != "str":
