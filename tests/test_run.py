@@ -268,3 +268,25 @@ def test_a_corrupt_page_in_the_manifest_is_a_one_line_error(demo, tmp_path):
         run_audit(cfg)
     assert "\n" not in str(err.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_steps_of_another_size_than_samples_per_step_are_warned_about(audited, tmp_path, caplog):
+    """A manifest whose step column puts two batches under one number (step 6's rows labelled 5): the audit judges
+    what the manifest says, so the mismatch with the run description's samples_per_step is a warning."""
+    import pyarrow as pa
+
+    root, _, _ = audited
+    t = pq.read_table(root / "run" / "manifest.parquet")
+    st = t.column("step").to_numpy().copy()
+    st[st == 6] = 5
+    bad = tmp_path / "manifest.parquet"
+    pq.write_table(t.set_column(t.schema.get_field_index("step"), t.schema.field("step"), pa.array(st)), bad)
+    cfg = _cfg(root, "unused")
+    with caplog.at_level("WARNING", logger="spike_audit.pipelines.run.plan"):
+        run_audit(RunConfig(**{**cfg.__dict__, "manifest": str(bad), "out": str(tmp_path / "out")}))
+    assert ("audited steps hold another number of rows than the run description's samples_per_step 16 (log step 6 "
+            "has 32)") in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="spike_audit.pipelines.run.plan"):
+        run_audit(RunConfig(**{**cfg.__dict__, "out": str(tmp_path / "out2")}))
+    assert "samples_per_step" not in caplog.text

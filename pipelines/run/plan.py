@@ -380,9 +380,35 @@ def plan_audit(cfg: RunConfig, loss: pa.Table, spikes: pa.Table, skip_spikes: fr
                                   man.column("row_start").to_pylist(), man.column("row_end").to_pylist(), units)
     ]
     lengths = _check_slices(cfg, man, [w + offset for w in wanted], dtype)
+    _check_step_sizes(cfg, man)
     log.info("audit plan: %d spikes, %d window steps, %d control steps, %d manifest slices", len(windows),
              len(spikes_of), len(controls), len(slices))
     return Plan(spikes, windows, controls, spikes_of, slices, missing, offset, events, sorted(exclude), lengths or {})
+
+
+def _check_step_sizes(cfg: RunConfig, man: pa.Table) -> None:
+    """Warn when audited steps of a manifest of rows hold another number of rows than the run description's
+    ``samples_per_step`` (a step column off by one somewhere, two steps' rows under one number): the audit then
+    judges what the manifest says, which is not what the trainer consumed."""
+    from spike_audit.pipelines.manifest import read_meta
+
+    per = read_meta(cfg.manifest).get("samples_per_step")
+    if not per or not man.num_rows:
+        return
+    unit = pc.fill_null(man.column("unit"), "row")
+    rows = man.filter(pc.equal(unit, "row"))
+    if not rows.num_rows:
+        return
+    steps = np.asarray(rows.column("step"), dtype=np.int64)
+    n = np.asarray(rows.column("row_end"), dtype=np.int64) - np.asarray(rows.column("row_start"), dtype=np.int64)
+    u, inv = np.unique(steps, return_inverse=True)
+    count = np.bincount(inv, weights=n).astype(np.int64)
+    off = np.flatnonzero(count != int(per))
+    if len(off):
+        i = int(off[0])
+        log.warning("%s: %d of %d audited steps hold another number of rows than the run description's "
+                    "samples_per_step %d (log step %d has %d): is the manifest's step column right?", cfg.manifest,
+                    len(off), len(u), int(per), int(u[i]), int(count[i]))
 
 
 def _check_slices(cfg: RunConfig, man: pa.Table, steps: list[int], dtype=None) -> dict:
