@@ -546,3 +546,35 @@ def test_a_damaged_datasets_arrow_file_is_a_one_line_error(tmp_path):
     assert child.returncode == 2, (child.returncode, child.stderr[-800:])
     err = child.stderr.strip().splitlines()
     assert len(err) == 1 and "s.arrow: column 'tokens' rows 0..1 of the file are damaged" in err[0], child.stderr
+
+
+def _hf_dir(path, rows):
+    import datasets
+
+    datasets.Dataset.from_dict({"tokens": [list(range(i, i + 8)) for i in range(rows)],
+                                "text": [f"row {i}" for i in range(rows)]}).save_to_disk(str(path))
+
+
+@pytest.mark.parametrize("filename", ["../../elsewhere/data.arrow", "/abs/data.arrow", "sub/data.arrow", ".."])
+def test_a_datasets_state_naming_a_file_outside_its_directory_is_refused(tmp_path, filename):
+    """``state.json`` of a ``save_to_disk`` directory names its data files; a name with a directory part was followed
+    out of the directory (a file outside the shard root read without --allow-outside-root)."""
+    ds = tmp_path / "root" / "esc"
+    _hf_dir(ds, 5)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (ds / "data-00000-of-00001.arrow").rename(outside / "data.arrow")
+    state = json.loads((ds / "state.json").read_text())
+    state["_data_files"] = [{"filename": filename if not filename.startswith("../../") else
+                             os.path.relpath(outside / "data.arrow", ds)}]
+    (ds / "state.json").write_text(json.dumps(state))
+    with pytest.raises(UserError, match=r"esc: .*state\.json names the data file .*expected a file name inside"):
+        open_shard(str(tmp_path / "root"), "esc")
+
+
+def test_a_datasets_directory_of_no_rows_is_a_one_line_error(tmp_path):
+    _hf_dir(tmp_path / "root" / "empty", 0)
+    with pytest.raises(UserError, match=r"empty: .*not a readable datasets directory"):
+        open_shard(str(tmp_path / "root"), "empty")
+    _hf_dir(tmp_path / "root" / "ok", 3)  # a good one beside it still reads
+    assert shard_length(str(tmp_path / "root"), "ok") == 3

@@ -10,6 +10,27 @@ from spike_audit.pipelines.shards.base import ShardReader, _TableRowsMixin
 from spike_audit.pipelines.shards.paths import is_url
 
 
+def _check_data_files(path: str, name: str) -> None:
+    """The data files a ``save_to_disk`` directory's ``state.json`` names are plain file names inside it (as
+    ``datasets`` writes them): a name with a directory part, ``..`` or an absolute path would read a file outside
+    the directory the user pointed at, which the fingerprint of the shard does not cover either."""
+    import json
+    import os
+
+    state = os.path.join(path, "state.json")
+    if not os.path.isfile(state):
+        return  # not a dataset directory: datasets' own error says so
+    try:
+        files = json.loads(open(state, "rb").read()).get("_data_files", [])
+        names = [f.get("filename") for f in files]
+    except (ValueError, AttributeError, TypeError, OSError):
+        return  # a damaged state.json: datasets' own loader names the problem
+    for fn in names:
+        if not isinstance(fn, str) or not fn or os.path.basename(fn) != fn or fn in (".", "..") or "\x00" in fn:
+            raise UserError(f"{name}: state.json names the data file {fn!r}, expected a file name inside the dataset "
+                            f"directory (a path out of it is never followed)"[:400])
+
+
 class HFReader(_TableRowsMixin, ShardReader):
     fmt = "hf"
 
@@ -24,10 +45,13 @@ class HFReader(_TableRowsMixin, ShardReader):
                     check_regular(path, "shard file")
                 ds = datasets.Dataset.from_file(path)
             else:
+                if not is_url(path):
+                    _check_data_files(path, name)
                 ds = datasets.load_from_disk(path)
         except UserError:
             raise
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, pa.ArrowException) as err:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError, pa.ArrowException) as err:
+            # (IndexError: datasets' own loader on a directory of no rows)
             msg = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
             raise UserError(f"{name}: not a readable datasets directory or .arrow file ({msg})") from None
         if isinstance(ds, datasets.DatasetDict):
