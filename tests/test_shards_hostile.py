@@ -578,3 +578,16 @@ def test_a_datasets_directory_of_no_rows_is_a_one_line_error(tmp_path):
         open_shard(str(tmp_path / "root"), "empty")
     _hf_dir(tmp_path / "root" / "ok", 3)  # a good one beside it still reads
     assert shard_length(str(tmp_path / "root"), "ok") == 3
+
+
+@pytest.mark.parametrize("bad", ["455.5", "455.0", "1e3"])
+def test_jsonl_float_token_ids_are_refused_naming_the_line(tmp_path, bad):
+    """Arrow converts floats to an integer type by truncation: 455.5 was read as token 455."""
+    root = tmp_path / "root"
+    root.mkdir()
+    lines = ['{"tokens": [1, 2, 3], "text": "a"}'] * 3 + ['{"tokens": [4, %s, 6], "text": "b"}' % bad]
+    (root / "s.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError, match=r"s\.jsonl:4: expected 'tokens' to be a list of integer token ids"):
+        read_slices(str(root), "s.jsonl", [[0, 4]])
+    (root / "ok.jsonl").write_text("\n".join(lines[:3] + ['{"tokens": [], "text": "c"}']) + "\n")
+    assert read_slices(str(root), "ok.jsonl", [[0, 4]]).column("tokens").to_pylist() == [[1, 2, 3]] * 3 + [[]]

@@ -168,14 +168,30 @@ class JsonlReader(ShardReader):
         return pa.table(cols) if cols else pa.table({"_": pa.nulls(len(recs))})
 
     def _column(self, recs: list[dict], line_ids: np.ndarray, key: str, typ: pa.DataType, what: str) -> pa.Array:
+        ints = pa.types.is_list(typ) and pa.types.is_integer(typ.value_type)
+        vals = [r[key] for r in recs]
         try:
-            return pa.array([r[key] for r in recs], typ)
+            out = pa.array(vals, typ)
+            # Arrow converts a float to an integer type by truncation (455.5 -> 455): where Arrow's own inference
+            # (in C, no Python loop per token) sees a float, the rows are checked one by one below
+            if not ints or not _has_floats(pa.array(vals)):
+                return out
         except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError, ValueError):
             pass
         for r, no in zip(recs, line_ids):  # error path only: find the row
             try:
                 pa.array([r[key]], typ)
+                if ints and _has_floats(pa.array([r[key]])):
+                    raise ValueError("a float token id")
             except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError, ValueError):
                 got = json.dumps(r[key])[:80]
                 raise UserError(f"{self.name}:{int(no) + 1}: expected {key!r} to be {what}, got {got}") from None
         raise UserError(f"{self.name}: column {key!r}: expected {what}")
+
+
+def _has_floats(arr: pa.Array) -> bool:
+    """True where an inferred list column holds floating-point values (a JSON ``455.5`` or ``455.0``)."""
+    t = arr.type
+    while pa.types.is_list(t) or pa.types.is_large_list(t):
+        t = t.value_type
+    return pa.types.is_floating(t)
