@@ -195,3 +195,30 @@ def test_shards_audits_flat_files_as_documents_exactly_like_parquet_rows(tmp_pat
     win = pq.read_table(tmp_path / "win" / "shard_scores.parquet").to_pylist()
     sizes = {p.name: p.stat().st_size // 2 for p in (tmp_path / "bin").iterdir()}
     assert {r["shard"]: r["n_rows"] for r in win} == {k: v // 32 for k, v in sizes.items()}
+
+
+def _megatron_raw(path, lengths, pointers, code, data: bytes):
+    with open(f"{path}.idx", "wb") as f:
+        f.write(b"MMIDIDX\x00\x00" + struct.pack("<Q", 1) + struct.pack("<B", code)
+                + struct.pack("<QQ", len(lengths), len(lengths) + 1))
+        f.write(np.asarray(lengths, np.int32).tobytes() + np.asarray(pointers, np.int64).tobytes()
+                + np.arange(len(lengths) + 1, dtype=np.int64).tobytes())
+    with open(f"{path}.bin", "wb") as f:
+        f.write(data)
+
+
+def test_megatron_index_damage_that_would_shift_or_misread_tokens_is_refused(tmp_path):
+    """Pointers that are not whole tokens were floored (other tokens read, no error), a .bin with a trailing partial
+    token was read without it, and a float dtype code gave an IndexError message."""
+    data = np.arange(12, dtype=np.int32).tobytes()
+    _megatron_raw(tmp_path / "odd", [4, 4], [1, 17], 4, data)  # byte 1: inside token 0
+    with pytest.raises(UserError, match=r"odd\.bin: row 0: the index puts this sequence at byte 1, not a multiple"):
+        read_slices(str(tmp_path), "odd.bin", [[0, 2]])
+    _megatron_raw(tmp_path / "extra", [4, 4], [0, 16], 4, data + b"\x07")
+    with pytest.raises(UserError, match=r"49 bytes is not a whole number of int32 tokens"):
+        read_slices(str(tmp_path), "extra.bin", [[0, 2]])
+    _megatron_raw(tmp_path / "flt", [4], [0], 6, np.zeros(4, np.float64).tobytes())
+    with pytest.raises(UserError, match=r"dtype code 6 is float64, expected integer token ids"):
+        read_slices(str(tmp_path), "flt.bin", [[0, 1]])
+    _megatron_raw(tmp_path / "good", [4, 4], [0, 16], 4, data)
+    assert read_slices(str(tmp_path), "good.bin", [[0, 2]]).column("tokens").to_pylist() == [[0, 1, 2, 3], [4, 5, 6, 7]]

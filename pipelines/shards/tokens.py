@@ -261,6 +261,9 @@ def read_megatron_index(idx_path: str) -> MegatronIndex:
         raise UserError(f"{idx_path}: Megatron index version {version} is not supported (expected 1)")
     if code not in MEGATRON_DTYPES:
         raise UserError(f"{idx_path}: unknown Megatron dtype code {code} (expected 1-8)")
+    if np.dtype(MEGATRON_DTYPES[code]).kind not in "iu":
+        raise UserError(f"{idx_path}: Megatron dtype code {code} is {np.dtype(MEGATRON_DTYPES[code]).name}, expected "
+                        f"integer token ids (codes 1-5, 8)")
     off = 34
     need = off + seq_count * 12 + doc_count * 8
     size = _size(idx_path)
@@ -368,8 +371,12 @@ class MegatronReader(FlatReader):
         if not _exists(bin_path):
             raise UserError(f"{name}: Megatron data file {bin_path} not found next to the .idx")
         self.index = read_megatron_index(idx_path)
-        dt = self.index.dtype
-        tf = TokenFile(bin_path, 0, dt, _size(bin_path) // dt.itemsize)
+        dt = np.dtype(self.index.dtype)
+        size = _size(bin_path)
+        if size % dt.itemsize:  # as for a raw .bin: never read a silent prefix
+            raise UserError(f"{name}: {bin_path}: {size} bytes is not a whole number of {dt.name} tokens "
+                            f"({dt.itemsize} bytes each, as its .idx says): truncated, or not this index's data")
+        tf = TokenFile(bin_path, 0, dt, size // dt.itemsize)
         # windows / documents asked for explicitly apply to the .bin's tokens; otherwise rows are the sequences
         super().__init__(bin_path, name, tf, None, fmt="megatron", rows=rows)
         self.own_rows = rows is None or rows.kind == "idx"
@@ -384,7 +391,14 @@ class MegatronReader(FlatReader):
     def _row_slices(self, rows):
         if not self.own_rows:
             return super()._row_slices(rows)
-        start = np.asarray(self.index.sequence_pointers)[rows].astype(np.int64) // self.tf.dtype.itemsize
+        ptr = np.asarray(self.index.sequence_pointers)[rows].astype(np.int64)
+        odd = np.flatnonzero(ptr % self.tf.dtype.itemsize)
+        if len(odd):  # a byte offset inside a token: floored, it read other tokens than the index's
+            i = int(odd[0])
+            raise UserError(f"{self.where(int(rows[i]))}: the index puts this sequence at byte {int(ptr[i])}, not a "
+                            f"multiple of the {self.tf.dtype.itemsize}-byte {self.tf.dtype.name} tokens of "
+                            f"{self.tf.path} (a damaged index, or another dtype's)")
+        start = ptr // self.tf.dtype.itemsize
         length = np.asarray(self.index.sequence_lengths)[rows].astype(np.int64)
         out = np.stack([start, start + length], axis=1)
         bad = np.flatnonzero((length < 0) | (start < 0) | (out[:, 1] > self.tf.n_tokens))
