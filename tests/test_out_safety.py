@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -408,6 +409,14 @@ def test_a_state_record_with_float_bits_that_do_not_fit_is_a_one_line_error(smal
     tree = pa.array(['{"$nb": ["<f4", "zz"]}'] + table.column("tree").to_pylist()[1:], pa.large_string())
     pq.write_table(table.set_column(0, table.schema.field(0), tree), part)
     capsys.readouterr()
+    # an edited part no longer matches the index's listing of the run's parts (names and sizes)
+    assert main(_shards(small, tmp_path / "o", "--state", str(st))) == 2
+    _one_line_error(capsys, "the state's part files are not the ones its index lists (changed size ['part-")
+    # the record itself is validated too: as if the damage had been there when the part was listed
+    index = json.loads((st / "state.json").read_text())
+    index["runs"][run.name]["state_accs"] = [[n, part.stat().st_size if n == part.name else sz]
+                                             for n, sz in index["runs"][run.name]["state_accs"]]
+    (st / "state.json").write_text(json.dumps(index))
     assert main(_shards(small, tmp_path / "o", "--state", str(st))) == 2
     _one_line_error(capsys, str(part), "row 0: not a valid record")
 
@@ -503,3 +512,27 @@ def test_replay_out_never_replaces_an_input_or_a_foreign_file(demo, tmp_path, ca
     assert main(base + [str(mine)]) == 2
     _one_line_error(capsys, "is not a per-row losses JSONL file")
     assert mine.read_text() == '{"step": 1, "lr": 0.1}\n' and _tree_digest(run) == before
+
+
+@pytest.mark.parametrize("damage", ["remove", "copy", "overwrite"])
+def test_a_shards_state_part_removed_copied_or_replaced_is_refused(small, tmp_path, capsys, damage):
+    """A part file deleted, copied under a new name or over another silently dropped or doubled shards' records
+    (the rerun said "N from state" and left a shard out of shard_scores, or judged one against its own copy)."""
+    st = tmp_path / "st"
+    assert main(_shards(small, tmp_path / "o", "--state", str(st))) == 0
+    (run,) = (st / "runs").iterdir()
+    parts = sorted((run / "state_accs").iterdir())
+    if damage == "remove":
+        parts[0].unlink()
+        needle = "missing ['" + parts[0].name
+    elif damage == "copy":
+        shutil.copy(parts[0], run / "state_accs" / "part-00999.records.parquet")
+        needle = "not written by spike-audit ['part-00999"
+    else:
+        big = max(parts, key=lambda q: q.stat().st_size)
+        small_part = min(parts, key=lambda q: q.stat().st_size)
+        shutil.copy(big, small_part)
+        needle = "changed size ['" + small_part.name
+    capsys.readouterr()
+    assert main(_shards(small, tmp_path / "o", "--state", str(st))) == 2
+    _one_line_error(capsys, "the state's part files are not the ones its index lists", needle)

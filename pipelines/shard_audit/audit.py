@@ -163,7 +163,7 @@ def _audit(cfg: ShardAuditConfig, flags, shards, out, st, t0: float, beam_args=N
         # Beam's construction-time type inference costs about half of building this graph (0.5 CPU s) and checks
         # nothing the graph relies on (its elements are tuples of arrays; every coder is Beam's generic one)
         opts.view_as(TypeOptions).pipeline_type_check = False
-    old_parts = _old_parts(cfg.state, {stored[n]["run"] for n, _ in keep}) if cfg.state else {}
+    old_parts = _old_parts(cfg.state, {stored[n]["run"] for n, _ in keep}, index.get("runs")) if cfg.state else {}
     roots = {k: str(state_stage) for k in ("state_accs", "state_keys")} if state_stage is not None else {}
     save_stage = save.stage() if save is not None else None
     if save_stage is not None:
@@ -205,7 +205,8 @@ def _audit(cfg: ShardAuditConfig, flags, shards, out, st, t0: float, beam_args=N
     if save is not None:
         _save_baseline(cfg, save, save_stage, counts, len(names))
     if st is not None:
-        _save_state(cfg, state_stage, run_id, names, {s.name: s.fingerprint for s in shards}, keep, stored)
+        _save_state(cfg, state_stage, run_id, names, {s.name: s.fingerprint for s in shards}, keep, stored,
+                    index.get("runs"))
     return ShardAuditResult(Path(cfg.out), tables, len(names), len(todo), n_tokens, bad, time.time() - t0, empty)
 
 
