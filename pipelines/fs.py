@@ -39,16 +39,27 @@ def url_fs(url: str):
     try:
         fs, p = fsspec.core.url_to_fs(str(url))
     except ImportError:
-        pkg = _PACKAGES.get(protocol(url), "the fsspec implementation for it")
+        pkg = _PACKAGES.get(protocol(url))
+        if pkg is None:
+            raise UserError(f"{url}: reading {protocol(url)}:// needs an fsspec implementation of it, which is not "
+                            f"installed") from None
         raise UserError(f"{url}: reading {protocol(url)}:// needs the {pkg} package (pip install {pkg})") from None
     except ValueError as err:
         raise UserError(f"{url}: not a usable URL ({err})") from None
+    except Exception as err:  # the filesystem's own start-up: a missing JVM (hdfs), a refused connection (ftp, ...)
+        from spike_audit.pipelines.errors import reason
+
+        raise UserError(f"{url}: cannot open {protocol(url)}:// ({type(err).__name__}: {reason(err, 200)})") from None
     return fs, p
 
 
 def _unstrip(fs, url: str, p: str) -> str:
     proto = protocol(url)
-    return p if p.startswith(proto + "://") else f"{proto}://{p.lstrip('/')}" if proto != "memory" else f"memory://{p}"
+    if p.startswith(proto + "://"):
+        return p
+    if proto in ("memory", "file", "local"):  # their paths are absolute: file:///abs, not the relative file://abs
+        return f"{proto}://{p}"
+    return f"{proto}://{p.lstrip('/')}"
 
 
 def join(root: str, *names: str) -> str:
@@ -124,7 +135,12 @@ def list_files(path) -> list[tuple[str, int, float]]:
                 out.append((full, st.st_size, st.st_mtime))
         return out
     fs, p = url_fs(path)
-    found = fs.find(p, detail=True)
+    try:
+        found = fs.find(p, detail=True)
+    except (ValueError, OSError) as err:  # a bucket-less s3://, a listing the store refuses
+        from spike_audit.pipelines.errors import reason
+
+        raise UserError(f"{path}: cannot list the files under it ({reason(err, 200)})") from None
     return sorted((_unstrip(fs, str(path), k), int(v.get("size") or 0), _mtime(v)) for k, v in found.items()
                   if v.get("type", "file") == "file")
 

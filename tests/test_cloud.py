@@ -163,3 +163,36 @@ def test_run_with_log_manifest_shards_and_output_on_s3(s3, demo, tmp_path):
     meta = res["metadata"]
     assert {i["what"]: i["path"] for i in meta["inputs"]}["log"] == f"{u}/train.log"
     assert all(i["size"] for i in meta["inputs"])
+
+
+@pytest.mark.parametrize("url, needle", [
+    ("ftp://127.0.0.1:9/x.log", "cannot open ftp:// (ConnectionRefusedError"),
+    ("zip://x.log", "cannot open zip://"),
+    ("s3://", "cannot list the files under it"),
+    ("sftp://h/x.log", "needs an fsspec implementation of it, which is not installed"),
+])
+def test_a_url_whose_filesystem_fails_to_start_is_a_one_line_error(url, needle, capsys, tmp_path, monkeypatch):
+    """A filesystem that cannot start (a refused connection, a missing JVM for hdfs, a listing of all of S3) was a
+    traceback: only a missing package and a bad URL were turned into one line."""
+    monkeypatch.chdir(tmp_path)
+    if url.startswith("sftp"):
+        try:
+            import paramiko  # noqa: F401
+            pytest.skip("paramiko is installed")
+        except ImportError:
+            pass
+    if url == "s3://":
+        pytest.importorskip("s3fs")
+    assert main(["spikes", url, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err and needle in err, err
+
+
+def test_a_file_url_of_a_directory_lists_its_absolute_paths(tmp_path):
+    """file:///abs/dir was listed as the relative file://abs/dir/... (FileNotFoundError, or a shard not found)."""
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "a.txt").write_text("x")
+    found = fs.list_files(f"file://{d}")
+    assert [f for f, _, _ in found] == [f"file://{d}/a.txt"]
+    assert fs.exists(found[0][0])
