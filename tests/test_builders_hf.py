@@ -72,6 +72,9 @@ def test_refusals():
         hf_trainer_order(10, sampler="length")
     with pytest.raises(UserError, match="no batch"):
         hf_trainer_order(3, per_device_batch_size=4, drop_last=True)
+    for bad in (float("nan"), float("inf")):  # were a ValueError / OverflowError traceback
+        with pytest.raises(UserError, match=r"--num-train-epochs (nan|inf): expected a finite number of epochs"):
+            hf_trainer_order(10, per_device_batch_size=2, num_train_epochs=bad)
 
 
 def _run_feed(tmp_path, world, *args):

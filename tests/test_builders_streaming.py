@@ -78,6 +78,8 @@ def test_epoch_size_resamples_with_whole_and_partial_repeats():
     ({"initial_physical_nodes": 1, "num_workers": 2}, "initial_physical_nodes with DataLoader workers"),
     ({"world_size": 3, "ranks_per_node": 2}, "not a multiple of 2 ranks per node"),
     ({"world_size": 4, "ranks_per_node": 2, "num_canonical_nodes": 3}, "one must divide the other"),
+    # a negative resumption point was a Python index from the end: one slice of the last sample, no error
+    ({"sample_in_epoch": -1}, "sample_in_epoch -1: expected a non-negative count"),
 ])
 def test_unsupported_settings_are_refused_by_name(kw, named):
     with pytest.raises(UserError, match=named.replace("(", r"\(").replace("[", r"\[")):

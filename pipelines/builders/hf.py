@@ -176,6 +176,8 @@ def hf_trainer_order(n_rows: int, *, seed: int = 42, data_seed: int | None = Non
     if len_dl == 0:
         raise UserError(f"{n_rows} rows give no batch of {bs} per device (drop_last)")
     updates_per_epoch = -(-len_dl // ga)
+    if max_steps <= 0 and not math.isfinite(num_train_epochs):
+        raise UserError(f"--num-train-epochs {num_train_epochs}: expected a finite number of epochs (or --max-steps)")
     total_steps = max_steps if max_steps > 0 else math.ceil(num_train_epochs * updates_per_epoch)
     if total_steps <= 0:
         raise UserError(f"no training steps: --num-train-epochs {num_train_epochs} and --max-steps {max_steps} give "

@@ -391,6 +391,8 @@ def _order(stream_sizes, batch_size, shuffle, shuffle_algo, shuffle_seed, block,
         units, small = resample(stream_sizes, epoch=e, seed=shuffle_seed, epoch_size=epoch_size, shuffle=shuffle,
                                 sampling_method=sampling_method, granularity=sampling_granularity)
         first = sample_in_epoch if e == 0 else 0
+        if first < 0:  # a Python index from the end: one slice of the epoch's last sample, no error
+            raise UserError(f"sample_in_epoch {first}: expected a non-negative count of samples already seen")
         if len(small) + world_size - len(small) % world_size < first:
             raise UserError(f"sample_in_epoch {first} is past the epoch's {len(small)} samples")
         # a resumed run keeps the checkpoint's initial_physical_nodes on the dataset for the following epochs too
