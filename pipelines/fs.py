@@ -145,6 +145,18 @@ def list_files(path) -> list[tuple[str, int, float]]:
                   if v.get("type", "file") == "file")
 
 
+def list_files_or_file(path) -> list[tuple[str, int, float]]:
+    """:func:`list_files` of a directory, or the one file ``path`` is: (path or URL, size, mtime)."""
+    if isdir(path):
+        return list_files(path)
+    if not is_url(path):
+        st = os.stat(path)
+        return [(str(path), st.st_size, st.st_mtime)]
+    fsys, p = url_fs(path)
+    info = fsys.info(p)
+    return [(str(path), int(info.get("size") or 0), _mtime(info))]
+
+
 def list_dir(path) -> dict[str, str]:
     """The files directly in a directory (following links): name -> path or URL."""
     if not is_url(path):

@@ -290,3 +290,35 @@ def test_steps_of_another_size_than_samples_per_step_are_warned_about(audited, t
     with caplog.at_level("WARNING", logger="spike_audit.pipelines.run.plan"):
         run_audit(RunConfig(**{**cfg.__dict__, "out": str(tmp_path / "out2")}))
     assert "samples_per_step" not in caplog.text
+
+
+def test_a_state_rerun_after_the_manifest_or_shards_changed_at_the_same_paths_audits_again(demo, tmp_path):
+    """The run state's fingerprint held the paths only: a manifest rebuilt at the same path (rows moved to other
+    shards) kept the old verdicts, and a shard removed was not noticed. Now the state is another one: everything is
+    judged again, as a fresh run judges it (and a missing shard is the fresh run's one-line error)."""
+    import pyarrow as pa
+
+    root, _ = demo
+    run = tmp_path / "run"
+    shutil.copytree(root / "run", run)
+    state = str(tmp_path / "state")
+
+    def cfg(out, st=state):
+        return RunConfig(log=str(run / "train.log"), manifest=str(run / "manifest.parquet"), shards=str(run / "shards"),
+                         out=str(tmp_path / out), tokenizer=str(run / "tokenizer.json"), state=st)
+
+    run_audit(cfg("out1"))
+    assert run_audit(cfg("out1b")).n_new_spikes == 0  # unchanged inputs: nothing audited again
+    t = pq.read_table(run / "manifest.parquet")
+    moved = {f"train-{i:05d}.parquet": f"train-{(i + 1) % 16:05d}.parquet" for i in range(16)}
+    i = t.schema.get_field_index("shard")
+    pq.write_table(t.set_column(i, t.schema.field(i), pa.array([moved[x] for x in t.column("shard").to_pylist()]))
+                   .replace_schema_metadata(t.schema.metadata), run / "manifest.parquet")
+    again = run_audit(cfg("out2"))
+    assert again.n_new_spikes == again.tables["verdicts"].num_rows > 0
+    fresh = run_audit(cfg("out3", st=None))
+    for name in ("verdicts", "row_flags"):
+        assert again.tables[name].equals(fresh.tables[name]), name
+    (run / "shards" / "train-00004.parquet").unlink()
+    with pytest.raises(UserError, match=r"shard .train-00004\.parquet. not found"):
+        run_audit(cfg("out4"))

@@ -31,7 +31,23 @@ def _inputs_fingerprint(cfg: RunConfig) -> str:
                      ("run", None), ("baseline", None)):  # options added later: as before they existed when unset
         if d.get(k) == unset:
             d.pop(k, None)
+    d["input_files"] = _input_files(cfg)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _input_files(cfg: RunConfig) -> list:
+    """(path, bytes, modification time) of the manifest, the tokenizer and every file under the shard root: the
+    same paths with other contents (a rebuilt manifest, a replaced or removed shard) make another state, so the
+    audited events are judged again instead of kept stale. The log is not in it: it grows between reruns."""
+    from spike_audit.pipelines import fs
+
+    out = []
+    for path in (cfg.manifest, cfg.tokenizer, cfg.row_losses):
+        if path and fs.exists(path) and not fs.isdir(path):
+            out.extend(list(f) for f in fs.list_files_or_file(path))
+    if cfg.shards and fs.exists(cfg.shards):
+        out.extend(list(f) for f in fs.list_files_or_file(cfg.shards))
+    return out
 
 
 STATE_VERSION = 1
