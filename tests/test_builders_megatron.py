@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import struct
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -467,3 +470,32 @@ def test_fed_tokens_maps_only_the_pad_id_and_keeps_rows_and_nulls(rows, pad, cut
     want = [None if r is None else [0 if (pad is not None and t == pad) else t for t in r] for r in arr.to_pylist()]
     assert got.to_pylist() == want
     assert n == sum(1 for r in arr.to_pylist() if r for t in r if pad is not None and t == pad)
+
+
+@pytest.mark.parametrize("damage, msg", [
+    ("sample_back", "not a megatron-core sample index"),
+    ("shuffle_2d", "expected a 1-D shuffle index"),
+    ("shuffle_float", "the shuffle index holds float64, expected integers"),
+    ("shuffle_empty", "no global batch of 8 (no training steps"),
+])
+def test_a_damaged_index_cache_is_a_one_line_error(run, tmp_path, capsys, damage, msg):
+    """A sample index running backwards was a numpy ValueError traceback, a 2-D shuffle index a broadcast error, a
+    float one was truncated to other samples silently and an empty one wrote a manifest of no steps."""
+    root, base, _ = run
+    cache = tmp_path / "cache2"
+    shutil.copytree(root / "cache", cache)
+    b = str(cache / Path(base).name)
+    si, sh = np.load(b + "-sample_index.npy"), np.load(b + "-shuffle_index.npy")
+    if damage == "sample_back":
+        si[10] = si[3]
+        np.save(b + "-sample_index.npy", si)
+    elif damage == "shuffle_2d":
+        np.save(b + "-shuffle_index.npy", np.stack([sh, sh], axis=1))
+    elif damage == "shuffle_float":
+        np.save(b + "-shuffle_index.npy", sh.astype(np.float64))
+    else:
+        np.save(b + "-shuffle_index.npy", sh[:0])
+    rc = main(["manifest", "megatron", "--data", "data/corpus_text_document.bin", "--cache", str(cache),
+               "--shards", str(root), "--global-batch-size", "8", "--out", str(tmp_path / "m.parquet")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and msg in err and "Traceback" not in err, err

@@ -131,6 +131,22 @@ def _gpt_cache(prefix: str) -> GPTCache | None:
             doc, sample, shuffle = (_load(p) for p in paths)
             if sample.ndim != 2 or sample.shape[1] != 2:
                 raise UserError(f"{paths[1]}: expected shape (num_samples + 1, 2), got {sample.shape}")
+            for path, arr, what in ((paths[0], doc, "document"), (paths[1], sample, "sample"),
+                                    (paths[2], shuffle, "shuffle")):
+                if arr.dtype.kind not in "iu":  # a float index was truncated to other positions
+                    raise UserError(f"{path}: the {what} index holds {arr.dtype}, expected integers")
+            for path, arr, what in ((paths[0], doc, "document"), (paths[2], shuffle, "shuffle")):
+                if arr.ndim != 1:
+                    raise UserError(f"{path}: expected a 1-D {what} index, got shape {arr.shape}")
+            if len(sample) > 1:  # samples run forward through the documents: (doc, offset) never goes back
+                d = np.asarray(sample[:, 0], np.int64)
+                o = np.asarray(sample[:, 1], np.int64)
+                back = np.flatnonzero((d[1:] < d[:-1]) | ((d[1:] == d[:-1]) & (o[1:] < o[:-1])) | (o[1:] < 0))
+                if len(back):
+                    i = int(back[0]) + 1
+                    raise UserError(f"{paths[1]}: sample {i} starts at (document {int(d[i])}, token {int(o[i])}), "
+                                    f"before sample {i - 1}'s (document {int(d[i - 1])}, token {int(o[i - 1])}): "
+                                    f"not a megatron-core sample index")
             return GPTCache(prefix, doc, sample, shuffle, _description(prefix))
     return None
 
@@ -374,6 +390,9 @@ def build_megatron_manifest(data, cache: MegatronCache, *, global_batch_size: in
     if consumed_samples > n_items:
         raise UserError(f"--consumed-samples {consumed_samples} is past the {n_items} samples the cache holds")
     n_batches = (n_items - consumed_samples) // global_batch_size
+    if n_batches <= 0:
+        raise UserError(f"the Megatron index cache holds {n_items} samples{f' ({consumed_samples} consumed)' if consumed_samples else ''}: "
+                        f"no global batch of {global_batch_size} (no training steps; is it the right cache?)")
     b0, b1 = batch_range(n_batches, steps, first_step, "Megatron index cache")
     pos = np.arange(b0 * global_batch_size, b1 * global_batch_size, dtype=np.int64)  # within the run after consumed
     items = consumed_samples + pos
