@@ -591,3 +591,27 @@ def test_jsonl_float_token_ids_are_refused_naming_the_line(tmp_path, bad):
         read_slices(str(root), "s.jsonl", [[0, 4]])
     (root / "ok.jsonl").write_text("\n".join(lines[:3] + ['{"tokens": [], "text": "c"}']) + "\n")
     assert read_slices(str(root), "ok.jsonl", [[0, 4]]).column("tokens").to_pylist() == [[1, 2, 3]] * 3 + [[]]
+
+
+def test_a_linked_directory_inside_an_input_directory_is_refused_or_followed_never_skipped(tmp_path):
+    """A directory given as input holding a symlink to another directory of shards: its shards were silently left
+    out (os.walk does not follow links) while the glob form refused the same link."""
+    from spike_audit.pipelines.shard_audit.discover import discover
+
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    pq.write_table(pa.table({"tokens": [[1, 2, 3]] * 4}), outside / "b.parquet")
+    d = tmp_path / "in"
+    d.mkdir()
+    pq.write_table(pa.table({"tokens": [[4, 5, 6]] * 4}), d / "a.parquet")
+    (d / "link").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(UserError, match=r"shard 'link': outside the shard root .* pass --allow-outside-root"):
+        discover((str(d),))
+    names = sorted(s.name for s in discover((str(d),), allow_outside_root=True))
+    assert names == ["a.parquet", "link/b.parquet"]
+    # a link back into the walked tree (a loop) is walked once, with or without the flag
+    (d / "sub").mkdir()
+    (d / "link").unlink()
+    (d / "sub" / "loop").symlink_to(d, target_is_directory=True)
+    assert [s.name for s in discover((str(d),))] == ["a.parquet"]
+    assert [s.name for s in discover((str(d),), allow_outside_root=True)] == ["a.parquet"]

@@ -92,8 +92,21 @@ def discover(inputs: tuple[str, ...], root: str | None = None, allow_outside_roo
             if _is_hf_dir(p):
                 found[os.path.abspath(p)] = _dir_stat(p)
             elif os.path.isdir(p):
-                for dirpath, dirnames, filenames in os.walk(p):
+                seen_dirs = {os.path.realpath(p)}
+                for dirpath, dirnames, filenames in os.walk(p, followlinks=allow_outside_root):
                     dirnames.sort()
+                    for d in list(dirnames):  # a linked directory: refused out of the root, never skipped silently
+                        full = os.path.join(dirpath, d)
+                        real = os.path.realpath(full)
+                        if os.path.islink(full):
+                            _confined(full, p, allow_outside_root)
+                            if not allow_outside_root:  # it resolves inside the root: walked where it is
+                                dirnames.remove(d)
+                                continue
+                        if real in seen_dirs:  # a link loop, or a second way to one directory
+                            dirnames.remove(d)
+                        else:
+                            seen_dirs.add(real)
                     if _is_hf_dir(dirpath):
                         found[os.path.abspath(dirpath)] = _dir_stat(dirpath)
                         dirnames[:] = []

@@ -68,7 +68,7 @@ def _inside(path: str, root: str) -> bool:
 
 def _outside(shard: str, root: str, where: str) -> UserError:
     return UserError(f"shard '{shard}': outside the shard root {root} ({where}); pass --allow-outside-root to "
-                     f"read files the manifest names outside the root")
+                     f"read files outside the root (names a manifest gives, links found in a directory)")
 
 
 def resolve(shard_root: str | None, shard: str) -> str:
