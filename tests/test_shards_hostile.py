@@ -615,3 +615,13 @@ def test_a_linked_directory_inside_an_input_directory_is_refused_or_followed_nev
     (d / "sub" / "loop").symlink_to(d, target_is_directory=True)
     assert [s.name for s in discover((str(d),))] == ["a.parquet"]
     assert [s.name for s in discover((str(d),), allow_outside_root=True)] == ["a.parquet"]
+
+
+def test_jsonl_text_with_a_lone_surrogate_says_so(tmp_path):
+    """JSON can escape a lone surrogate (\\ud800), which no UTF-8 text holds: the error said the value was not a
+    string."""
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "s.jsonl").write_text('{"tokens": [1, 2], "text": "ok"}\n{"tokens": [3], "text": "bad \\ud800 x"}\n')
+    with pytest.raises(UserError, match=r"s\.jsonl:2: 'text' is not valid Unicode text \(a lone surrogate"):
+        read_slices(str(root), "s.jsonl", [[0, 2]])

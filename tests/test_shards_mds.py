@@ -125,6 +125,8 @@ def test_a_shard_too_short_for_its_offsets_or_sizes_is_a_one_line_error(tmp_path
     ("column_names", [1, "j", "text", "tokens", "u"], r"shard 3: column_names and column_encodings must be strings"),
     ("column_sizes", [None, -4, None, None, None], r"shard 3: column_sizes must be non-negative integers or null"),
     ("samples", -2, r"shard 3: samples -2, expected a non-negative count"),
+    ("samples", 1.7, r"shard 3: samples 1\.7, expected an integer count"),  # were taken as int(): 1
+    ("samples", "1", r"shard 3: samples '1', expected an integer count"),
 ])
 def test_a_damaged_index_field_is_a_one_line_error_naming_the_shard(tmp_path, field, value, match):
     """Found by mutating the fields of a real index.json: a field of the wrong JSON type was a traceback."""

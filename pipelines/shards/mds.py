@@ -104,9 +104,11 @@ def read_mds_index(path: str, name: str | None = None) -> list[MDSShard]:
             raw = s["raw_data"]["basename"]
             zip_ = (s.get("zip_data") or {}).get("basename")
             names, encs, sizes = list(s["column_names"]), list(s["column_encodings"]), list(s["column_sizes"])
-            samples = int(s["samples"])
+            samples = s["samples"]
         except (KeyError, TypeError, ValueError, AttributeError) as err:  # e.g. "zip_data": "x"
             raise UserError(f"{where}: missing or malformed field {err}") from None
+        if type(samples) is not int:  # 1.7 or "1" were taken as int(): a count is an integer
+            raise UserError(f"{where}: samples {samples!r}, expected an integer count"[:300])
         comp = s.get("compression")
         if comp is not None and not isinstance(comp, str):
             raise UserError(f"{where}: compression {comp!r}, expected a name (zstd, gz, bz2) or null")
