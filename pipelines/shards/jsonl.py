@@ -185,7 +185,7 @@ class JsonlReader(ShardReader):
                     raise ValueError("a float token id")
             except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError, ValueError):
                 got = json.dumps(r[key])[:80]
-                if isinstance(r[key], str):  # a string Arrow refused: a lone surrogate (JSON "\ud800") is no text
+                if isinstance(r[key], str) and pa.types.is_string(typ):  # a string Arrow refused: a lone surrogate (JSON "\ud800") is no text
                     raise UserError(f"{self.name}:{int(no) + 1}: {key!r} is not valid Unicode text (a lone surrogate "
                                     f"such as \\ud800 escaped in the JSON), got {got}") from None
                 raise UserError(f"{self.name}:{int(no) + 1}: expected {key!r} to be {what}, got {got}") from None
