@@ -96,3 +96,29 @@ def test_rerun_reads_only_the_new_windows_and_matches_a_rerun_that_reads_the_con
                str(run / "shards"), "--out", str(tmp_path / "out5"), "--state", str(st)])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.count("\n") == 0 and part.name in err, err
+
+
+def test_a_control_cache_holding_a_step_twice_is_a_one_line_error(demo, tmp_path, capsys):
+    """A state whose index lists a copied control-scores part (a step twice in the reference) was a ValueError
+    traceback from inside the pipeline."""
+    from spike_audit.pipelines.errors import UserError
+
+    root, _ = demo
+    run = root / "run"
+    early, grown = _logs(demo, tmp_path)
+
+    def cfg(log, out):
+        return RunConfig(log=str(log), manifest=str(run / "manifest.parquet"), shards=str(run / "shards"),
+                         out=str(tmp_path / out), state=str(tmp_path / "state"))
+
+    run_audit(cfg(early, "out1"))
+    cur = (tmp_path / "state" / ".current").resolve()
+    doc = json.loads((cur / "state.json").read_text())
+    files = doc["control_cache"]["files"]
+    name = sorted(n for n in files if n.startswith("state_controls/"))[0]
+    copy = name.replace("part-", "part-9")
+    shutil.copy(cur / name, cur / copy)
+    files[copy] = files[name]
+    (cur / "state.json").write_text(json.dumps(doc))
+    with pytest.raises(UserError, match=r"the control steps' scores hold step\(s\) \[\d+.*twice .*control cache is corrupt"):
+        run_audit(cfg(grown, "out2"))

@@ -134,6 +134,22 @@ def bin_step(item, dupref) -> tuple[int, dict]:
 # -------------------------------------------------------------------------------------- the null
 
 
+class _Reference(ReferenceBuilder):
+    """The control steps' reference; a step twice (a run state's control scores holding one step in two part files)
+    is a one-line error naming the state, not a traceback."""
+
+    def result(self, acc):
+        try:
+            return super().result(acc)
+        except ValueError as err:
+            from spike_audit.pipelines.errors import UserError
+
+            steps = [int(s) for s, _ in acc]
+            dup = sorted({s for s in steps if steps.count(s) > 1})[:3]
+            raise UserError(f"the control steps' scores hold step(s) {dup} twice ({err}): the run state's control "
+                            f"cache is corrupt; delete the --state directory to audit everything again") from None
+
+
 def null_of(ref, alpha: float):
     """The reference (control rows) and every control's leave-one-out evidence, anomalous controls left out
     (:func:`spike_audit.auditors.verdict.null_model`): one side input."""
@@ -406,7 +422,7 @@ def build_pipeline(p, cfg: RunConfig, plan: Plan, staging: str, dtype=None, base
 
     null = (binned | "CtrlBins" >> beam.Filter(lambda kv, cs: kv[0] in cs, control_set)
             | "CtrlBinsKV" >> beam.Map(lambda kv: (kv[0], kv[1]["bins"]))
-            | "Reference" >> beam.CombineGlobally(AuditorCombineFn(ReferenceBuilder(len(FAMILY_LIST))))
+            | "Reference" >> beam.CombineGlobally(AuditorCombineFn(_Reference(len(FAMILY_LIST))))
             | "Null" >> beam.Map(null_of, cfg.alpha))
 
     vcfg = {"alpha": cfg.alpha, "min_rows": cfg.min_rows, "min_controls": cfg.min_controls}
