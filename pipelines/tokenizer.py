@@ -53,6 +53,9 @@ def load_tokenizer(path):
     from tokenizers import Tokenizer
 
     p = tokenizer_file(path)
+    if "://" in p:
+        raise UserError(f"{p}: the tokenizer is read from a local path only (copy the tokenizer.json next to the job "
+                        f"and give its path)")
     if not os.path.exists(p):
         raise UserError(f"{p}: tokenizer file not found (expected a Hugging Face tokenizer.json or a directory "
                         f"holding one)")

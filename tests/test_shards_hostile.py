@@ -625,3 +625,12 @@ def test_jsonl_text_with_a_lone_surrogate_says_so(tmp_path):
     (root / "s.jsonl").write_text('{"tokens": [1, 2], "text": "ok"}\n{"tokens": [3], "text": "bad \\ud800 x"}\n')
     with pytest.raises(UserError, match=r"s\.jsonl:2: 'text' is not valid Unicode text \(a lone surrogate"):
         read_slices(str(root), "s.jsonl", [[0, 2]])
+
+
+@pytest.mark.parametrize("url", ["gs://bucket/tokenizer.json", "s3://bucket/tok/"])
+def test_a_tokenizer_url_says_it_is_read_locally_only(url):
+    """A tokenizer URL was reported as 'tokenizer file not found', as if the file were missing."""
+    from spike_audit.pipelines.tokenizer import load_tokenizer
+
+    with pytest.raises(UserError, match=r"the tokenizer is read from a local path only"):
+        load_tokenizer(url)
