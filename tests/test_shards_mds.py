@@ -177,3 +177,13 @@ def test_a_negative_token_id_is_refused_naming_the_sample(tmp_path):
         MDSReader(str(dst), "neg", tokens_col="j").read(np.array([[0, 2]]))
     # the other columns of the same shard are still read
     assert MDSReader(str(dst), "neg").read(np.array([[0, 2]])).column("tokens").to_pylist() == TRUTH[:2]
+
+
+def test_an_empty_compressed_shard_file_says_so(tmp_path):
+    """An empty .mds.zstd was reported as a shard not starting with its sample count."""
+    d = tmp_path / "ds"
+    shutil.copytree(FIX / "mixed_zstd", d)
+    first = json.loads((d / "index.json").read_text())["shards"][0]["zip_data"]["basename"]
+    (d / first).write_bytes(b"")
+    with pytest.raises(UserError, match=r"shard\.00000\.mds\.zstd: the compressed shard file is empty"):
+        MDSReader(str(d), "ds").read(np.array([[0, 1]]))

@@ -145,6 +145,8 @@ def _shard_bytes(s: MDSShard, name: str) -> np.ndarray:
     algo = (s.compression or "").split(":")[0]
     with _open(s.zip) as f:
         data = f.read()
+    if not data:  # a writer killed before the first frame: not "a shard without its sample count"
+        raise UserError(f"{s.zip}: the compressed shard file is empty (0 bytes; truncated or never written)")
     if algo in ("zstd", "zst", "gz"):
         from spike_audit.pipelines.files import decompressed
 
