@@ -309,6 +309,9 @@ def _no_nul(sub: pa.Array) -> np.ndarray:
     one record to the tail of another: such a line is malformed, never a step with another step's values."""
     if len(sub) == 0:
         return np.ones(0, bool)
+    data = sub.buffers()[-1]  # the strings' bytes (of the whole buffer a slice points into: a superset)
+    if data is None or data.size == 0 or data.to_pybytes().find(b"\x00") < 0:
+        return np.ones(len(sub), bool)
     return ~_bools(pc.match_substring(sub, "\x00"))
 
 

@@ -175,11 +175,12 @@ def _parse_text(path: Path, fmt: str, strict: bool, kw: dict) -> tuple[_Parsed, 
     coll = _Collector()
     others: dict = {}
     for chunk in stream:
-        coll.add(parser.feed(chunk), chunk.first_line - 1)
-        if fmt != "pattern":
+        parsed = parser.feed(chunk)
+        coll.add(parsed, chunk.first_line - 1)
+        if fmt != "pattern" and parsed is not None and parsed.n_ignored:  # only where lines were left unread
             _other_records(chunk.lines, fmt, others)
-        nul = ~_no_nul(chunk.lines)  # any line with a crash's zeros in it is malformed, whatever it matched
-        if nul.any():
+        if b"\x00" in chunk.data:  # any line with a crash's zeros in it is malformed, whatever it matched
+            nul = ~_no_nul(chunk.lines)
             coll.malformed.append(np.flatnonzero(nul).astype(np.int64) + chunk.first_line)
         if strict and coll.malformed and fmt not in _STREAMED:
             first = coll.first_malformed
@@ -304,7 +305,7 @@ def read_log(path, *, format=None, run=None, metric=None, step_key=None, value_k
         log.warning("%s: %d values were replaced by later lines that log an earlier step (the resume rule) and %d "
                     "are kept: is this log sorted by step within each run? (a resume replaces the values from the "
                     "resume point on)", path, n_replaced, table.num_rows)
-    lines_read = int(np.unique(table.column("source_line").drop_null().to_numpy()).size)
+    lines_read = int(np.unique(table.column("source_line").drop_null().to_numpy()).size) if any(others.values()) else 0
     for other, k in sorted(others.items(), key=lambda kv: -kv[1]):
         if k >= max(10, 0.05 * max(lines_read, 1)):  # a log of two formats: the other one's records were ignored
             log.warning("%s: read as %s, but %d lines look like %s records and were ignored as unrelated text: a log "
