@@ -106,3 +106,15 @@ def test_shard_report_rows_clusters_and_comparison(shard_html):
         assert f"#pk{k}:checked~.grid .p{k}{{display:inline}}" in shard_html
         assert shard_html.count(f'class="sel p{k}"') >= 10
     assert "above 99" in shard_html  # the top shard's share of shards below it
+
+
+@pytest.mark.parametrize("page", ["run_html", "shard_html"])
+def test_control_and_bidi_characters_from_the_data_are_visible_escapes(page, request):
+    """A right-to-left override in a shard name or an excerpt reversed the tool's own text after it in the browser;
+    raw NUL/ESC were HTML parse errors. They are written as the terminal writes them; a CSP forbids any fetch or
+    script (defence in depth: the page has none)."""
+    html = request.getfixturevalue(page)
+    for raw in ("\u202e", "\x00", "\x1b", "\x9b", "\x7f"):
+        assert raw not in html, repr(raw)
+    assert "\\u202e\\x00 tab" in html  # report_cases' hostile text, escaped as on the terminal
+    assert "Content-Security-Policy" in html and "default-src 'none'" in html

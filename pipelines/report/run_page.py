@@ -72,7 +72,7 @@ def render_run_report(loss: pa.Table, spikes: pa.Table, tables: dict[str, pa.Tab
     bs = tables["batch_scores"]
     flags = _strongest_flags(tables["row_flags"], ROWS_SHOWN)
     loss_by = _by_spike(tables.get("loss_rows"))
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><meta name='viewport' content='width=device-width, initial-scale=1'><title>spike-audit: {_e(cfg.log)}</title>"
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; style-src 'unsafe-inline'; img-src data:\"><meta name='viewport' content='width=device-width, initial-scale=1'><title>spike-audit: {_e(cfg.log)}</title>"
              f"<style>{CSS}</style></head><body>"]
     counts = {}
     for v in verdicts.values():

@@ -159,7 +159,7 @@ def render_shard_report(tables: dict[str, pa.Table], bad: list[dict], cfg, excer
     # Python rows only for the top of the ranking and the quarantined shards (the rest stays in Arrow)
     scores = table.slice(0, max(TOP_SHARDS, PICKABLE)).drop_columns(["families", "signals"]).to_pylist()
     dups = tables["duplicates"]
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><meta name='viewport' "
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; style-src 'unsafe-inline'; img-src data:\"><meta name='viewport' "
              f"content='width=device-width, initial-scale=1'><title>spike-audit shards</title>"
              f"<style>{CSS}</style></head><body><h1>spike-audit shard audit</h1>"
              f"<p class='muted'>{fmt_num(n_shards)} shards audited from {_e(', '.join(cfg.inputs))}; evidence = "
