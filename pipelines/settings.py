@@ -243,7 +243,11 @@ def _toml_value(v) -> str:
         return repr(v)
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    return json.dumps(str(v), ensure_ascii=False)  # a JSON string is a valid TOML basic string
+    # a JSON string is a TOML basic string, but for DEL (TOML forbids it raw) and the C1 controls, escaped here too
+    return json.dumps(str(v), ensure_ascii=False).translate(_TOML_RAW)
+
+
+_TOML_RAW = {c: f"\\u{c:04x}" for c in (0x7F, *range(0x80, 0xA0))}
 
 
 def to_toml(section: str, settings: dict, beam: list[str] | None = None, comment: str = "") -> str:

@@ -226,3 +226,15 @@ def test_a_config_file_with_a_utf8_bom_reads_as_without(tmp_path, name, text):
     bom.write_bytes(b"\xef\xbb\xbf" + text.encode())
     assert read_config_file(str(bom), "run") == read_config_file(str(plain), "run")
     assert read_config_file(str(bom), "run")[0] == {"alpha": 0.01, "lookback": 3}
+
+
+@given(st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x10FFFF, blacklist_categories=("Cs",)),
+               max_size=40))
+def test_every_string_setting_round_trips_through_the_written_config(text):
+    """config.toml holds the run's paths and names; DEL (0x7f) and the C1 controls were written raw, which TOML
+    forbids, so the output's own config file did not read back."""
+    import tomllib
+
+    from spike_audit.pipelines.settings import _toml_value
+
+    assert tomllib.loads("x = " + _toml_value(text))["x"] == text
