@@ -115,3 +115,25 @@ def test_log_lines_escape_control_characters_in_names(tmp_path):
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert lines and all(ln[:4].isdigit() for ln in lines), r.stderr  # every line a record: "2026-... INFO ..."
     assert any("a\\nb\\x1b[31m.log" in ln for ln in lines), r.stderr
+
+
+def test_names_from_the_data_are_escaped_on_stdout_too(tmp_path, capsys):
+    """Shard, log and run names holding ESC, a right-to-left override or a newline were printed raw by the ranked
+    shard list, the dry-run plan and the spikes summary (the log lines and errors escaped them already)."""
+    odd = "e\x1b]0;t\x07\x1b[31m\u202e\nx"
+    root = tmp_path / "s"
+    root.mkdir()
+    rows = pa.table({"tokens": [list(range(i, i + 20)) for i in range(30)], "text": [f"row {i}" for i in range(30)]})
+    pq.write_table(rows, root / f"{odd}.parquet")
+    pq.write_table(rows, root / "plain.parquet")
+    log = tmp_path / f"{odd}.log"
+    log.write_text("".join(f" iteration {s:8d}/     100 | lm loss: {3.0 + (s % 5) / 10:E} | grad norm: 1.0 |\n"
+                           for s in range(1, 101)))
+    for argv in (["shards", str(root), "--out", str(tmp_path / "o"), "-q"],
+                 ["shards", str(root), "--out", str(tmp_path / "o2"), "--dry-run", "-q"],
+                 ["spikes", str(log), "--out", str(tmp_path / "o3"), "-q"]):
+        assert main(argv) == 0
+        out = capsys.readouterr().out
+        assert "\x1b" not in out and "\u202e" not in out and "\x07" not in out, (argv, out)
+        assert not any(line.startswith("x") for line in out.splitlines()), (argv, out)  # the name's "\nx" folded
+        assert "\\x1b" in out and "\\u202e" in out, (argv, out)

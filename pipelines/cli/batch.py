@@ -175,23 +175,24 @@ def step_report(manifest: str, shard_root: str | None, step: int, *, tokenizer: 
 
 
 def format_report(rep: dict) -> str:
+    from spike_audit.pipelines.cli.terminal import one_line_text
     from spike_audit.schemas.steps import as_logged as _as_logged
 
     shown = _as_logged(rep.get("trainer"), rep["step"]) if rep.get("log_step") is not None else None
     as_logged = f" ({shown})" if shown else ""
     lines = [f"step {rep['step']}{as_logged}: {rep['n_slices']} slices, {rep['n_sequences']:,} sequences, "
-             f"{rep['n_tokens']:,} tokens from {rep['n_shards']} shard(s)  [{rep['manifest']}]"]
+             f"{rep['n_tokens']:,} tokens from {rep['n_shards']} shard(s)  [{one_line_text(rep['manifest'])}]"]
     if rep.get("n_pad_fed_as_0"):
         lines.append(f"  {rep['n_pad_fed_as_0']:,} occurrence(s) of pad id {rep['fed_pad_id']} shown as 0, as the "
                      f"trainer fed them (loss masked)")
     for s in rep["slices"]:
         extra = "".join(f" {k}={s[k]}" for k in ("rank", "micro_batch", "epoch") if s.get(k) is not None)
         what = "rows" if s["unit"] == "row" else "tokens"
-        lines.append(f"  {s['shard']} {what} [{s['row_start']}, {s['row_end']}){extra}: "
+        lines.append(f"  {one_line_text(s['shard'])} {what} [{s['row_start']}, {s['row_end']}){extra}: "
                      f"{s['n_sequences']:,} sequences, {s['n_tokens']:,} tokens")
         for q in s["sequences"]:
             where = f"[{q['row']}]" if s["unit"] == "row" else f"[{q['row']}:{q['row_end']}]"
-            lines.append(f"    {where} {q['n_tokens']} tok | {q['excerpt']}")
+            lines.append(f"    {where} {q['n_tokens']} tok | {one_line_text(q['excerpt'])}")
         if s["n_not_shown"]:
             lines.append(f"    ... {s['n_not_shown']:,} more sequences (use --limit 0 to show all)")
     return "\n".join(lines)

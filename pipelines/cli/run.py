@@ -13,6 +13,8 @@ from spike_audit.pipelines.cli.shard_root import add_confinement_arguments, shar
 from spike_audit.pipelines.run.plan import RunConfig
 from spike_audit.pipelines.settings import CHOICES
 
+from spike_audit.pipelines.cli.terminal import one_line_text
+
 log = logging.getLogger(__name__)
 
 REQUIRED = ("log", "manifest", "shards", "out")
@@ -123,13 +125,14 @@ def print_summary(res) -> None:
     v = res.tables["verdicts"]
     print(f"{res.n_spikes} spikes, {res.tables['verdicts'].num_rows} events ({res.n_new_spikes} audited now); "
           f"{res.n_tokens:,} tokens scored in "
-          f"{res.seconds:.1f} s; outputs in {res.out}/")
+          f"{res.seconds:.1f} s; outputs in {one_line_text(res.out)}/")
     for r in v.sort_by([("peak_step", "ascending")]).to_pylist():
         p = f"p={r['p_value']:.3g}" if r["p_value"] is not None else ""
         rows = f"{r['anomalous_rows']}/{r['n_rows']}" if r["anomalous_rows"] is not None else ""
-        shards = ",".join(r["top_shards"][:2])
+        shards = one_line_text(",".join(r["top_shards"][:2]))
         model = f"  model: {r['model_verdict']}" if r.get("model_verdict") else ""
-        print(f"  {r['spike_id']:<36} {r['verdict']:<13} {p:<10} {rows:>7} {r['top_signal'] or '':<26} {shards}{model}")
+        print(f"  {one_line_text(r['spike_id']):<36} {r['verdict']:<13} {p:<10} {rows:>7} {r['top_signal'] or '':<26} "
+              f"{shards}{model}")
     n = len(pc.unique(v.column("verdict"))) if v.num_rows else 0
     log.debug("%d distinct verdicts", n)
 
@@ -148,7 +151,7 @@ def format_plan(plan: dict) -> str:
     for e in plan["events"]:
         w = e["window"]
         win = f"window {w[0]}..{w[-1]} ({len(w)} steps)" if w else "(from state, or no window steps with data)"
-        lines.append(f"  {e['event_id']:<36} peak {e['peak_step']:<7} {win}  [{len(e['members'])} spike(s)]")
+        lines.append(f"  {one_line_text(e['event_id']):<36} peak {e['peak_step']:<7} {win}  [{len(e['members'])} spike(s)]")
     c = plan["controls"]
     if c:
         lines.append(f"  controls: {', '.join(map(str, c[:12]))}{', ...' if len(c) > 12 else ''}")
@@ -157,7 +160,8 @@ def format_plan(plan: dict) -> str:
                  + f" from {r['shards']} shards ({_size(r['shard_bytes'])} on disk, about {_size(r['bytes_to_read'])} "
                  f"to read)")
     for e in r["per_shard"][:10]:
-        lines.append(f"  {e['shard']:<40} {e['slices']:>5} slices {e['rows']:>8,} rows  ~{_size(e['bytes_to_read'])}")
+        lines.append(f"  {one_line_text(e['shard']):<40} {e['slices']:>5} slices {e['rows']:>8,} rows  "
+                     f"~{_size(e['bytes_to_read'])}")
     if len(r["per_shard"]) > 10:
         lines.append(f"  ... {len(r['per_shard']) - 10} more shards")
     return "\n".join(lines)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+from spike_audit.pipelines.cli.terminal import one_line_text
 from spike_audit.pipelines.cli.options import S, add_columns, add_config, add_json, opt, settings_from_args
 from spike_audit.pipelines.shard_audit.config import ShardAuditConfig
 
@@ -42,7 +43,7 @@ def format_plan(plan: dict) -> str:
              f"state), {_size(plan['bytes_to_read'])} to read of {_size(plan['bytes_total'])}"
 ]
     for e in plan["shards"][:20]:
-        lines.append(f"  {'read' if e['read'] else 'kept':<5} {e['shard']:<48} {_size(e['size_bytes']):>10}")
+        lines.append(f"  {'read' if e['read'] else 'kept':<5} {one_line_text(e['shard']):<48} {_size(e['size_bytes']):>10}")
     if len(plan["shards"]) > 20:
         lines.append(f"  ... {len(plan['shards']) - 20} more shards")
     return "\n".join(lines)
@@ -69,17 +70,18 @@ def _shards(args) -> int:
     rate = res.n_tokens_scanned / res.seconds if res.seconds else 0.0
     print(f"{res.n_shards} shards ({res.n_scanned} read now, {res.n_shards - res.n_scanned} from state), "
           f"{res.n_tokens_scanned:,} tokens read in {res.seconds:.1f} s ({rate / 1e6:.2f}M tokens/s); "
-          f"outputs in {res.out}/")
+          f"outputs in {one_line_text(res.out)}/")
     from spike_audit.pipelines.shard_audit.outputs import is_quarantined, quarantine_threshold
 
     t = quarantine_threshold(len(scores), cfg.alpha)
     for r in scores[:10]:
         mark = "!" if is_quarantined(r, t, cfg.min_rows) else " "
-        print(f" {mark}{r['rank']:>4}  {r['shard']:<40} {_score(r['anomaly_score']):>8}  {r['reason']}")
+        print(f" {mark}{r['rank']:>4}  {one_line_text(r['shard']):<40} {_score(r['anomaly_score']):>8}  "
+              f"{one_line_text(r['reason'])}")
     for b in res.bad:
-        print(f"  unreadable: {b['shard']}: {b['error']}")
+        print(f"  unreadable: {one_line_text(b['shard'])}: {one_line_text(b['error'])}")
     for name in res.empty:
-        print(f"  empty: {name}: 0 rows (listed, not scored)")
+        print(f"  empty: {one_line_text(name)}: 0 rows (listed, not scored)")
     return _found(args, res, cfg)
 
 

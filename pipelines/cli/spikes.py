@@ -13,6 +13,8 @@ import math
 import sys
 from pathlib import Path
 
+from spike_audit.pipelines.cli.terminal import one_line_text
+
 log = logging.getLogger(__name__)
 
 
@@ -68,7 +70,7 @@ def _fmt(v, nd=4) -> str:
 
 
 def _table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
-    cells = [[h for _, h in cols]] + [[_fmt(r.get(k)) for k, _ in cols] for r in rows]
+    cells = [[h for _, h in cols]] + [[one_line_text(_fmt(r.get(k))) for k, _ in cols] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells)
 
@@ -151,11 +153,11 @@ def run(args) -> int:
 
     out = []
     for rep in reports:
-        out.append(rep.summary())
+        out.append(one_line_text(rep.summary()))
     for r in runs:
         rows = [s for s in spike_rows if s["run"] == r]
         out.append("")
-        out.append(f"run {r}: {len(rows)} spike event(s) [{config.method}]")
+        out.append(f"run {one_line_text(r)}: {len(rows)} spike event(s) [{config.method}]")
         if rows:
             out.append(_table(rows, SPIKE_COLS))
     if aligned is not None:
@@ -165,9 +167,10 @@ def run(args) -> int:
                    f"{len(arows)}")
         for a in arows:
             out.append(f"  step {a['step']}: {a['n_runs']} runs: " +
-                       ", ".join(f"{r}@{p}" if p != a["step"] else r for r, p in zip(a["runs"], a["peak_steps"])))
+                       ", ".join(f"{one_line_text(r)}@{p}" if p != a["step"] else one_line_text(r)
+                                 for r, p in zip(a["runs"], a["peak_steps"])))
     if args.out:
         out.append("")
-        out.append(f"wrote {args.out}/")
+        out.append(f"wrote {one_line_text(args.out)}/")
     print("\n".join(out))
     return 0

@@ -21,3 +21,9 @@ def json_printable(text: str) -> str:
     """A JSON document (from ``json.dumps``) with the characters C0 escaping misses written as ``\\uXXXX``:
     the same JSON value, safe on a terminal."""
     return text.translate(_JSON)
+
+
+def one_line_text(text) -> str:
+    """A data value (a shard, run or file name, a log's metric) inside one printed line: :func:`printable`, and its
+    newlines written as ``\\n`` too, so a name cannot start a line of its own."""
+    return printable(str(text)).replace("\n", "\\n")
