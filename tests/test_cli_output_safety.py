@@ -137,3 +137,25 @@ def test_names_from_the_data_are_escaped_on_stdout_too(tmp_path, capsys):
         assert "\x1b" not in out and "\u202e" not in out and "\x07" not in out, (argv, out)
         assert not any(line.startswith("x") for line in out.splitlines()), (argv, out)  # the name's "\nx" folded
         assert "\\x1b" in out and "\\u202e" in out, (argv, out)
+
+
+def test_file_names_that_are_not_utf8_are_one_line_errors(tmp_path, capsys):
+    """A log, manifest or shard whose file name bytes are not UTF-8 was a UnicodeEncodeError traceback (writing the
+    run name, the fingerprint or the Parquet index)."""
+    raw = os.fsdecode(b"r\xff")
+    log = tmp_path / f"{raw}.log"
+    log.write_text("".join(f" iteration {s:8d}/     100 | lm loss: {3.0 + (s % 5) / 10:E} |\n" for s in range(1, 101)))
+    assert main(["spikes", str(log), "--out", str(tmp_path / "o"), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "r\\xff.log: a path or name that is not UTF-8 text" in err, err
+    d = tmp_path / "shards"
+    d.mkdir()
+    pq.write_table(pa.table({"tokens": [[1, 2, 3]] * 4}), d / "ok.parquet")
+    import io
+
+    buf = io.BytesIO()  # pyarrow takes no path that is not UTF-8: written by Python
+    pq.write_table(pa.table({"tokens": [[1, 2, 3]] * 4}), buf)
+    (d / f"{raw}.parquet").write_bytes(buf.getvalue())
+    assert main(["shards", str(d), "--out", str(tmp_path / "o2"), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "r\\xff.parquet: a shard whose file name is not UTF-8 text" in err, err

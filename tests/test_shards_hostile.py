@@ -634,3 +634,18 @@ def test_a_tokenizer_url_says_it_is_read_locally_only(url):
 
     with pytest.raises(UserError, match=r"the tokenizer is read from a local path only"):
         load_tokenizer(url)
+
+
+def test_invalid_utf8_in_a_parquet_string_column_names_the_row(tmp_path):
+    """A Parquet writer can store any bytes in a string column; decoding them was a UnicodeDecodeError or an
+    ArrowInvalid traceback in `batch`, `run` and `shards`."""
+    texts = [f"row {i}".encode() for i in range(50)]
+    texts[37] = b"\xff\xfe" + texts[37]
+    offs = np.cumsum([0] + [len(x) for x in texts]).astype(np.int32)
+    text = pa.Array.from_buffers(pa.string(), len(texts), [None, pa.py_buffer(offs.tobytes()), pa.py_buffer(b"".join(texts))])
+    root = tmp_path / "root"
+    root.mkdir()
+    pq.write_table(pa.table({"tokens": [[1, 2, 3]] * 50, "text": text}), root / "s.parquet")
+    with pytest.raises(UserError, match=r"s\.parquet: row 37: 'text' is not valid UTF-8 text"):
+        read_slices(str(root), "s.parquet", [[0, 50]])
+    assert len(read_slices(str(root), "s.parquet", [[0, 37]])) == 37  # the rows before it read

@@ -147,6 +147,20 @@ def _stdout_closed() -> int:
     return 141
 
 
+def _check_utf8_args(args) -> None:
+    """A path or name given on the command line whose bytes are not UTF-8 (Python holds them as lone surrogates):
+    one line naming the option, not a UnicodeEncodeError traceback from the first writer of an output or an index."""
+    for key, v in sorted(vars(args).items()):
+        for x in (v if isinstance(v, (list, tuple)) else [v]):
+            if isinstance(x, str):
+                try:
+                    x.encode("utf-8")
+                except UnicodeEncodeError:
+                    shown = x.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                    raise UserError(f"{shown}: a path or name that is not UTF-8 text (--{key.replace('_', '-')} or an "
+                                    f"argument); rename it") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -155,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     args.extra = extra
     setup_logging(args.verbose, args.quiet)
     try:
+        _check_utf8_args(args)
         rc = int(args.func(args) or 0)
         sys.stdout.flush()
         return rc

@@ -122,6 +122,12 @@ def discover(inputs: tuple[str, ...], root: str | None = None, allow_outside_roo
                 found[os.path.abspath(p)] = (st.st_size, st.st_mtime)
     if not found:
         raise UserError(f"no shards found in {', '.join(inputs)} (looked for {', '.join(SHARD_SUFFIXES)})")
+    for path in found:  # a file name whose bytes are not UTF-8 cannot be named in the outputs and state
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            raise UserError(f"{shown}: a shard whose file name is not UTF-8 text; rename it") from None
     paths = sorted(found)
     urls = [p for p in paths if "://" in p]
     if urls and len(urls) < len(paths):

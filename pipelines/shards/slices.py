@@ -150,7 +150,31 @@ def check_rows(tokens: pa.Array | None, text: pa.Array | None, where, tokens_col
     if tokens is None and text is not None and text.null_count:
         i = int(np.flatnonzero(~_valid(text))[0])
         raise UserError(f"{where(i)}: {text_col!r} is null; expected a string")
+    if text is not None and (pa.types.is_string(text.type) or pa.types.is_large_string(text.type)):
+        _check_utf8(text, where, text_col)
     return tokens, text
+
+
+def _check_utf8(text: pa.Array, where, text_col: str) -> None:
+    """A string column is UTF-8 by Arrow's contract, but a Parquet writer can store any bytes in it: one full
+    validation (vectorised), and on failure a bisection to the first bad row, named."""
+    if isinstance(text, pa.ChunkedArray):
+        text = text.combine_chunks()
+    try:
+        text.validate(full=True)
+        return
+    except pa.ArrowInvalid:
+        pass
+    lo, hi = 0, len(text)  # the first row whose prefix [0, row] is invalid
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        try:
+            text.slice(0, mid).validate(full=True)
+            lo = mid
+        except pa.ArrowInvalid:
+            hi = mid
+    raise UserError(f"{where(lo)}: {text_col!r} is not valid UTF-8 text (a writer stored other bytes in a string "
+                    f"column)")
 
 
 def _valid(arr: pa.Array) -> np.ndarray:
