@@ -118,3 +118,17 @@ def test_control_and_bidi_characters_from_the_data_are_visible_escapes(page, req
         assert raw not in html, repr(raw)
     assert "\\u202e\\x00 tab" in html  # report_cases' hostile text, escaped as on the terminal
     assert "Content-Security-Policy" in html and "default-src 'none'" in html
+
+
+def test_a_huge_loss_is_plotted_without_overflow():
+    """A loss of 1e308 overflowed the chart's axis range: labels read 'inf' and numpy printed a RuntimeWarning."""
+    import warnings
+
+    import numpy as np
+
+    from spike_audit.pipelines.report.charts import loss_svg
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        svg = loss_svg(np.arange(100), np.r_[np.full(99, 3.0), 1e308], [])
+    assert "inf" not in svg and "nan" not in svg

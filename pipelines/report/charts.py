@@ -174,7 +174,8 @@ def loss_svg(steps: np.ndarray, values: np.ndarray, marks: Sequence[tuple[int, f
     ok = np.isfinite(values)
     if not ok.any():
         return "<p>No finite values to plot.</p>"
-    xs, ys = _downsample(steps[ok], values[ok])
+    # plotted within +-1e300: a loss of 1e308 overflowed the axis range to inf (a raw RuntimeWarning on stderr)
+    xs, ys = _downsample(steps[ok], np.clip(values[ok], -1e300, 1e300))
     lo, hi = np.percentile(ys, 0.5), max(np.max(ys), np.percentile(ys, 99.5))
     pad = 0.05 * (hi - lo or 1.0)
     lo, hi = lo - pad, hi + pad
