@@ -17,7 +17,7 @@ def _e(x) -> str:
     """Text for the page: HTML-escaped, and its control and bidirectional characters written as visible escapes
     (``\\x1b``, ``\\u202e``), as on the terminal: a right-to-left override in a shard name or an excerpt would
     otherwise reverse the tool's own text after it, and raw C0/C1 controls are HTML parse errors."""
-    from spike_audit.pipelines.cli.terminal import printable
+    from spike_audit.pipelines.errors import printable
 
     return html.escape(printable("" if x is None else str(x)))
 
