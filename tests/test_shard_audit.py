@@ -153,6 +153,7 @@ def test_unreadable_and_schema_mismatched_shards_are_listed(corpus, tmp_path):
     with pytest.raises(UserError, match=r"zz-broken\.parquet: .*\(and 1 more\); --skip-bad") as err:
         run_shard_audit(cfg)
     assert "\n" not in str(err.value)
+    assert str(err.value).count("zz-broken.parquet") == 1  # named once, not as its name and then its path
     assert not (tmp_path / "out").exists()
 
     res = run_shard_audit(ShardAuditConfig(inputs=(str(data),), out=str(tmp_path / "out"), skip_bad=True))

@@ -140,7 +140,9 @@ def _audit(cfg: ShardAuditConfig, flags, shards, out, st, t0: float, beam_args=N
     if bad and not cfg.skip_bad:
         first = bad[0]
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise UserError(f"{first['shard']}: {first['error']}{more}; --skip-bad audits the others and lists these")
+        named = first["shard"] in first["error"]  # the reader's message names the file already
+        raise UserError(f"{'' if named else first['shard'] + ': '}{first['error']}{more}; --skip-bad audits the "
+                        f"others and lists these")
     for b in bad:
         log.warning("skipping unreadable shard %s: %s", b["shard"], b["error"])
     # A shard with no rows has nothing to score: it is listed (summary.json, the command's output), not lost.
