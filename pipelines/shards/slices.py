@@ -173,7 +173,7 @@ def _check_utf8(text: pa.Array, where, text_col: str) -> None:
             lo = mid
         except pa.ArrowInvalid:
             hi = mid
-    raise UserError(f"{where(lo)}: {text_col!r} is not valid UTF-8 text (a writer stored other bytes in a string "
+    raise UserError(f"{where(lo)}: {text_col!r} is not valid UTF-8 text (a writer stored other bytes in the text "
                     f"column)")
 
 
@@ -189,6 +189,10 @@ def _to_string(col, shard: str, name: str) -> pa.Array:
     if pa.types.is_dictionary(col.type) and (pa.types.is_string(col.type.value_type)
                                              or pa.types.is_large_string(col.type.value_type)):
         col = col.dictionary_decode()  # a dictionary-encoded text column (pandas categorical): the same strings
+    if pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
+        # text stored as bytes (Spark without binaryAsString, some writers): the same bytes as a string column,
+        # no copy; check_rows then validates them as UTF-8 and names the first row that is not
+        col = col.view(pa.large_string() if pa.types.is_large_binary(col.type) else pa.string())
     if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_null(col.type)):
         raise UserError(f"{shard}: column {name!r} has type {col.type}, expected string text")
     return col.cast(pa.string())

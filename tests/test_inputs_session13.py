@@ -1,0 +1,56 @@
+"""Inputs found in session 13's campaigns, through the command line: what a user's files hold, read right or
+refused with one line (exit 2, no traceback)."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from spike_audit.pipelines.cli.main import main
+
+
+def _refused(capsys, argv, pattern):
+    capsys.readouterr()
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, (rc, err)
+    assert err.count("\n") == 0 and "Traceback" not in err, err
+    assert re.search(pattern, err), (pattern, err)
+
+
+def _texts(seed: int, n: int = 200) -> list[str]:
+    rng = np.random.default_rng(seed)
+    out = [" ".join(f"w{int(x)}" for x in rng.integers(0, 400, size=50)) for _ in range(n)]
+    out[3] = "=" * 300  # a row the audit flags, so the tables hold more than zeros
+    return out
+
+
+def test_text_stored_as_bytes_is_read_as_its_strings(tmp_path, capsys):
+    """A text column written as binary (Spark without binaryAsString, other writers) holds the same UTF-8
+    bytes as a string column: the same audit, not a refusal."""
+    for kind, typ in (("str", pa.string()), ("bin", pa.binary()), ("lbin", pa.large_binary())):
+        d = tmp_path / kind
+        d.mkdir()
+        for s in range(3):
+            texts = _texts(s)
+            col = pa.array([t.encode() for t in texts] if typ != pa.string() else texts, typ)
+            pq.write_table(pa.table({"text": col}), d / f"part-{s}.parquet")
+        assert main(["shards", str(d), "--out", str(tmp_path / f"out-{kind}"), "-q"]) == 0
+    tables = {k: pq.read_table(tmp_path / f"out-{k}" / "shard_scores.parquet").drop_columns(["fingerprint"])
+              for k in ("str", "bin", "lbin")}
+    assert tables["str"].num_rows == 3
+    assert tables["bin"].equals(tables["str"]) and tables["lbin"].equals(tables["str"])
+    flags = {k: pq.read_table(tmp_path / f"out-{k}" / "row_flags.parquet") for k in ("str", "bin")}
+    assert flags["str"].num_rows > 0 and flags["bin"].equals(flags["str"])
+
+
+def test_bytes_that_are_not_utf8_in_a_binary_text_column(tmp_path, capsys):
+    (tmp_path / "r").mkdir()
+    texts = [t.encode() for t in _texts(0, 40)]
+    texts[17] = b"fine so far \xff\xfe then not"
+    pq.write_table(pa.table({"text": pa.array(texts, pa.large_binary())}), tmp_path / "r" / "s.parquet")
+    _refused(capsys, ["shards", str(tmp_path / "r"), "--out", str(tmp_path / "out")],
+             r"s\.parquet: row 17: 'text' is not valid UTF-8 text")
