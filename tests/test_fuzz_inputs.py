@@ -40,8 +40,25 @@ def _head(data: bytes, n_lines: int) -> bytes:
     return b"\n".join(data.split(b"\n")[:n_lines]) + b"\n"
 
 
+def _crc32c_bitwise(data: bytes) -> int:
+    """CRC-32C bit by bit (no table): an implementation independent of the reader's."""
+    c = 0xFFFFFFFF
+    for x in data:
+        c ^= x
+        for _ in range(8):
+            c = (c >> 1) ^ (0x82F63B78 & -(c & 1))
+    return c ^ 0xFFFFFFFF
+
+
+def _masked_crc(data: bytes) -> bytes:
+    c = _crc32c_bitwise(data)
+    return struct.pack("<I", ((((c >> 15) | (c << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF)
+
+
 def _tb_record(payload: bytes) -> bytes:
-    return struct.pack("<Q", len(payload)) + b"\0" * 4 + payload + b"\0" * 4
+    """One TFRecord: length, masked CRC-32C of the length, data, masked CRC-32C of the data."""
+    head = struct.pack("<Q", len(payload))
+    return head + _masked_crc(head) + payload + _masked_crc(payload)
 
 
 def _seeds() -> dict[str, bytes]:

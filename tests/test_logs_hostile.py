@@ -303,8 +303,25 @@ def test_golden_values_and_trainer_state_bad_steps(tmp_path):
     assert _train(table)[0] == [1, 2] and rep.n_malformed == 3 and rep.n_replaced == 0
 
 
+def _crc32c_bitwise(data: bytes) -> int:
+    """CRC-32C bit by bit (no table): an implementation independent of the reader's."""
+    c = 0xFFFFFFFF
+    for x in data:
+        c ^= x
+        for _ in range(8):
+            c = (c >> 1) ^ (0x82F63B78 & -(c & 1))
+    return c ^ 0xFFFFFFFF
+
+
+def _masked_crc(data: bytes) -> bytes:
+    c = _crc32c_bitwise(data)
+    return struct.pack("<I", ((((c >> 15) | (c << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF)
+
+
 def _tb_record(payload: bytes) -> bytes:
-    return struct.pack("<Q", len(payload)) + b"\0" * 4 + payload + b"\0" * 4
+    """One TFRecord: length, masked CRC-32C of the length, data, masked CRC-32C of the data."""
+    head = struct.pack("<Q", len(payload))
+    return head + _masked_crc(head) + payload + _masked_crc(payload)
 
 
 def _varint(v: int) -> bytes:
@@ -525,3 +542,62 @@ def test_a_log_mixing_two_formats_warns_about_the_ignored_records(tmp_path, capl
     with caplog.at_level("WARNING", logger="spike_audit.pipelines.logs.read"):
         read_log(q)
     assert not [r for r in caplog.records if "mixing two formats" in r.getMessage()]
+
+
+# ------------------------------------------------------------------------- TensorBoard checksums (session 13)
+
+
+@HSET
+@given(bodies=st.lists(st.binary(min_size=0, max_size=300), max_size=40), seed=st.integers(0, 2 ** 32 - 1))
+def test_crc32c_of_many_records_equals_the_bitwise_checksum(bodies, seed):
+    from spike_audit.pipelines.logs.tensorboard import crc32c, crc32c_many
+
+    rng = np.random.default_rng(seed)
+    long = rng.integers(0, 256, size=int(rng.integers(4097, 5000)), dtype=np.uint8).tobytes()  # one by one
+
+    assert crc32c(b"123456789") == 0xE3069283  # the standard check value of CRC-32C
+    for batch in (bodies, bodies + [long]):
+        assert crc32c_many(batch).tolist() == [_crc32c_bitwise(b) for b in batch]
+
+
+def _tb_log(n=40, spike_at=None):
+    return b"".join(_tb_record(_tb_event(i, "train/loss", 3.0 + (2.0 if i == spike_at else 0.0) + 0.01 * (i % 3)))
+                    for i in range(n))
+
+
+def test_tensorboard_record_with_a_flipped_byte_is_malformed_not_a_value(tmp_path):
+    """A bit flipped in a float makes a value of 1e10 out of 3.0 (a false spike) unless the record's checksum is
+    checked: the record is malformed, every other value is read."""
+    data = bytearray(_tb_log())
+    rec = len(_tb_record(_tb_event(0, "train/loss", 3.0)))
+    data[20 * rec + rec - 6] ^= 0x40  # the float's high byte in record 21 (step 20)
+    p = tmp_path / "events.out.tfevents.1"
+    p.write_bytes(bytes(data))
+    table, rep = read_log(p)
+    steps, values, _ = _train(table)
+    assert steps == [i for i in range(40) if i != 20] and max(values) < 3.1
+    assert rep.n_malformed == 1 and rep.malformed_lines == [21]
+    with pytest.raises(UserError, match="record 21"):
+        read_log(p, strict=True)
+
+
+def test_tensorboard_damaged_length_mid_file_is_an_error_naming_the_record(tmp_path, capsys):
+    data = bytearray(_tb_log())
+    rec = len(_tb_record(_tb_event(0, "train/loss", 3.0)))
+    data[10 * rec] ^= 0x10  # record 11's length field: its own checksum no longer matches
+    p = tmp_path / "events.out.tfevents.1"
+    p.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["spikes", str(p), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err
+    assert f"record 11 at byte {10 * rec}: damaged TFRecord framing" in err and "10 records before it" in err
+
+
+def test_tensorboard_zero_filled_tail_ends_the_log(tmp_path):
+    """A crash can leave a file's last blocks zero-filled: the values before them are read, the tail is one
+    malformed record, not an error."""
+    p = tmp_path / "events.out.tfevents.1"
+    p.write_bytes(_tb_log() + b"\0" * 4096)
+    table, rep = read_log(p)
+    assert _train(table)[0] == list(range(40)) and rep.n_malformed == 1

@@ -3,6 +3,7 @@ TensorFlow), over one file or a directory of ``*tfevents*`` files."""
 
 from __future__ import annotations
 
+import functools
 import re
 import struct
 from array import array
@@ -93,27 +94,136 @@ def _read_exact(f, n: int) -> bytes:
     return b"".join(parts)
 
 
-def _tb_records(f):
-    """Yield (record_number, event_bytes) from a TFRecord stream; a truncated or impossible record yields
-    (n, None) and ends the file (its framing cannot be trusted past that point)."""
-    i = 0
+@functools.lru_cache(maxsize=1)
+def _crc_table() -> np.ndarray:
+    """CRC-32C (Castagnoli, reflected polynomial 0x82F63B78) lookup table, the checksum of TFRecord framing."""
+    t = np.arange(256, dtype=np.uint32)
+    for _ in range(8):
+        t = np.where(t & 1, (t >> np.uint32(1)) ^ np.uint32(0x82F63B78), t >> np.uint32(1)).astype(np.uint32)
+    return t
+
+
+@functools.lru_cache(maxsize=1)
+def _crc_list() -> tuple[int, ...]:
+    return tuple(_crc_table().tolist())
+
+
+def crc32c(data: bytes) -> int:
+    """CRC-32C of one byte string (a plain loop: for the 8-byte length fields and the rare long record)."""
+    table = _crc_list()
+    c = 0xFFFFFFFF
+    for x in data:
+        c = table[(c ^ x) & 0xFF] ^ (c >> 8)
+    return c ^ 0xFFFFFFFF
+
+
+#: Records up to this length have their checksums computed together, one byte position of all of them per numpy
+#: step; longer ones (images, graphs; rare in a scalar log) one by one.
+_LOCKSTEP_BYTES = 4096
+
+
+def crc32c_many(bodies: list[bytes]) -> np.ndarray:
+    """CRC-32C of each byte string (uint32), vectorised over the strings: byte position j of every string at
+    least j + 1 long is folded in at once (sorted by length, the active strings are a prefix)."""
+    n = len(bodies)
+    out = np.zeros(n, dtype=np.uint32)
+    lengths = np.fromiter((len(b) for b in bodies), dtype=np.int64, count=n)
+    short = np.flatnonzero(lengths <= _LOCKSTEP_BYTES)
+    for i in np.flatnonzero(lengths > _LOCKSTEP_BYTES).tolist():
+        out[i] = crc32c(bodies[i])
+    if not len(short):
+        return out
+    order = short[np.argsort(-lengths[short], kind="stable")]
+    ln = lengths[order]
+    data = np.frombuffer(b"".join(bodies[i] for i in order.tolist()), dtype=np.uint8)
+    starts = np.zeros(len(order), dtype=np.int64)
+    np.cumsum(ln[:-1], out=starts[1:])
+    active = np.searchsorted(-ln, -np.arange(int(ln[0]) if len(ln) else 0), side="left")  # strings longer than j
+    table = _crc_table()
+    c = np.full(len(order), 0xFFFFFFFF, dtype=np.uint32)
+    for j, a in enumerate(active.tolist()):
+        cj = c[:a]
+        c[:a] = table[(cj ^ data[starts[:a] + j]) & np.uint32(0xFF)] ^ (cj >> np.uint32(8))
+    out[order] = c ^ np.uint32(0xFFFFFFFF)
+    return out
+
+
+def _masked(crc):
+    """TFRecord's masked CRC: rotate right by 15 and add a constant (mod 2^32); scalar or uint32 array."""
+    if isinstance(crc, np.ndarray):
+        return (((crc >> np.uint32(15)) | (crc << np.uint32(17))) + np.uint32(0xA282EAD8)).astype(np.uint32)
+    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _zeros_to_end(f) -> bool:
+    """Whether the rest of the stream holds only zero bytes (a crash's zero-filled tail), read in bounded pieces."""
+    while True:
+        b = f.read(1 << 20)
+        if not b:
+            return True
+        if b.count(0) != len(b):
+            return False
+
+
+_BATCH_RECORDS = 4096  # records whose data checksums are verified together
+_BATCH_BYTES = 16 << 20
+
+
+def _tb_records(f, path=None):
+    """Yield (record_number, event_bytes) from a TFRecord stream, every record's framing and data checked
+    against its CRC-32C. A record whose data fails its checksum yields (n, None) and reading goes on (its
+    length was checked, so the next record is found); a truncated record at the end, or a damaged header followed
+    only by zero bytes (a crash's zero-filled tail), yields (n, None) and ends the file; a damaged header with
+    data after it is a :class:`UserError` (the framing past it cannot be trusted, and the rest would be lost)."""
+    pending: list[tuple[int, bytes, int]] = []
+    size = 0
+    len_crcs: dict[int, int] = {}
+
+    def flush():
+        if not pending:
+            return
+        crcs = _masked(crc32c_many([b for _, b, _ in pending])).tolist()
+        for (i, body, stored), got in zip(pending, crcs):
+            yield i, (body if got == stored else None)
+        pending.clear()
+
+    i = offset = 0
     while True:
         head = _read_exact(f, 12)
         if not head:
-            return
+            break
         i += 1
         if len(head) < 12:
+            yield from flush()
             yield i, None
             return
-        (length,) = struct.unpack_from("<Q", head, 0)
-        if length > MAX_RECORD_BYTES:
-            yield i, None
-            return
+        length, stored_len_crc = struct.unpack_from("<QI", head, 0)
+        want = len_crcs.get(length)  # a scalar log's records come in a few lengths: each checksum computed once
+        if want is None:
+            if len(len_crcs) >= 4096:
+                len_crcs.clear()
+            want = len_crcs[length] = _masked(crc32c(head[:8]))
+        if want != stored_len_crc or length > MAX_RECORD_BYTES:
+            yield from flush()
+            if _zeros_to_end(f):  # a tail a crash left zero-filled (or half written): the end of the log
+                yield i, None
+                return
+            what = "its length field fails its checksum" if length <= MAX_RECORD_BYTES else f"a length of {length} bytes"
+            raise UserError(f"{path or 'TensorBoard event file'}: record {i} at byte {offset}: damaged TFRecord "
+                            f"framing ({what}), and data follows it: the records after it cannot be found; the "
+                            f"{i - 1} records before it were read (a copy truncated at byte {offset} holds just them)")
         body = _read_exact(f, length + 4)
         if len(body) < length + 4:
+            yield from flush()
             yield i, None
             return
-        yield i, body[:length]
+        pending.append((i, body[:length], struct.unpack_from("<I", body, length)[0]))
+        size += length
+        offset += 12 + length + 4
+        if len(pending) >= _BATCH_RECORDS or size >= _BATCH_BYTES:
+            yield from flush()
+            size = 0
+    yield from flush()
 
 
 def _tb_files(path: Path) -> list[Path]:
@@ -165,7 +275,7 @@ def _parse_tensorboard(path: Path, tag=None, metric=None, **_):
     bad, n_records, ignored = [], 0, 0
     for f in _tb_files(path):
         with open_decompressed(f, "TensorBoard event file") as fh:
-            for _i, rec in _tb_records(fh):
+            for _i, rec in _tb_records(fh, f):
                 n_records += 1
                 if rec is None:
                     bad.append(n_records)
