@@ -54,6 +54,7 @@ class LogReport:
     metrics: list[str]
     runs: list[str] = field(default_factory=list)  # several when one file holds several runs (see module doc)
     trainer: str | None = None  # whose step numbering the format uses (spike_audit.schemas.steps), if it says
+    n_out_of_order: int = 0  # values logged out of order (late or stray lines, not a resume: .restarts)
 
     def summary(self) -> str:
         bad = ""
@@ -62,7 +63,8 @@ class LogReport:
             bad = f", {self.n_malformed} malformed (lines {first}{', ...' if self.n_malformed > 5 else ''})"
         return (f"{self.path} [{self.format}]: {self.n_lines} lines, {self.n_values} values "
                 f"({', '.join(self.metrics)}){bad}, {self.n_ignored} unrelated lines ignored, "
-                f"{self.n_replaced} replaced by resume")
+                f"{self.n_replaced} replaced by resume"
+                + (f", {self.n_out_of_order} out of order" if self.n_out_of_order else ""))
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}

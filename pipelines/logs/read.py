@@ -14,7 +14,7 @@ from spike_audit.schemas import LOSS_SERIES
 from spike_audit.schemas.steps import FORMAT_TRAINER
 from spike_audit.pipelines.logs.lines import (FORMATS, LogReport, MAX_MALFORMED_REPORTED, TextStream, _Parsed, _no_nul,
                                               _Series, _const, _np, read_document)
-from spike_audit.pipelines.logs.restarts import _resolve_restarts
+from spike_audit.pipelines.logs.restarts import resolve_restarts
 from spike_audit.pipelines.logs.sniff import _strip_compression, detect_format
 from spike_audit.pipelines.logs.stdout import (_parse_llmc, _parse_megatron, _parse_modded, _parse_nanogpt,
                                                _parse_olmo, _parse_pattern, _parse_torchtitan)
@@ -253,6 +253,7 @@ def read_log(path, *, format=None, run=None, metric=None, step_key=None, value_k
     expected, n_lines, n_ignored = parsed.expected, parsed.n_lines, parsed.n_ignored
     groups: list[tuple[str, str, np.ndarray, np.ndarray, np.ndarray | None]] = []
     n_replaced = 0
+    out_of_order: list[tuple[str, int, int, int, str]] = []  # (where, step, the step before it, count, metric)
     while parsed.series:
         s = parsed.series.pop(0)  # each series' arrays are freed once its groups are built
         if not len(s.steps):
@@ -262,14 +263,31 @@ def read_log(path, *, format=None, run=None, metric=None, step_key=None, value_k
             parts = [(f"{run}@{t}" if t >= 0 else run, s.totals == t) for t in np.unique(s.totals)]
         for rname, sel in parts:
             steps = s.steps if sel is None else s.steps[sel]
-            keep = _resolve_restarts(steps)
+            keep, ooo = resolve_restarts(steps)
             n_replaced += int(len(keep) - keep.sum())
             values = s.values if sel is None else s.values[sel]
             lines = None if s.lines is None else (s.lines if sel is None else s.lines[sel])
+            if ooo.any():
+                at = int(np.flatnonzero(ooo)[0])
+                before = int(steps[:at].max())
+                where = f"line {int(lines[at])}" if lines is not None else f"value {at + 1} of {s.metric}"
+                out_of_order.append((where, int(steps[at]), before, int(ooo.sum()), s.metric))
             if not keep.all():
                 steps, values, lines = steps[keep], values[keep], None if lines is None else lines[keep]
+            if ooo.any():  # kept out-of-order values go to their place: every group is sorted by step
+                o = np.argsort(steps, kind="stable")
+                steps, values, lines = steps[o], values[o], None if lines is None else lines[o]
             groups.append((rname, s.metric, steps, values, lines))
     parsed = None  # the parse's arrays are no longer needed
+    if out_of_order:
+        where, st, before, _, metric = out_of_order[0]
+        n_ooo = sum(x[3] for x in out_of_order)
+        msg = (f"{where}: step {st} of {metric} is logged after step {before} and the log then goes on past step "
+               f"{before}: out of order (a late or stray line), not a resume")
+        if strict:
+            raise UserError(f"{path}: {msg}")
+        log.warning("%s: %s; %d such values read at their own steps (a resume would have replaced every value "
+                    "after them)", path, msg, n_ooo)
     if sum(len(g[2]) for g in groups) == 0:
         extra = f"; {len(malformed)} malformed (first at line {malformed[0]})" if len(malformed) else ""
         raise UserError(f"{path}: no usable steps found for format {fmt} (expected {expected}){extra}")
@@ -297,7 +315,7 @@ def read_log(path, *, format=None, run=None, metric=None, step_key=None, value_k
         n_ignored=int(n_ignored), n_replaced=n_replaced,
         metrics=sorted({m for _r, m in keys}),
         runs=sorted({r for r, _m in keys}),
-        trainer=FORMAT_TRAINER.get(fmt),
+        trainer=FORMAT_TRAINER.get(fmt), n_out_of_order=sum(x[3] for x in out_of_order),
     )
     if len(malformed):
         log.warning("%s: %d malformed lines (first: %s)", path, len(malformed), report.malformed_lines[:5])
@@ -332,6 +350,7 @@ def _read_runs(path: Path, fmt: str, parts, **kw) -> tuple[pa.Table, LogReport]:
         n_values=table.num_rows, n_malformed=sum(r.n_malformed for r in reports),
         malformed_lines=sorted({x for r in reports for x in r.malformed_lines})[:MAX_MALFORMED_REPORTED],
         n_ignored=sum(r.n_ignored for r in reports), n_replaced=sum(r.n_replaced for r in reports),
-        metrics=sorted({m for r in reports for m in r.metrics}), runs=sorted({x for r in reports for x in r.runs}))
+        metrics=sorted({m for r in reports for m in r.metrics}), runs=sorted({x for r in reports for x in r.runs}),
+        n_out_of_order=sum(r.n_out_of_order for r in reports))
     log.info("%s: %d runs (%s)", path, len(report.runs), ", ".join(report.runs[:10]))
     return table, report

@@ -423,7 +423,9 @@ def _parse_golden(raw: bytes, path, **_):
                 continue
             steps.append(sk)
             vals.append(fv)
-        series.append(_Series(_GOLDEN_NAMES.get(name, name), np.array(steps, np.int64), np.array(vals, np.float64)))
+        st_, va = np.array(steps, np.int64), np.array(vals, np.float64)
+        o = np.argsort(st_, kind="stable")  # keys of an object name their steps; their order means nothing
+        series.append(_Series(_GOLDEN_NAMES.get(name, name), st_[o], va[o]))
     if not series and odd is not None:
         raise UserError(f"{path}: metric {odd[0]!r}: expected 'values' to be an object {{\"<step>\": <float>}} "
                         f"(golden values with their step numbers), got {odd[1]}")
@@ -460,7 +462,14 @@ def _parse_hf(raw: bytes, path, **_):
                 acc[m][1].append(fv)
                 used = True
         ignored += not used
-    series = [_Series(m, np.array(s, np.int64), np.array(v, np.float64)) for m, (s, v) in acc.items() if s]
+    # by step: a resumed Trainer restores log_history from the checkpoint and appends to it, so going back in it is
+    # never a resume (a file merged or reordered by a tool); entries of one step keep their order (the last wins)
+    series = []
+    for m, (s, v) in acc.items():
+        if s:
+            st_, va = np.array(s, np.int64), np.array(v, np.float64)
+            o = np.argsort(st_, kind="stable")
+            series.append(_Series(m, st_[o], va[o]))
     return _Parsed(series, np.array(sorted(set(bad)), np.int64),
                    "log_history entries with a non-negative integer 'step'",
                    ignored, raw.count(b"\n") + 1)
