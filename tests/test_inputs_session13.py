@@ -54,3 +54,31 @@ def test_bytes_that_are_not_utf8_in_a_binary_text_column(tmp_path, capsys):
     pq.write_table(pa.table({"text": pa.array(texts, pa.large_binary())}), tmp_path / "r" / "s.parquet")
     _refused(capsys, ["shards", str(tmp_path / "r"), "--out", str(tmp_path / "out")],
              r"s\.parquet: row 17: 'text' is not valid UTF-8 text")
+
+
+def test_run_state_is_found_from_another_directory(demo, tmp_path, monkeypatch, capsys, caplog):
+    """A scheduled job runs from another directory than the first run, or names the inputs by other paths: the
+    same inputs are the same state (it audited everything again when the paths were spelled otherwise)."""
+    import logging
+
+    root, _ = demo
+    run = root / "run"
+    out, state = tmp_path / "out", tmp_path / "state"
+    args = ["--tokenizer", "tokenizer.json", "--out", str(out), "--state", str(state), "-q"]
+    monkeypatch.chdir(run)
+    assert main(["run", "--log", "train.log", "--manifest", "manifest.parquet", "--shards", "shards", *args]) == 0
+    elsewhere = tmp_path / "cron"
+    elsewhere.mkdir()
+    (elsewhere / "data").symlink_to(run)
+    monkeypatch.chdir(elsewhere)
+    for shards in (str(run / "shards"), "data/shards"):
+        capsys.readouterr()
+        with caplog.at_level(logging.WARNING):
+            caplog.clear()
+            rc = main(["run", "--log", str(run / "train.log"), "--manifest", "data/manifest.parquet", "--shards",
+                       shards, "--tokenizer", str(run / "tokenizer.json"), "--out", str(out), "--state", str(state),
+                       "--dry-run"])
+        printed = capsys.readouterr().out
+        assert rc == 0
+        assert not any("auditing everything again" in r.getMessage() for r in caplog.records), shards
+        assert re.search(r"\b0 to audit\b", printed), printed

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import asdict
 from pathlib import Path
 import pyarrow as pa
@@ -31,8 +32,19 @@ def _inputs_fingerprint(cfg: RunConfig) -> str:
                      ("run", None), ("baseline", None)):  # options added later: as before they existed when unset
         if d.get(k) == unset:
             d.pop(k, None)
-    d["input_files"] = _input_files(cfg)
+    for k in ("manifest", "shards", "tokenizer", "row_losses", "baseline"):  # the same files however spelled
+        if d.get(k):
+            d[k] = _resolved(d[k])
+    d["input_files"] = [[_resolved(f[0]), *f[1:]] for f in _input_files(cfg)]
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _resolved(path: str) -> str:
+    """A local path made absolute, links resolved (a scheduled job runs from another directory than the first
+    run, or names the inputs through a link); URLs as given."""
+    from spike_audit.pipelines import fs
+
+    return path if fs.is_url(path) else os.path.realpath(path)
 
 
 def _input_files(cfg: RunConfig) -> list:
