@@ -82,3 +82,32 @@ def test_run_state_is_found_from_another_directory(demo, tmp_path, monkeypatch, 
         assert rc == 0
         assert not any("auditing everything again" in r.getMessage() for r in caplog.records), shards
         assert re.search(r"\b0 to audit\b", printed), printed
+
+
+def _modded_log(path, n=80):
+    path.write_text("".join(f"step:{i}/{n} train_loss:{3.0 + 0.01 * (i % 5):.4f} train_time:{i}ms step_avg:1.00ms\n"
+                            for i in range(1, n)) + "step:40/80 val_loss:3.5 train_time:40ms step_avg:1.00ms\n")
+    return path
+
+
+def test_spikes_on_a_metric_the_log_does_not_have(tmp_path, capsys):
+    """It printed "0 spike event(s)" and exited 0 (and wrote outputs) for a misspelled --metric."""
+    log = _modded_log(tmp_path / "train.log")
+    _refused(capsys, ["spikes", str(log), "--metric", "train_los", "--out", str(tmp_path / "o")],
+             r"train\.log: no 'train_los' values \(metrics found: train_loss, val_loss\)")
+    assert not (tmp_path / "o").exists()
+    only_val = tmp_path / "val.log"
+    only_val.write_text("step:40/80 val_loss:3.5 train_time:40ms step_avg:1.00ms\n")
+    _refused(capsys, ["spikes", str(only_val)], r"no train_loss or grad_norm values \(metrics found: val_loss\)")
+    assert main(["spikes", str(log), "--metric", "val_loss"]) == 0
+
+
+def test_log_options_that_the_format_does_not_read(tmp_path, capsys):
+    """--value-key on a text log, --tag on JSONL: silently ignored before, auditing another metric than asked."""
+    log = _modded_log(tmp_path / "train.log")
+    _refused(capsys, ["spikes", str(log), "--value-key", "val_loss"],
+             r"--value-key 'val_loss' applies to jsonl and csv logs; this log is read as modded-nanogpt")
+    j = tmp_path / "m.jsonl"
+    j.write_text("".join(f'{{"step": {i}, "loss": 3.0}}\n' for i in range(50)))
+    _refused(capsys, ["spikes", str(j), "--tag", "train/loss"], r"--tag 'train/loss' applies to tensorboard logs")
+    assert main(["spikes", str(j), "--value-key", "loss"]) == 0

@@ -121,6 +121,13 @@ def run(args) -> int:
         reports.append(report)
     loss = pa.concat_tables(tables)
     metrics = (args.metric,) if args.metric else ("train_loss", "grad_norm")
+    found = sorted(set(loss.column("metric").to_pylist()))
+    if not set(metrics) & set(found):  # nothing to detect on: an error, not "0 spike events"
+        from spike_audit.pipelines.errors import UserError
+
+        what = repr(args.metric) if args.metric else "train_loss or grad_norm"
+        raise UserError(f"{args.logs[0] if len(args.logs) == 1 else 'the logs'}: no {what} values (metrics found: "
+                        f"{', '.join(found) or 'none'}); name one with --metric")
     spikes = detect_table(loss, config, metrics=metrics)
     runs = sorted(set(loss.column("run").to_pylist()))
     aligned = None

@@ -220,6 +220,11 @@ def read_log(path, *, format=None, run=None, metric=None, step_key=None, value_k
     fmt = format or detect_format(path)
     if fmt not in FORMATS:
         raise UserError(f"unknown log format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    for flag, given, applies in (("--step-key", step_key, ("jsonl", "csv")), ("--value-key", value_key, ("jsonl", "csv")),
+                                 ("--tag", tag, ("tensorboard",))):
+        if given and fmt not in applies:  # ignored, it would audit another metric than the one asked for
+            raise UserError(f"{path}: {flag} {given!r} applies to {' and '.join(applies)} logs; this log is read as "
+                            f"{fmt}{'' if format else ' (detected)'}: use --pattern for a text log, or --format")
     run = run or (path.name if path.is_dir() else Path(_strip_compression(path.name)).stem)
     from spike_audit.pipelines.logs.multirun import split_runs
 
