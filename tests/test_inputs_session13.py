@@ -111,3 +111,41 @@ def test_log_options_that_the_format_does_not_read(tmp_path, capsys):
     j.write_text("".join(f'{{"step": {i}, "loss": 3.0}}\n' for i in range(50)))
     _refused(capsys, ["spikes", str(j), "--tag", "train/loss"], r"--tag 'train/loss' applies to tensorboard logs")
     assert main(["spikes", str(j), "--value-key", "loss"]) == 0
+
+
+def test_demo_seed_out_of_range_is_refused_before_any_work(tmp_path, capsys):
+    for seed in ("-1", str(2 ** 64)):
+        _refused(capsys, ["demo", "--dir", str(tmp_path / "d"), "--seed", seed], r"--seed .*expected an integer from 0")
+    assert not (tmp_path / "d").exists()
+
+
+def test_demo_is_one_at_a_time_per_dir(tmp_path, capsys):
+    import fcntl
+    import os
+
+    d = tmp_path / "d"
+    d.mkdir()
+    fd = os.open(d / ".spike-audit-demo.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a demo running in this --dir
+    try:
+        _refused(capsys, ["demo", "--dir", str(d)], r"another spike-audit demo is using this --dir")
+    finally:
+        os.close(fd)
+    assert not (d / "run").exists()
+
+
+def test_demo_after_one_killed_while_building(tmp_path, capsys):
+    """A demo killed while writing its run left a half-written run that the next demo refused as "not a
+    spike-audit demo run"; now the run is built aside and moved in whole, and leftovers of a killed demo (its
+    building directory; an older version's half-written run) are cleared."""
+    d = tmp_path / "d"
+    (d / ".run-building" / "shards").mkdir(parents=True)
+    (d / ".run-building" / "shards" / "train-00000.parquet").write_bytes(b"half")
+    (d / "run" / "shards").mkdir(parents=True)
+    (d / "run" / "shards" / "train-00000.parquet").write_bytes(b"half")
+    (d / "run" / "tokenizer.json").write_text("{")
+    assert main(["demo", "--dir", str(d), "-q"]) == 0
+    assert (d / "run" / "truth.json").exists() and not (d / ".run-building").exists()
+    assert pq.read_metadata(d / "run" / "shards" / "train-00000.parquet").num_rows > 0
+    (d / "run" / "notes.txt").write_text("a user's file")  # no longer only a demo's files: never written into
+    _refused(capsys, ["demo", "--dir", str(d)], r"exists and is not a spike-audit demo run")
