@@ -149,3 +149,11 @@ def test_demo_after_one_killed_while_building(tmp_path, capsys):
     assert pq.read_metadata(d / "run" / "shards" / "train-00000.parquet").num_rows > 0
     (d / "run" / "notes.txt").write_text("a user's file")  # no longer only a demo's files: never written into
     _refused(capsys, ["demo", "--dir", str(d)], r"exists and is not a spike-audit demo run")
+
+
+def test_spikes_window_too_small_to_estimate_noise(tmp_path, capsys):
+    """--window 1 found 73 "spikes" in a log with 4 (a MAD of one value is 0)."""
+    log = _modded_log(tmp_path / "train.log")
+    for w in ("1", "2", "7"):
+        _refused(capsys, ["spikes", str(log), "--window", w], rf"--window {w}: expected at least 8 logged values")
+    assert main(["spikes", str(log), "--window", "8"]) == 0

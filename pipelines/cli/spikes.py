@@ -39,7 +39,7 @@ def register(subparsers) -> None:
     p.add_argument("--method", choices=CHOICES["method"], default="robust",
                    help="spike rule (default: robust trailing median/MAD)")
     p.add_argument("--k", type=float, default=None, help="robust: threshold in MAD-sigmas (default 6)")
-    p.add_argument("--window", type=int, default=None, help="robust: trailing window in logged values (default 64)")
+    p.add_argument("--window", type=int, default=None, help="robust: trailing window in logged values (default 64, at least 8)")
     p.add_argument("--strict", action="store_true", help="fail on the first malformed line")
     p.add_argument("--align-tolerance", type=int, default=0, metavar="N",
                    help="peaks within N steps count as the same step across runs (default 0)")
@@ -96,6 +96,11 @@ def run(args) -> int:
     if args.k is not None:
         cfg_kw["k"] = args.k
     if args.window is not None:
+        if args.window < 8:  # a median and MAD of 1-7 values are ~0: ordinary noise is flagged (73 events for 4)
+            from spike_audit.pipelines.errors import UserError
+
+            raise UserError(f"--window {args.window}: expected at least 8 logged values (the robust level and scale "
+                            f"of fewer flag ordinary noise as spikes)")
         cfg_kw["window"] = args.window
         cfg_kw["min_window"] = min(16, args.window)
     try:
