@@ -157,3 +157,24 @@ def test_spikes_window_too_small_to_estimate_noise(tmp_path, capsys):
     for w in ("1", "2", "7"):
         _refused(capsys, ["spikes", str(log), "--window", w], rf"--window {w}: expected at least 8 logged values")
     assert main(["spikes", str(log), "--window", "8"]) == 0
+
+
+def test_jsonl_loss_key_renamed_halfway(tmp_path, capsys, caplog):
+    """A logger that renames ``loss`` to ``train/loss`` halfway: the second half was counted as "unrelated lines"
+    and left out without a word, also under --strict (a spike there was never seen)."""
+    import logging
+
+    from spike_audit.pipelines.logs.read import read_log
+
+    p = tmp_path / "m.jsonl"
+    rows = [{"step": i, "loss": 3.0} for i in range(60)] + [{"step": i, "train/loss": 3.0} for i in range(60, 120)]
+    rows += [{"step": i, "eval_acc": 0.5} for i in range(0, 120, 30)]  # records with no loss key: unrelated
+    p.write_text("".join(__import__("json").dumps(r) + "\n" for r in rows))
+    with caplog.at_level(logging.WARNING):
+        table, rep = read_log(p)
+    assert table.num_rows == 60
+    assert any("line 61: 60 records hold a step and 'train/loss' but not 'loss'" in r.getMessage()
+               for r in caplog.records)
+    _refused(capsys, ["spikes", str(p), "--strict"], r"m\.jsonl: line 61: 60 records .*--value-key train/loss")
+    table, _ = read_log(p, value_key="train/loss")
+    assert table.num_rows == 60

@@ -170,7 +170,7 @@ def _other_records(lines: pa.Array, fmt: str, counts: dict) -> None:
 def _parse_text(path: Path, fmt: str, strict: bool, kw: dict) -> tuple[_Parsed, int | None, dict]:
     """Stream a text log chunk by chunk. Returns the parse, the number of a cut last line (or None) and, per other
     text format, how many lines look like its records."""
-    parser = _STREAMED[fmt](**kw) if fmt in _STREAMED else _LineParser(_TEXT[fmt], **kw)
+    parser = _STREAMED[fmt](**kw, strict=strict) if fmt in _STREAMED else _LineParser(_TEXT[fmt], **kw)
     stream = TextStream(path)
     coll = _Collector()
     others: dict = {}

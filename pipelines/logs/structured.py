@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import re
 import numpy as np
@@ -34,6 +35,9 @@ VAL_KEYS = ("val_loss", "eval_loss", "val/loss", "eval/loss", "validation/loss",
 #: W&B / JSONL metrics; the console rounds it, so the console reader does not take it)
 CONSUMED_SAMPLES_KEYS = ("consumed_samples", "consumed samples", "consumed-samples")
 CONSUMED_TOKENS_KEYS = ("consumed_tokens", "throughput/total tokens", "throughput/total_tokens")
+
+
+log = logging.getLogger(__name__)
 
 
 def _pick(columns, explicit, candidates, what, path):
@@ -146,8 +150,9 @@ class _JsonlParser:
     when it rejects the chunk: NaN literals, mixed types, a broken line) and only the candidate keys' values are
     kept, as numpy arrays; the step and value keys are chosen at the end from every key seen."""
 
-    def __init__(self, path=None, step_key=None, value_key=None, metric=None, **_):
+    def __init__(self, path=None, step_key=None, value_key=None, metric=None, strict=False, **_):
         self.path, self.step_key, self.value_key, self.metric = path, step_key, value_key, metric
+        self.strict = strict
         self.keys: dict[str, None] = {}
         self.cols: dict[str, _KeyColumn] = {}
         self.row_lines: list[np.ndarray] = []
@@ -284,9 +289,30 @@ class _JsonlParser:
             any_val |= present
             bad_val |= present & ~ok
         bad = any_val & (~s_ok | bad_val)
+        self._unread_losses(wanted, lines, s_ok, n)
         series = [_Series(name, steps[sel], v[sel], lines[sel])
                   for name, (present, v, ok) in vals.items() for sel in [present & ok & ~bad]]
         return _Parsed(series, lines[bad], _EXPECTED_JSONL, int((~any_val).sum()), 0)
+
+    def _unread_losses(self, wanted: dict, lines: np.ndarray, s_ok: np.ndarray, n: int) -> None:
+        """Records with a step and another loss key than the one read (a logger renamed ``loss`` to
+        ``train/loss`` halfway): never left out silently; an error under ``--strict``."""
+        main = wanted.get(self.metric or "train_loss")
+        if main is None or self.value_key:
+            return
+        empty = _KeyColumn()
+        has_main = self.cols.get(main, empty).full(n)[0]
+        for key in LOSS_KEYS:
+            if key == main or key in wanted.values() or key not in self.cols:
+                continue
+            other = self.cols[key].full(n)[0] & s_ok & ~has_main
+            if other.any():
+                first = int(lines[np.flatnonzero(other)[0]])
+                msg = (f"line {first}: {int(other.sum())} records hold a step and {key!r} but not {main!r}, the loss "
+                       f"key read: they are not read (a renamed key? --value-key {key} reads them)")
+                if self.strict:
+                    raise UserError(f"{self.path}: {msg}")
+                log.warning("%s: %s", self.path, msg)
 
 
 class _CsvParser:
