@@ -178,3 +178,18 @@ def test_jsonl_loss_key_renamed_halfway(tmp_path, capsys, caplog):
     _refused(capsys, ["spikes", str(p), "--strict"], r"m\.jsonl: line 61: 60 records .*--value-key train/loss")
     table, _ = read_log(p, value_key="train/loss")
     assert table.num_rows == 60
+
+
+def test_csv_value_holding_a_newline_shifts_no_line_number(tmp_path, capsys):
+    from spike_audit.pipelines.logs.read import read_log
+
+    rows = [f'{i},"a,b",{3.0 + 0.001 * i}' for i in range(1, 60)]
+    rows[9] = '10,"line one\nline two ""quoted""",3.01'
+    rows[39] = '40.5,"a,b",3.04'  # malformed: physical line 42 (header, 39 rows before it, one of two lines)
+    p = tmp_path / "export.csv"
+    p.write_text("Step,note,train/loss\n" + "\n".join(rows) + "\n")
+    table, rep = read_log(p)
+    line_of = dict(zip(table.column("step").to_pylist(), table.column("source_line").to_pylist()))
+    assert line_of[9] == 10 and line_of[10] == 11 and line_of[11] == 13 and line_of[59] == 61
+    assert rep.malformed_lines == [42]
+    _refused(capsys, ["spikes", str(p), "--strict"], r"export\.csv:42: expected .* got '40\.5,")

@@ -317,8 +317,8 @@ class _JsonlParser:
 
 class _CsvParser:
     """CSV (W&B export), streamed: the header (the first non-blank line) picks the step and value columns; each
-    chunk is parsed with the header in front, only those columns, as strings. Rows are assumed to be one
-    physical line each (W&B exports have no quoted newlines) for their line numbers."""
+    chunk is parsed with the header in front, only those columns, as strings. A row's line number is its first
+    physical line (a quoted value may hold newlines)."""
 
     expected = "'<step>,<value>,...' with an integer step and a number value"
 
@@ -348,7 +348,11 @@ class _CsvParser:
         import pyarrow.csv as pcsv
 
         lines = chunk.lines
-        nonblank = np.flatnonzero(_np(pc.utf8_length(pc.utf8_trim_whitespace(lines))) > 0) + 1  # chunk-relative
+        # a record's first physical line: not blank, and not inside a quoted field that began on an earlier line
+        # (an odd count of '"' before it; an escaped "" counts two), so a value holding a newline shifts no number
+        quotes = _np(pc.count_substring(lines, '"')).astype(np.int64)
+        inside = ((np.cumsum(quotes) - quotes) & 1).astype(bool)
+        nonblank = np.flatnonzero((_np(pc.utf8_length(pc.utf8_trim_whitespace(lines))) > 0) & ~inside) + 1
         if self.header is None:
             if not len(nonblank):
                 return _Parsed([], np.zeros(0, np.int64), self.expected, 0, len(lines))
