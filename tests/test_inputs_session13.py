@@ -193,3 +193,15 @@ def test_csv_value_holding_a_newline_shifts_no_line_number(tmp_path, capsys):
     assert line_of[9] == 10 and line_of[10] == 11 and line_of[11] == 13 and line_of[59] == 61
     assert rep.malformed_lines == [42]
     _refused(capsys, ["spikes", str(p), "--strict"], r"export\.csv:42: expected .* got '40\.5,")
+
+
+def test_not_a_log_and_an_empty_log_say_so(tmp_path, capsys):
+    """A manifest given as the log was read as TensorBoard ("no scalar tag containing 'loss'"); an empty log with
+    --format said "(expected )"."""
+    m = tmp_path / "manifest.parquet"
+    pq.write_table(pa.table({"step": [0, 1]}), m)
+    _refused(capsys, ["spikes", str(m)], r"manifest\.parquet: is a Parquet file, not a training log")
+    e = tmp_path / "empty.log"
+    e.write_text("")
+    for fmt in ("megatron", "csv", "olmo", "jsonl"):
+        _refused(capsys, ["spikes", str(e), "--format", fmt], rf"empty\.log: the log is empty \(no {fmt} records")

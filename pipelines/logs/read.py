@@ -295,7 +295,11 @@ def read_log(path, *, format=None, run=None, metric=None, step_key=None, value_k
                     "after them)", path, msg, n_ooo)
     if sum(len(g[2]) for g in groups) == 0:
         extra = f"; {len(malformed)} malformed (first at line {malformed[0]})" if len(malformed) else ""
-        raise UserError(f"{path}: no usable steps found for format {fmt} (expected {expected}){extra}")
+        if not n_lines or (not expected and not n_ignored and not len(malformed)):
+            raise UserError(f"{path}: the log is empty (no {fmt} records; expected a training log with steps and "
+                            f"losses)")
+        raise UserError(f"{path}: no usable steps found for format {fmt} (expected {expected or fmt + ' records'})"
+                        f"{extra}")
     # Sorted as LOSS_SERIES.sort_keys without a table sort: groups by (run, metric) (Python's str order is
     # UTF-8 byte order), and within a group the restart rule leaves steps strictly increasing.
     groups = [g for g in groups if len(g[2])]

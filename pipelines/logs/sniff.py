@@ -42,6 +42,11 @@ def detect_format(path) -> str:
         return "tensorboard"
     head = read_head(path, 1 << 22)
     skip, dec = _text_decoder(head[:4])
+    for magic, what in ((b"PAR1", "a Parquet file"), (b"ARROW1", "an Arrow file"), (b"\x93NUMPY", "a .npy array"),
+                        (b"PK\x03\x04", "a zip archive"), (b"MMIDIDX", "a Megatron .idx index")):
+        if head.startswith(magic):  # a manifest, shard or checkpoint given where the log goes
+            raise UserError(f"{path}: is {what}, not a training log (expected the trainer's loss log: text, JSONL, "
+                            f"CSV, JSON or TensorBoard event files)")
     if dec is None and len(head) >= 12 and b"\x00" in head[:64]:
         return "tensorboard"  # binary: TFRecord framing starts with a little-endian uint64 length
     text = (dec.decode(head) if dec is not None else head[skip:].decode("utf-8", errors="replace"))
