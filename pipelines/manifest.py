@@ -50,7 +50,8 @@ META_FIELDS = ("step_convention", "trainer", "token_dtype", "seq_len", "extra_to
 
 
 def _name(path) -> str:
-    return os.path.basename(str(path)) or str(path)
+    """How an error names a manifest: the path as the user gave it (its base name alone was ambiguous)."""
+    return str(path)
 
 
 def load_manifest_table(path) -> pa.Table:
