@@ -205,3 +205,21 @@ def test_not_a_log_and_an_empty_log_say_so(tmp_path, capsys):
     e.write_text("")
     for fmt in ("megatron", "csv", "olmo", "jsonl"):
         _refused(capsys, ["spikes", str(e), "--format", fmt], rf"empty\.log: the log is empty \(no {fmt} records")
+
+
+def test_jsonl_holding_a_loss_line_of_another_format(tmp_path, capsys, caplog):
+    """Two loss records written as modded-nanogpt lines into a JSONL log were "unrelated lines", also under
+    --strict (the warning needed 10 such lines): in a JSONL or CSV log one is enough."""
+    import logging
+
+    from spike_audit.pipelines.logs.read import read_log
+
+    rows = [__import__("json").dumps({"step": i, "loss": 3.0}) for i in range(1, 80)]
+    rows[40] = "step:41/80 train_loss:9.5000 train_time:41ms step_avg:1.00ms"
+    p = tmp_path / "m.jsonl"
+    p.write_text("\n".join(rows) + "\n")
+    with caplog.at_level(logging.WARNING):
+        read_log(p)
+    assert any("line 41: read as jsonl, but 1 lines look like modded-nanogpt records" in r.getMessage()
+               for r in caplog.records)
+    _refused(capsys, ["spikes", str(p), "--strict"], r"m\.jsonl: line 41: read as jsonl, but 1 lines look like")

@@ -154,17 +154,22 @@ _RECORD_MARKERS = {
 }
 
 
-def _other_records(lines: pa.Array, fmt: str, counts: dict) -> None:
-    """Add to ``counts`` the lines of ``lines`` that are record lines of another text format than ``fmt``."""
+def _other_records(lines: pa.Array, fmt: str, counts: dict, first_line: int = 1) -> None:
+    """Add to ``counts`` the lines of ``lines`` that are record lines of another text format than ``fmt`` (and, under
+    ``counts["first-line", format]``, the first such line's number; ``lines`` start at ``first_line``)."""
     others = {f: rx for f, rx in _RECORD_MARKERS.items() if f != fmt}
     if not len(lines) or not others:
         return
     any_other = _np(pc.match_substring_regex(lines, "|".join(f"(?:{rx})" for rx in others.values())))
     if not any_other.any():
         return
+    at = np.flatnonzero(any_other)
     sub = lines.filter(pa.array(any_other))
     for f, rx in others.items():
-        counts[f] = counts.get(f, 0) + int(_np(pc.match_substring_regex(sub, rx)).sum())
+        hit = _np(pc.match_substring_regex(sub, rx))
+        if hit.any():
+            counts[f] = counts.get(f, 0) + int(hit.sum())
+            counts.setdefault(("first-line", f), int(at[np.flatnonzero(hit)[0]]) + first_line)
 
 
 def _parse_text(path: Path, fmt: str, strict: bool, kw: dict) -> tuple[_Parsed, int | None, dict]:
@@ -178,7 +183,7 @@ def _parse_text(path: Path, fmt: str, strict: bool, kw: dict) -> tuple[_Parsed, 
         parsed = parser.feed(chunk)
         coll.add(parsed, chunk.first_line - 1)
         if fmt != "pattern" and parsed is not None and parsed.n_ignored:  # only where lines were left unread
-            _other_records(chunk.lines, fmt, others)
+            _other_records(chunk.lines, fmt, others, chunk.first_line)
         if b"\x00" in chunk.data:  # any line with a crash's zeros in it is malformed, whatever it matched
             nul = ~_no_nul(chunk.lines)
             coll.malformed.append(np.flatnonzero(nul).astype(np.int64) + chunk.first_line)
@@ -333,10 +338,17 @@ def read_log(path, *, format=None, run=None, metric=None, step_key=None, value_k
                     "are kept: is this log sorted by step within each run? (a resume replaces the values from the "
                     "resume point on)", path, n_replaced, table.num_rows)
     lines_read = int(np.unique(table.column("source_line").drop_null().to_numpy()).size) if any(others.values()) else 0
-    for other, k in sorted(others.items(), key=lambda kv: -kv[1]):
-        if k >= max(10, 0.05 * max(lines_read, 1)):  # a log of two formats: the other one's records were ignored
-            log.warning("%s: read as %s, but %d lines look like %s records and were ignored as unrelated text: a log "
-                        "mixing two formats? (--format %s reads those; or split the log)", path, fmt, k, other, other)
+    structured = fmt in ("jsonl", "csv")  # every line is a record there: one loss line of another format is a loss
+    firsts = {k[1]: v for k, v in others.items() if isinstance(k, tuple)}
+    counts = {k: v for k, v in others.items() if not isinstance(k, tuple)}
+    for other, k in sorted(counts.items(), key=lambda kv: -kv[1]):
+        if k >= (1 if structured else max(10, 0.05 * max(lines_read, 1))):  # the other format's records were ignored
+            msg = (f"line {firsts.get(other, '?')}: read as {fmt}, but {k} lines look like {other} records and were "
+                   f"ignored as unrelated text: a log mixing two formats? (--format {other} reads those; or split "
+                   f"the log)")
+            if strict and structured:
+                raise UserError(f"{path}: {msg}")
+            log.warning("%s: %s", path, msg)
             break
     log.info("%s", report.summary())
     return table, report
