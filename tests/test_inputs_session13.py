@@ -223,3 +223,12 @@ def test_jsonl_holding_a_loss_line_of_another_format(tmp_path, capsys, caplog):
     assert any("line 41: read as jsonl, but 1 lines look like modded-nanogpt records" in r.getMessage()
                for r in caplog.records)
     _refused(capsys, ["spikes", str(p), "--strict"], r"m\.jsonl: line 41: read as jsonl, but 1 lines look like")
+
+
+def test_jsonl_with_the_loss_inside_a_nested_object(tmp_path, capsys):
+    """{"train": {"loss": ...}}: the error listed the key 'train' without saying that nested keys are not read."""
+    p = tmp_path / "nested.jsonl"
+    p.write_text("".join(__import__("json").dumps({"step": i, "train": {"loss": 3.0}, "lr": 1e-3}) + "\n"
+                         for i in range(30)))
+    _refused(capsys, ["spikes", str(p)], r"nested\.jsonl: no loss key found .*the values of 'train' are JSON objects, "
+                                         r"whose keys are not read")

@@ -159,6 +159,7 @@ class _JsonlParser:
         self.n_rows = 0
         self._cand: dict[str, bool] = {}
         self._grad_like = 0
+        self.nested: set = set()  # keys whose values are JSON objects (their keys are not read)
 
     def _is_candidate(self, key: str) -> bool:
         c = self._cand.get(key)
@@ -178,6 +179,8 @@ class _JsonlParser:
         """Candidate columns of an Arrow-parsed chunk, or None if one has a type only the slow path handles."""
         out = {}
         for key in table.column_names:
+            if len(self.nested) < 8 and pa.types.is_struct(table.schema.field(key).type):
+                self.nested.add(key)  # {"train": {"loss": ...}}: named if no loss key is found
             if not self._is_candidate(key):
                 continue
             t = table.schema.field(key).type
@@ -277,7 +280,13 @@ class _JsonlParser:
     def finish(self) -> _Parsed:
         if not self.n_rows:
             return _Parsed([], np.zeros(0, np.int64), _EXPECTED_JSONL, 0, 0)
-        step, wanted = _kv_metrics(list(self.keys), self.step_key, self.value_key, self.metric, self.path)
+        try:
+            step, wanted = _kv_metrics(list(self.keys), self.step_key, self.value_key, self.metric, self.path)
+        except UserError as err:
+            if not self.nested:
+                raise
+            raise UserError(f"{err}; the values of {', '.join(map(repr, sorted(self.nested)))} are JSON objects, whose "
+                            f"keys are not read (write flat keys such as 'train/loss', or give --pattern)") from None
         n = self.n_rows
         lines = np.concatenate(self.row_lines)
         empty = _KeyColumn()
