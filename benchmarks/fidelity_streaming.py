@@ -46,6 +46,15 @@ CASES = [
     ("2 streams, epoch_size 1000, granularity 4", 1, {"shuffle": True, "epoch-size": 1000,
                                                       "sampling-granularity": 4, "samples": "200 150"}),
     ("sampling_method fixed, epoch_size 500", 1, {"shuffle": True, "epoch-size": 500, "sampling-method": "fixed"}),
+    ("3 streams, proportion 0.5 0.3 0.2", 1, {"shuffle": True, "samples": "200 150 53",
+                                               "proportion": "0.5 0.3 0.2"}),
+    ("2 streams, proportion 1 3, epoch_size 300, granularity 3", 1, {
+        "shuffle": True, "samples": "250 153", "proportion": "1 3", "epoch-size": 300, "sampling-granularity": 3}),
+    ("3 streams, repeat 2.5 / choose 40 / unweighted, py1br", 1, {
+        "shuffle": True, "shuffle-algo": "py1br", "shuffle-block-size": 50, "samples": "120 200 83",
+        "repeat": "2.5 - -", "choose": "- 40 -"}),
+    ("2 ranks, 2 streams, proportion 0.7 0.3, 2 workers", 2, {
+        "shuffle": True, "num-workers": 2, "samples": "203 200", "proportion": "0.7 0.3"}),
     ("resumed at sample_in_epoch 37", 1, {"shuffle": True, "sample-in-epoch": 37}),
     ("orig partition, 4 canonical nodes, py1br", 1, {"shuffle": True, "partition-algo": "orig",
                                                      "num-canonical-nodes": 4, "shuffle-algo": "py1br",
@@ -67,7 +76,7 @@ CASES = [
 REFUSED = [
     ("batching_method stratified", ["--batching-method", "stratified"], "batching_method='stratified'"),
     ("replication 2", ["--replication", "2"], "replication=2"),
-    ("per-stream proportion", ["--proportion", "0.5"], "--proportion"),
+    ("proportion mixed with repeat", ["--proportion", "0.5", "--repeat", "2"], "--proportion"),
     ("initial_physical_nodes with workers", ["--initial-physical-nodes", "1", "--num-workers", "2"],
      "initial_physical_nodes with DataLoader workers"),
 ]

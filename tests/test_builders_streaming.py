@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from spike_audit.pipelines.builders.streaming import SHUFFLES, partition, resample, streaming_order
+from spike_audit.pipelines.builders.streaming import (SHUFFLES, partition, resample, stream_weights,
+                                                      streaming_order)
 from spike_audit.pipelines.errors import UserError
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "mds"
@@ -89,9 +90,6 @@ def test_unsupported_settings_are_refused_by_name(kw, named):
 @pytest.mark.parametrize("flags,named", [
     (["--batching-method", "stratified"], "batching_method='stratified'"),
     (["--replication", "2"], "replication=2"),
-    (["--proportion", "0.5"], "--proportion"),
-    (["--repeat", "2"], "--repeat"),
-    (["--choose", "10"], "--choose"),
     (["--initial-physical-nodes", "1", "--num-workers", "1"], "initial_physical_nodes with DataLoader workers"),
 ])
 def test_cli_refusals_are_one_line_before_the_data_is_read(tmp_path, capsys, flags, named):
@@ -122,6 +120,66 @@ def test_cli_builds_a_checked_manifest_over_an_mds_dataset(tmp_path, capsys):
     assert meta["trainer"] == "streaming" and meta["step_convention"] == "batch_index"
 
 
+@given(st.lists(st.integers(1, 400), min_size=1, max_size=5), st.data(), st.integers(0, 2**31))
+@settings(max_examples=120, deadline=None)
+def test_relative_weights_split_the_epoch_by_share_within_one_sample(sizes, data, seed):
+    """Stream.apply_weights, relative: every stream gets floor(total x share) or one more, and the epoch has
+    exactly epoch_size (default: every sample) samples."""
+    props = data.draw(st.lists(st.floats(0.01, 10), min_size=len(sizes), max_size=len(sizes)))
+    epoch_size = data.draw(st.one_of(st.none(), st.integers(1, 3000)))
+    streams = [np.array([n]) for n in sizes]
+    _, small = resample(streams, epoch=0, seed=seed, epoch_size=epoch_size, shuffle=True,
+                        weights=stream_weights(len(sizes), proportion=props, epoch_size=epoch_size))
+    total = epoch_size or sum(sizes)
+    offsets = np.cumsum([0] + sizes)
+    got = np.bincount(np.searchsorted(offsets, small, side="right") - 1, minlength=len(sizes))
+    want = np.floor(total * np.array(props) / sum(props))
+    assert got.sum() == total and np.all((got >= want) & (got <= want + 1))
+
+
+def test_absolute_weights_take_repeat_times_samples_or_choose_or_every_sample():
+    o = streaming_order([np.array([20, 20]), np.array([30]), np.array([7])], batch_size=4, shuffle=True,
+                        repeat=[2.5, None, None], choose=[None, 11, None])
+    per_stream = np.bincount(np.searchsorted([0, 40, 70, 77], o["sample"], side="right") - 1, minlength=3)
+    assert per_stream.tolist() == [100, 11, 7]
+    # 2.5 x 40: every sample twice, then half of them once more (no sample three times more than another)
+    assert set(np.bincount(o["sample"][o["sample"] < 40]).tolist()) <= {2, 3}
+
+
+@pytest.mark.parametrize("flags,named", [
+    (["--proportion", "0.5", "0.5"], "--proportion: 2 values for 1 streams"),
+    (["--proportion", "0.5", "--repeat", "2"], "cannot be mixed with --repeat"),
+    (["--repeat", "2", "--choose", "5"], "stream 0 has both --repeat and --choose"),
+    (["--repeat", "-1"], "--repeat: -1.0 for stream 0: expected a non-negative number"),
+    (["--choose", "2.5"], "--choose: 2.5 for stream 0: expected a whole number"),
+    (["--choose", "ten"], "--choose: 'ten' for stream 0 is not a number"),
+    (["--proportion", "0"], "the proportions sum to 0"),
+    (["--repeat", "2", "--epoch-size", "10"], "--epoch-size with --repeat/--choose weights"),
+])
+def test_bad_stream_weights_are_one_line_errors_before_the_data_is_read(tmp_path, capsys, flags, named):
+    from spike_audit.pipelines.cli.main import main
+
+    rc = main(["manifest", "streaming", "--data", "missing", "--shards", str(tmp_path), "--batch-size", "4",
+               "--out", str(tmp_path / "m.parquet"), *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and named in err[0], err
+    assert not (tmp_path / "m.parquet").exists()
+
+
+def test_cli_weighted_streams_build_a_checked_manifest(tmp_path, capsys):
+    from spike_audit.pipelines.builders.streaming import stream_sizes
+    from spike_audit.pipelines.cli.main import main
+    from spike_audit.pipelines.manifest import load_manifest_table
+
+    out = tmp_path / "m.parquet"
+    rc = main(["manifest", "streaming", "--data", "mixed_zstd", "--shards", str(FIXTURES), "--batch-size", "2",
+               "--shuffle", "--repeat", "1.5", "--out", str(out), "--check"])
+    assert rc == 0, capsys.readouterr().err
+    n = int(stream_sizes(str(FIXTURES), ["mixed_zstd"])[0].sum())
+    rows = load_manifest_table(out).column("row_start").to_numpy()
+    assert len(rows) == int(1.5 * n) and set(np.bincount(rows, minlength=n).tolist()) == {1, 2}
+
+
 def _harness():
     spec = importlib.util.spec_from_file_location("spike_audit_fidelity_streaming", HARNESS)
     mod = importlib.util.module_from_spec(spec)
@@ -131,7 +189,8 @@ def _harness():
 
 
 FIDELITY_CASES = ["py1e (default), 1 rank, 2 epochs", "2 ranks, 2 workers",
-                  "2 nodes x 2 ranks, 8 canonical nodes, py1s, 2 workers", "resumed at sample_in_epoch 37"]
+                  "2 nodes x 2 ranks, 8 canonical nodes, py1s, 2 workers", "resumed at sample_in_epoch 37",
+                  "3 streams, repeat 2.5 / choose 40 / unweighted, py1br", "2 ranks, 2 streams, proportion 0.7 0.3, 2 workers"]
 
 
 @pytest.mark.fidelity

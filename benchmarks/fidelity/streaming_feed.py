@@ -68,6 +68,8 @@ def main(argv=None) -> int:
                    help="resumed from a run on this many nodes (the checkpoint's initial_physical_nodes)")
     p.add_argument("--ranks-per-node", type=int, default=None)
     p.add_argument("--world-size", type=int, default=1, help="informational; the launcher sets the ranks")
+    for w in ("proportion", "repeat", "choose"):  # per-stream weights, '-' for a stream without one
+        p.add_argument(f"--{w}", nargs="+", default=None)
     args = p.parse_args(argv)
 
     out = Path(args.out)
@@ -105,7 +107,14 @@ def main(argv=None) -> int:
 
         find = shm_prefix._check_and_find_retrying
         shm_prefix._check_and_find_retrying = lambda *a, **k: find(*a, **k) + 100 * node
-    streams = [Stream(local=str(data / f"node{node}" / nm)) for nm in names]
+    def weight(w, i):
+        vals = getattr(args, w)
+        if vals is None or vals[i] == "-":
+            return None
+        return int(vals[i]) if w == "choose" else float(vals[i])
+
+    streams = [Stream(local=str(data / f"node{node}" / nm), proportion=weight("proportion", i),
+                      repeat=weight("repeat", i), choose=weight("choose", i)) for i, nm in enumerate(names)]
     ds = StreamingDataset(streams=streams, batch_size=args.batch_size, shuffle=args.shuffle,
                           shuffle_algo=args.shuffle_algo, shuffle_seed=args.shuffle_seed,
                           shuffle_block_size=args.shuffle_block_size, num_canonical_nodes=args.num_canonical_nodes,

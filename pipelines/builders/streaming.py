@@ -5,8 +5,8 @@ What streaming 0.13 does each epoch (``StreamingDataset.__iter__`` -> ``_get_wor
 default ``batching_method='random'``), re-derived here from its source:
 
 1. **resampling** (``resample_streams``): per stream, how many samples to draw (``choose``: all of them unless
-   ``epoch_size`` asks for another total, split over streams in proportion to their sizes with a seeded
-   ``rng.choice`` for the remainder, ``Stream.apply_weights``); per shard ``choose // samples`` full repeats
+   per-stream weights or ``epoch_size`` ask for another total, split over streams by their proportions, else
+   their sizes, with a seeded ``rng.choice`` for the remainder, ``Stream.apply_weights``); per shard ``choose // samples`` full repeats
    and a partial repeat of a seeded choice of samples drawn in picks of ``sampling_granularity``
    (``sampling.get_sampling``; seed ``shuffle_seed + epoch`` under ``sampling_method='balanced'`` with
    shuffling, else ``shuffle_seed``). This gives "big" sample ids, their "shuffle units" (shard parts) and
@@ -39,8 +39,13 @@ each other (``--epochs``, each a new ``__iter__``). Checked against the real Str
 Resumption: ``sample_in_epoch`` (the first epoch starts there) with the checkpoint's ``num_canonical_nodes``;
 ``initial_physical_nodes`` (resumed on another number of nodes, ``relaxed``) without DataLoader workers.
 
-Refused by name (one-line error): ``batching_method`` other than ``random``, ``replication``, per-stream
-``proportion`` / ``repeat`` / ``choose`` weights, ``initial_physical_nodes`` with DataLoader workers.
+Per-stream weights as ``Stream(proportion=...)``, ``Stream(repeat=...)``, ``Stream(choose=...)``
+(``Stream.validate_weights`` / ``apply_weights``): relative proportions split the epoch (``epoch_size``, default
+every sample) by share; absolute weights draw ``repeat x samples`` or ``choose`` samples from their stream, every
+sample from an unweighted one.
+
+Refused by name (one-line error): ``batching_method`` other than ``random``, ``replication``,
+``initial_physical_nodes`` with DataLoader workers.
 """
 
 from __future__ import annotations
@@ -60,13 +65,57 @@ PARTITION_ALGOS = ("orig", "relaxed")
 # ----------------------------------------------------------------------------- resampling
 
 
-def _stream_choose(samples_per_stream: np.ndarray, epoch_size: int | None, seed: int) -> np.ndarray:
-    """Samples drawn from each stream per epoch (unweighted streams)."""
-    if not epoch_size:
+def stream_weights(n_streams: int, *, proportion=None, repeat=None, choose=None, epoch_size: int | None = None):
+    """Check per-stream weights as ``Stream`` and ``Stream.validate_weights`` do and return them normalised:
+    ``("relative", proportions)`` or ``("absolute", [(kind, value) per stream])`` (kind ``repeat``, ``choose``
+    or ``None``), or ``None`` when no stream is weighted. One-line :class:`UserError` for what streaming refuses."""
+    if proportion is None and repeat is None and choose is None:
+        return None
+    for name, vals in (("--proportion", proportion), ("--repeat", repeat), ("--choose", choose)):
+        if vals is not None and len(vals) != n_streams:
+            raise UserError(f"{name}: {len(vals)} values for {n_streams} streams (expected one per --data stream, "
+                            f"'-' for a stream without one)")
+        for i, v in enumerate(vals or ()):
+            if v is not None and not (v >= 0 and math.isfinite(v)):
+                raise UserError(f"{name}: {v} for stream {i}: expected a non-negative number (streaming refuses it)")
+    if proportion is not None:
+        if repeat is not None or choose is not None or any(v is None for v in proportion):
+            raise UserError("--proportion (relative weights) must be given for every stream and cannot be mixed with "
+                            "--repeat or --choose (absolute weights): streaming refuses the mix")
+        if not sum(proportion) > 0:
+            raise UserError("--proportion: the proportions sum to 0")
+        return ("relative", [float(v) for v in proportion])
+    out = []
+    for i in range(n_streams):
+        r = repeat[i] if repeat is not None else None
+        c = choose[i] if choose is not None else None
+        if r is not None and c is not None:
+            raise UserError(f"stream {i} has both --repeat and --choose: streaming takes at most one weight per stream")
+        if c is not None and c != int(c):
+            raise UserError(f"--choose: {c} for stream {i}: expected a whole number of samples")
+        out.append(("repeat", float(r)) if r is not None else ("choose", int(c)) if c is not None else (None, None))
+    if epoch_size:
+        raise UserError("--epoch-size with --repeat/--choose weights: streaming takes an epoch size only with "
+                        "--proportion (relative) weights or unweighted streams")
+    return ("absolute", out)
+
+
+def _stream_choose(samples_per_stream: np.ndarray, epoch_size: int | None, seed: int, weights=None) -> np.ndarray:
+    """Samples drawn from each stream per epoch (``Stream.apply_weights``): relative weights (``proportion``) or
+    unweighted streams with an epoch size split ``epoch_size`` (default: all samples) by share, the floor's
+    shortfall given one each to streams picked by a seeded ``rng.choice``; absolute weights take ``repeat x
+    samples`` (truncated), ``choose``, or every sample."""
+    if weights is not None and weights[0] == "absolute":
+        return np.array([int(v * int(n)) if k == "repeat" else int(v) if k == "choose" else int(n)
+                         for (k, v), n in zip(weights[1], samples_per_stream.tolist())], np.int64)
+    if weights is None and not epoch_size:
         return samples_per_stream.copy()
-    share = samples_per_stream.astype(np.float64) / samples_per_stream.sum()
-    choose = (epoch_size * share).astype(np.int64)
-    short = int(epoch_size - choose.sum())
+    total = epoch_size or int(samples_per_stream.sum())
+    share = (np.asarray(weights[1], np.float64) if weights is not None
+             else samples_per_stream.astype(np.float64))
+    share = share / share.sum()
+    choose = (total * share).astype(np.int64)
+    short = int(total - choose.sum())
     rng = np.random.default_rng(seed)
     choose[rng.choice(len(samples_per_stream), short, False)] += 1
     return choose
@@ -93,10 +142,10 @@ def _shard_choose(sizes: np.ndarray, choose: int, granularity: int, seed: int) -
 
 
 def resample(stream_sizes: list[np.ndarray], *, epoch: int, seed: int, epoch_size: int | None, shuffle: bool,
-             sampling_method: str = "balanced", granularity: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """(shuffle units, underlying sample id of each big id) for one epoch."""
+             sampling_method: str = "balanced", granularity: int = 1, weights=None) -> tuple[np.ndarray, np.ndarray]:
+    """(shuffle units, underlying sample id of each big id) for one epoch (``weights``: :func:`stream_weights`)."""
     samples_per_stream = np.array([int(s.sum()) for s in stream_sizes], np.int64)
-    choose = _stream_choose(samples_per_stream, epoch_size, seed)
+    choose = _stream_choose(samples_per_stream, epoch_size, seed, weights)
     balanced = sampling_method == "balanced"
     rng = np.random.default_rng(seed + epoch if balanced else seed)
     sampling_seed = seed + epoch if (shuffle and balanced) else seed
@@ -336,9 +385,12 @@ def streaming_order(stream_sizes: list[np.ndarray], *, batch_size: int, shuffle:
                     num_workers: int = 0, epochs: int = 1, drop_last: bool = False, partition_algo: str = "relaxed",
                     epoch_size: int | None = None, sampling_method: str = "balanced", sampling_granularity: int = 1,
                     sample_in_epoch: int = 0, initial_physical_nodes: int | None = None,
-                    batching_method: str = "random", replication: int | None = None) -> dict:
+                    batching_method: str = "random", replication: int | None = None, proportion=None, repeat=None,
+                    choose=None) -> dict:
     """Per fed sample: ``batch`` (0-based global batch), ``rank``, ``epoch``, ``sample`` (global sample id over
-    the streams in order), ``pos`` (position in the global batch: rank x batch_size + position on the rank)."""
+    the streams in order), ``pos`` (position in the global batch: rank x batch_size + position on the rank).
+    ``proportion`` / ``repeat`` / ``choose``: per-stream weights, one value per stream (``None`` for a stream
+    without one), as ``Stream(proportion=...)`` etc."""
     check_settings(batch_size=batch_size, shuffle_algo=shuffle_algo, world_size=world_size,
                    ranks_per_node=ranks_per_node, num_workers=num_workers, epochs=epochs, partition_algo=partition_algo,
                    sampling_method=sampling_method, sampling_granularity=sampling_granularity,
@@ -349,11 +401,13 @@ def streaming_order(stream_sizes: list[np.ndarray], *, batch_size: int, shuffle:
     workers = max(num_workers, 1)
     canonical = num_canonical_nodes or (64 * nodes if shuffle_algo in ("py1s", "py2s") else nodes)
     block = shuffle_block_size or max(4_000_000 // canonical, 1 << 18)
+    weights = stream_weights(len(stream_sizes), proportion=proportion, repeat=repeat, choose=choose,
+                             epoch_size=epoch_size)
     if any(np.asarray(s).size == 0 or int(np.asarray(s).sum()) == 0 for s in stream_sizes):
         raise UserError("a stream has no samples")
     return _order(stream_sizes, batch_size, shuffle, shuffle_algo, shuffle_seed, block, canonical, world_size, rpn,
                   nodes, workers, epochs, drop_last, partition_algo, epoch_size, sampling_method, sampling_granularity,
-                  sample_in_epoch, initial_physical_nodes)
+                  sample_in_epoch, initial_physical_nodes, weights)
 
 
 def check_settings(*, batch_size: int, shuffle_algo: str = "py1e", world_size: int = 1,
@@ -384,12 +438,14 @@ def check_settings(*, batch_size: int, shuffle_algo: str = "py1e", world_size: i
 
 def _order(stream_sizes, batch_size, shuffle, shuffle_algo, shuffle_seed, block, canonical, world_size, rpn, nodes,
            workers, epochs, drop_last, partition_algo, epoch_size, sampling_method, sampling_granularity,
-           sample_in_epoch, initial_physical_nodes) -> dict:
+           sample_in_epoch, initial_physical_nodes, weights=None) -> dict:
     cols: dict[str, list[np.ndarray]] = {"batch": [], "rank": [], "epoch": [], "sample": [], "pos": []}
     batch0 = 0
     for e in range(epochs):
         units, small = resample(stream_sizes, epoch=e, seed=shuffle_seed, epoch_size=epoch_size, shuffle=shuffle,
-                                sampling_method=sampling_method, granularity=sampling_granularity)
+                                sampling_method=sampling_method, granularity=sampling_granularity, weights=weights)
+        if not len(small):
+            raise UserError(f"the stream weights choose no samples for epoch {e}")
         first = sample_in_epoch if e == 0 else 0
         if first < 0:  # a Python index from the end: one slice of the epoch's last sample, no error
             raise UserError(f"sample_in_epoch {first}: expected a non-negative count of samples already seen")

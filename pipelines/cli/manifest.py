@@ -169,8 +169,11 @@ def register(subparsers) -> None:
                     help="a resumed run on another number of nodes: the checkpoint's initial_physical_nodes")
     ms.add_argument("--batching-method", default="random", help="only random (the default) is supported")
     ms.add_argument("--replication", type=int, default=None, help="not supported")
-    for w in ("proportion", "repeat", "choose"):
-        ms.add_argument(f"--{w}", nargs="+", default=None, help=f"per-stream {w} weights (not supported)")
+    for w, what in (("proportion", "relative weights, one per stream: Stream(proportion=...); with --epoch-size, "
+                     "the epoch's samples are split by them"),
+                    ("repeat", "absolute weights, one per stream ('-' for none): Stream(repeat=...)"),
+                    ("choose", "absolute sample counts, one per stream ('-' for none): Stream(choose=...)")):
+        ms.add_argument(f"--{w}", nargs="+", default=None, metavar=w.upper(), help=what)
     _common(ms, "root the --data directories are relative to")
     ms.set_defaults(func=run)
 
@@ -186,6 +189,23 @@ def register(subparsers) -> None:
     s.add_argument("--dtype", default=None, help="dtype of header-less token files (default uint16)")
     _common(s, "root the shard files are relative to")
     s.set_defaults(func=run)
+
+
+def _weight_values(flag: str, values: list[str] | None) -> list[float | None] | None:
+    """``--proportion`` / ``--repeat`` / ``--choose`` values: numbers, ``-`` for a stream without one."""
+    if values is None:
+        return None
+    out: list[float | None] = []
+    for i, v in enumerate(values):
+        if v == "-":
+            out.append(None)
+            continue
+        try:
+            out.append(float(v))
+        except ValueError:
+            raise UserError(f"--{flag}: {v!r} for stream {i} is not a number (expected a number, or '-' for a stream "
+                            f"without a {flag})") from None
+    return out
 
 
 def _expand_globs(root: str | None, patterns: list[str]) -> list[str]:
@@ -315,13 +335,11 @@ def run(args) -> int:
                                         data_parallel_size=args.data_parallel_size, pad_id=pad_id)
         dtype = None
     elif args.trainer == "streaming":
-        from spike_audit.pipelines.builders.streaming import build_streaming_manifest, check_settings, stream_sizes
+        from spike_audit.pipelines.builders.streaming import (build_streaming_manifest, check_settings, stream_sizes,
+                                                           stream_weights)
 
-        for w in ("proportion", "repeat", "choose"):
-            if getattr(args, w) is not None:
-                raise UserError(f"--{w} (per-stream {w} weights) is not supported: give unweighted streams, with "
-                                f"--epoch-size for a resampled epoch")
-        kw = dict(batch_size=args.batch_size, shuffle=args.shuffle, shuffle_algo=args.shuffle_algo,
+        weights = {w: _weight_values(w, getattr(args, w)) for w in ("proportion", "repeat", "choose")}
+        kw = dict(**weights, batch_size=args.batch_size, shuffle=args.shuffle, shuffle_algo=args.shuffle_algo,
                   shuffle_seed=args.shuffle_seed, shuffle_block_size=args.shuffle_block_size,
                   num_canonical_nodes=args.num_canonical_nodes, partition_algo=args.partition_algo,
                   world_size=args.world_size, ranks_per_node=args.ranks_per_node, num_workers=args.num_workers,
@@ -330,6 +348,7 @@ def run(args) -> int:
                   sample_in_epoch=args.sample_in_epoch, initial_physical_nodes=args.initial_physical_nodes,
                   batching_method=args.batching_method, replication=args.replication)
         check_settings(**kw)  # before the data is read
+        stream_weights(len(args.data), epoch_size=args.epoch_size, **weights)
         table = build_streaming_manifest(args.data, stream_sizes(args.shards, args.data),
                                          first_step=args.first_step or 0, steps=steps, **kw)
         dtype = None
