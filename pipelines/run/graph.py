@@ -156,6 +156,31 @@ def null_of(ref, alpha: float):
     return null_model(ref, alpha)
 
 
+class NullCombineFn(beam.CombineFn):
+    """The control steps' (step, bins) combined into the reference (``_Reference``), then :func:`null_of` it."""
+
+    def __init__(self, builder, alpha: float):
+        self.builder, self.alpha = builder, alpha
+
+    def create_accumulator(self):
+        return self.builder.create()
+
+    def add_input(self, acc, item):
+        return self.builder.add(acc, item)
+
+    def merge_accumulators(self, accs):
+        return self.builder.merge(list(accs))
+
+    def extract_output(self, acc):
+        return null_of(self.builder.result(acc), self.alpha)
+
+
+def control_tokens(kv, control_set: frozenset, tokens_col: str, text_col: str):
+    """A control step's (step, RecordBatch) -> its TokenBatch (for the baseline histogram); nothing otherwise."""
+    if kv[0] in control_set:
+        yield to_token_batch(kv[1], tokens_col, text_col)
+
+
 def _families_list(ev, g: int, k_top: int | None = None) -> list[dict]:
     e = ev.e[g]
     order = [int(f) for f in np.lexsort((np.arange(len(e)), -e)) if e[f] > 0]
@@ -169,11 +194,13 @@ def _signals_list(sig: dict) -> list[dict]:
     return [{"name": k, "value": opt_float(v), "z": None} for k, v in sorted(sig.items())]
 
 
-def control_score_record(item, null, vcfg: dict):
+def control_score_record(item, null, vcfg: dict, control_set: frozenset = None):
     """A control step's batch_scores row: its leave-one-out evidence, its p among the other controls and the
     verdict it gets judged as a one-step window against the others (the calibration); ``excluded`` for a
-    control left out as anomalous itself."""
+    control left out as anomalous itself. Nothing for a step not in ``control_set`` (when given)."""
     step, d = item
+    if control_set is not None and step not in control_set:
+        return
     excluded = step in null.excluded
     ref, ctrl = (null.all_ref, null.all_ctrl) if excluded else (null.ref, null.ctrl)
     i = ref.index_of(step)
@@ -361,7 +388,7 @@ def build_pipeline(p, cfg: RunConfig, plan: Plan, staging: str, dtype=None, base
 
     from spike_audit.auditors.tokens import Histogram
     from spike_audit.pipelines.beam.bundle import BundleByTokens
-    from spike_audit.pipelines.beam.combine import AuditorCombineFn
+    from spike_audit.pipelines.beam.combine import AuditorCombineFn, global_combine
     from spike_audit.pipelines.beam.read import DecodeText, ReadSlices
     from spike_audit.pipelines.beam.sink import WriteTables
     from spike_audit.pipelines.run.dupref import DupReference, hash_shard, manifest_row_groups, row_group_slices
@@ -380,67 +407,74 @@ def build_pipeline(p, cfg: RunConfig, plan: Plan, staging: str, dtype=None, base
         batches = batches | "Decode" >> beam.ParDo(DecodeText(cfg.tokenizer))
     batches = batches | "ByStep" >> beam.GroupByKey() | "StepBatch" >> beam.FlatMap(step_batch)
     if baseline is not None:
-        hist = p | "SavedUnigram" >> beam.Create([baseline.unigram])
+        hist, hist_default = p | "SavedUnigram" >> beam.Create([baseline.unigram], reshuffle=False), None
         own_out = frozenset()  # no audited step's tokens are in a saved baseline
     elif kept_controls is not None:
         hist = (p | "KeptHistParts" >> beam.Create(kept_controls["parts"][cc.HIST_KIND])
-                | "KeptHist" >> beam.FlatMap(cc.load_hist) | "SumKeptHist" >> beam.CombineGlobally(cc.sum_hist))
+                | "KeptHist" >> beam.FlatMap(cc.load_hist))
+        combine, hist_default = global_combine(cc.sum_hist)
+        hist = hist | "SumKeptHist" >> combine
         own_out = control_set
     else:
-        controls = batches | "IsControl" >> beam.Filter(lambda kv, cs: kv[0] in cs, control_set)
-        hist = (controls | "CtrlTokens" >> beam.Map(lambda kv: to_token_batch(kv[1], tokens_col, text_col))
-                | "BaselineHist" >> beam.CombineGlobally(AuditorCombineFn(Histogram(), output="accumulator")))
+        combine, hist_default = global_combine(AuditorCombineFn(Histogram(), output="accumulator"))
+        hist = (batches | "CtrlTokens" >> beam.FlatMap(control_tokens, control_set, tokens_col, text_col)
+                | "BaselineHist" >> combine)
         own_out = control_set
 
-    # the one scoring pass per row
+    # the one scoring pass per row (Beam's side-input default cannot be an array: no controls give None, which
+    # score_step reads as an empty histogram)
     scored = (batches | "Bundle" >> beam.ParDo(BundleByTokens(step_tokens, SCORE_BUNDLE_TOKENS))
-              | "ScoreSteps" >> beam.FlatMap(score_steps, AsSingleton(hist), cfg_dict, own_out, window_set))
+              | "ScoreSteps" >> beam.FlatMap(score_steps, AsSingleton(hist, default_value=None), cfg_dict, own_out, window_set))
     state_out = []
     if kept_controls is not None:
         kept = (p | "KeptControlParts" >> beam.Create(kept_controls["parts"][cc.KIND])
                 | "KeptControls" >> beam.FlatMap(cc.load_controls, control_set))
         scored = (scored, kept) | "WithKeptControls" >> beam.Flatten()
     elif roots and cc.KIND in roots:
-        state_out.append(scored | "ScoredControls" >> beam.Filter(lambda kv, cs: kv[0] in cs, control_set)
-                         | "ControlRecords" >> beam.Map(cc.to_record))
+        state_out.append(scored | "ControlRecords" >> beam.FlatMap(
+            lambda kv, cs: [cc.to_record(kv)] if kv[0] in cs else [], control_set))
         if baseline is None:
-            state_out.append(hist | "HistRecord" >> beam.Map(cc.hist_record))
+            state_out.append(p | "HistOnce" >> beam.Create([None], reshuffle=False)  # written with no controls too
+                             | "HistRecord" >> beam.Map(lambda _, h, d: cc.hist_record(d if h is None else h),
+                                                        AsSingleton(hist, default_value=None), hist_default))
 
     # the fixed duplicate reference: every slice the manifest consumed, hashed, matched to the audited hashes
     if cfg.dup_reference == "manifest":
-        audited = (scored | "AuditedHashes" >> beam.Map(audited_hashes)
-                   | "AllAudited" >> beam.CombineGlobally(union_hashes))
+        union, _ = global_combine(union_hashes)  # none audited: hash_shard takes None as no hashes
+        audited = (scored | "AuditedHashes" >> beam.Map(audited_hashes) | "AllAudited" >> union)
+        combine, dupref_default = global_combine(AuditorCombineFn(DupReference()))
         dupref = (p | "ManifestGroups" >> beam.Create(manifest_row_groups(cfg.manifest))
                   | "GroupSlices" >> beam.FlatMap(row_group_slices, cfg.manifest,
                                                  frozenset(s + plan.offset for s in plan.exclude_steps))
                   | "ByShardAll" >> beam.GroupByKey()
-                  | "HashShards" >> beam.FlatMap(hash_shard, AsSingleton(audited), cfg.shards, cfg_dict)
-                  | "DupRef" >> beam.CombineGlobally(AuditorCombineFn(DupReference())))
-        binned = scored | "Bin" >> beam.Map(bin_step, AsSingleton(dupref))
+                  | "HashShards" >> beam.FlatMap(hash_shard, AsSingleton(audited, default_value=None),
+                                               cfg.shards, cfg_dict)
+                  | "DupRef" >> combine)
+        binned = scored | "Bin" >> beam.Map(bin_step, AsSingleton(dupref, default_value=dupref_default))
     else:
         binned = scored | "Bin" >> beam.Map(bin_step, None)
 
-    null = (binned | "CtrlBins" >> beam.Filter(lambda kv, cs: kv[0] in cs, control_set)
-            | "CtrlBinsKV" >> beam.Map(lambda kv: (kv[0], kv[1]["bins"]))
-            | "Reference" >> beam.CombineGlobally(AuditorCombineFn(_Reference(len(FAMILY_LIST))))
-            | "Null" >> beam.Map(null_of, cfg.alpha))
+    combine, null_default = global_combine(NullCombineFn(_Reference(len(FAMILY_LIST)), cfg.alpha))
+    null = (binned | "CtrlBins" >> beam.FlatMap(lambda kv, cs: [(kv[0], kv[1]["bins"])] if kv[0] in cs else [],
+                                                 control_set)
+            | "Null" >> combine)
+    null = AsSingleton(null, default_value=null_default)  # the null of no controls if there are none
 
     vcfg = {"alpha": cfg.alpha, "min_rows": cfg.min_rows, "min_controls": cfg.min_controls}
-    ctrl_scores = (binned | "CtrlSteps" >> beam.Filter(lambda kv, cs: kv[0] in cs, control_set)
-                   | "CtrlScores" >> beam.FlatMap(control_score_record, AsSingleton(null), vcfg))
+    ctrl_scores = binned | "CtrlScores" >> beam.FlatMap(control_score_record, null, vcfg, control_set)
 
-    seeds = p | "Events" >> beam.Create(sorted(plan.windows))
+    seeds = p | "Events" >> beam.Create([(e, None) for e in sorted(plan.windows)], reshuffle=False)  # one per event
     win = binned | "WindowSteps" >> beam.FlatMap(lambda kv, so: [(e, kv) for e in so.get(kv[0], [])], spikes_of)
     events = {e: plan.events[e] for e in plan.windows}
-    event_out = ({"seed": seeds | "SeedKeys" >> beam.Map(lambda s: (s, None)), "window": win}
+    event_out = ({"seed": seeds, "window": win}
                  | "ByEvent" >> beam.CoGroupByKey()
                  | "Judge" >> beam.ParDo(EventOutputs(events, vcfg, plan.missing, cfg.tokenizer, cfg.max_row_flags),
-                                           AsSingleton(null)))
+                                           null))
 
     shard_scores = (binned | "ShardParts" >> beam.FlatMap(shard_parts, control_set)
                     | "ShardHists" >> beam.CombinePerKey(AuditorCombineFn(ShardAcc()))
-                    | "ShardEvidence" >> beam.Map(shard_evidence, AsSingleton(null))
-                    | "AllShards" >> beam.combiners.ToList()
+                    | "ShardEvidence" >> beam.Map(shard_evidence, null)
+                    | "AllShards" >> beam.CombineGlobally(beam.combiners.ToListCombineFn()).without_defaults()
                     | "RankShards" >> beam.FlatMap(rank_shards))
 
     ((ctrl_scores, event_out, shard_scores, *state_out) | "AllOutputs" >> beam.Flatten()
