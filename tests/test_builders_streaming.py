@@ -190,7 +190,8 @@ def _harness():
 
 FIDELITY_CASES = ["py1e (default), 1 rank, 2 epochs", "2 ranks, 2 workers",
                   "2 nodes x 2 ranks, 8 canonical nodes, py1s, 2 workers", "resumed at sample_in_epoch 37",
-                  "3 streams, repeat 2.5 / choose 40 / unweighted, py1br", "2 ranks, 2 streams, proportion 0.7 0.3, 2 workers"]
+                  "3 streams, repeat 2.5 / choose 40 / unweighted, py1br",
+                  "2 ranks, 2 streams, proportion 0.7 0.3, 2 workers"]
 
 
 @pytest.mark.fidelity

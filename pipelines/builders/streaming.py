@@ -6,7 +6,8 @@ default ``batching_method='random'``), re-derived here from its source:
 
 1. **resampling** (``resample_streams``): per stream, how many samples to draw (``choose``: all of them unless
    per-stream weights or ``epoch_size`` ask for another total, split over streams by their proportions, else
-   their sizes, with a seeded ``rng.choice`` for the remainder, ``Stream.apply_weights``); per shard ``choose // samples`` full repeats
+   their sizes, with a seeded ``rng.choice`` for the remainder, ``Stream.apply_weights``); per shard
+   ``choose // samples`` full repeats
    and a partial repeat of a seeded choice of samples drawn in picks of ``sampling_granularity``
    (``sampling.get_sampling``; seed ``shuffle_seed + epoch`` under ``sampling_method='balanced'`` with
    shuffling, else ``shuffle_seed``). This gives "big" sample ids, their "shuffle units" (shard parts) and

@@ -424,7 +424,8 @@ def build_pipeline(p, cfg: RunConfig, plan: Plan, staging: str, dtype=None, base
     # the one scoring pass per row (Beam's side-input default cannot be an array: no controls give None, which
     # score_step reads as an empty histogram)
     scored = (batches | "Bundle" >> beam.ParDo(BundleByTokens(step_tokens, SCORE_BUNDLE_TOKENS))
-              | "ScoreSteps" >> beam.FlatMap(score_steps, AsSingleton(hist, default_value=None), cfg_dict, own_out, window_set))
+              | "ScoreSteps" >> beam.FlatMap(score_steps, AsSingleton(hist, default_value=None), cfg_dict, own_out,
+                                             window_set))
     state_out = []
     if kept_controls is not None:
         kept = (p | "KeptControlParts" >> beam.Create(kept_controls["parts"][cc.KIND])
