@@ -160,3 +160,41 @@ def test_log_step_uses_the_recorded_trainers_numbering(tmp_path, capsys):
     write_manifest(manifest_from_arrays([0], "t.bin", [0], [8], "token"), tmp_path / "m.parquet")
     err = _err(capsys, base + ["--log-step", "1"])
     assert "--log-step needs the trainer's step numbering but it records no trainer" in err
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "hf"])
+def test_batch_names_the_token_column_it_did_not_read(tmp_path, capsys, caplog, fmt):
+    """A shard whose token ids live under another name (``input_ids``) is read as text only: the step's token
+    count is not shown as 0, and the integer-list column is named with the option that reads it."""
+    root = tmp_path / "shards"
+    root.mkdir()
+    table = pa.table({"input_ids": [[1, 2, 3, 4][: 1 + i % 4] for i in range(10)], "text": [f"doc {i}" for i in range(10)]})
+    if fmt == "parquet":
+        name = "a.parquet"
+        pq.write_table(table, root / name)
+    else:
+        import datasets
+
+        name = "a_ds"
+        datasets.Dataset(table).save_to_disk(str(root / name))
+    write_manifest(manifest_from_arrays([0], [name], [2], [5], ["row"]), tmp_path / "m.parquet")
+    args = ["batch", "--manifest", str(tmp_path / "m.parquet"), "--shards", str(root), "--step", "0"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "0 tokens (and 3 sequences of text only)" in out.splitlines()[0]
+    assert f"{name}: no 'tokens' column, token counts not read; its integer-list column 'input_ids': give " \
+           "--tokens-column input_ids" in out
+    assert "tokens not read" in out and "[2] text | doc 2" in out
+    assert main(args + ["--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["slices"][0]["n_tokens"] is None and rep["slices"][0]["tokens_read"] is False
+    assert rep["text_only_shards"] == [{"shard": name, "integer_list_columns": ["input_ids"]}]
+    assert main(args + ["--tokens-column", "input_ids", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["n_tokens"] == 3 + 4 + 1 and rep["text_only_shards"] == []  # rows 2, 3, 4 hold 3, 4 and 1 ids
+    assert [q["n_tokens"] for q in rep["slices"][0]["sequences"]] == [3, 4, 1]
+
+    caplog.set_level("WARNING")
+    assert main(["shards", str(root), "--out", str(tmp_path / "audit")]) == 0
+    assert any("1 shard(s) have no 'tokens' column and are read as text only" in r.getMessage()
+               and "--tokens-column input_ids" in r.getMessage() for r in caplog.records)

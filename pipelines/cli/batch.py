@@ -77,7 +77,7 @@ def step_report(manifest: str, shard_root: str | None, step: int, *, tokenizer: 
     trainer's log numbers it instead (``step`` is then ignored)."""
     from spike_audit.pipelines.manifest import (_name, check_ranges, check_shard_bounds, fed_tokens,
                                                 load_manifest_table, manifest_rows, read_meta, step_rows, token_dtype)
-    from spike_audit.pipelines.shards.read import read_slices
+    from spike_audit.pipelines.shards.read import read_slices, token_id_columns
     from spike_audit.schemas.steps import STEP_CONVENTION, step_base
 
     table = load_manifest_table(manifest)
@@ -120,6 +120,7 @@ def step_report(manifest: str, shard_root: str | None, step: int, *, tokenizer: 
     epoch = sub.column("epoch").to_pylist()
     slices_out: list[dict | None] = [None] * len(ids)
     n_fed_pad = 0
+    no_tokens: dict[str, list[str]] = {}  # shards read as text only -> their integer-list columns
     for s_name, u in sorted({(a, b) for a, b in zip(shard, unit)}):
         sel = np.flatnonzero((shard == s_name) & (unit == u))
         batch = read_slices(shard_root, s_name, np.stack([start[sel], end[sel]], axis=1), unit=u,
@@ -129,6 +130,9 @@ def step_report(manifest: str, shard_root: str | None, step: int, *, tokenizer: 
         tokens, n_pad = fed_tokens(batch.column("tokens"), meta)  # what the trainer fed (Megatron's pad -> 0)
         n_fed_pad += n_pad
         n_tok = np.asarray(tokens.value_lengths().fill_null(0).to_numpy(zero_copy_only=False), np.int64)
+        text_only = u == "row" and len(tokens) > 0 and tokens.null_count == len(tokens)
+        if text_only and s_name not in no_tokens:  # no token column read: counts unknown, never "0 tokens"
+            no_tokens[s_name] = token_id_columns(shard_root, s_name, tokens_col=tokens_col, text_col=text_col)
         texts = batch.column("text").to_pylist()
         rows = batch.column("row").to_numpy()
         row_end = batch.column("row_end").to_numpy()
@@ -156,19 +160,23 @@ def step_report(manifest: str, shard_root: str | None, step: int, *, tokenizer: 
                     ex, kind = " ".join(map(str, ids_.tolist())), "token_ids"
                 else:
                     ex, kind = "", "none"
-                seqs.append({"row": int(rows[j]), "row_end": int(row_end[j]), "n_tokens": int(n_tok[j]),
+                seqs.append({"row": int(rows[j]), "row_end": int(row_end[j]),
+                             "n_tokens": None if text_only else int(n_tok[j]),
                              "excerpt_kind": kind, "excerpt": _excerpt(ex, max_chars)})
             slices_out[i] = {
                 "manifest_row": int(ids[i]), "shard": s_name, "unit": u, "row_start": int(start[i]),
                 "row_end": int(end[i]), "rank": rank[i], "micro_batch": micro[i], "epoch": epoch[i],
-                "n_sequences": hi - lo, "n_tokens": int(n_tok[lo:hi].sum()), "sequences": seqs,
+                "n_sequences": hi - lo, "n_tokens": None if text_only else int(n_tok[lo:hi].sum()),
+                "tokens_read": not text_only, "sequences": seqs,
                 "n_not_shown": (hi - lo) - len(seqs),
             }
     out = [s for s in slices_out if s is not None]
     return {
         "manifest": str(manifest), "step": step, "step_convention": meta.get("step_convention"),
         "trainer": trainer, "log_step": step + base if base is not None else None, "n_slices": len(out),
-        "n_sequences": sum(s["n_sequences"] for s in out), "n_tokens": sum(s["n_tokens"] for s in out),
+        "n_sequences": sum(s["n_sequences"] for s in out),
+        "n_tokens": sum(s["n_tokens"] or 0 for s in out), "tokens_column": tokens_col,
+        "text_only_shards": [{"shard": k, "integer_list_columns": v} for k, v in sorted(no_tokens.items())],
         "n_shards": len(set(shard)), "flat_rows": row_def.to_meta() if row_def is not None else None,
         "fed_pad_id": meta.get("fed_pad_id"), "n_pad_fed_as_0": n_fed_pad, "slices": out,
     }
@@ -180,8 +188,15 @@ def format_report(rep: dict) -> str:
 
     shown = _as_logged(rep.get("trainer"), rep["step"]) if rep.get("log_step") is not None else None
     as_logged = f" ({shown})" if shown else ""
+    unread = sum(s["n_sequences"] for s in rep["slices"] if not s.get("tokens_read", True))
+    tokens = f"{rep['n_tokens']:,} tokens" + (f" (and {unread:,} sequences of text only)" if unread else "")
     lines = [f"step {rep['step']}{as_logged}: {rep['n_slices']} slices, {rep['n_sequences']:,} sequences, "
-             f"{rep['n_tokens']:,} tokens from {rep['n_shards']} shard(s)  [{one_line_text(rep['manifest'])}]"]
+             f"{tokens} from {rep['n_shards']} shard(s)  [{one_line_text(rep['manifest'])}]"]
+    for t in rep.get("text_only_shards", []):
+        cols = t["integer_list_columns"]
+        hint = (f"; its integer-list column{'s' if len(cols) > 1 else ''} {', '.join(map(repr, cols))}: give "
+                f"--tokens-column {cols[0]}" if cols else "; read as text only")
+        lines.append(f"  {one_line_text(t['shard'])}: no {rep['tokens_column']!r} column, token counts not read{hint}")
     if rep.get("n_pad_fed_as_0"):
         lines.append(f"  {rep['n_pad_fed_as_0']:,} occurrence(s) of pad id {rep['fed_pad_id']} shown as 0, as the "
                      f"trainer fed them (loss masked)")
@@ -189,10 +204,12 @@ def format_report(rep: dict) -> str:
         extra = "".join(f" {k}={s[k]}" for k in ("rank", "micro_batch", "epoch") if s.get(k) is not None)
         what = "rows" if s["unit"] == "row" else "tokens"
         lines.append(f"  {one_line_text(s['shard'])} {what} [{s['row_start']}, {s['row_end']}){extra}: "
-                     f"{s['n_sequences']:,} sequences, {s['n_tokens']:,} tokens")
+                     f"{s['n_sequences']:,} sequences, "
+                     + (f"{s['n_tokens']:,} tokens" if s.get("tokens_read", True) else "tokens not read"))
         for q in s["sequences"]:
             where = f"[{q['row']}]" if s["unit"] == "row" else f"[{q['row']}:{q['row_end']}]"
-            lines.append(f"    {where} {q['n_tokens']} tok | {one_line_text(q['excerpt'])}")
+            n_tok = f"{q['n_tokens']} tok" if q["n_tokens"] is not None else "text"
+            lines.append(f"    {where} {n_tok} | {one_line_text(q['excerpt'])}")
         if s["n_not_shown"]:
             lines.append(f"    ... {s['n_not_shown']:,} more sequences (use --limit 0 to show all)")
     return "\n".join(lines)

@@ -187,12 +187,16 @@ def check_shards(shards: list[Shard], cfg: ShardAuditConfig) -> tuple[list[tuple
     from spike_audit.pipelines.shards.rows import HOW
 
     good, bad = [], []
+    text_only: list[tuple[str, list[str]]] = []  # shards whose token ids are probably under another column
     for k, s in enumerate(shards):
         try:
             reader = open_shard(None, s.path, tokens_col=cfg.tokens_col, text_col=cfg.text_col, dtype=cfg.dtype,
                                 rows=cfg.flat_rows)
             close = getattr(reader, "close", None)
             try:
+                other = getattr(reader, "token_id_columns", lambda: [])()
+                if other:
+                    text_only.append((s.name, other))
                 if "row" not in reader.units:
                     raise UserError(f"a flat token file: its rows need a definition, {HOW}")
                 rows = getattr(reader, "rows", None)
@@ -216,4 +220,9 @@ def check_shards(shards: list[Shard], cfg: ShardAuditConfig) -> tuple[list[tuple
         tick("check", shards=1)
         if (k + 1) % 100 == 0:
             log.debug("checked %d/%d shards", k + 1, len(shards))
+    if text_only:
+        name, cols = text_only[0]
+        log.warning("%d shard(s) have no %r column and are read as text only, although they hold integer lists "
+                    "(%s: %s): if those are the token ids, give --tokens-column %s", len(text_only), cfg.tokens_col,
+                    name, ", ".join(cols), cols[0])
     return good, bad

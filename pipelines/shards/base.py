@@ -61,6 +61,11 @@ class ShardReader:
         raise NotImplementedError
 
 
+def _is_int_list(t: pa.DataType) -> bool:
+    return ((pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t))
+            and pa.types.is_integer(t.value_type))
+
+
 class _TableRowsMixin:
     tokens_col: str
     text_col: str
@@ -75,6 +80,17 @@ class _TableRowsMixin:
             raise UserError(f"{self.name}: has neither a {self.tokens_col!r} nor a {self.text_col!r} column "
                             f"(columns: {', '.join(names)})")
         return cols
+
+    def _schema(self) -> pa.Schema | None:
+        return None
+
+    def token_id_columns(self) -> list[str]:
+        """Columns of the shard that hold lists of integers, when the token column read is not one of them:
+        what a text-only reading of a shard whose token ids live under another name should point at."""
+        schema = self._schema()
+        if schema is None or self.tokens_col in schema.names:
+            return []
+        return [f.name for f in schema if _is_int_list(f.type)]
 
     def _split(self, table: pa.Table, rows=None) -> tuple[pa.Array | None, pa.Array | None]:
         tokens = text = None

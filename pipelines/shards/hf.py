@@ -88,6 +88,9 @@ class HFReader(_TableRowsMixin, ShardReader):
                                     f"damaged ({msg})") from None
                 self._valid.add((col, int(k)))
 
+    def _schema(self):
+        return self.ds.data.schema
+
     def _read_rows(self, rows):
         cols = self._columns(self.ds.column_names)
         ds = self.ds.select_columns(cols)

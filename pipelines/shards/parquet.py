@@ -43,6 +43,9 @@ class ParquetReader(_TableRowsMixin, ShardReader):
     def length(self, unit="row"):
         return int(self.rg_start[-1])
 
+    def _schema(self):
+        return self.pf.schema_arrow
+
     def _read_rows(self, rows):
         cols = self._columns(self.pf.schema_arrow.names)
         if len(rows) == 0:

@@ -131,6 +131,18 @@ def read_slices(shard_root: str | None, shard: str, slices, *, unit: str = "row"
         _close(reader)
 
 
+def token_id_columns(shard_root: str | None, shard: str, *, tokens_col: str = "tokens",
+                     text_col: str = "text") -> list[str]:
+    """Columns of a table shard (Parquet, datasets) holding lists of integers when ``tokens_col`` is not
+    among its columns: where its token ids probably are. Empty for other formats."""
+    reader = open_shard(shard_root, shard, tokens_col=tokens_col, text_col=text_col)
+    try:
+        find = getattr(reader, "token_id_columns", None)
+        return find() if find else []
+    finally:
+        _close(reader)
+
+
 def shard_length(shard_root: str | None, shard: str, unit: str = "row", *, dtype=None,
                  rows: RowDef | None = None) -> int:
     """Rows (``unit='row'``) or tokens (``unit='token'``) in the shard, from metadata where it exists
