@@ -41,13 +41,6 @@ def test_dask_runner_gives_the_same_tables_as_the_direct_runner(demo, cluster, t
     assert len(cluster.scheduler.workers) == 2
 
 
-def _write_rows(kv, path):
-    import json
-
-    with open(path, "w") as f:
-        json.dump(sorted(kv[1]), f)
-
-
 def test_dask_list_side_input_of_a_combine_has_each_element_once(cluster, tmp_path):
     """Regression test for the DaskRunner bug patched by pipelines.dask_compat: a bundle must return
     only its own outputs, so a side input built from a CombinePerKey holds each key once."""
@@ -58,6 +51,13 @@ def test_dask_list_side_input_of_a_combine_has_each_element_once(cluster, tmp_pa
     from spike_audit.pipelines.beam.options import beam_options
 
     out = tmp_path / "rows.json"
+
+    def _write_rows(kv, path):  # local, so pickled by value: the workers need not import this test module
+        import json
+
+        with open(path, "w") as f:
+            json.dump(sorted(kv[1]), f)
+
     opts = PipelineOptions(beam_options(["--runner=DaskRunner", f"--dask_client_address={cluster.scheduler_address}"]))
     def build(p):
         x = p | beam.Create([(i % 20, i) for i in range(400)]) | beam.Reshuffle()
