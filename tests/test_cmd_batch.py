@@ -162,7 +162,7 @@ def test_log_step_uses_the_recorded_trainers_numbering(tmp_path, capsys):
     assert "--log-step needs the trainer's step numbering but it records no trainer" in err
 
 
-@pytest.mark.parametrize("fmt", ["parquet", "hf"])
+@pytest.mark.parametrize("fmt", ["parquet", "hf", "jsonl", "jsonl.gz"])
 def test_batch_names_the_token_column_it_did_not_read(tmp_path, capsys, caplog, fmt):
     """A shard whose token ids live under another name (``input_ids``) is read as text only: the step's token
     count is not shown as 0, and the integer-list column is named with the option that reads it."""
@@ -172,6 +172,12 @@ def test_batch_names_the_token_column_it_did_not_read(tmp_path, capsys, caplog, 
     if fmt == "parquet":
         name = "a.parquet"
         pq.write_table(table, root / name)
+    elif fmt.startswith("jsonl"):
+        import gzip
+
+        name = f"a.{fmt}"
+        body = "".join(json.dumps(r) + "\n" for r in table.to_pylist()).encode()
+        (root / name).write_bytes(gzip.compress(body) if fmt.endswith(".gz") else body)
     else:
         import datasets
 

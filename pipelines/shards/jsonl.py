@@ -106,6 +106,25 @@ class JsonlReader(ShardReader):
         self._n = line_no
         return found
 
+    def token_id_columns(self) -> list[str]:
+        """Fields of the first line holding a non-empty list of integers, when that line has no ``tokens_col``:
+        where a text-only reading of this file should look for its token ids (a hint: one line is read)."""
+        head = b""
+        with self._stream() as f:
+            while b"\n" not in head and len(head) < (4 << 20):
+                more = f.read(1 << 16)
+                if not more:
+                    break
+                head += more
+        try:
+            obj = json.loads(head.split(b"\n", 1)[0].removeprefix(b"\xef\xbb\xbf"))
+        except (ValueError, RecursionError):
+            return []
+        if not isinstance(obj, dict) or self.tokens_col in obj:
+            return []
+        return [k for k, v in obj.items() if isinstance(v, list) and v
+                and all(type(x) is int for x in v)]  # one line's values; bool is not a token id
+
     def length(self, unit="row"):
         if self._n is None:
             self._scan(None)

@@ -133,8 +133,8 @@ def read_slices(shard_root: str | None, shard: str, slices, *, unit: str = "row"
 
 def token_id_columns(shard_root: str | None, shard: str, *, tokens_col: str = "tokens",
                      text_col: str = "text") -> list[str]:
-    """Columns of a table shard (Parquet, datasets) holding lists of integers when ``tokens_col`` is not
-    among its columns: where its token ids probably are. Empty for other formats."""
+    """Columns of a table shard (Parquet, datasets; JSONL from its first line) holding lists of integers when
+    ``tokens_col`` is not among its columns: where its token ids probably are. Empty for other formats."""
     reader = open_shard(shard_root, shard, tokens_col=tokens_col, text_col=text_col)
     try:
         find = getattr(reader, "token_id_columns", None)
