@@ -297,25 +297,27 @@ class TokenStats:
 
 def _row_token_counts(v: np.ndarray, ln: np.ndarray, row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Every distinct (row, token) of a batch: its row and its count, ordered by row then token id (the order of
-    ``np.unique`` over ``row << 32 | token``). Rows of one length (packed rows) are sorted in place as a 2-D array
-    (16-bit ids where they fit), instead of one sort of 64-bit keys over the whole batch."""
-    n_rows = len(ln)
-    width = int(ln[0]) if n_rows else 0
-    if width and len(v) == n_rows * width and (ln == width).all() and int(v.min()) >= 0:
-        m = v.reshape(n_rows, width)
-        if m.dtype.itemsize > 2 and int(v.max()) < 65536:
-            m = m.astype(np.uint16)
-        srt = np.sort(m, axis=1)  # values only: any algorithm gives the same rows (numpy's SIMD sort where it has one)
-        new = np.ones(srt.shape, dtype=bool)
-        np.not_equal(srt[:, 1:], srt[:, :-1], out=new[:, 1:])
-        first = np.flatnonzero(new.ravel())
-        cnt = np.empty(len(first), dtype=np.int64)
-        np.subtract(first[1:], first[:-1], out=cnt[:-1])
-        cnt[-1] = new.size - first[-1]
-        return first // width, cnt
-    key = (row.astype(np.uint64) << np.uint64(32)) | v.astype(np.uint64)
-    uk, cnt = np.unique(key, return_counts=True)
-    return (uk >> np.uint64(32)).astype(np.int64), cnt
+    ``np.unique`` over ``row << 32 | token``). One flat sort of (row, token) keys, 32-bit where the row index and
+    the ids fit in 16 bits each (numpy's SIMD sort; faster than sorting each row of a 2-D array, and packed and
+    ragged rows take the same path); no ``np.unique`` pass."""
+    n = len(v)
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    if len(ln) <= 65536 and int(v.min()) >= 0 and int(v.max()) < 65536:
+        key = (row.astype(np.uint32) << np.uint32(16)) | v.astype(np.uint32)
+        shift = np.uint32(16)
+    else:
+        key = (row.astype(np.uint64) << np.uint64(32)) | v.astype(np.uint64)
+        shift = np.uint64(32)
+    key.sort()  # a fresh array: sorted in place, values only (any algorithm gives the same keys)
+    new = np.empty(n, dtype=bool)
+    new[0] = True
+    np.not_equal(key[1:], key[:-1], out=new[1:])
+    first = np.flatnonzero(new)
+    cnt = np.empty(len(first), dtype=np.int64)
+    np.subtract(first[1:], first[:-1], out=cnt[:-1])
+    cnt[-1] = n - first[-1]
+    return (key[first] >> shift).astype(np.int64), cnt
 
 
 def _value_counts(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -73,21 +73,39 @@ def test_log_buckets_are_monotone_and_fine():
 from hypothesis import given, settings, strategies as st
 
 
-@settings(max_examples=80, deadline=None)
-@given(n_rows=st.integers(1, 40), width=st.integers(1, 300), hi=st.sampled_from([2, 50, 32000, 70000, 2**31]),
-       dtype=st.sampled_from(["uint16", "int32", "uint32", "int64"]), seed=st.integers(0, 2**32 - 1))
-def test_row_token_counts_of_packed_rows_equal_unique_of_row_token_keys(n_rows, width, hi, dtype, seed):
-    """The 2-D sort used for rows of one length gives np.unique's (row, count) order exactly."""
+@settings(max_examples=120, deadline=None)
+@given(n_rows=st.integers(1, 40), width=st.integers(1, 300), hi=st.sampled_from([2, 50, 32000, 65536, 70000, 2**31]),
+       dtype=st.sampled_from(["uint16", "int32", "uint32", "int64"]), ragged=st.booleans(),
+       seed=st.integers(0, 2**32 - 1))
+def test_row_token_counts_equal_unique_of_row_token_keys(n_rows, width, hi, dtype, ragged, seed):
+    """The flat key sort gives np.unique's (row, count) order exactly, for rows of one length and of many, ids
+    below and above 16 bits."""
     from spike_audit.auditors.tokens import _row_token_counts
 
     if hi > 65536 and dtype == "uint16":
         dtype = "int64"
-    v = np.random.default_rng(seed).integers(0, hi, n_rows * width).astype(dtype)
-    ln = np.full(n_rows, width)
-    row = np.repeat(np.arange(n_rows), width)
+    rng = np.random.default_rng(seed)
+    ln = rng.integers(1, width + 1, n_rows) if ragged else np.full(n_rows, width)
+    v = rng.integers(0, hi, int(ln.sum())).astype(dtype)
+    row = np.repeat(np.arange(n_rows), ln)
     uk, cnt = np.unique((row.astype(np.uint64) << np.uint64(32)) | v.astype(np.uint64), return_counts=True)
     krow, got = _row_token_counts(v, ln, row)
+    assert krow.dtype == np.int64 and got.dtype == np.int64
     assert np.array_equal(krow, (uk >> np.uint64(32)).astype(np.int64)) and np.array_equal(got, cnt)
+
+
+def test_row_token_counts_beyond_16_bit_row_indices():
+    """More than 65,536 rows in one batch: the row index no longer fits a 32-bit key's upper half."""
+    from spike_audit.auditors.tokens import _row_token_counts
+
+    n_rows = 70_000
+    v = (np.arange(2 * n_rows) % 5).astype(np.uint16)
+    ln = np.full(n_rows, 2)
+    krow, cnt = _row_token_counts(v, ln, np.repeat(np.arange(n_rows), 2))
+    assert np.array_equal(krow, np.repeat(np.arange(n_rows), 2)) and (cnt == 1).all()
+    v[1::2] = v[::2]  # each row: one token twice
+    krow, cnt = _row_token_counts(v, ln, np.repeat(np.arange(n_rows), 2))
+    assert np.array_equal(krow, np.arange(n_rows)) and (cnt == 2).all()
 
 
 def test_row_signals_same_for_packed_and_ragged_paths():
