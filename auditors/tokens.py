@@ -279,13 +279,12 @@ class TokenStats:
             size = max(int(v.max()) + 1 if n else 0, self.vocab_size)
             if self.baseline is not None:
                 out["baseline_xent"] = np.bincount(row, weights=self._surprisal(size)[v], minlength=n_rows) / ln
-                out["rare_token_share"] = np.bincount(row, weights=self._rare(size)[v], minlength=n_rows) / ln
+                out["rare_token_share"] = _row_counts(self._rare(size)[v], row, ln) / ln
             else:
                 out["baseline_xent"] = nan.copy()
                 out["rare_token_share"] = nan.copy()
             for name, tid in (("eos_density", self.eos_id), ("pad_density", self.pad_id)):
-                out[name] = (np.bincount(row, weights=(v == tid), minlength=n_rows) / ln) if tid is not None \
-                    else nan.copy()
+                out[name] = (_row_counts(v == tid, row, ln) / ln) if tid is not None else nan.copy()
             if self.eos_id is not None:
                 s, e, drow = segments_from_mask(off, v == self.eos_id)
                 cnt = np.bincount(drow, minlength=n_rows)
@@ -293,6 +292,15 @@ class TokenStats:
             else:
                 out["doc_len_mean"] = nan.copy()
         return out
+
+
+def _row_counts(mask: np.ndarray, row: np.ndarray, ln: np.ndarray) -> np.ndarray:
+    """True entries per row, as integers (exact, so the same numbers as a float ``bincount`` of the mask): a row
+    sum where the rows are of one length, else a count of the rows of the true entries."""
+    n_rows = len(ln)
+    if n_rows and len(mask) == n_rows * int(ln[0]) and (ln == ln[0]).all():
+        return mask.reshape(n_rows, int(ln[0])).sum(axis=1, dtype=np.int64)
+    return np.bincount(row[mask], minlength=n_rows)
 
 
 def _row_token_counts(v: np.ndarray, ln: np.ndarray, row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

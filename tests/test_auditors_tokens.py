@@ -117,3 +117,19 @@ def test_row_signals_same_for_packed_and_ragged_paths():
     ragged = ts.row_signals(TokenBatch.from_lists(rows[:-1] + [rows[-1][:10]]))
     for k in ("token_entropy", "top_token_share", "distinct_token_ratio"):
         assert packed[k][:-1].tobytes() == ragged[k][:-1].tobytes()
+
+
+@settings(max_examples=80, deadline=None)
+@given(n_rows=st.integers(1, 30), width=st.integers(0, 200), ragged=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_row_densities_equal_a_per_row_count(n_rows, width, ragged, seed):
+    """eos_density, pad_density and rare_token_share per row are exactly (count of such tokens in the row) / length,
+    bit for bit, for rows of one length (row sums) and of many; empty rows give NaN."""
+    rng = np.random.default_rng(seed)
+    lens = rng.integers(0, width + 1, n_rows) if ragged else np.full(n_rows, width)
+    rows = [list(rng.integers(0, 12, k)) for k in lens]
+    baseline = np.r_[np.zeros(3), rng.integers(1, 1000, 9)].astype(np.int64)  # ids 0-2 never seen: rare
+    rs = TokenStats(vocab_size=12, eos_id=0, pad_id=1, baseline_hist=baseline).row_signals(TokenBatch.from_lists(rows))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for name, ids in (("eos_density", [0]), ("pad_density", [1]), ("rare_token_share", [0, 1, 2])):
+            want = np.array([sum(t in ids for t in r) for r in rows], np.float64) / lens.astype(np.float64)
+            assert rs[name].tobytes() == want.tobytes(), name
