@@ -207,38 +207,53 @@ def shared_blocks(hashes: np.ndarray, keys: np.ndarray, max_keys: int = MAX_BLOC
     empty = np.zeros(0, np.int64)
     if not len(hashes):
         return empty, empty, empty
-    hk = np.unique(np.stack([hashes, keys.astype(np.uint64)], axis=1), axis=0)  # distinct (hash, key), sorted
-    h, k = hk[:, 0], hk[:, 1].astype(np.int64)
+    order = np.lexsort((keys, hashes))  # distinct (hash, key), sorted: one flat sort, no 2-D unique
+    h, k = hashes[order], keys[order]
+    first = np.r_[True, (h[1:] != h[:-1]) | (k[1:] != k[:-1])]
+    h, k = h[first], k[first]
     starts = np.flatnonzero(np.r_[True, h[1:] != h[:-1]])
     n = np.diff(np.r_[starts, len(h)])
     ok = (n >= 2) & (n <= max_keys)
     if not ok.any():
         return empty, empty, empty
     starts, n = starts[ok], n[ok]
+    # an ordered key pair (a, b) as one code, (a - lo) * span + (b - lo): codes sort as the pairs do; keys spread
+    # wider than 2^32 values are replaced by their ranks first (fewer than 2^32 of them)
+    names = None
+    lo = int(k.min())
+    span = int(k.max()) - lo + 1
+    if span >= 1 << 32:
+        names, k = np.unique(k, return_inverse=True)
+        k = np.asarray(k, dtype=np.int64).reshape(-1)
+        lo, span = 0, len(names)
     # every ordered pair (i, j), i != j, of each kept hash's keys: n * n index pairs per hash, the diagonal dropped;
     # expanded a chunk of hashes at a time (at most about ``chunk`` pairs), so memory stays bounded
     sq = n * n
     ends = np.cumsum(sq)
-    parts_ab, parts_c = [], []
-    lo = 0
-    while lo < len(n):
-        hi = max(lo + 1, int(np.searchsorted(ends, (ends[lo] - sq[lo]) + chunk, side="right")))
-        nn, ss, st = n[lo:hi], sq[lo:hi], starts[lo:hi]
+    parts_code, parts_c = [], []
+    i0 = 0
+    while i0 < len(n):
+        i1 = max(i0 + 1, int(np.searchsorted(ends, (ends[i0] - sq[i0]) + chunk, side="right")))
+        nn, ss, st = n[i0:i1], sq[i0:i1], starts[i0:i1]
         g = np.repeat(np.arange(len(nn)), ss)
         local = np.arange(int(ss.sum())) - np.repeat(np.cumsum(ss) - ss, ss)
         i, j = local // nn[g], local % nn[g]
         keep = i != j
-        a, b = k[st[g] + i][keep], k[st[g] + j][keep]
-        ab, count = np.unique(np.stack([a, b], axis=1), axis=0, return_counts=True)
-        parts_ab.append(ab)
+        a, b = k[st[g] + i][keep] - lo, k[st[g] + j][keep] - lo
+        code, count = np.unique(a.astype(np.uint64) * np.uint64(span) + b.astype(np.uint64), return_counts=True)
+        parts_code.append(code)
         parts_c.append(count)
-        lo = hi
-    if len(parts_ab) == 1:
-        ab, count = parts_ab[0], parts_c[0]
+        i0 = i1
+    if len(parts_code) == 1:
+        code, count = parts_code[0], parts_c[0]
     else:
-        ab, inv = np.unique(np.concatenate(parts_ab), axis=0, return_inverse=True)
-        count = np.bincount(np.asarray(inv).reshape(-1), weights=np.concatenate(parts_c), minlength=len(ab))
-    return ab[:, 0], ab[:, 1], count.astype(np.int64)
+        code, inv = np.unique(np.concatenate(parts_code), return_inverse=True)
+        count = np.bincount(np.asarray(inv).reshape(-1), weights=np.concatenate(parts_c), minlength=len(code))
+    a = (code // np.uint64(span)).astype(np.int64) + lo
+    b = (code % np.uint64(span)).astype(np.int64) + lo
+    if names is not None:
+        a, b = names[a], names[b]
+    return a, b, count.astype(np.int64)
 
 
 def cross_dup_frac(acc: dict, everything: dict) -> float:

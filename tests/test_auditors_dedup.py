@@ -143,14 +143,21 @@ def test_seen_elsewhere_matches_the_definition(rows):
 
 
 @settings(max_examples=120, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 8), st.integers(0, 5)), max_size=80), st.integers(2, 6))
-def test_shared_blocks_match_the_definition(rows, max_keys):
-    """Per ordered pair of different keys: the distinct hashes both hold, among hashes held by 2..max_keys keys."""
+@given(st.lists(st.tuples(st.integers(0, 8), st.integers(0, 5)), max_size=80), st.integers(2, 6),
+       st.sampled_from([(0, 1), (2**62, 1), (-(2**40), 2**41 + 3)]))
+def test_shared_blocks_match_the_definition(rows, max_keys, key_map):
+    """Per ordered pair of different keys: the distinct hashes both hold, among hashes held by 2..max_keys keys,
+    sorted by the first key then the second; small keys, keys near 2^62 and keys spread wider than 2^32 (negative
+    too); hashes over the whole 64-bit range."""
     from spike_audit.auditors.dedup import shared_blocks
 
+    off, mul = key_map
+    rows = [(h * 0x9E3779B97F4A7C15 % 2**64, off + mul * k) for h, k in rows]
     hashes = np.array([h for h, _ in rows], dtype=np.uint64)
     keys = np.array([k for _, k in rows], dtype=np.int64)
     a, b, c = shared_blocks(hashes, keys, max_keys)
+    assert a.dtype == b.dtype == c.dtype == np.int64
+    assert list(zip(a.tolist(), b.tolist())) == sorted(zip(a.tolist(), b.tolist()))
     got = dict(zip(zip(a.tolist(), b.tolist()), c.tolist()))
     holders = {}
     for h, k in rows:
