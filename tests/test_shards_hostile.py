@@ -649,3 +649,18 @@ def test_invalid_utf8_in_a_parquet_string_column_names_the_row(tmp_path):
     with pytest.raises(UserError, match=r"s\.parquet: row 37: 'text' is not valid UTF-8 text"):
         read_slices(str(root), "s.parquet", [[0, 50]])
     assert len(read_slices(str(root), "s.parquet", [[0, 37]])) == 37  # the rows before it read
+
+
+def test_a_jsonl_key_that_is_not_utf8_is_a_one_line_error_naming_the_line(tmp_path, capsys):
+    """Found by the suite's fuzzing: Arrow's JSON reader accepted a key of invalid UTF-8 bytes and the column name
+    then raised UnicodeDecodeError (a traceback) when read."""
+    from spike_audit.pipelines.cli.main import main
+
+    d = tmp_path / "shards"
+    d.mkdir()
+    (d / "a.jsonl").write_bytes(b'{"tokens": [1, 2]}\n{"\xf4okens": null}\n{"tokens": [3]}\n')
+    rc = main(["-q", "shards", str(d), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "a.jsonl:" in err and "expected a JSON object" in err, err

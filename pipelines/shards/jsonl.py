@@ -165,8 +165,8 @@ class JsonlReader(ShardReader):
                     out = pa.table({c: table.column(c).combine_chunks() for c in want if c in table.column_names})
                     out.validate(full=True)  # Arrow's JSON reader can build invalid arrays ([null, null] lists)
                     return out
-        except pa.ArrowException:  # includes Arrow's own inconsistencies on odd input ([null, 0] lists)
-            pass
+        except (pa.ArrowException, UnicodeDecodeError):  # Arrow's own inconsistencies on odd input ([null, 0] lists);
+            pass  # a key that is not UTF-8 (Arrow reads it, its name then fails to decode): the fallback names the line
         # Fallback (mixed types across lines, or an error to locate): parse line by line.
         recs = []
         for ln, no in zip(lines, line_ids):
